@@ -1,0 +1,27 @@
+"""User-facing errors.
+
+Every problem caused by input (a recipe, an override, a dataset, a checkpoint) is raised as a
+:class:`DivoError` whose message is ONE line naming the problem and the fix. The command line
+prints it as ``divo: error: <message>`` and exits with status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+
+class DivoError(Exception):
+    """Base class for errors caused by user input; the message is one line: problem + fix."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(" ".join(str(message).split()))
+
+
+class ConfigError(DivoError):
+    """A recipe, override or config value is wrong."""
+
+
+class DatasetError(DivoError):
+    """A dataset cannot be found, read, or used with this recipe/environment."""
+
+
+class CheckpointError(DivoError):
+    """A checkpoint cannot be read or does not match this run."""

@@ -1,0 +1,37 @@
+"""Losses and the parts they are built from: critic, value, weighting, behaviour loss,
+target selectors, actor."""
+
+from divo.objectives.actor import (
+    DeterministicActor,
+    NormalizedPolicy,
+    ObservationNormalizer,
+    TD3BCActorLoss,
+)
+from divo.objectives.behavior import WeightedBehaviorLoss
+from divo.objectives.critic import TD3CriticLoss, TwinQ
+from divo.objectives.keys import DEFAULT_KEYS, Keys
+from divo.objectives.selectors import ADPOSelector, DatasetSelector, TargetSelector
+from divo.objectives.value import Advantage, StateValue, ValueLoss
+from divo.objectives.weighting import BinaryWeight, ExpAWRWeight, UniformWeight, WeightingScheme
+
+__all__ = [
+    "DEFAULT_KEYS",
+    "ADPOSelector",
+    "Advantage",
+    "BinaryWeight",
+    "DatasetSelector",
+    "DeterministicActor",
+    "ExpAWRWeight",
+    "Keys",
+    "NormalizedPolicy",
+    "ObservationNormalizer",
+    "StateValue",
+    "TD3BCActorLoss",
+    "TD3CriticLoss",
+    "TargetSelector",
+    "TwinQ",
+    "UniformWeight",
+    "ValueLoss",
+    "WeightedBehaviorLoss",
+    "WeightingScheme",
+]

@@ -1,0 +1,196 @@
+"""The offline agent: every network, target copy and optimiser, and its update order.
+
+One class serves DIVO, its ablations and TD3+BC: which parts exist is decided by the recipe
+(see :mod:`divo.agents.builder`). The update order is written out, top to bottom, in
+:meth:`OfflineAgent.update`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+
+import torch
+from divo.objectives.actor import NormalizedPolicy, ObservationNormalizer, TD3BCActorLoss
+from divo.objectives.behavior import WeightedBehaviorLoss
+from divo.objectives.critic import TD3CriticLoss, TwinQ
+from divo.objectives.functional import polyak_update
+from divo.objectives.keys import DEFAULT_KEYS, Keys
+from divo.objectives.selectors import TargetSelector
+from divo.objectives.value import Advantage, StateValue, ValueLoss
+from divo.objectives.weighting import WeightingScheme
+from tensordict import TensorDictBase
+from torch import nn
+
+
+def _frozen_copy(module: nn.Module) -> nn.Module:
+    target = copy.deepcopy(module)
+    target.requires_grad_(False)
+    return target
+
+
+class OfflineAgent(nn.Module):
+    """TD3+BC-based agent with an optional value function and an optional behaviour model.
+
+    Parts (all ``nn.Module``):
+      normalizer, actor (+ actor_target), critic (+ critic_target): always;
+      value + value_loss + advantage: when the weighting or the selector needs advantages;
+      behavior_model + weighting + behavior_loss: when the recipe has a behaviour model.
+    ``optimizers`` maps part name -> optimiser; the agent owns them so that checkpoints are whole.
+    """
+
+    def __init__(
+        self,
+        *,
+        normalizer: ObservationNormalizer,
+        actor: nn.Module,
+        critic: TwinQ,
+        critic_loss: TD3CriticLoss,
+        actor_loss: TD3BCActorLoss,
+        selector: TargetSelector,
+        optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
+        value: StateValue | None = None,
+        value_loss: ValueLoss | None = None,
+        advantage: Advantage | None = None,
+        behavior_model: nn.Module | None = None,
+        weighting: WeightingScheme | None = None,
+        behavior_loss: WeightedBehaviorLoss | None = None,
+        tau: float = 5e-3,
+        policy_delay: int = 2,
+        keys: Keys = DEFAULT_KEYS,
+    ) -> None:
+        super().__init__()
+        self.normalizer = normalizer
+        self.actor = actor
+        self.actor_target = _frozen_copy(actor)
+        self.critic = critic
+        self.critic_target = _frozen_copy(critic)
+        self.value = value
+        self.behavior_model = behavior_model
+        self.critic_loss = critic_loss
+        self.actor_loss = actor_loss
+        self.value_loss = value_loss
+        self.advantage = advantage
+        self.weighting = weighting
+        self.behavior_loss = behavior_loss
+        self.selector = selector
+        self.tau = tau
+        self.policy_delay = policy_delay
+        self.keys = keys
+        self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers or {})
+        self.num_updates = 0  # a Python int: reading it never syncs with the device
+        self._check_parts()
+        self._target_pairs = (
+            list(self.critic_target.parameters()) + list(self.actor_target.parameters()),
+            list(self.critic.parameters()) + list(self.actor.parameters()),
+        )
+
+    def _check_parts(self) -> None:
+        needs_adv = self.selector.needs_advantage or (
+            self.weighting is not None and self.weighting.needs_advantage
+        )
+        if needs_adv and (self.value is None or self.value_loss is None or self.advantage is None):
+            raise ValueError("this weighting/selector needs advantages: configure a value function")
+        if self.selector.num_candidates and self.behavior_model is None:
+            raise ValueError(
+                f"selector {type(self.selector).__name__} samples candidates: configure a "
+                "behaviour model"
+            )
+        if self.behavior_model is not None and (
+            self.weighting is None or self.behavior_loss is None
+        ):
+            raise ValueError("a behaviour model needs a weighting scheme and a behaviour loss")
+        self._needs_advantage = needs_adv
+
+    @property
+    def policy(self) -> NormalizedPolicy:
+        """The deployable policy (raw observation -> action)."""
+        return NormalizedPolicy(self.normalizer, self.actor)
+
+    def _step(self, name: str, loss: torch.Tensor) -> None:
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def update(
+        self, batch: TensorDictBase, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One training step on a TED batch; returns detached metrics (no host sync).
+
+        Order: critic -> value -> advantages of dataset actions -> behaviour model ->
+        (every ``policy_delay`` steps) candidates -> target selection -> actor -> Polyak targets.
+        """
+        k = self.keys
+        obs = self.normalizer(batch.get(k.observation))
+        next_obs = self.normalizer(batch.get(k.next_observation))
+        action = batch.get(k.action)
+        reward = batch.get(k.reward).to(obs.dtype)
+        terminated = batch.get(k.terminated)
+        metrics: dict[str, torch.Tensor] = {}
+        self.num_updates += 1
+
+        # 1. Critic: TD3 target with target-policy smoothing, true terminals only.
+        y = self.critic_loss.target(
+            reward, terminated, next_obs, self.critic_target, self.actor_target, generator
+        )
+        out = self.critic_loss(obs, action, y, self.critic)
+        self._step("critic", out["loss_critic"])
+        metrics.update(out)
+
+        # 2. State value V(s): expectile of min Q_target(s, a), or A2PR's bootstrap target.
+        adv = None
+        if self.value is not None:
+            out = self.value_loss(
+                obs, self.value, action=action, critic_target=self.critic_target, td_target=y
+            )
+            self._step("value", out["loss_value"])
+            metrics.update(out)
+
+        # 3. Advantage of the dataset actions, A(s, a) = Q(s, a) - V(s), detached.
+        if self._needs_advantage:
+            adv = self.advantage(obs, action, self.critic, self.value)
+            metrics["advantage_mean"] = adv.mean()
+            metrics["advantage_pos_frac"] = (adv > 0).float().mean()
+
+        # 4. Behaviour model: per-sample loss weighted by the scheme (PAD: 1[A > 0]).
+        if self.behavior_model is not None:
+            weight = self.weighting(adv if adv is not None else torch.zeros_like(reward))
+            per_sample = self.behavior_model.per_sample_loss(action, obs, generator=generator)
+            out = self.behavior_loss(per_sample, weight)
+            self._step("behavior", out["loss_behavior"])
+            metrics.update(out)
+
+        # 5. Actor (delayed): target from the selector, then TD3+BC loss, then Polyak targets.
+        if self.num_updates % self.policy_delay == 0:
+            candidates = cand_adv = None
+            if self.selector.num_candidates:
+                with torch.no_grad():
+                    candidates = self.behavior_model.sample(
+                        obs, self.selector.num_candidates, generator=generator
+                    )
+                    cand_adv = self.advantage(obs, candidates, self.critic, self.value)
+            target, mask = self.selector(candidates, cand_adv, action, adv)
+            if candidates is not None:
+                metrics["target_from_model_frac"] = (target != action).any(-1).float().mean()
+            out = self.actor_loss(obs, target, mask, self.actor, self.critic)
+            self._step("actor", out["loss_actor"])
+            metrics.update(out)
+            polyak_update(self._target_pairs[0], self._target_pairs[1], self.tau)
+
+        return {name: v.detach() for name, v in metrics.items()}
+
+    # ----- checkpoint state ---------------------------------------------------------------
+    def training_state(self) -> dict:
+        """Everything the update reads: parameters, targets, buffers and optimiser states."""
+        return {
+            "modules": self.state_dict(),
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "num_updates": self.num_updates,
+        }
+
+    def load_training_state(self, state: Mapping) -> None:
+        self.load_state_dict(state["modules"])
+        self.num_updates = int(state["num_updates"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])

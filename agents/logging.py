@@ -1,0 +1,105 @@
+"""Metrics logging: ``metrics.csv`` always, TensorBoard or W&B through TorchRL's loggers."""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from divo.errors import ConfigError
+
+BACKENDS = ("csv", "tensorboard", "wandb")
+
+
+class MetricAccumulator:
+    """Running sums of per-step metrics, kept on the device: no host sync until :meth:`mean`."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, int] = {}
+
+    def add(self, metrics: Mapping[str, torch.Tensor]) -> None:
+        for name, value in metrics.items():
+            value = value.detach().float()
+            if name in self._sums:
+                self._sums[name] += value
+                self._counts[name] += 1
+            else:
+                self._sums[name] = value.clone()
+                self._counts[name] = 1
+
+    def mean(self) -> dict[str, float]:
+        """Means since the last call (one device -> host transfer), then reset."""
+        if not self._sums:
+            return {}
+        names = list(self._sums)
+        values = torch.stack([self._sums[n] for n in names]).cpu().tolist()
+        out = {n: v / self._counts[n] for n, v in zip(names, values, strict=True)}
+        self._sums.clear()
+        self._counts.clear()
+        return out
+
+
+class MetricsLogger:
+    """Writes rows of ``{step, metric...}`` to ``<run>/metrics.csv`` and an optional backend.
+
+    The CSV's columns grow when a new metric appears (the file is rewritten once, atomically
+    enough for a log); rows missing a metric leave its cell empty.
+    """
+
+    def __init__(
+        self, run_dir: str | Path, backend: str = "csv", project: str = "divo", name: str = "run"
+    ) -> None:
+        if backend not in BACKENDS:
+            raise ConfigError(f"logger.backend={backend!r} is unknown; choose one of {BACKENDS}")
+        self.path = Path(run_dir) / "metrics.csv"
+        self.columns: list[str] = ["step"]
+        self._rows: list[dict[str, float]] = []
+        if self.path.exists():  # continuing a run: keep what is there
+            with self.path.open() as f:
+                reader = csv.DictReader(f)
+                self.columns = list(reader.fieldnames or ["step"])
+                self._rows = [dict(r) for r in reader]
+        self._external = None
+        if backend != "csv":
+            self._external = _torchrl_logger(backend, Path(run_dir), project, name)
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        row = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
+        new = [k for k in row if k not in self.columns]
+        self._rows.append(row)
+        if new or not self.path.exists():
+            self.columns += new
+            with self.path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns)
+                writer.writeheader()
+                writer.writerows(self._rows)
+        else:
+            with self.path.open("a", newline="") as f:
+                csv.DictWriter(f, fieldnames=self.columns).writerow(row)
+        if self._external is not None:
+            for k, v in metrics.items():
+                if v is not None and isinstance(v, float | int) and math.isfinite(v):
+                    self._external.log_scalar(k, float(v), step=step)
+
+
+def _torchrl_logger(backend: str, run_dir: Path, project: str, name: str):
+    from torchrl.record.loggers import get_logger
+
+    try:
+        if backend == "wandb":
+            return get_logger(
+                "wandb", logger_name=str(run_dir), experiment_name=name, project=project
+            )
+        return get_logger(
+            "tensorboard", logger_name=str(run_dir / "tensorboard"), experiment_name=name
+        )
+    except ImportError as exc:
+        extra = "tensorboard" if backend == "tensorboard" else "wandb"
+        raise ConfigError(
+            f"logger.backend={backend} needs its package ({exc}); pip install 'divo[{extra}]' "
+            "or use logger.backend=csv"
+        ) from None

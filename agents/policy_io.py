@@ -1,0 +1,89 @@
+"""Saved policies: rebuild the deployable policy from ``policy.pt`` or a checkpoint and run it.
+
+Needs nothing of the training state: the actor's config, its weights with the normalisation
+statistics, the environment spec and the score references travel in the file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import torch
+from divo.agents.builder import build_actor
+from divo.agents.evaluate import evaluate_policy
+from divo.agents.runtime import load_file, resolve_device
+from divo.objectives.actor import NormalizedPolicy, ObservationNormalizer
+
+from divo.errors import CheckpointError
+
+POLICY_FORMAT = "divo-policy-v1"
+
+
+def find_policy_file(path: str | Path) -> Path:
+    """A run directory -> its policy.pt, else its newest checkpoint; a file -> itself."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "policy.pt").is_file():
+            return path / "policy.pt"
+        ckpts = sorted((path / "checkpoints").glob("step_*.pt"))
+        if ckpts:
+            return ckpts[-1]
+        raise CheckpointError(
+            f"{path} holds no policy.pt and no checkpoints/step_*.pt; is it a run directory?"
+        )
+    return path
+
+
+def load_policy(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> tuple[NormalizedPolicy, dict]:
+    """Rebuild the policy saved at ``path``; returns it and the file's metadata."""
+    file = find_policy_file(path)
+    payload = load_file(file)
+    if isinstance(payload, dict) and payload.get("format", "").startswith("divo-checkpoint"):
+        payload = payload["policy"]
+    if not isinstance(payload, dict) or payload.get("format") != POLICY_FORMAT:
+        raise CheckpointError(f"{file} is not a divo policy or checkpoint file")
+    obs_dim, act_dim = payload["observation_dim"], payload["action_dim"]
+    actor = build_actor(payload["actor_config"], observation_dim=obs_dim, action_dim=act_dim)
+    policy = NormalizedPolicy(
+        ObservationNormalizer(torch.zeros(obs_dim), torch.ones(obs_dim)), actor
+    )
+    policy.load_state_dict(payload["state_dict"])
+    policy.to(device).eval()
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta["file"] = str(file)
+    return policy, meta
+
+
+def evaluate_saved_policy(
+    path: str | Path, *, episodes: int = 10, seed: int = 100, device: str = "auto"
+) -> dict[str, Any]:
+    """Evaluate a saved policy in the environment recorded with it."""
+    dev = resolve_device(device)
+    policy, meta = load_policy(path, dev)
+    if meta.get("env_spec") is None:
+        raise CheckpointError(
+            f"{meta['file']} records no environment (its dataset had none); evaluate it from Python"
+        )
+    spec = gym.envs.registration.EnvSpec.from_json(meta["env_spec"])
+
+    def make_env() -> gym.Env:
+        return gym.make(spec)
+
+    result = evaluate_policy(
+        policy,
+        make_env,
+        episodes=episodes,
+        seed=seed,
+        device=dev,
+        ref_min_score=meta.get("ref_min_score"),
+        ref_max_score=meta.get("ref_max_score"),
+    )
+    result["source"] = meta["file"]
+    result["step"] = meta.get("step")
+    result["recipe"] = meta.get("recipe")
+    result["dataset_id"] = meta.get("dataset_id")
+    return result

@@ -1,0 +1,240 @@
+"""The training loop: data -> agent -> updates, with evaluation, logging and checkpoints.
+
+``train(cfg, run_dir)`` is the Python API; ``divo train <recipe>`` (``divo.cli``) composes the
+recipe with Hydra and calls it with Hydra's output directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from divo.agents.agent import OfflineAgent
+from divo.agents.builder import build_agent
+from divo.agents.data import OfflineData, check_batch_keys, load_offline_data
+from divo.agents.evaluate import evaluate_policy
+from divo.agents.logging import MetricAccumulator, MetricsLogger
+from divo.agents.policy_io import POLICY_FORMAT
+from divo.agents.runtime import atomic_save, resolve_device, rng_state, seed_everything
+from omegaconf import DictConfig, OmegaConf
+from torchrl.data import ReplayBuffer
+from tqdm.auto import tqdm
+
+from divo.errors import ConfigError, DatasetError, DivoError
+
+CHECKPOINT_FORMAT = "divo-checkpoint-v1"
+
+
+def _validate(cfg: DictConfig) -> None:
+    t = cfg.train
+    for key in ("steps", "batch_size", "eval_every", "log_every", "checkpoint_every"):
+        value = t.get(key)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"train.{key}={value!r} must be a positive integer; fix the override")
+    if not isinstance(t.eval_episodes, int) or t.eval_episodes < 0:
+        raise ConfigError(f"train.eval_episodes={t.eval_episodes!r} must be an integer >= 0")
+
+
+def policy_payload(agent: OfflineAgent, cfg: DictConfig, data: OfflineData | None, step: int):
+    """What ``divo evaluate`` needs to rebuild and run the policy, and nothing of training."""
+    spec = data.env_spec if data is not None else None
+    return {
+        "format": POLICY_FORMAT,
+        "recipe": cfg.get("recipe"),
+        "step": step,
+        "actor_config": OmegaConf.to_container(cfg.actor.network, resolve=True),
+        "observation_dim": agent.normalizer.mean.shape[-1],
+        "action_dim": agent.actor(agent.normalizer.mean[None]).shape[-1],
+        "state_dict": {k: v.detach().cpu() for k, v in agent.policy.state_dict().items()},
+        "dataset_id": data.dataset_id if data is not None else None,
+        "env_spec": spec.to_json() if spec is not None else None,
+        "ref_min_score": data.ref_min_score if data is not None else None,
+        "ref_max_score": data.ref_max_score if data is not None else None,
+    }
+
+
+class _Checkpointer:
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.dir = run_dir / "checkpoints"
+        self.keep = max(1, keep)
+
+    def save(self, step: int, agent, cfg, data) -> Path:
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "agent": agent.training_state(),
+            "rng": rng_state(),
+            "policy": policy_payload(agent, cfg, data, step),
+        }
+        path = atomic_save(payload, self.dir / f"step_{step:09d}.pt")
+        for old in sorted(self.dir.glob("step_*.pt"))[: -self.keep]:
+            old.unlink()
+        return path
+
+
+def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
+    if data is None or cfg.train.eval_episodes == 0:
+        return None
+    try:
+        make_env = data.make_env
+        make_env().close()
+    except DatasetError as exc:
+        warnings.warn(f"evaluation skipped: {exc}", stacklevel=2)
+        return None
+    policy = agent.policy
+    policy.eval()
+    result = evaluate_policy(
+        policy,
+        make_env,
+        episodes=cfg.train.eval_episodes,
+        seed=cfg.seed + 100,  # method.md: eval env seed = seed + 100
+        device=device,
+        ref_min_score=data.ref_min_score,
+        ref_max_score=data.ref_max_score,
+    )
+    return result
+
+
+def train(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    *,
+    replay_buffer: ReplayBuffer | None = None,
+    obs_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """Train the agent a recipe describes; write config, metrics, checkpoints and result.json.
+
+    Args:
+        cfg: a composed recipe (see ``divo.cli.compose_recipe``).
+        run_dir: where the run's files go (created).
+        replay_buffer: optional TorchRL replay buffer to sample training batches from instead
+            of the dataset's own; its samples must carry the TED keys (observation, action,
+            next/observation, next/reward, next/terminated). Normalisation statistics and the
+            evaluation environment still come from ``cfg.dataset.id`` when it is set; with
+            ``dataset.id=null`` pass ``obs_stats=(mean, std)`` (else no normalisation) and no
+            evaluation runs.
+    Returns:
+        The result dictionary also written to ``result.json``.
+    """
+    _validate(cfg)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    seed_everything(int(cfg.seed))
+    start = time.perf_counter()
+
+    data = None
+    if cfg.dataset.get("id") is not None:
+        data = load_offline_data(
+            cfg.dataset.id,
+            device=device,
+            batch_size=cfg.train.batch_size,
+            reward_scale=cfg.dataset.reward_scale,
+            reward_shift=cfg.dataset.reward_shift,
+            download=cfg.dataset.get("download", True),
+        )
+    elif replay_buffer is None:
+        raise ConfigError("dataset.id is null and no replay buffer was given; set dataset.id")
+    if replay_buffer is None:
+        buffer = data.replay_buffer(cfg.train.batch_size)
+    else:
+        buffer = replay_buffer
+    probe = buffer.sample()
+    check_batch_keys(probe)
+    obs_dim, act_dim = probe["observation"].shape[-1], probe["action"].shape[-1]
+    if data is not None:
+        if (obs_dim, act_dim) != (data.observation_dim, data.action_dim):
+            raise DatasetError(
+                f"the replay buffer's samples have observation/action sizes {obs_dim}/{act_dim} "
+                f"but dataset {data.dataset_id} has {data.observation_dim}/{data.action_dim}; "
+                "pass the matching dataset.id"
+            )
+        mean, std = data.obs_mean, data.obs_std
+    elif obs_stats is not None:
+        mean, std = obs_stats
+    else:
+        mean, std = torch.zeros(obs_dim), torch.ones(obs_dim)
+    agent = build_agent(
+        cfg, observation_dim=obs_dim, action_dim=act_dim, obs_mean=mean, obs_std=std, device=device
+    )
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    logger = MetricsLogger(
+        run_dir, cfg.logger.backend, cfg.logger.project, name=f"{cfg.get('recipe')}-s{cfg.seed}"
+    )
+    checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints)
+    acc = MetricAccumulator()
+
+    steps = int(cfg.train.steps)
+    last_eval: dict[str, Any] | None = None
+    bar = tqdm(
+        total=steps,
+        disable=not cfg.train.progress,
+        desc=f"{cfg.get('recipe')} {data.dataset_id if data else ''}".strip(),
+        unit="step",
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
+    agent.train()
+    with bar:
+        for step in range(1, steps + 1):
+            batch = buffer.sample()
+            if batch.device != device:
+                batch = batch.to(device)
+            acc.add(agent.update(batch))
+            bar.update(1)
+            row: dict[str, Any] = {}
+            if step % cfg.train.log_every == 0 or step == steps:
+                row.update(acc.mean())
+                bad = [k for k, v in row.items() if not math.isfinite(v)]
+                if bad:
+                    checkpointer.dir.mkdir(parents=True, exist_ok=True)
+                    raise DivoError(
+                        f"non-finite {', '.join(bad)} at step {step}; lower the learning rates or "
+                        f"check the data (last good checkpoint in {checkpointer.dir})"
+                    )
+            if step % cfg.train.eval_every == 0 or step == steps:
+                last_eval = _evaluate(agent, data, cfg, device)
+                agent.train()
+                if last_eval is not None:
+                    row["eval_return_mean"] = last_eval["return_mean"]
+                    row["eval_return_std"] = last_eval["return_std"]
+                    row["normalized_score"] = last_eval["normalized_score"]
+                    score = last_eval["normalized_score"]
+                    bar.set_postfix(
+                        score=f"{score:.1f}" if score is not None else "n/a",
+                        ret=f"{last_eval['return_mean']:.2f}",
+                    )
+            if row:
+                logger.log(step, row)
+            if step % cfg.train.checkpoint_every == 0 or step == steps:
+                checkpointer.save(step, agent, cfg, data)
+
+    atomic_save(policy_payload(agent, cfg, data, steps), run_dir / "policy.pt")
+    result = {
+        "recipe": cfg.get("recipe"),
+        "dataset_id": data.dataset_id if data is not None else None,
+        "seed": int(cfg.seed),
+        "steps": steps,
+        "return_mean": last_eval["return_mean"] if last_eval else None,
+        "return_std": last_eval["return_std"] if last_eval else None,
+        "normalized_score": last_eval["normalized_score"] if last_eval else None,
+        "episodes": last_eval["episodes"] if last_eval else 0,
+        "wall_clock_s": round(time.perf_counter() - start, 3),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,151 @@
+"""Network building blocks: MLPs, ensembles of MLPs and time embeddings. No diffusion math."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "mish": nn.Mish,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+
+
+def activation(name: str) -> nn.Module:
+    """An activation module by name (relu, mish, tanh, elu, gelu, silu)."""
+    try:
+        return _ACTIVATIONS[name.lower()]()
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; choose one of {sorted(_ACTIVATIONS)}"
+        ) from None
+
+
+def mlp(
+    in_dim: int,
+    out_dim: int,
+    hidden: Sequence[int] = (256, 256, 256),
+    act: str = "relu",
+    out_act: str | None = None,
+) -> nn.Sequential:
+    """Plain MLP: Linear -> act for each hidden width, then a Linear output (and out_act)."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for h in hidden:
+        layers += [nn.Linear(d, h), activation(act)]
+        d = h
+    layers.append(nn.Linear(d, out_dim))
+    if out_act is not None:
+        layers.append(activation(out_act))
+    return nn.Sequential(*layers)
+
+
+class EnsembleLinear(nn.Module):
+    """``E`` independent linear layers applied as one batched matmul: [E, *B, in] -> [E, *B, out].
+
+    Each member is initialised exactly like ``nn.Linear`` (Kaiming-uniform weights, uniform bias).
+    """
+
+    def __init__(self, num_members: int, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.num_members = num_members
+        self.in_features = in_features
+        self.out_features = out_features
+        self.weight = nn.Parameter(torch.empty(num_members, in_features, out_features))
+        self.bias = nn.Parameter(torch.empty(num_members, 1, out_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.in_features)
+        # nn.Linear's default: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in)).
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x = x.reshape(self.num_members, -1, self.in_features)
+        y = torch.baddbmm(self.bias, x, self.weight)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+class EnsembleMLP(nn.Module):
+    """``E`` independent MLPs evaluated in one batched call.
+
+    Input ``[*B, in]`` (shared by all members) or ``[E, *B, in]``; output ``[E, *B, out]``.
+    """
+
+    def __init__(
+        self,
+        num_members: int,
+        in_dim: int,
+        out_dim: int,
+        hidden: Sequence[int] = (256, 256, 256),
+        act: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.num_members = num_members
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers += [EnsembleLinear(num_members, d, h), activation(act)]
+            d = h
+        layers.append(EnsembleLinear(num_members, d, out_dim))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor, shared: bool = True) -> torch.Tensor:
+        if shared:
+            x = x.unsqueeze(0).expand(self.num_members, *x.shape)
+        return self.net(x)
+
+
+class SinusoidalTimeEmbedding(nn.Module):
+    """Transformer-style sinusoidal embedding of (integer or real) diffusion times: [*B] -> [*B, D]."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"time embedding dim must be even, got {dim}")
+        half = dim // 2
+        scale = math.log(10000.0) / max(half - 1, 1)
+        self.register_buffer("freqs", torch.exp(-scale * torch.arange(half)), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        arg = t.float().unsqueeze(-1) * self.freqs
+        return torch.cat([arg.sin(), arg.cos()], dim=-1)
+
+
+class NoiseNetwork(nn.Module):
+    """Conditional noise/denoiser network used by the diffusion and consistency models.
+
+    Diffusion-QL's architecture: sinusoidal time embedding (``time_dim``) -> Linear(2*time_dim)
+    -> Mish -> Linear(time_dim); the MLP reads concat[x, time embedding, state] through
+    ``hidden`` Mish layers and a linear output of size ``action_dim``.
+    """
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (256, 256, 256),
+        time_dim: int = 16,
+        act: str = "mish",
+    ) -> None:
+        super().__init__()
+        self.time_mlp = nn.Sequential(
+            SinusoidalTimeEmbedding(time_dim),
+            nn.Linear(time_dim, 2 * time_dim),
+            activation(act),
+            nn.Linear(2 * time_dim, time_dim),
+        )
+        self.net = mlp(action_dim + time_dim + observation_dim, action_dim, hidden, act)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
+        """x [B, A], t [B], observation [B, O] -> [B, A]."""
+        return self.net(torch.cat([x, self.time_mlp(t), observation], dim=-1))

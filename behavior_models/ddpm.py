@@ -1,0 +1,106 @@
+"""Conditional DDPM behaviour model (Ho et al. 2020) as configured by Diffusion-QL and DIVO.
+
+K reverse steps (5 by default), VP schedule, epsilon prediction with an L2 loss at a uniformly
+drawn step, DDPM posterior sampling with the predicted x0 clipped to [-1, 1] at every step, no
+noise at the last step, the final sample clipped to [-1, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from divo.behavior_models.backbones import NoiseNetwork
+from divo.behavior_models.base import BehaviorModel, flatten_batch
+from divo.behavior_models.schedules import DiffusionSchedule
+
+
+class DDPM(BehaviorModel):
+    """Denoising diffusion model of pi_b(a | s).
+
+    Args:
+        observation_dim, action_dim: sizes, filled in by the builder.
+        num_steps: K, number of diffusion steps.
+        schedule: ``vp`` | ``linear`` | ``cosine``.
+        hidden, time_dim, activation: noise-network shape (see ``NoiseNetwork``).
+        clip_denoised: clip the predicted x0 to [-1, 1] at each reverse step.
+    """
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        num_steps: int = 5,
+        schedule: str = "vp",
+        hidden: Sequence[int] = (256, 256, 256),
+        time_dim: int = 16,
+        activation: str = "mish",
+        clip_denoised: bool = True,
+    ) -> None:
+        super().__init__(observation_dim, action_dim)
+        self.schedule = DiffusionSchedule(num_steps, schedule)
+        self.num_steps = num_steps
+        self.clip_denoised = clip_denoised
+        self.network = NoiseNetwork(
+            observation_dim, action_dim, tuple(hidden), time_dim, activation
+        )
+
+    def noisy_action(
+        self, action: torch.Tensor, k: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """Forward process q(x_k | x_0): [B, A] actions at step indices k [B]."""
+        s = self.schedule
+        return (
+            s.extract("sqrt_alphas_cumprod", k, 2) * action
+            + s.extract("sqrt_one_minus_alphas_cumprod", k, 2) * noise
+        )
+
+    def per_sample_loss(
+        self,
+        action: torch.Tensor,
+        observation: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """||eps - eps_theta(x_k, k, s)||^2 averaged over action dims: [*B, A], [*B, O] -> [*B]."""
+        a, batch_shape = flatten_batch(action)
+        obs, _ = flatten_batch(observation)
+        k = torch.randint(self.num_steps, (a.shape[0],), device=a.device, generator=generator)
+        noise = torch.randn(a.shape, device=a.device, dtype=a.dtype, generator=generator)
+        pred = self.network(self.noisy_action(a, k, noise), k, obs)
+        return (pred - noise).pow(2).mean(-1).reshape(batch_shape)
+
+    def reverse_step(
+        self,
+        x: torch.Tensor,
+        k: int,
+        observation: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """One DDPM reverse step x_{k+1} -> x_k at 0-based index ``k`` ([B, A], [B, O])."""
+        s = self.schedule
+        kk = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
+        eps = self.network(x, kk, observation)
+        x0 = s.sqrt_recip_alphas_cumprod[k] * x - s.sqrt_recipm1_alphas_cumprod[k] * eps
+        if self.clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        mean = s.posterior_mean_coef1[k] * x0 + s.posterior_mean_coef2[k] * x
+        if k == 0:
+            return mean
+        noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+        return mean + (0.5 * s.posterior_log_variance_clipped[k]).exp() * noise
+
+    def sample(
+        self,
+        observation: torch.Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Run the K-step reverse chain from N(0, I): [*B, O] -> [*B, N, A] in [-1, 1]."""
+        obs, batch_shape = flatten_batch(observation)
+        obs = obs.repeat_interleave(num_samples, dim=0)
+        x = torch.randn(
+            (obs.shape[0], self.action_dim), device=obs.device, dtype=obs.dtype, generator=generator
+        )
+        for k in reversed(range(self.num_steps)):
+            x = self.reverse_step(x, k, obs, generator)
+        return x.clamp(-1.0, 1.0).reshape(*batch_shape, num_samples, self.action_dim)

@@ -1,0 +1,198 @@
+"""The ``divo`` command.
+
+divo train <recipe> [--quiet] [hydra overrides...]   train a recipe (Hydra -m sweeps work)
+divo evaluate <run dir | checkpoint> [--episodes N]  re-evaluate a saved policy
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import importlib.resources
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from divo.errors import ConfigError, DivoError
+
+if not OmegaConf.has_resolver("slug"):
+    # ${slug:${dataset.id}} -> a dataset id usable as one folder name in run paths.
+    OmegaConf.register_new_resolver("slug", lambda s: str(s).replace("/", "-"))
+
+USAGE = """usage: divo <command> ...
+
+commands:
+  train <recipe> [--quiet] [overrides...]   train a recipe from recipes/ (or a path to a YAML)
+  evaluate <run dir | checkpoint> [--episodes N] [--seed S] [--device D]
+                                            re-evaluate a saved policy
+recipes: {recipes}
+"""
+
+
+def recipes_dir() -> Path:
+    """The folder of shipped recipes (``recipes/`` of the repository, ``divo.recipes``)."""
+    return Path(str(importlib.resources.files("divo.recipes")))
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def resolve_recipe(recipe: str) -> tuple[Path, str, bool]:
+    """Recipe name or YAML path -> (config dir, config name, is a user file)."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file {recipe} does not exist; check the path")
+        return path.resolve().parent, path.stem, True
+    if recipe in available_recipes():
+        return recipes_dir(), recipe, False
+    close = difflib.get_close_matches(recipe, available_recipes(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(
+        f"unknown recipe {recipe!r}{hint}; choose one of {', '.join(available_recipes())} or "
+        "pass a path to a .yaml file"
+    )
+
+
+def compose_recipe(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose a recipe with overrides, as ``divo train`` does, without running it."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir, name, user = resolve_recipe(recipe)
+    overrides = list(overrides)
+    if user:
+        overrides.append(f"hydra.searchpath=[pkg://divo.recipes,file://{config_dir}]")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = compose(config_name=name, overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise ConfigError(
+            f"recipe {recipe!r} with overrides {' '.join(overrides) or '(none)'} does not "
+            f"compose: {' '.join(lines[:3])}; check the override names with `divo train "
+            f"{recipe} --cfg job`"
+        ) from None
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(
+            f"recipe {recipe!r} needs a value for {', '.join(missing)}; pass it as an override, "
+            f"e.g. {missing[0]}=..."
+        )
+    return cfg
+
+
+def _summary(result: dict) -> str:
+    score = result.get("normalized_score")
+    ret = result.get("return_mean")
+    parts = [f"divo: {result['recipe']} on {result['dataset_id']} seed {result['seed']}"]
+    if ret is not None:
+        score_txt = f"normalized score {score:.1f}" if score is not None else "no normalized score"
+        parts.append(
+            f"{score_txt} (return {ret:.3f} +- {result['return_std']:.3f} over "
+            f"{result['episodes']} episodes)"
+        )
+    parts.append(f"after {result['steps']} steps in {result['wall_clock_s']:.1f} s")
+    return ": ".join(parts[:2]) + " " + " ".join(parts[2:]) + f" -> {result['run_dir']}"
+
+
+def _train(argv: list[str]) -> int:
+    quiet = False
+    args = []
+    for a in argv:
+        if a in ("-q", "--quiet"):
+            quiet = True
+        else:
+            args.append(a)
+    positional = [a for a in args if not a.startswith("-") and "=" not in a]
+    if not positional:
+        raise ConfigError(
+            f"divo train needs a recipe; choose one of {', '.join(available_recipes())}"
+        )
+    recipe = positional[0]
+    args.remove(recipe)
+    config_dir, name, user = resolve_recipe(recipe)
+    overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    if quiet:
+        overrides.append("train.progress=false")
+    if user:
+        overrides.append(f"hydra.searchpath=[pkg://divo.recipes,file://{config_dir}]")
+    multirun = any(a in ("-m", "--multirun") for a in args)
+    hydra_flags = [a for a in args if a not in overrides]
+    if not multirun and not any(
+        f in hydra_flags for f in ("--cfg", "-c", "--help", "-h", "--info")
+    ):
+        compose_recipe(recipe, [o for o in overrides if not o.startswith("hydra.")])
+
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    from divo.agents.train import train
+
+    @hydra.main(version_base=None, config_path=str(config_dir), config_name=name)
+    def _task(cfg: DictConfig):
+        run_dir = HydraConfig.get().runtime.output_dir
+        try:
+            result = train(cfg, run_dir)
+        except DivoError as exc:
+            print(f"divo: error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        print(_summary(result), flush=True)
+        return result
+
+    sys.argv = ["divo-train", *hydra_flags, *overrides]
+    _task()
+    return 0
+
+
+def _evaluate(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="divo evaluate", description="Re-evaluate a saved policy."
+    )
+    parser.add_argument("path", help="a run directory, its policy.pt, or a checkpoint file")
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=100, help="seed of the first episode")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    ns = parser.parse_args(argv)
+    if ns.episodes <= 0:
+        raise ConfigError(f"--episodes={ns.episodes} must be a positive integer")
+    from divo.agents.policy_io import evaluate_saved_policy
+
+    result = evaluate_saved_policy(ns.path, episodes=ns.episodes, seed=ns.seed, device=ns.device)
+    if ns.json:
+        print(json.dumps(result, indent=2))
+    else:
+        score = result["normalized_score"]
+        score_txt = f"normalized score {score:.1f}" if score is not None else "no normalized score"
+        print(
+            f"divo: {result['source']}: {score_txt} (return {result['return_mean']:.3f} +- "
+            f"{result['return_std']:.3f} over {result['episodes']} episodes)"
+        )
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE.format(recipes=", ".join(available_recipes())))
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command == "train":
+            return _train(rest)
+        if command == "evaluate":
+            return _evaluate(rest)
+        raise ConfigError(f"unknown command {command!r}; use `divo train` or `divo evaluate`")
+    except DivoError as exc:
+        print(f"divo: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

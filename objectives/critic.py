@@ -1,0 +1,91 @@
+"""Twin-Q critic and the TD3 critic loss (target-policy smoothing, clipped double Q)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from divo.behavior_models.backbones import EnsembleMLP
+from divo.objectives.functional import smoothed_target_action, td_target
+from torch import nn
+
+
+class TwinQ(nn.Module):
+    """``num_q`` independent Q(s, a) MLPs evaluated as ONE batched call.
+
+    forward(observation [*B, O], action [*B, A]) -> [num_q, *B, 1].
+    """
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        num_q: int = 2,
+    ) -> None:
+        super().__init__()
+        self.num_q = num_q
+        self.net = EnsembleMLP(num_q, observation_dim + action_dim, 1, tuple(hidden), activation)
+
+    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        if observation.shape[:-1] != action.shape[:-1]:
+            observation = observation.expand(*action.shape[:-1], observation.shape[-1])
+        return self.net(torch.cat([observation, action], dim=-1))
+
+    def q1(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """The first head only, [*B, 1] (TD3+BC's actor loss uses Q1)."""
+        return self(observation, action)[0]
+
+    def min_q(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+        """min over heads, [*B, 1]."""
+        return self(observation, action).min(dim=0).values
+
+
+class TD3CriticLoss(nn.Module):
+    """TD3 critic loss: sum over heads of MSE(Q_i(s, a), y), y = r + gamma (1 - d) min Q'(s', a').
+
+    a' = clip(pi'(s') + clip(N(0, policy_noise^2), -noise_clip, noise_clip), -1, 1), or, with no
+    target actor (``next_action_fn``), any callable s' -> a' (Diffusion-QL's EMA policy).
+    """
+
+    def __init__(self, gamma: float = 0.99, policy_noise: float = 0.2, noise_clip: float = 0.5):
+        super().__init__()
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        self.gamma = gamma
+        self.policy_noise = policy_noise
+        self.noise_clip = noise_clip
+
+    @torch.no_grad()
+    def target(
+        self,
+        reward: torch.Tensor,
+        terminated: torch.Tensor,
+        next_observation: torch.Tensor,
+        critic_target: TwinQ,
+        actor_target: Callable[[torch.Tensor], torch.Tensor],
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """The TD target y [*B, 1] (no gradient)."""
+        next_action = smoothed_target_action(
+            actor_target, next_observation, self.policy_noise, self.noise_clip, generator
+        )
+        next_q = critic_target(next_observation, next_action).min(dim=0).values
+        return td_target(reward, terminated, next_q, self.gamma)
+
+    def forward(
+        self,
+        observation: torch.Tensor,
+        action: torch.Tensor,
+        target: torch.Tensor,
+        critic: TwinQ,
+    ) -> dict[str, torch.Tensor]:
+        """Returns ``loss_critic`` and detached diagnostics ``q_mean``, ``td_target_mean``."""
+        q = critic(observation, action)  # [E, B, 1]
+        loss = (q - target.unsqueeze(0)).pow(2).mean(dim=tuple(range(1, q.dim()))).sum()
+        return {
+            "loss_critic": loss,
+            "q_mean": q.detach().mean(),
+            "td_target_mean": target.detach().mean(),
+        }

@@ -1,0 +1,408 @@
+"""Minari dataset -> one TorchRL TED TensorDict, normalisation statistics and a replay buffer.
+
+``load_offline_data(dataset_id)`` is the single entry point: it finds the dataset (local Minari
+root first; divo's built-in datasets are written on first use; a download only as a last
+resort), checks it, and returns an :class:`OfflineData` holding every transition in TorchRL's
+TED layout (batch size ``[N]``)::
+
+    observation [N, O] float32          action [N, A] float32 (in [-1, 1])
+    ("next", "observation") [N, O]      ("next", "reward") [N, 1] float32
+    ("next", "terminated") [N, 1] bool  ("next", "truncated") [N, 1] bool
+    ("next", "done") [N, 1] bool        (= terminated | truncated)
+
+The next observation is the state the dataset stored after the step, also when an episode was
+cut by a time limit: such a step is ``truncated`` and NOT ``terminated``, so the TD target
+bootstraps from the real next state (TorchRL's D4RL loader zeroes it by default; we do not).
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+from gymnasium.envs.registration import EnvSpec
+from minari.dataset.minari_dataset import parse_dataset_id
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+import divo.envs  # noqa: F401  (registers divo's environments for gym.make)
+from divo.datasets import BUILTIN_DATASETS, ensure_builtin, is_local, minari_root, read_transitions
+from divo.errors import DatasetError
+
+# D4RL v2 reference returns (random / expert policy), used when a dataset stores none; keyed by
+# the environment's base name (``EnvSpec.name``: "Hopper" for "Hopper-v5"). Source: D4RL's
+# infos.py REF_MIN_SCORE / REF_MAX_SCORE for the -v2 locomotion datasets.
+D4RL_REFERENCE_SCORES: dict[str, tuple[float, float]] = {
+    "Hopper": (-20.272305, 3234.3),
+    "HalfCheetah": (-280.178953, 12135.0),
+    "Walker2d": (1.629008, 4592.3),
+    "Ant": (-325.6, 3879.7),
+}
+
+# Added to the state standard deviation before dividing (TD3+BC's eps; method.md).
+OBS_STD_EPS = 1e-3
+
+# The keys one training batch must carry (TED layout).
+REQUIRED_BATCH_KEYS: tuple[str | tuple[str, ...], ...] = (
+    "observation",
+    "action",
+    ("next", "observation"),
+    ("next", "reward"),
+    ("next", "terminated"),
+)
+
+
+@dataclass
+class OfflineData:
+    """An offline dataset, converted and checked.
+
+    Attributes:
+        dataset_id: the Minari id it was read from.
+        data: every transition in TED layout, batch size ``[N]``, on ``device``.
+        observation_dim, action_dim: ``O`` and ``A``.
+        obs_mean, obs_std: ``[O]`` float32 state statistics over ``data["observation"]``
+            (``obs_std`` already includes ``OBS_STD_EPS``); normalise as ``(s - mean) / std``.
+        ref_min_score, ref_max_score: reference returns for normalised scores (the dataset's,
+            else D4RL v2's for its environment), None when unknown.
+        env_spec: the environment the dataset was collected in, None if unknown or not makeable.
+        eval_env_spec: the environment to evaluate in (the dataset's eval env, else env_spec).
+        num_episodes, num_transitions: ``E`` and ``N``.
+        batch_size: default batch size of ``replay_buffer()``.
+        device: where ``data`` and replay-buffer samples live.
+    """
+
+    dataset_id: str
+    data: TensorDictBase
+    observation_dim: int
+    action_dim: int
+    obs_mean: torch.Tensor
+    obs_std: torch.Tensor
+    ref_min_score: float | None
+    ref_max_score: float | None
+    env_spec: EnvSpec | None
+    num_episodes: int
+    num_transitions: int
+    eval_env_spec: EnvSpec | None = None
+    batch_size: int = 256
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def replay_buffer(self, batch_size: int | None = None) -> TensorDictReplayBuffer:
+        """A uniform replay buffer holding every transition; samples come out on ``device``."""
+        buffer = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(self.num_transitions, device=self.device),
+            batch_size=self.batch_size if batch_size is None else batch_size,
+        )
+        buffer.extend(self.data)
+        return buffer
+
+    @property
+    def can_evaluate(self) -> bool:
+        """Whether the evaluation environment can be built."""
+        return self.eval_env_spec is not None
+
+    def make_env(self, **kwargs: Any) -> gym.Env:
+        """A fresh evaluation environment (``kwargs`` go to ``gym.make``)."""
+        if self.eval_env_spec is None:
+            raise DatasetError(
+                f"dataset {self.dataset_id!r} names no environment that can be built here, so "
+                "there is nothing to evaluate in; install the environment's package, or train "
+                "with evaluation disabled"
+            )
+        return gym.make(self.eval_env_spec, **kwargs)
+
+
+def load_offline_data(
+    dataset_id: str,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    reward_scale: float = 1.0,
+    reward_shift: float = 0.0,
+    download: bool = True,
+) -> OfflineData:
+    """Read, check and convert a Minari dataset.
+
+    Args:
+        dataset_id: Minari id, e.g. ``"mujoco/hopper/medium-v0"`` or
+            ``"divo/bandit/multimodal-v0"`` (built-in: written on first use).
+        device: where the transitions (and replay-buffer samples) live.
+        batch_size: default batch size of ``OfflineData.replay_buffer()``.
+        reward_scale, reward_shift: stored reward ``r' = reward_scale * r + reward_shift``
+            (AntMaze's usual ``r - 1`` is ``reward_shift=-1``).
+        download: when the dataset is neither local nor built-in, try Minari's remote server.
+
+    Raises:
+        DatasetError: the dataset cannot be found, is empty, holds NaN/inf, uses non-Box spaces,
+            or does not match its environment.
+    """
+    device = torch.device(device)
+    dataset = _open_dataset(dataset_id, download=download)
+    obs_space, act_space = dataset.observation_space, dataset.action_space
+    for name, space in (("observation", obs_space), ("action", act_space)):
+        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
+            raise DatasetError(
+                f"dataset {dataset_id!r} has a {name} space {space}, which divo does not "
+                f"support; it needs flat continuous (1-D Box) {name}s"
+            )
+    _check_action_bounds(dataset_id, act_space)
+    if dataset.total_episodes == 0 or dataset.total_steps == 0:
+        raise DatasetError(
+            f"dataset {dataset_id!r} is empty (no transitions); write data into it or pick "
+            "another dataset"
+        )
+
+    raw = read_transitions(dataset)
+    for name, key, space in (
+        ("observation", "observation", obs_space),
+        ("action", "action", act_space),
+    ):
+        if raw[key].shape[1] != space.shape[0]:
+            raise DatasetError(
+                f"dataset {dataset_id!r} stores {name}s of size {raw[key].shape[1]} but declares "
+                f"a {name} space {space}; the dataset is inconsistent: write it again"
+            )
+    _check_finite(dataset_id, raw)
+    env_spec, eval_env_spec = _check_environment(dataset, dataset_id, raw)
+    action = _clip_actions(dataset_id, raw["action"])
+
+    terminated = raw["terminated"].copy()
+    truncated = raw["truncated"].copy()
+    # An episode's last step that is neither terminated nor truncated (data cut off by the
+    # collector) is a truncation: the episode goes on beyond it, but not in this dataset.
+    last = np.cumsum(raw["episode_length"]) - 1
+    truncated[last] |= ~terminated[last]
+    truncated &= ~terminated  # a terminal step is terminal, whatever else it is flagged as
+
+    reward = (reward_scale * raw["reward"] + reward_shift).astype(np.float32)
+    n = len(reward)
+    data = TensorDict(
+        {
+            "observation": torch.from_numpy(raw["observation"]),
+            "action": torch.from_numpy(action),
+            "next": {
+                "observation": torch.from_numpy(raw["next_observation"]),
+                "reward": torch.from_numpy(reward).reshape(n, 1),
+                "terminated": torch.from_numpy(terminated).reshape(n, 1),
+                "truncated": torch.from_numpy(truncated).reshape(n, 1),
+                "done": torch.from_numpy(terminated | truncated).reshape(n, 1),
+            },
+        },
+        batch_size=[n],
+    ).to(device)
+
+    obs = raw["observation"].astype(np.float64)
+    obs_mean = torch.as_tensor(obs.mean(0), dtype=torch.float32, device=device)
+    obs_std = torch.as_tensor(obs.std(0) + OBS_STD_EPS, dtype=torch.float32, device=device)
+    ref_min, ref_max = _reference_scores(dataset, env_spec)
+    return OfflineData(
+        dataset_id=dataset_id,
+        data=data,
+        observation_dim=int(obs_space.shape[0]),
+        action_dim=int(act_space.shape[0]),
+        obs_mean=obs_mean,
+        obs_std=obs_std,
+        ref_min_score=ref_min,
+        ref_max_score=ref_max,
+        env_spec=env_spec,
+        eval_env_spec=eval_env_spec,
+        num_episodes=int(len(raw["episode_length"])),
+        num_transitions=n,
+        batch_size=batch_size,
+        device=device,
+    )
+
+
+def check_batch_keys(td: TensorDictBase) -> None:
+    """Raise a one-line DatasetError if a (replay-buffer) batch lacks the TED keys training needs.
+
+    Required: ``observation``, ``action``, ``("next", "observation")``, ``("next", "reward")``,
+    ``("next", "terminated")``.
+    """
+    present = set(td.keys(include_nested=True))
+    missing = [key for key in REQUIRED_BATCH_KEYS if key not in present]
+    if missing:
+        names = ", ".join(key if isinstance(key, str) else "/".join(key) for key in missing)
+        raise DatasetError(
+            f"replay-buffer samples lack the TED key(s) {names}; divo needs observation, "
+            "action, next/observation, next/reward and next/terminated (TorchRL's TED layout, "
+            "as written by torchrl.data.datasets loaders or load_offline_data)"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the dataset
+
+
+def available_datasets() -> list[str]:
+    """Ids of the datasets in the local Minari root."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Minari warns about every misconfigured folder
+        return sorted(minari.list_local_datasets())
+
+
+def _not_found(dataset_id: str, reason: str, *, malformed: bool = False) -> DatasetError:
+    local = available_datasets()
+
+    candidates = sorted(set(local) | set(BUILTIN_DATASETS))
+    close = difflib.get_close_matches(dataset_id, candidates, n=3, cutoff=0.6)
+    hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    listed = ", ".join(local) if local else "none"
+    fix = "give the exact id, or point MINARI_DATASETS_PATH at the folder holding it"
+    if malformed:
+        fix = "give the exact id, in Minari's namespace/name-v<version> form"
+    else:
+        fix += f", or fetch it with `minari download {dataset_id}`"
+    return DatasetError(
+        f"dataset {dataset_id!r} not found: {reason}.{hint} Local datasets in {minari_root()}: "
+        f"{listed}; built-in: {', '.join(BUILTIN_DATASETS)}. Fix: {fix}."
+    )
+
+
+def _open_dataset(dataset_id: str, *, download: bool) -> minari.MinariDataset:
+    try:
+        parse_dataset_id(dataset_id)
+    except (ValueError, TypeError):
+        raise _not_found(dataset_id, "the id is malformed", malformed=True) from None
+    if not is_local(dataset_id) and not ensure_builtin(dataset_id):
+        if not download:
+            raise _not_found(dataset_id, "it is not in the local Minari root (download=False)")
+        try:
+            return minari.load_dataset(dataset_id, download=True)
+        except Exception as exc:  # no network, no minari[hf], unknown remote id, ...
+            reason = f"not local and the download failed ({type(exc).__name__}: {exc})"
+            raise _not_found(dataset_id, reason) from exc
+    try:
+        return minari.load_dataset(dataset_id)
+    except Exception as exc:
+        raise DatasetError(
+            f"dataset {dataset_id!r} exists in {minari_root()} but cannot be read "
+            f"({type(exc).__name__}: {exc}); delete it (minari delete {dataset_id}) and write or "
+            "download it again"
+        ) from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+
+
+def _check_action_bounds(dataset_id: str, space: gym.spaces.Box) -> None:
+    if not (np.all(space.low == -1.0) and np.all(space.high == 1.0)):
+        raise DatasetError(
+            f"dataset {dataset_id!r} has actions bounded by [{space.low.min()}, "
+            f"{space.high.max()}], but divo's policies act in [-1, 1]; rescale the actions "
+            "(and the environment, e.g. with gymnasium.wrappers.RescaleAction) to [-1, 1]"
+        )
+
+
+def _check_finite(dataset_id: str, raw: dict[str, np.ndarray]) -> None:
+    last = np.cumsum(raw["episode_length"]) - 1
+    counts = {
+        # every stored observation once: the first of each step plus each episode's final one
+        "observations": int((~np.isfinite(raw["observation"])).sum())
+        + int((~np.isfinite(raw["next_observation"][last])).sum()),
+        "actions": int((~np.isfinite(raw["action"])).sum()),
+        "rewards": int((~np.isfinite(raw["reward"])).sum()),
+    }
+    bad = {key: count for key, count in counts.items() if count}
+    if bad:
+        what = ", ".join(f"{count} in {key}" for key, count in bad.items())
+        raise DatasetError(
+            f"dataset {dataset_id!r} holds non-finite values (NaN/inf): {what}; clean the data "
+            "(drop or repair the affected episodes) and write the dataset again"
+        )
+
+
+def _make_env(spec: EnvSpec) -> gym.Env:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return gym.make(spec)
+
+
+def _check_environment(
+    dataset: minari.MinariDataset, dataset_id: str, raw: dict[str, np.ndarray]
+) -> tuple[EnvSpec | None, EnvSpec | None]:
+    """Make the dataset's environments; refuse data whose sizes do not fit them."""
+    env_spec = dataset.env_spec
+    if env_spec is None:
+        warnings.warn(
+            f"dataset {dataset_id!r} names no environment: training works, evaluation is "
+            "unavailable",
+            stacklevel=3,
+        )
+        return None, None
+    eval_spec = getattr(dataset, "_eval_env_spec", None) or env_spec
+    made: dict[str, EnvSpec | None] = {}
+    for role, spec in (("environment", env_spec), ("evaluation environment", eval_spec)):
+        if role == "evaluation environment" and spec is env_spec:
+            made[role] = made["environment"]
+            continue
+        try:
+            env = _make_env(spec)
+        except Exception as exc:  # missing package, unregistered id, ...
+            warnings.warn(
+                f"dataset {dataset_id!r}: its {role} {spec.id} cannot be made here "
+                f"({type(exc).__name__}: {exc}); training works, evaluation is unavailable",
+                stacklevel=3,
+            )
+            made[role] = None
+            continue
+        try:
+            for name, key, space in (
+                ("observation", "observation", env.observation_space),
+                ("action", "action", env.action_space),
+            ):
+                data_size = raw[key].shape[1]
+                env_shape = getattr(space, "shape", None)
+                if env_shape is None or int(np.prod(env_shape)) != data_size:
+                    raise DatasetError(
+                        f"dataset {dataset_id!r} has {name}s of size {data_size} but its {role} "
+                        f"{spec.id} has a {name} space {space}; the data was not collected in "
+                        "this environment: fix the env spec stored with the dataset or pick "
+                        "the matching dataset"
+                    )
+        finally:
+            env.close()
+        made[role] = spec
+    return made["environment"], made["evaluation environment"]
+
+
+def _clip_actions(dataset_id: str, action: np.ndarray) -> np.ndarray:
+    outside = (action < -1.0) | (action > 1.0)
+    if outside.any():
+        warnings.warn(
+            f"dataset {dataset_id!r}: {int(outside.any(1).sum())} of {len(action)} actions "
+            f"({int(outside.sum())} entries) lie outside [-1, 1]; clipped to [-1, 1]",
+            stacklevel=3,
+        )
+        return np.clip(action, -1.0, 1.0)
+    return action
+
+
+def _reference_scores(
+    dataset: minari.MinariDataset, env_spec: EnvSpec | None
+) -> tuple[float | None, float | None]:
+    metadata = dataset.storage.metadata
+    ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    if ref_min is not None and ref_max is not None:
+        return float(ref_min), float(ref_max)
+    spec = env_spec or dataset.env_spec
+    if spec is not None and spec.name in D4RL_REFERENCE_SCORES:
+        return D4RL_REFERENCE_SCORES[spec.name]
+    return None, None
+
+
+__all__ = [
+    "D4RL_REFERENCE_SCORES",
+    "OBS_STD_EPS",
+    "OfflineData",
+    "REQUIRED_BATCH_KEYS",
+    "available_datasets",
+    "check_batch_keys",
+    "load_offline_data",
+]

@@ -1,0 +1,105 @@
+"""Shared fixtures: a private Minari root for the whole session, and a small Hopper dataset."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+# The built-in bandit dataset holds 4,000 one-step episodes (~8 s to write through Minari);
+# tests build it with this many instead (100 per mode).
+TEST_BANDIT_SAMPLES = 400
+HOPPER_DATASET_ID = "test/hopper/random-v0"
+HOPPER_TIME_LIMIT = 50  # short, so that random-policy episodes end by truncation as well
+HOPPER_TARGET_STEPS = 3_000
+
+
+@pytest.fixture(scope="session", autouse=True)
+def minari_root(tmp_path_factory: pytest.TempPathFactory):
+    """Point MINARI_DATASETS_PATH at a temporary folder (tests never touch ~/.minari), and make
+    the built-in bandit dataset small (TEST_BANDIT_SAMPLES) so that its first use is quick."""
+    import divo.datasets
+
+    root = tmp_path_factory.mktemp("minari")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINARI_DATASETS_PATH", str(root))
+        patch.setattr(divo.datasets, "BANDIT_NUM_SAMPLES", TEST_BANDIT_SAMPLES)
+        yield root
+
+
+def collect_random_episodes(
+    env: gym.Env, total_steps: int, *, seed: int = 0, cut_last: bool = True
+) -> list[dict[str, np.ndarray]]:
+    """Random-policy episodes in Minari's layout, ``total_steps`` transitions in all.
+
+    With ``cut_last`` the final episode is cut off where the step budget runs out, with neither
+    flag set (as a collector that stops mid-episode leaves it).
+    """
+    env.action_space.seed(seed)
+    episodes, steps = [], 0
+    episode_index = 0
+    while steps < total_steps:
+        observation, _ = env.reset(seed=seed + episode_index)
+        episode_index += 1
+        obs, actions, rewards, terms, truncs = [observation], [], [], [], []
+        done = False
+        while not done and steps < total_steps:
+            action = env.action_space.sample()
+            observation, reward, terminated, truncated, _ = env.step(action)
+            obs.append(observation)
+            actions.append(action)
+            rewards.append(reward)
+            terms.append(terminated)
+            truncs.append(truncated)
+            steps += 1
+            done = terminated or truncated
+        if not done and not cut_last:
+            truncs[-1] = True
+        episodes.append(
+            {
+                "observations": np.asarray(obs, dtype=np.float32),
+                "actions": np.asarray(actions, dtype=np.float32),
+                "rewards": np.asarray(rewards, dtype=np.float64),
+                "terminations": np.asarray(terms, dtype=bool),
+                "truncations": np.asarray(truncs, dtype=bool),
+            }
+        )
+    return episodes
+
+
+@pytest.fixture(scope="session")
+def hopper_env_spec():
+    """Hopper-v5 with a 50-step time limit (an EnvSpec, as stored with the dataset)."""
+    env = gym.make("Hopper-v5", max_episode_steps=HOPPER_TIME_LIMIT)
+    spec = env.spec
+    env.close()
+    return spec
+
+
+@pytest.fixture(scope="session")
+def hopper_episodes(hopper_env_spec):
+    env = gym.make(hopper_env_spec)
+    try:
+        return collect_random_episodes(env, HOPPER_TARGET_STEPS, seed=0)
+    finally:
+        env.close()
+
+
+@pytest.fixture(scope="session")
+def hopper_dataset(minari_root, hopper_env_spec, hopper_episodes) -> str:
+    """A ~3,000-transition random-policy Hopper-v5 Minari dataset; returns its id.
+
+    Episodes end by termination (the hopper falls), by the 50-step time limit (truncation), and
+    the last one is cut off with neither flag. No reference scores are stored, so loaders fall
+    back to the D4RL Hopper references.
+    """
+    from divo.datasets import write_minari_dataset
+
+    write_minari_dataset(
+        HOPPER_DATASET_ID,
+        hopper_episodes,
+        env=hopper_env_spec,
+        algorithm_name="uniform-random",
+        description="random-policy Hopper-v5 data for divo's tests",
+    )
+    return HOPPER_DATASET_ID

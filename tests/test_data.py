@@ -1,0 +1,289 @@
+"""agents/data.py and divo/datasets.py: Minari -> TED TensorDict, checks, statistics."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+import torch
+from divo.agents.data import (
+    D4RL_REFERENCE_SCORES,
+    OBS_STD_EPS,
+    check_batch_keys,
+    load_offline_data,
+)
+from minari.data_collector import EpisodeBuffer
+from tensordict import TensorDict
+
+from divo.datasets import read_transitions, transitions_cache_path, write_minari_dataset
+from divo.errors import DatasetError
+
+
+@pytest.fixture(scope="module")
+def hopper_data(hopper_dataset):
+    return load_offline_data(hopper_dataset)
+
+
+def _hopper_like_episode(obs_dim: int = 11, steps: int = 5, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "observations": rng.standard_normal((steps + 1, obs_dim)).astype(np.float32),
+        "actions": rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
+        "rewards": rng.standard_normal(steps),
+        "terminations": np.eye(steps, dtype=bool)[-1],
+        "truncations": np.zeros(steps, dtype=bool),
+    }
+
+
+def _write_hopper_like(dataset_id: str, episodes: list[dict], obs_dim: int = 11) -> str:
+    box = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+    write_minari_dataset(dataset_id, episodes, env="Hopper-v5", observation_space=box)
+    return dataset_id
+
+
+def test_ted_keys_shapes_dtypes(hopper_data, hopper_episodes):
+    data = hopper_data.data
+    n = sum(len(e["actions"]) for e in hopper_episodes)
+    assert hopper_data.num_transitions == n == data.batch_size[0]
+    assert hopper_data.num_episodes == len(hopper_episodes)
+    assert (hopper_data.observation_dim, hopper_data.action_dim) == (11, 3)
+    expected = {
+        "observation": ((n, 11), torch.float32),
+        "action": ((n, 3), torch.float32),
+        ("next", "observation"): ((n, 11), torch.float32),
+        ("next", "reward"): ((n, 1), torch.float32),
+        ("next", "terminated"): ((n, 1), torch.bool),
+        ("next", "truncated"): ((n, 1), torch.bool),
+        ("next", "done"): ((n, 1), torch.bool),
+    }
+    for key, (shape, dtype) in expected.items():
+        assert data[key].shape == shape, key
+        assert data[key].dtype == dtype, key
+    done = data["next", "terminated"] | data["next", "truncated"]
+    assert torch.equal(data["next", "done"], done)
+    check_batch_keys(data)
+
+
+def test_truncation_keeps_the_real_next_state(hopper_data, hopper_episodes):
+    data = hopper_data.data
+    truncated = data["next", "truncated"].squeeze(-1)
+    terminated = data["next", "terminated"].squeeze(-1)
+    assert truncated.any() and terminated.any()
+    assert not (truncated & terminated).any()
+    # Every truncated transition is an episode's last step; its next observation is the stored
+    # observation T (the state after the step), not a zeroed placeholder.
+    ends = np.cumsum([len(e["actions"]) for e in hopper_episodes]) - 1
+    checked = 0
+    for episode, end in zip(hopper_episodes, ends, strict=True):
+        if truncated[end]:
+            expected = torch.from_numpy(episode["observations"][-1])
+            assert torch.equal(data["next", "observation"][end], expected)
+            assert data["next", "observation"][end].abs().sum() > 0
+            checked += 1
+    assert checked >= 2
+    # Next observations are the following stored observations inside an episode too.
+    first = hopper_episodes[0]
+    steps = len(first["actions"])
+    assert torch.equal(
+        data["next", "observation"][:steps], torch.from_numpy(first["observations"][1:])
+    )
+    assert torch.equal(data["observation"][:steps], torch.from_numpy(first["observations"][:-1]))
+
+
+def test_cut_off_last_step_is_marked_truncated(hopper_data, hopper_episodes):
+    last = hopper_episodes[-1]
+    assert not last["terminations"][-1] and not last["truncations"][-1]  # cut by the collector
+    assert hopper_data.data["next", "truncated"][-1].item()
+    assert not hopper_data.data["next", "terminated"][-1].item()
+
+
+def test_time_limit_truncations_are_not_terminal(hopper_data, hopper_episodes):
+    ends = np.cumsum([len(e["actions"]) for e in hopper_episodes]) - 1
+    truncated = hopper_data.data["next", "truncated"].squeeze(-1).numpy()
+    terminated = hopper_data.data["next", "terminated"].squeeze(-1).numpy()
+    time_limited = [
+        end
+        for e, end in zip(hopper_episodes, ends, strict=True)
+        if e["truncations"][-1] and not e["terminations"][-1]
+    ]
+    assert time_limited, "the fixture must contain time-limit truncations"
+    assert truncated[time_limited].all() and not terminated[time_limited].any()
+    # + the cut-off last episode; nothing else is truncated
+    assert truncated.sum() == len(time_limited) + 1
+    # A step flagged both (the hopper fell exactly at the time limit) is terminal: no bootstrap.
+    both = [
+        end
+        for e, end in zip(hopper_episodes, ends, strict=True)
+        if e["truncations"][-1] and e["terminations"][-1]
+    ]
+    assert terminated[both].all() and not truncated[both].any()
+
+
+def test_reward_transform(hopper_dataset, hopper_data):
+    shifted = load_offline_data(hopper_dataset, reward_scale=2.0, reward_shift=-1.0)
+    expected = 2.0 * hopper_data.data["next", "reward"] - 1.0
+    torch.testing.assert_close(shifted.data["next", "reward"], expected)
+
+
+def test_normalisation_statistics(hopper_data, hopper_episodes):
+    obs = np.concatenate([e["observations"][:-1] for e in hopper_episodes]).astype(np.float64)
+    assert hopper_data.obs_mean.dtype == torch.float32 and hopper_data.obs_mean.shape == (11,)
+    np.testing.assert_allclose(hopper_data.obs_mean.numpy(), obs.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        hopper_data.obs_std.numpy(), obs.std(0) + OBS_STD_EPS, rtol=1e-5, atol=1e-6
+    )
+
+
+def test_reference_scores_fall_back_to_d4rl(hopper_data):
+    assert (hopper_data.ref_min_score, hopper_data.ref_max_score) == D4RL_REFERENCE_SCORES["Hopper"]
+
+
+def test_replay_buffer_samples_ted_batches(hopper_data):
+    buffer = hopper_data.replay_buffer(batch_size=32)
+    assert len(buffer) == hopper_data.num_transitions
+    batch = buffer.sample()
+    assert batch.batch_size == (32,)
+    check_batch_keys(batch)
+    assert batch["next", "reward"].shape == (32, 1)
+    assert "index" not in hopper_data.data.keys()  # the loaded data is not modified
+    assert hopper_data.replay_buffer().sample().batch_size == (256,)
+
+
+def test_make_env_matches_dataset(hopper_data):
+    env = hopper_data.make_env()
+    try:
+        assert env.observation_space.shape == (hopper_data.observation_dim,)
+        assert env.spec.max_episode_steps == 50
+    finally:
+        env.close()
+
+
+def test_cache_equals_minari_read(hopper_dataset):
+    dataset = minari.load_dataset(hopper_dataset)
+    assert transitions_cache_path(hopper_dataset).is_file()  # primed by write_minari_dataset
+    cached = read_transitions(dataset)
+    fresh = read_transitions(dataset, use_cache=False)
+    assert cached.keys() == fresh.keys()
+    for key in fresh:
+        np.testing.assert_array_equal(cached[key], fresh[key], err_msg=key)
+        assert cached[key].dtype == fresh[key].dtype, key
+
+
+def test_stale_cache_is_rebuilt():
+    dataset_id = _write_hopper_like("test/cache/stale-v0", [_hopper_like_episode()])
+    dataset = minari.load_dataset(dataset_id)
+    assert len(read_transitions(dataset)["reward"]) == 5
+    extra = _hopper_like_episode(steps=3, seed=1)
+    dataset.update_dataset_from_buffer(
+        [
+            EpisodeBuffer(
+                observations=extra["observations"],
+                actions=extra["actions"],
+                rewards=extra["rewards"],
+                terminations=extra["terminations"],
+                truncations=extra["truncations"],
+            )
+        ]
+    )
+    again = read_transitions(minari.load_dataset(dataset_id))
+    assert len(again["reward"]) == 8
+    np.testing.assert_array_equal(again["reward"][5:], extra["rewards"])
+
+
+def test_check_batch_keys_names_missing_keys():
+    td = TensorDict({"observation": torch.zeros(4, 3), "action": torch.zeros(4, 2)}, [4])
+    with pytest.raises(DatasetError) as info:
+        check_batch_keys(td)
+    message = str(info.value)
+    assert "next/observation" in message and "next/reward" in message
+    assert "next/terminated" in message and "\n" not in message
+
+
+def test_mistyped_id_lists_available_ids(hopper_dataset):
+    with pytest.raises(DatasetError) as info:
+        load_offline_data("test/hopper/randon-v0")
+    message = str(info.value)
+    assert "test/hopper/randon-v0" in message
+    assert hopper_dataset in message  # listed, and suggested as a close match
+    assert "Did you mean" in message and "MINARI_DATASETS_PATH" in message
+    assert "\n" not in message
+    with pytest.raises(DatasetError, match="malformed"):
+        load_offline_data("hopper", download=False)
+
+
+def test_observation_size_mismatch_is_refused():
+    dataset_id = _write_hopper_like("test/hopper/wrong-size-v0", [_hopper_like_episode(7)], 7)
+    with pytest.raises(DatasetError, match=r"observations of size 7 .*Hopper-v5"):
+        load_offline_data(dataset_id)
+
+
+def test_non_finite_values_are_refused():
+    episode = _hopper_like_episode(steps=6)
+    episode["observations"][2, 3] = np.nan
+    episode["observations"][4, 0] = np.inf
+    episode["rewards"][1] = np.nan
+    dataset_id = _write_hopper_like("test/hopper/nan-v0", [episode])
+    with pytest.raises(DatasetError) as info:
+        load_offline_data(dataset_id)
+    message = str(info.value)
+    assert "2 in observations" in message and "1 in rewards" in message
+    assert "actions" not in message and "clean" in message
+
+
+def test_empty_dataset_is_refused():
+    dataset_id = _write_hopper_like("test/hopper/empty-v0", [])
+    with pytest.raises(DatasetError, match="empty"):
+        load_offline_data(dataset_id)
+
+
+def test_actions_outside_bounds_are_clipped_with_a_warning():
+    episode = _hopper_like_episode(steps=4)
+    episode["actions"][0] = [1.5, 0.0, -2.0]
+    episode["actions"][2, 1] = 1.2
+    dataset_id = _write_hopper_like("test/hopper/wide-actions-v0", [episode])
+    with pytest.warns(UserWarning, match=r"2 of 4 actions \(3 entries\) lie outside"):
+        data = load_offline_data(dataset_id)
+    assert data.data["action"].abs().max() <= 1.0
+    assert data.data["action"][0].tolist() == [1.0, 0.0, -1.0]
+
+
+def test_non_box_space_is_refused():
+    episode = _hopper_like_episode(steps=3)
+    episode["actions"] = np.array([0, 1, 2])
+    buffer = EpisodeBuffer(
+        observations=episode["observations"],
+        actions=episode["actions"],
+        rewards=episode["rewards"],
+        terminations=episode["terminations"],
+        truncations=episode["truncations"],
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(
+            "test/discrete/actions-v0",
+            [buffer],
+            observation_space=gym.spaces.Box(-np.inf, np.inf, (11,), np.float32),
+            action_space=gym.spaces.Discrete(3),
+        )
+    with pytest.raises(DatasetError, match="action space Discrete.*not support"):
+        load_offline_data("test/discrete/actions-v0")
+
+
+def test_unmakeable_environment_warns_and_disables_evaluation():
+    dataset_id = _write_hopper_like("test/hopper/lost-env-v0", [_hopper_like_episode()])
+    metadata_path = minari.load_dataset(dataset_id).storage.data_path / "metadata.json"
+    metadata = json.loads(metadata_path.read_text())
+    spec = json.loads(metadata["env_spec"])
+    spec["id"], spec["entry_point"] = "Gone-v0", "no_such_module_divo:GoneEnv"
+    metadata["env_spec"] = json.dumps(spec)
+    metadata_path.write_text(json.dumps(metadata))
+    with pytest.warns(UserWarning, match="cannot be made"):
+        data = load_offline_data(dataset_id)
+    assert data.env_spec is None and not data.can_evaluate
+    assert data.num_transitions == 5
+    with pytest.raises(DatasetError, match="evaluat"):
+        data.make_env()

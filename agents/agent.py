@@ -11,6 +11,9 @@ import copy
 from collections.abc import Mapping
 
 import torch
+from tensordict import TensorDictBase
+from torch import nn
+
 from divo.objectives.actor import NormalizedPolicy, ObservationNormalizer, TD3BCActorLoss
 from divo.objectives.behavior import WeightedBehaviorLoss
 from divo.objectives.critic import TD3CriticLoss, TwinQ
@@ -19,8 +22,6 @@ from divo.objectives.keys import DEFAULT_KEYS, Keys
 from divo.objectives.selectors import TargetSelector
 from divo.objectives.value import Advantage, StateValue, ValueLoss
 from divo.objectives.weighting import WeightingScheme
-from tensordict import TensorDictBase
-from torch import nn
 
 
 def _frozen_copy(module: nn.Module) -> nn.Module:

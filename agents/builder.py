@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from divo.agents.agent import OfflineAgent
-from divo.objectives.actor import ObservationNormalizer
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from divo.agents.agent import OfflineAgent
 from divo.errors import ConfigError
+from divo.objectives.actor import ObservationNormalizer
 
 
 def make(node: Any, what: str, **sizes: int) -> Any:

@@ -11,12 +11,12 @@ from typing import Any
 
 import gymnasium as gym
 import torch
+
 from divo.agents.builder import build_actor
 from divo.agents.evaluate import evaluate_policy
 from divo.agents.runtime import load_file, resolve_device
-from divo.objectives.actor import NormalizedPolicy, ObservationNormalizer
-
 from divo.errors import CheckpointError
+from divo.objectives.actor import NormalizedPolicy, ObservationNormalizer
 
 POLICY_FORMAT = "divo-policy-v1"
 

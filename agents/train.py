@@ -10,11 +10,14 @@ import json
 import math
 import platform
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig, OmegaConf
+from torchrl.data import ReplayBuffer
+from tqdm.auto import tqdm
+
 from divo.agents.agent import OfflineAgent
 from divo.agents.builder import build_agent
 from divo.agents.data import OfflineData, check_batch_keys, load_offline_data
@@ -22,10 +25,6 @@ from divo.agents.evaluate import evaluate_policy
 from divo.agents.logging import MetricAccumulator, MetricsLogger
 from divo.agents.policy_io import POLICY_FORMAT
 from divo.agents.runtime import atomic_save, resolve_device, rng_state, seed_everything
-from omegaconf import DictConfig, OmegaConf
-from torchrl.data import ReplayBuffer
-from tqdm.auto import tqdm
-
 from divo.errors import ConfigError, DatasetError, DivoError
 
 CHECKPOINT_FORMAT = "divo-checkpoint-v1"
@@ -43,7 +42,7 @@ def _validate(cfg: DictConfig) -> None:
 
 def policy_payload(agent: OfflineAgent, cfg: DictConfig, data: OfflineData | None, step: int):
     """What ``divo evaluate`` needs to rebuild and run the policy, and nothing of training."""
-    spec = data.env_spec if data is not None else None
+    spec = data.eval_env_spec if data is not None else None
     return {
         "format": POLICY_FORMAT,
         "recipe": cfg.get("recipe"),
@@ -82,17 +81,13 @@ class _Checkpointer:
 def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
     if data is None or cfg.train.eval_episodes == 0:
         return None
-    try:
-        make_env = data.make_env
-        make_env().close()
-    except DatasetError as exc:
-        warnings.warn(f"evaluation skipped: {exc}", stacklevel=2)
+    if not data.can_evaluate:
         return None
     policy = agent.policy
     policy.eval()
     result = evaluate_policy(
         policy,
-        make_env,
+        data.make_env,
         episodes=cfg.train.eval_episodes,
         seed=cfg.seed + 100,  # method.md: eval env seed = seed + 100
         device=device,

@@ -106,7 +106,7 @@ class EnsembleMLP(nn.Module):
 
 
 class SinusoidalTimeEmbedding(nn.Module):
-    """Transformer-style sinusoidal embedding of (integer or real) diffusion times: [*B] -> [*B, D]."""
+    """Sinusoidal embedding of (integer or real) diffusion times: [*B] -> [*B, D]."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
 from divo.behavior_models.backbones import NoiseNetwork
 from divo.behavior_models.base import BehaviorModel, flatten_batch
 from divo.behavior_models.schedules import DiffusionSchedule

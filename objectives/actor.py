@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from divo.behavior_models.backbones import mlp
 from divo.objectives.critic import TwinQ
 from divo.objectives.functional import td3bc_lambda
-from torch import nn
 
 
 class DeterministicActor(nn.Module):

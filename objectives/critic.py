@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
+from torch import nn
+
 from divo.behavior_models.backbones import EnsembleMLP
 from divo.objectives.functional import smoothed_target_action, td_target
-from torch import nn
 
 
 class TwinQ(nn.Module):

@@ -5,10 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import nn
+
 from divo.behavior_models.backbones import mlp
 from divo.objectives.critic import TwinQ
 from divo.objectives.functional import expectile_loss
-from torch import nn
 
 VALUE_OBJECTIVES = ("expectile", "bootstrap")
 Q_HEADS = ("q1", "min")

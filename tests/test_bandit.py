@@ -6,10 +6,10 @@ import gymnasium as gym
 import minari
 import numpy as np
 import pytest
-from divo.agents.data import load_offline_data
 
 import divo.datasets
 import divo.envs
+from divo.agents.data import load_offline_data
 from divo.datasets import (
     BANDIT_DATASET_ID,
     BANDIT_MODE_STD,

@@ -8,7 +8,7 @@ import torch
 from divo.behavior_models import DDPM, BehaviorModel, as_policy_module, as_sampler_module
 from divo.behavior_models.schedules import DiffusionSchedule, vp_betas
 
-O, A = 3, 2
+O, A = 3, 2  # noqa: E741 - observation and action sizes, as in the docstrings
 
 # Every behaviour model of the package is listed here and runs the whole contract.
 MODEL_FACTORIES = {
@@ -88,7 +88,7 @@ def test_ddpm_forward_process_and_posterior_are_consistent():
     s = DiffusionSchedule(5, "vp")
     abar = torch.cumprod(1 - s.betas.double(), 0)
     torch.testing.assert_close(s.alphas_cumprod.double(), abar, rtol=1e-5, atol=1e-6)
-    # the posterior mean of x_{k-1} given x_k = q-sample of x0 with zero noise is sqrt(abar_{k-1}) x0
+    # posterior mean of x_{k-1} given a noise-free x_k of x0 is sqrt(abar_{k-1}) x0
     x0 = torch.tensor([[0.3, -0.7]])
     for k in range(1, 5):
         xk = s.sqrt_alphas_cumprod[k] * x0

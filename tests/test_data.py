@@ -10,15 +10,15 @@ import minari
 import numpy as np
 import pytest
 import torch
+from minari.data_collector import EpisodeBuffer
+from tensordict import TensorDict
+
 from divo.agents.data import (
     D4RL_REFERENCE_SCORES,
     OBS_STD_EPS,
     check_batch_keys,
     load_offline_data,
 )
-from minari.data_collector import EpisodeBuffer
-from tensordict import TensorDict
-
 from divo.datasets import read_transitions, transitions_cache_path, write_minari_dataset
 from divo.errors import DatasetError
 

@@ -6,9 +6,9 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+
 from divo.agents.data import load_offline_data
 from divo.agents.evaluate import evaluate_policy, normalized_score
-
 from divo.datasets import BANDIT_DATASET_ID
 from divo.envs import BANDIT_ENV_ID
 from divo.envs.bandit import best_action

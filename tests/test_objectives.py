@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from divo.objectives import (
-    Advantage,
     ADPOSelector,
+    Advantage,
     BinaryWeight,
     DatasetSelector,
     ExpAWRWeight,

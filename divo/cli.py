@@ -134,20 +134,27 @@ def _train(argv: list[str]) -> int:
 
     from divo.agents.train import train
 
+    failures: list[DivoError] = []
+
     @hydra.main(version_base=None, config_path=str(config_dir), config_name=name)
     def _task(cfg: DictConfig):
         run_dir = HydraConfig.get().runtime.output_dir
         try:
             result = train(cfg, run_dir)
-        except DivoError as exc:
-            print(f"divo: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
+        except DivoError as exc:  # one line per failed job; other sweep jobs go on
+            print(f"divo: error: {exc}", file=sys.stderr, flush=True)
+            failures.append(exc)
+            return None
         print(_summary(result), flush=True)
         return result
 
+    argv_before = sys.argv
     sys.argv = ["divo-train", *hydra_flags, *overrides]
-    _task()
-    return 0
+    try:
+        _task()
+    finally:
+        sys.argv = argv_before
+    return 2 if failures else 0
 
 
 def _evaluate(argv: list[str]) -> int:
@@ -190,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _evaluate(rest)
         raise ConfigError(f"unknown command {command!r}; use `divo train` or `divo evaluate`")
     except DivoError as exc:
-        print(f"divo: error: {exc}", file=sys.stderr)
+        print(f"divo: error: {exc}", file=sys.stderr, flush=True)
         return 2
 
 

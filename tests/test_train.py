@@ -1,0 +1,197 @@
+"""End to end: `divo train` / `divo evaluate` on the bandit and a small local Hopper dataset,
+run files, multirun, a user-supplied TorchRL replay buffer, and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torchrl.data import LazyMemmapStorage, TensorDictReplayBuffer
+
+from divo.agents.data import load_offline_data
+from divo.agents.train import train
+from divo.cli import compose_recipe, main
+from divo.errors import DatasetError
+
+FAST = [
+    "--quiet",
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.log_every=2",
+    "train.checkpoint_every=3",
+    "train.eval_episodes=2",
+    "train.batch_size=32",
+]
+RESULT_KEYS = {
+    "recipe",
+    "dataset_id",
+    "seed",
+    "steps",
+    "return_mean",
+    "return_std",
+    "normalized_score",
+    "episodes",
+    "wall_clock_s",
+    "device",
+}
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def dataset_overrides(name: str, hopper_dataset: str) -> list[str]:
+    if name == "hopper":
+        return ["dataset=minari", f"dataset.id={hopper_dataset}"]
+    return []
+
+
+@pytest.mark.parametrize("dataset", ["bandit", "hopper"])
+@pytest.mark.parametrize("recipe", ["divo", "soft_weight", "td3bc"])
+def test_train_writes_the_run_files(recipe, dataset, hopper_dataset, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = ["train", recipe, *FAST, *dataset_overrides(dataset, hopper_dataset)]
+    code, out, err = run_cli([*args, f"hydra.run.dir={run_dir}"], capsys)
+    assert code == 0, err
+    assert "normalized score" in out
+    assert (run_dir / "config.yaml").is_file()
+    result = json.loads((run_dir / "result.json").read_text())
+    assert RESULT_KEYS <= set(result)
+    assert result["recipe"] == recipe and result["steps"] == 6 and result["episodes"] == 2
+    assert isinstance(result["normalized_score"], float)
+    with (run_dir / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
+    header = set(rows[0])
+    assert {"loss_critic", "loss_actor", "eval_return_mean", "normalized_score"} <= header
+    if recipe != "td3bc":
+        assert {"loss_value", "loss_behavior", "advantage_pos_frac", "weight_mean"} <= header
+    assert rows[-1]["normalized_score"] != ""
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    assert [c.name for c in ckpts] == ["step_000000003.pt", "step_000000006.pt"]
+    assert (run_dir / "policy.pt").is_file()
+
+
+def test_evaluate_reproduces_the_final_evaluation(tmp_path, capsys, hopper_dataset):
+    run_dir = tmp_path / "run"
+    args = ["train", "td3bc", *FAST, *dataset_overrides("hopper", hopper_dataset)]
+    assert run_cli([*args, f"hydra.run.dir={run_dir}"], capsys)[0] == 0
+    result = json.loads((run_dir / "result.json").read_text())
+    code, out, err = run_cli(["evaluate", str(run_dir), "--episodes", "2", "--json"], capsys)
+    assert code == 0, err
+    again = json.loads(out)
+    # same policy, same env seeds (seed + 100) -> same returns
+    assert again["return_mean"] == pytest.approx(result["return_mean"])
+    assert again["normalized_score"] == pytest.approx(result["normalized_score"])
+    # a checkpoint file works as well
+    ckpt = sorted((run_dir / "checkpoints").glob("*.pt"))[-1]
+    code, out, _ = run_cli(["evaluate", str(ckpt), "--episodes", "1"], capsys)
+    assert code == 0 and "normalized score" in out
+
+
+def test_multirun_runs_every_job(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    args = ["train", "td3bc", "-m", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}"]
+    code, out, err = run_cli(args, capsys)
+    assert code == 0, err
+    results = sorted(sweep.rglob("result.json"))
+    assert len(results) == 2
+    assert {json.loads(p.read_text())["seed"] for p in results} == {0, 1}
+
+
+def test_user_replay_buffer_through_the_python_api(hopper_dataset, tmp_path):
+    data = load_offline_data(hopper_dataset)
+    rb = TensorDictReplayBuffer(
+        storage=LazyMemmapStorage(data.num_transitions, scratch_dir=tmp_path / "mm"),
+        batch_size=32,
+    )
+    rb.extend(data.data)
+    cfg = compose_recipe(
+        "divo",
+        [
+            *[o for o in FAST if o != "--quiet"],
+            "train.progress=false",
+            "dataset=minari",
+            f"dataset.id={hopper_dataset}",
+        ],
+    )
+    result = train(cfg, tmp_path / "run", replay_buffer=rb)
+    assert result["steps"] == 6 and result["normalized_score"] is not None
+    # a buffer whose samples lack TED keys is refused with the missing key named
+    bad = TensorDictReplayBuffer(storage=LazyMemmapStorage(100), batch_size=8)
+    bad.extend(data.data[:100].exclude(("next", "reward")))
+    with pytest.raises(DatasetError, match="reward"):
+        train(cfg, tmp_path / "bad", replay_buffer=bad)
+
+
+def _one_line_error(args, capsys) -> str:
+    code, _, err = run_cli(args, capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("divo: error: ")
+    return lines[0]
+
+
+def test_unknown_recipe_gives_one_line(capsys):
+    line = _one_line_error(["train", "divoo"], capsys)
+    assert "unknown recipe 'divoo'" in line and "td3bc" in line
+
+
+def test_mistyped_dataset_id_gives_one_line(hopper_dataset, tmp_path, capsys):
+    line = _one_line_error(
+        [
+            "train",
+            "td3bc",
+            *FAST,
+            "dataset=minari",
+            "dataset.id=test/hoper/random-v0",
+            "dataset.download=false",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capsys,
+    )
+    assert "test/hoper/random-v0" in line and hopper_dataset in line
+
+
+def test_bad_step_count_gives_one_line(tmp_path, capsys):
+    line = _one_line_error(
+        ["train", "td3bc", "--quiet", "train.steps=0", f"hydra.run.dir={tmp_path}"], capsys
+    )
+    assert "train.steps" in line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seeds", [(0, 1, 2)])
+def test_divo_settles_on_the_best_paying_bandit_mode(seeds, tmp_path):
+    """The learning test: DIVO's greedy action lands in the best-paying mode on most seeds."""
+    from divo.envs.bandit import best_action
+
+    best = torch.as_tensor(best_action())
+    hits = []
+    for seed in seeds:
+        cfg = compose_recipe(
+            "divo",
+            [
+                f"seed={seed}",
+                "train.steps=800",
+                "train.eval_every=800",
+                "train.progress=false",
+                "train.checkpoint_every=800",
+            ],
+        )
+        result = train(cfg, tmp_path / f"s{seed}")
+        policy = torch.load(Path(result["run_dir"]) / "policy.pt", weights_only=False)
+        from divo.agents.policy_io import load_policy
+
+        pi, _ = load_policy(Path(result["run_dir"]))
+        with torch.no_grad():
+            action = pi(torch.zeros(1, 1)).squeeze(0)
+        hits.append(bool((action - best).norm() < 0.2) and result["normalized_score"] > 90)
+        assert policy["format"] == "divo-policy-v1"
+    assert sum(hits) >= 2, hits

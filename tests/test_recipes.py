@@ -62,7 +62,8 @@ def test_every_recipe_composes_instantiates_and_updates(recipe):
         metrics = agent.update(random_batch())
     assert "loss_critic" in metrics and "loss_actor" in metrics
     assert all(torch.isfinite(v).all() for v in metrics.values())
-    assert any(not torch.equal(a, b) for a, b in zip(before, agent.critic.parameters()))
+    after = list(agent.critic.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
 def test_divo_defaults_follow_method_md():

@@ -10,6 +10,7 @@ import argparse
 import difflib
 import importlib.resources
 import json
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -131,6 +132,8 @@ def _train(argv: list[str]) -> int:
 
     import hydra
     from hydra.core.hydra_config import HydraConfig
+
+    logging.getLogger("torchrl").setLevel(logging.WARNING)  # its per-storage INFO lines
 
     from divo.agents.train import train
 

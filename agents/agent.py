@@ -61,6 +61,7 @@ class OfflineAgent(nn.Module):
         keys: Keys = DEFAULT_KEYS,
     ) -> None:
         super().__init__()
+        self.observation_dim = int(normalizer.mean.shape[-1])
         self.normalizer = normalizer
         self.actor = actor
         self.actor_target = _frozen_copy(actor)
@@ -102,6 +103,12 @@ class OfflineAgent(nn.Module):
         ):
             raise ValueError("a behaviour model needs a weighting scheme and a behaviour loss")
         self._needs_advantage = needs_adv
+
+    def non_finite_parameters(self) -> list[str]:
+        """Names of parameters holding NaN/inf (one device sync; call it rarely)."""
+        names, params = zip(*self.named_parameters(), strict=True)
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu().tolist()
+        return [n for n, ok in zip(names, finite, strict=True) if not ok]
 
     @property
     def policy(self) -> NormalizedPolicy:

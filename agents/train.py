@@ -10,6 +10,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,37 +41,60 @@ def _validate(cfg: DictConfig) -> None:
         raise ConfigError(f"train.eval_episodes={t.eval_episodes!r} must be an integer >= 0")
 
 
-def policy_payload(agent: OfflineAgent, cfg: DictConfig, data: OfflineData | None, step: int):
-    """What ``divo evaluate`` needs to rebuild and run the policy, and nothing of training."""
+def _spec_json(data: OfflineData | None) -> str | None:
     spec = data.eval_env_spec if data is not None else None
+    if spec is None:
+        return None
+    try:
+        return spec.to_json()
+    except Exception as exc:  # noqa: BLE001 - e.g. a callable in the env kwargs
+        warnings.warn(
+            f"the environment spec of {data.dataset_id} cannot be saved as JSON ({exc}); "
+            "`divo evaluate` will not be able to rebuild it",
+            stacklevel=2,
+        )
+        return None
+
+
+def policy_payload(
+    agent: OfflineAgent, cfg: DictConfig, data: OfflineData | None, step: int, action_dim: int
+):
+    """What ``divo evaluate`` needs to rebuild and run the policy, and nothing of training."""
     return {
         "format": POLICY_FORMAT,
         "recipe": cfg.get("recipe"),
         "step": step,
         "actor_config": OmegaConf.to_container(cfg.actor.network, resolve=True),
-        "observation_dim": agent.normalizer.mean.shape[-1],
-        "action_dim": agent.actor(agent.normalizer.mean[None]).shape[-1],
+        "observation_dim": agent.observation_dim,
+        "action_dim": action_dim,
         "state_dict": {k: v.detach().cpu() for k, v in agent.policy.state_dict().items()},
         "dataset_id": data.dataset_id if data is not None else None,
-        "env_spec": spec.to_json() if spec is not None else None,
+        "env_spec": _spec_json(data),
         "ref_min_score": data.ref_min_score if data is not None else None,
         "ref_max_score": data.ref_max_score if data is not None else None,
     }
 
 
 class _Checkpointer:
-    def __init__(self, run_dir: Path, keep: int) -> None:
+    def __init__(self, run_dir: Path, keep: int, action_dim: int) -> None:
         self.dir = run_dir / "checkpoints"
         self.keep = max(1, keep)
+        self.action_dim = action_dim
 
-    def save(self, step: int, agent, cfg, data) -> Path:
+    def save(self, step: int, agent: OfflineAgent, cfg, data) -> Path:
+        bad = agent.non_finite_parameters()
+        if bad:  # never overwrite good checkpoints with a diverged model
+            raise DivoError(
+                f"non-finite parameters ({', '.join(bad[:3])}) at step {step}; lower the learning "
+                f"rates or check the data (last good checkpoint in {self.dir})"
+            )
         payload = {
             "format": CHECKPOINT_FORMAT,
             "step": step,
             "config": OmegaConf.to_container(cfg, resolve=True),
             "agent": agent.training_state(),
             "rng": rng_state(),
-            "policy": policy_payload(agent, cfg, data, step),
+            "policy": policy_payload(agent, cfg, data, step, self.action_dim),
         }
         path = atomic_save(payload, self.dir / f"step_{step:09d}.pt")
         for old in sorted(self.dir.glob("step_*.pt"))[: -self.keep]:
@@ -165,7 +189,7 @@ def train(
     logger = MetricsLogger(
         run_dir, cfg.logger.backend, cfg.logger.project, name=f"{cfg.get('recipe')}-s{cfg.seed}"
     )
-    checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints)
+    checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints, act_dim)
     acc = MetricAccumulator()
 
     steps = int(cfg.train.steps)
@@ -191,7 +215,6 @@ def train(
                 row.update(acc.mean())
                 bad = [k for k, v in row.items() if not math.isfinite(v)]
                 if bad:
-                    checkpointer.dir.mkdir(parents=True, exist_ok=True)
                     raise DivoError(
                         f"non-finite {', '.join(bad)} at step {step}; lower the learning rates or "
                         f"check the data (last good checkpoint in {checkpointer.dir})"
@@ -213,7 +236,7 @@ def train(
             if step % cfg.train.checkpoint_every == 0 or step == steps:
                 checkpointer.save(step, agent, cfg, data)
 
-    atomic_save(policy_payload(agent, cfg, data, steps), run_dir / "policy.pt")
+    atomic_save(policy_payload(agent, cfg, data, steps, act_dim), run_dir / "policy.pt")
     result = {
         "recipe": cfg.get("recipe"),
         "dataset_id": data.dataset_id if data is not None else None,

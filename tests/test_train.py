@@ -14,7 +14,7 @@ from torchrl.data import LazyMemmapStorage, TensorDictReplayBuffer
 from divo.agents.data import load_offline_data
 from divo.agents.train import train
 from divo.cli import compose_recipe, main
-from divo.errors import DatasetError
+from divo.errors import ConfigError, DatasetError, DivoError
 
 FAST = [
     "--quiet",
@@ -195,3 +195,55 @@ def test_divo_settles_on_the_best_paying_bandit_mode(seeds, tmp_path):
         hits.append(bool((action - best).norm() < 0.2) and result["normalized_score"] > 90)
         assert policy["format"] == "divo-policy-v1"
     assert sum(hits) >= 2, hits
+
+
+def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatch):
+    from divo.agents.agent import OfflineAgent
+
+    calls = {"n": 0}
+    real_update = OfflineAgent.update
+
+    def update(self, batch, generator=None):
+        calls["n"] += 1
+        metrics = real_update(self, batch, generator)
+        if calls["n"] >= 4:
+            metrics["loss_critic"] = torch.tensor(float("nan"))
+        return metrics
+
+    monkeypatch.setattr(OfflineAgent, "update", update)
+    cfg = compose_recipe("td3bc", [o for o in FAST if o != "--quiet"] + ["train.progress=false"])
+    with pytest.raises(DivoError, match="non-finite loss_critic at step 4"):
+        train(cfg, tmp_path / "run")
+    # the checkpoint of step 3 (before the NaN) is kept
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")] == [
+        "step_000000003.pt"
+    ]
+
+
+def test_optional_logger_backend_works_or_says_what_to_install(tmp_path):
+    import importlib.util
+
+    cfg = compose_recipe(
+        "td3bc",
+        [o for o in FAST if o != "--quiet"]
+        + ["train.progress=false", "logger.backend=tensorboard"],
+    )
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(ConfigError, match=r"pip install 'divo\[tensorboard\]'"):
+            train(cfg, tmp_path / "run")
+    else:
+        train(cfg, tmp_path / "run")
+        assert any((tmp_path / "run" / "tensorboard").rglob("events.*"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_divo_trains_on_cuda_with_the_dataset_on_the_device(tmp_path):
+    cfg = compose_recipe(
+        "divo", [o for o in FAST if o != "--quiet"] + ["train.progress=false", "device=cuda"]
+    )
+    result = train(cfg, tmp_path / "run")
+    assert result["device"].startswith("cuda")
+    data = load_offline_data(cfg.dataset.id, device="cuda")
+    assert data.data.device.type == "cuda"
+    assert data.replay_buffer(8).sample()["observation"].device.type == "cuda"

@@ -81,6 +81,8 @@ class OfflineAgent(nn.Module):
         self.keys = keys
         self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers or {})
         self.num_updates = 0  # a Python int: reading it never syncs with the device
+        # Hydra config that rebuilds ``self.policy`` from its state_dict (set by the builder)
+        self.policy_config: dict | None = None
         self._check_parts()
         self._target_pairs = (
             list(self.critic_target.parameters()) + list(self.actor_target.parameters()),

@@ -86,6 +86,9 @@ def build_agent(
         )
     except ValueError as exc:
         raise ConfigError(f"recipe {cfg.get('recipe', '?')!r} is inconsistent: {exc}") from None
+    agent.policy_config = policy_config(
+        cfg.actor.network, observation_dim=observation_dim, action_dim=action_dim
+    )
     agent.to(device)
     agent.optimizers = {
         "critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr),
@@ -98,11 +101,22 @@ def build_agent(
     return agent
 
 
-def build_actor(actor_cfg: Mapping, *, observation_dim: int, action_dim: int) -> torch.nn.Module:
-    """Only the actor network (used by ``divo evaluate`` to rebuild a saved policy)."""
-    return make(
-        OmegaConf.create(dict(actor_cfg)),
-        "actor.network",
-        observation_dim=observation_dim,
-        action_dim=action_dim,
-    )
+def policy_config(actor_cfg: DictConfig, *, observation_dim: int, action_dim: int) -> dict:
+    """A self-contained Hydra config of the deployable policy (normaliser + actor).
+
+    Saved in ``policy.pt`` next to the policy's ``state_dict`` so that ``divo evaluate`` can
+    rebuild it with ``hydra.utils.instantiate`` and no training code. Any agent may save another
+    policy (e.g. a sampler over a diffusion model) by providing its own config.
+    """
+    actor = OmegaConf.to_container(actor_cfg, resolve=True)
+    actor.pop("_partial_", None)
+    actor.update(observation_dim=observation_dim, action_dim=action_dim)
+    return {
+        "_target_": "divo.objectives.NormalizedPolicy",
+        "normalizer": {
+            "_target_": "divo.objectives.ObservationNormalizer",
+            "mean": [0.0] * observation_dim,  # the saved state_dict holds the real statistics
+            "std": [1.0] * observation_dim,
+        },
+        "actor": actor,
+    }

@@ -11,12 +11,11 @@ from typing import Any
 
 import gymnasium as gym
 import torch
+from hydra.utils import instantiate
 
-from divo.agents.builder import build_actor
 from divo.agents.evaluate import evaluate_policy
 from divo.agents.runtime import load_file, resolve_device
 from divo.errors import CheckpointError
-from divo.objectives.actor import NormalizedPolicy, ObservationNormalizer
 
 POLICY_FORMAT = "divo-policy-v1"
 
@@ -38,7 +37,7 @@ def find_policy_file(path: str | Path) -> Path:
 
 def load_policy(
     path: str | Path, device: str | torch.device = "cpu"
-) -> tuple[NormalizedPolicy, dict]:
+) -> tuple[torch.nn.Module, dict]:
     """Rebuild the policy saved at ``path``; returns it and the file's metadata."""
     file = find_policy_file(path)
     payload = load_file(file)
@@ -46,12 +45,14 @@ def load_policy(
         payload = payload["policy"]
     if not isinstance(payload, dict) or payload.get("format") != POLICY_FORMAT:
         raise CheckpointError(f"{file} is not a divo policy or checkpoint file")
-    obs_dim, act_dim = payload["observation_dim"], payload["action_dim"]
-    actor = build_actor(payload["actor_config"], observation_dim=obs_dim, action_dim=act_dim)
-    policy = NormalizedPolicy(
-        ObservationNormalizer(torch.zeros(obs_dim), torch.ones(obs_dim)), actor
-    )
-    policy.load_state_dict(payload["state_dict"])
+    try:
+        policy = instantiate(payload["policy_config"], _convert_="all")
+        policy.load_state_dict(payload["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - a file from an incompatible version or edit
+        raise CheckpointError(
+            f"cannot rebuild the policy saved in {file} ({type(exc).__name__}: {exc}); it was "
+            "written by an incompatible divo version or recipe"
+        ) from None
     policy.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     meta["file"] = str(file)

@@ -56,17 +56,13 @@ def _spec_json(data: OfflineData | None) -> str | None:
         return None
 
 
-def policy_payload(
-    agent: OfflineAgent, cfg: DictConfig, data: OfflineData | None, step: int, action_dim: int
-):
+def policy_payload(agent: OfflineAgent, cfg: DictConfig, data: OfflineData | None, step: int):
     """What ``divo evaluate`` needs to rebuild and run the policy, and nothing of training."""
     return {
         "format": POLICY_FORMAT,
         "recipe": cfg.get("recipe"),
         "step": step,
-        "actor_config": OmegaConf.to_container(cfg.actor.network, resolve=True),
-        "observation_dim": agent.observation_dim,
-        "action_dim": action_dim,
+        "policy_config": agent.policy_config,
         "state_dict": {k: v.detach().cpu() for k, v in agent.policy.state_dict().items()},
         "dataset_id": data.dataset_id if data is not None else None,
         "env_spec": _spec_json(data),
@@ -76,10 +72,9 @@ def policy_payload(
 
 
 class _Checkpointer:
-    def __init__(self, run_dir: Path, keep: int, action_dim: int) -> None:
+    def __init__(self, run_dir: Path, keep: int) -> None:
         self.dir = run_dir / "checkpoints"
         self.keep = max(1, keep)
-        self.action_dim = action_dim
 
     def save(self, step: int, agent: OfflineAgent, cfg, data) -> Path:
         bad = agent.non_finite_parameters()
@@ -94,7 +89,7 @@ class _Checkpointer:
             "config": OmegaConf.to_container(cfg, resolve=True),
             "agent": agent.training_state(),
             "rng": rng_state(),
-            "policy": policy_payload(agent, cfg, data, step, self.action_dim),
+            "policy": policy_payload(agent, cfg, data, step),
         }
         path = atomic_save(payload, self.dir / f"step_{step:09d}.pt")
         for old in sorted(self.dir.glob("step_*.pt"))[: -self.keep]:
@@ -189,7 +184,7 @@ def train(
     logger = MetricsLogger(
         run_dir, cfg.logger.backend, cfg.logger.project, name=f"{cfg.get('recipe')}-s{cfg.seed}"
     )
-    checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints, act_dim)
+    checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints)
     acc = MetricAccumulator()
 
     steps = int(cfg.train.steps)
@@ -236,7 +231,7 @@ def train(
             if step % cfg.train.checkpoint_every == 0 or step == steps:
                 checkpointer.save(step, agent, cfg, data)
 
-    atomic_save(policy_payload(agent, cfg, data, steps, act_dim), run_dir / "policy.pt")
+    atomic_save(policy_payload(agent, cfg, data, steps), run_dir / "policy.pt")
     result = {
         "recipe": cfg.get("recipe"),
         "dataset_id": data.dataset_id if data is not None else None,

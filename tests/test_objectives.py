@@ -217,3 +217,29 @@ def test_polyak_update_is_a_lerp():
     polyak_update(target, online, 0.25)
     torch.testing.assert_close(target[0], torch.full((3,), 0.25))
     torch.testing.assert_close(target[1], torch.full((2,), 0.75))
+
+
+SELECTORS = {
+    "dataset": lambda: DatasetSelector(),
+    "adpo_compare": lambda: ADPOSelector("compare", num_candidates=3),
+    "adpo_positive_three_level": lambda: ADPOSelector("positive", "three_level", num_candidates=3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SELECTORS))
+def test_selector_contract(name):
+    """Shapes, no parameters, no gradient, and every target is the dataset action or one of
+    the candidates (a selector never invents actions)."""
+    selector = SELECTORS[name]()
+    b, n, a = (4, 5), 3, 2
+    cands = torch.rand(*b, n, a) * 2 - 1
+    cand_adv = torch.randn(*b, n, 1)
+    action = torch.rand(*b, a) * 2 - 1
+    act_adv = torch.randn(*b, 1, requires_grad=True)
+    target, mask = selector(cands, cand_adv, action, act_adv)
+    assert target.shape == (*b, a) and mask.shape == (*b, 1)
+    assert (mask >= 0).all() and not target.requires_grad and not mask.requires_grad
+    assert not list(selector.parameters())
+    is_action = (target == action).all(-1)
+    is_cand = (target.unsqueeze(-2) == cands).all(-1).any(-1)
+    assert (is_action | is_cand).all()

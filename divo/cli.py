@@ -187,6 +187,10 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+# command name -> function(argv) -> exit status; each one raises DivoError for bad input
+COMMANDS = {"train": _train, "evaluate": _evaluate}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -194,11 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     try:
-        if command == "train":
-            return _train(rest)
-        if command == "evaluate":
-            return _evaluate(rest)
-        raise ConfigError(f"unknown command {command!r}; use `divo train` or `divo evaluate`")
+        if command not in COMMANDS:
+            raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+        return COMMANDS[command](rest)
     except DivoError as exc:
         print(f"divo: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -17,6 +17,7 @@ bootstraps from the real next state (TorchRL's D4RL loader zeroes it by default;
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import warnings
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import gymnasium as gym
 import minari
 import numpy as np
 import torch
-from gymnasium.envs.registration import EnvSpec
+from gymnasium.envs.registration import EnvSpec, WrapperSpec
 from minari.dataset.minari_dataset import parse_dataset_id
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
@@ -47,6 +48,7 @@ D4RL_REFERENCE_SCORES: dict[str, tuple[float, float]] = {
 
 # Added to the state standard deviation before dividing (TD3+BC's eps; method.md).
 OBS_STD_EPS = 1e-3
+ACTION_BOUNDS = ("rescale", "refuse")
 
 # The keys one training batch must carry (TED layout).
 REQUIRED_BATCH_KEYS: tuple[str | tuple[str, ...], ...] = (
@@ -125,6 +127,7 @@ def load_offline_data(
     reward_scale: float = 1.0,
     reward_shift: float = 0.0,
     download: bool = True,
+    action_bounds: str = "rescale",
 ) -> OfflineData:
     """Read, check and convert a Minari dataset.
 
@@ -136,6 +139,10 @@ def load_offline_data(
         reward_scale, reward_shift: stored reward ``r' = reward_scale * r + reward_shift``
             (AntMaze's usual ``r - 1`` is ``reward_shift=-1``).
         download: when the dataset is neither local nor built-in, try Minari's remote server.
+        action_bounds: ``rescale`` (default): an action space other than [-1, 1] is mapped
+            linearly onto [-1, 1] (the evaluation environment is wrapped with
+            ``RescaleAction`` to match) and stray values outside the space are clipped, each
+            with a warning stating it; ``refuse``: either case is a DatasetError.
 
     Raises:
         DatasetError: the dataset cannot be found, is empty, holds NaN/inf, uses non-Box spaces,
@@ -150,7 +157,11 @@ def load_offline_data(
                 f"dataset {dataset_id!r} has a {name} space {space}, which divo does not "
                 f"support; it needs flat continuous (1-D Box) {name}s"
             )
-    _check_action_bounds(dataset_id, act_space)
+    if action_bounds not in ACTION_BOUNDS:
+        raise DatasetError(
+            f"action_bounds={action_bounds!r} is unknown; use one of {', '.join(ACTION_BOUNDS)}"
+        )
+    rescale = _check_action_bounds(dataset_id, act_space, action_bounds)
     if dataset.total_episodes == 0 or dataset.total_steps == 0:
         raise DatasetError(
             f"dataset {dataset_id!r} is empty (no transitions); write data into it or pick "
@@ -169,7 +180,13 @@ def load_offline_data(
             )
     _check_finite(dataset_id, raw)
     env_spec, eval_env_spec = _check_environment(dataset, dataset_id, raw)
-    action = _clip_actions(dataset_id, raw["action"])
+    action = raw["action"]
+    if rescale:
+        low, high = act_space.low.astype(np.float64), act_space.high.astype(np.float64)
+        action = (2.0 * (action - low) / (high - low) - 1.0).astype(np.float32)
+        if eval_env_spec is not None:
+            eval_env_spec = _with_rescaled_actions(eval_env_spec)
+    action = _clip_actions(dataset_id, action, action_bounds)
 
     terminated = raw["terminated"].copy()
     truncated = raw["truncated"].copy()
@@ -291,13 +308,38 @@ def _open_dataset(dataset_id: str, *, download: bool) -> minari.MinariDataset:
 # Checks
 
 
-def _check_action_bounds(dataset_id: str, space: gym.spaces.Box) -> None:
-    if not (np.all(space.low == -1.0) and np.all(space.high == 1.0)):
+def _check_action_bounds(dataset_id: str, space: gym.spaces.Box, policy: str) -> bool:
+    """True when the action space must be rescaled onto [-1, 1] (``policy`` permitting)."""
+    if np.all(space.low == -1.0) and np.all(space.high == 1.0):
+        return False
+    bounds = f"[{space.low.min()}, {space.high.max()}]"
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
         raise DatasetError(
-            f"dataset {dataset_id!r} has actions bounded by [{space.low.min()}, "
-            f"{space.high.max()}], but divo's policies act in [-1, 1]; rescale the actions "
-            "(and the environment, e.g. with gymnasium.wrappers.RescaleAction) to [-1, 1]"
+            f"dataset {dataset_id!r} has unbounded actions ({bounds}), but divo's policies act "
+            "in [-1, 1]; store the data with a bounded action space"
         )
+    if policy == "refuse":
+        raise DatasetError(
+            f"dataset {dataset_id!r} has actions bounded by {bounds}, but divo's policies act in "
+            "[-1, 1]; set dataset.action_bounds=rescale to map them onto [-1, 1], or rescale the "
+            "data yourself"
+        )
+    warnings.warn(
+        f"dataset {dataset_id!r}: actions bounded by {bounds} are rescaled linearly onto "
+        "[-1, 1]; evaluation wraps the environment with gymnasium's RescaleAction(-1, 1)",
+        stacklevel=3,
+    )
+    return True
+
+
+def _with_rescaled_actions(spec: EnvSpec) -> EnvSpec:
+    """The same env spec with a RescaleAction(-1, 1) wrapper (kept by EnvSpec.to_json)."""
+    wrapper = WrapperSpec(
+        name="RescaleAction",
+        entry_point="gymnasium.wrappers:RescaleAction",
+        kwargs={"min_action": -1.0, "max_action": 1.0},
+    )
+    return dataclasses.replace(spec, additional_wrappers=(*spec.additional_wrappers, wrapper))
 
 
 def _check_finite(dataset_id: str, raw: dict[str, np.ndarray]) -> None:
@@ -372,8 +414,14 @@ def _check_environment(
     return made["environment"], made["evaluation environment"]
 
 
-def _clip_actions(dataset_id: str, action: np.ndarray) -> np.ndarray:
+def _clip_actions(dataset_id: str, action: np.ndarray, policy: str) -> np.ndarray:
     outside = (action < -1.0) | (action > 1.0)
+    if outside.any() and policy == "refuse":
+        raise DatasetError(
+            f"dataset {dataset_id!r}: {int(outside.any(1).sum())} of {len(action)} actions lie "
+            "outside the action space; set dataset.action_bounds=rescale to clip them (with a "
+            "warning), or repair the data"
+        )
     if outside.any():
         warnings.warn(
             f"dataset {dataset_id!r}: {int(outside.any(1).sum())} of {len(action)} actions "
@@ -398,6 +446,7 @@ def _reference_scores(
 
 
 __all__ = [
+    "ACTION_BOUNDS",
     "D4RL_REFERENCE_SCORES",
     "OBS_STD_EPS",
     "OfflineData",

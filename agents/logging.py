@@ -31,6 +31,16 @@ class MetricAccumulator:
                 self._sums[name] = value.clone()
                 self._counts[name] = 1
 
+    def state_dict(self) -> dict:
+        return {
+            "sums": {k: v.detach().cpu() for k, v in self._sums.items()},
+            "counts": dict(self._counts),
+        }
+
+    def load_state_dict(self, state: Mapping, device: torch.device | str = "cpu") -> None:
+        self._sums = {k: v.to(device) for k, v in state.get("sums", {}).items()}
+        self._counts = dict(state.get("counts", {}))
+
     def mean(self) -> dict[str, float]:
         """Means since the last call (one device -> host transfer), then reset."""
         if not self._sums:
@@ -51,21 +61,38 @@ class MetricsLogger:
     """
 
     def __init__(
-        self, run_dir: str | Path, backend: str = "csv", project: str = "divo", name: str = "run"
+        self,
+        run_dir: str | Path,
+        backend: str = "csv",
+        project: str = "divo",
+        name: str = "run",
+        resume_step: int | None = None,
     ) -> None:
         if backend not in BACKENDS:
             raise ConfigError(f"logger.backend={backend!r} is unknown; choose one of {BACKENDS}")
         self.path = Path(run_dir) / "metrics.csv"
         self.columns: list[str] = ["step"]
         self._rows: list[dict[str, float]] = []
-        if self.path.exists():  # continuing a run: keep what is there
+        if self.path.exists() and resume_step is not None:
+            # continuing a run: keep the rows up to the checkpoint, drop those logged after it
             with self.path.open() as f:
                 reader = csv.DictReader(f)
                 self.columns = list(reader.fieldnames or ["step"])
-                self._rows = [dict(r) for r in reader]
+                self._rows = [dict(r) for r in reader if int(r["step"]) <= resume_step]
+            self._rewrite()
+        elif self.path.exists():
+            self.path.unlink()  # a fresh run in a used folder starts a fresh log
         self._external = None
         if backend != "csv":
             self._external = _torchrl_logger(backend, Path(run_dir), project, name)
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_suffix(".csv.tmp")
+        with tmp.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.columns)
+            writer.writeheader()
+            writer.writerows(self._rows)
+        tmp.replace(self.path)
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         row = {"step": step, **{k: v for k, v in metrics.items() if v is not None}}
@@ -73,10 +100,7 @@ class MetricsLogger:
         self._rows.append(row)
         if new or not self.path.exists():
             self.columns += new
-            with self.path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.columns)
-                writer.writeheader()
-                writer.writerows(self._rows)
+            self._rewrite()
         else:
             with self.path.open("a", newline="") as f:
                 csv.DictWriter(f, fieldnames=self.columns).writerow(row)

@@ -25,8 +25,15 @@ from divo.agents.data import OfflineData, check_batch_keys, load_offline_data
 from divo.agents.evaluate import evaluate_policy
 from divo.agents.logging import MetricAccumulator, MetricsLogger
 from divo.agents.policy_io import POLICY_FORMAT
-from divo.agents.runtime import atomic_save, resolve_device, rng_state, seed_everything
-from divo.errors import ConfigError, DatasetError, DivoError
+from divo.agents.runtime import (
+    atomic_save,
+    load_file,
+    resolve_device,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from divo.errors import CheckpointError, ConfigError, DatasetError, DivoError
 
 CHECKPOINT_FORMAT = "divo-checkpoint-v1"
 
@@ -72,11 +79,16 @@ def policy_payload(agent: OfflineAgent, cfg: DictConfig, data: OfflineData | Non
 
 
 class _Checkpointer:
+    """``<run>/checkpoints/step_*.pt``: atomic writes, the newest ``keep`` kept."""
+
     def __init__(self, run_dir: Path, keep: int) -> None:
         self.dir = run_dir / "checkpoints"
         self.keep = max(1, keep)
 
-    def save(self, step: int, agent: OfflineAgent, cfg, data) -> Path:
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob("step_*.pt"))
+
+    def save(self, step: int, agent: OfflineAgent, cfg, data, extra: dict[str, Any]) -> Path:
         bad = agent.non_finite_parameters()
         if bad:  # never overwrite good checkpoints with a diverged model
             raise DivoError(
@@ -90,11 +102,46 @@ class _Checkpointer:
             "agent": agent.training_state(),
             "rng": rng_state(),
             "policy": policy_payload(agent, cfg, data, step),
+            **extra,
         }
         path = atomic_save(payload, self.dir / f"step_{step:09d}.pt")
-        for old in sorted(self.dir.glob("step_*.pt"))[: -self.keep]:
+        for old in self.files()[: -self.keep]:
             old.unlink()
         return path
+
+    def load_latest(self) -> dict[str, Any] | None:
+        """The newest readable checkpoint; an unreadable one is skipped with a warning."""
+        files = self.files()
+        for path in reversed(files):
+            try:
+                payload = load_file(path)
+                if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+                    raise CheckpointError(f"{path} is not a divo checkpoint")
+                return payload
+            except CheckpointError as exc:
+                warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=2)
+        if files:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.dir}; delete the folder to start again"
+            )
+        return None
+
+
+def _check_resumable(ckpt: dict, cfg: DictConfig, obs_dim: int, act_dim: int, where: Path):
+    """Refuse a checkpoint that another recipe or other data wrote (before touching files)."""
+    saved = ckpt["config"]
+    if saved.get("recipe") != cfg.get("recipe"):
+        raise CheckpointError(
+            f"{where} holds a checkpoint of recipe {saved.get('recipe')!r}, not "
+            f"{cfg.get('recipe')!r}; resume it with `divo train {where}` or use a new run directory"
+        )
+    dims = (ckpt.get("observation_dim"), ckpt.get("action_dim"))
+    if dims != (obs_dim, act_dim):
+        raise CheckpointError(
+            f"{where} holds a checkpoint for observation/action sizes {dims[0]}/{dims[1]} but "
+            f"the data have {obs_dim}/{act_dim}; resume with the dataset it was trained on "
+            f"({saved.get('dataset', {}).get('id')}) or use a new run directory"
+        )
 
 
 def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
@@ -122,8 +169,15 @@ def train(
     *,
     replay_buffer: ReplayBuffer | None = None,
     obs_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    resume: bool = True,
 ) -> dict[str, Any]:
     """Train the agent a recipe describes; write config, metrics, checkpoints and result.json.
+
+    When ``run_dir`` already holds checkpoints (and ``resume``), training continues exactly
+    from the newest readable one: parameters, targets, optimiser states, step counter, every RNG
+    state, the sampler state and the partial metric sums are restored, so on CPU with a fixed
+    seed the result equals an uninterrupted run. A checkpoint of another recipe or other data
+    sizes is refused before anything on disk changes.
 
     Args:
         cfg: a composed recipe (see ``divo.cli.compose_recipe``).
@@ -155,6 +209,7 @@ def train(
             reward_scale=cfg.dataset.reward_scale,
             reward_shift=cfg.dataset.reward_shift,
             download=cfg.dataset.get("download", True),
+            action_bounds=cfg.dataset.get("action_bounds", "rescale"),
         )
     elif replay_buffer is None:
         raise ConfigError("dataset.id is null and no replay buffer was given; set dataset.id")
@@ -180,16 +235,48 @@ def train(
     agent = build_agent(
         cfg, observation_dim=obs_dim, action_dim=act_dim, obs_mean=mean, obs_std=std, device=device
     )
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-    logger = MetricsLogger(
-        run_dir, cfg.logger.backend, cfg.logger.project, name=f"{cfg.get('recipe')}-s{cfg.seed}"
-    )
     checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints)
     acc = MetricAccumulator()
+    start_step, last_eval, elapsed_before = 0, None, 0.0
+    ckpt = checkpointer.load_latest() if resume else None
+    if ckpt is not None:
+        _check_resumable(ckpt, cfg, obs_dim, act_dim, run_dir)
+        agent.load_training_state(ckpt["agent"])
+        if ckpt.get("sampler") and hasattr(buffer, "sampler"):
+            buffer.sampler.load_state_dict(ckpt["sampler"])
+        acc.load_state_dict(ckpt.get("metrics", {}), device)
+        start_step, last_eval = int(ckpt["step"]), ckpt.get("last_eval")
+        elapsed_before = float(ckpt.get("wall_clock_s", 0.0))
+        set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
+
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    logger = MetricsLogger(
+        run_dir,
+        cfg.logger.backend,
+        cfg.logger.project,
+        name=f"{cfg.get('recipe')}-s{cfg.seed}",
+        resume_step=start_step if ckpt is not None else None,
+    )
+
+    def checkpoint(step: int) -> None:
+        extra = {
+            "observation_dim": obs_dim,
+            "action_dim": act_dim,
+            "sampler": buffer.sampler.state_dict() if hasattr(buffer, "sampler") else None,
+            "metrics": acc.state_dict(),
+            "last_eval": last_eval,
+            "wall_clock_s": elapsed_before + time.perf_counter() - start,
+        }
+        checkpointer.save(step, agent, cfg, data, extra)
 
     steps = int(cfg.train.steps)
-    last_eval: dict[str, Any] | None = None
+    if start_step > steps:
+        raise ConfigError(
+            f"{run_dir} is already at step {start_step} > train.steps={steps}; pass a larger "
+            "train.steps to extend it"
+        )
     bar = tqdm(
+        initial=start_step,
         total=steps,
         disable=not cfg.train.progress,
         desc=f"{cfg.get('recipe')} {data.dataset_id if data else ''}".strip(),
@@ -199,7 +286,7 @@ def train(
     )
     agent.train()
     with bar:
-        for step in range(1, steps + 1):
+        for step in range(start_step + 1, steps + 1):
             batch = buffer.sample()
             if batch.device != device:
                 batch = batch.to(device)
@@ -215,7 +302,15 @@ def train(
                         f"check the data (last good checkpoint in {checkpointer.dir})"
                     )
             if step % cfg.train.eval_every == 0 or step == steps:
-                last_eval = _evaluate(agent, data, cfg, device)
+                try:
+                    last_eval = _evaluate(agent, data, cfg, device)
+                except Exception as exc:  # noqa: BLE001 - never lose training to an eval failure
+                    warnings.warn(
+                        f"evaluation at step {step} failed ({type(exc).__name__}: {exc}); "
+                        "training goes on",
+                        stacklevel=2,
+                    )
+                    last_eval, row["eval_failed"] = None, 1.0
                 agent.train()
                 if last_eval is not None:
                     row["eval_return_mean"] = last_eval["return_mean"]
@@ -229,7 +324,7 @@ def train(
             if row:
                 logger.log(step, row)
             if step % cfg.train.checkpoint_every == 0 or step == steps:
-                checkpointer.save(step, agent, cfg, data)
+                checkpoint(step)
 
     atomic_save(policy_payload(agent, cfg, data, steps), run_dir / "policy.pt")
     result = {
@@ -241,7 +336,7 @@ def train(
         "return_std": last_eval["return_std"] if last_eval else None,
         "normalized_score": last_eval["normalized_score"] if last_eval else None,
         "episodes": last_eval["episodes"] if last_eval else 0,
-        "wall_clock_s": round(time.perf_counter() - start, 3),
+        "wall_clock_s": round(elapsed_before + time.perf_counter() - start, 3),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from divo.errors import ConfigError, DivoError
+from divo.errors import CheckpointError, ConfigError, DivoError
 
 if not OmegaConf.has_resolver("slug"):
     # ${slug:${dataset.id}} -> a dataset id usable as one folder name in run paths.
@@ -27,6 +27,7 @@ USAGE = """usage: divo <command> ...
 
 commands:
   train <recipe> [--quiet] [overrides...]   train a recipe from recipes/ (or a path to a YAML)
+  train <run dir> [train.steps=N]           resume a run from its newest checkpoint
   evaluate <run dir | checkpoint> [--episodes N] [--seed S] [--device D]
                                             re-evaluate a saved policy
 recipes: {recipes}
@@ -117,6 +118,13 @@ def _train(argv: list[str]) -> int:
         )
     recipe = positional[0]
     args.remove(recipe)
+    resume = [a for a in args if a.startswith("resume=")]
+    is_run_dir = recipe not in available_recipes() and Path(recipe).is_dir()
+    if is_run_dir or resume:
+        for a in resume:
+            args.remove(a)
+        run_dir = Path(recipe) if not resume else Path(resume[-1].split("=", 1)[1])
+        return _resume(run_dir, None if not resume else recipe, args, quiet)
     config_dir, name, user = resolve_recipe(recipe)
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     if quiet:
@@ -158,6 +166,41 @@ def _train(argv: list[str]) -> int:
     finally:
         sys.argv = argv_before
     return 2 if failures else 0
+
+
+RESUMABLE_OVERRIDES = ("train.", "device=", "logger.")
+
+
+def _resume(run_dir: Path, recipe: str | None, args: list[str], quiet: bool) -> int:
+    """Continue the run in ``run_dir`` from its newest checkpoint, with its saved config."""
+    from divo.agents.train import train
+
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        raise ConfigError(
+            f"{run_dir} is not a run directory (no config.yaml); pass a recipe name to start a run"
+        )
+    cfg = OmegaConf.load(config)
+    if recipe is not None and cfg.get("recipe") != recipe:
+        raise CheckpointError(
+            f"{run_dir} is a run of recipe {cfg.get('recipe')!r}, not {recipe!r}; resume it with "
+            f"`divo train {run_dir}`"
+        )
+    bad = [a for a in args if not a.startswith(RESUMABLE_OVERRIDES)]
+    if bad:
+        raise ConfigError(
+            f"cannot change {' '.join(bad)} when resuming {run_dir}: only train.*, device and "
+            "logger.* may change (e.g. train.steps=... to extend); start a new run instead"
+        )
+    try:
+        cfg.merge_with_dotlist(args + (["train.progress=false"] if quiet else []))
+    except Exception as exc:  # noqa: BLE001 - OmegaConf's errors are many-lined
+        raise ConfigError(f"bad override in {' '.join(args)}: {str(exc).splitlines()[0]}") from None
+    if not any((run_dir / "checkpoints").glob("step_*.pt")):
+        print(f"divo: {run_dir} has no checkpoint yet; training starts from step 0", flush=True)
+    result = train(cfg, run_dir)
+    print(_summary(result), flush=True)
+    return 0
 
 
 def _evaluate(argv: list[str]) -> int:

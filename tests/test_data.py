@@ -249,6 +249,50 @@ def test_actions_outside_bounds_are_clipped_with_a_warning():
         data = load_offline_data(dataset_id)
     assert data.data["action"].abs().max() <= 1.0
     assert data.data["action"][0].tolist() == [1.0, 0.0, -1.0]
+    with pytest.raises(DatasetError, match="2 of 4 actions lie outside the action space"):
+        load_offline_data(dataset_id, action_bounds="refuse")
+
+
+def _pendulum_dataset(dataset_id: str) -> str:
+    """Pendulum-v1 acts in [-2, 2]: a dataset of its own actions, stored as they are."""
+    env = gym.make("Pendulum-v1", max_episode_steps=20)
+    rng = np.random.default_rng(0)
+    obs, _ = env.reset(seed=0)
+    observations, actions, rewards = [obs], [], []
+    for _ in range(20):
+        action = rng.uniform(-2, 2, size=(1,)).astype(np.float32)
+        obs, reward, *_ = env.step(action)
+        observations.append(obs)
+        actions.append(action)
+        rewards.append(reward)
+    episode = {
+        "observations": np.asarray(observations, np.float32),
+        "actions": np.asarray(actions, np.float32),
+        "rewards": np.asarray(rewards),
+        "terminations": np.zeros(20, bool),
+        "truncations": np.eye(20, dtype=bool)[-1],
+    }
+    write_minari_dataset(dataset_id, [episode], env=env.spec)
+    return dataset_id
+
+
+def test_action_space_other_than_unit_box_is_rescaled_or_refused():
+    dataset_id = _pendulum_dataset("test/pendulum/wide-v0")
+    with pytest.raises(DatasetError, match=r"bounded by \[-2.0, 2.0\].*action_bounds=rescale"):
+        load_offline_data(dataset_id, action_bounds="refuse")
+    with pytest.warns(UserWarning, match="rescaled linearly onto"):
+        data = load_offline_data(dataset_id)
+    raw = read_transitions(minari.load_dataset(dataset_id))["action"]
+    torch.testing.assert_close(data.data["action"], torch.as_tensor(raw) / 2.0)
+    env = data.make_env()
+    try:
+        assert env.action_space.low.tolist() == [-1.0] and env.action_space.high.tolist() == [1.0]
+        # the wrapper survives the JSON round trip that saved policies use
+        again = gym.make(gym.envs.registration.EnvSpec.from_json(data.eval_env_spec.to_json()))
+        assert again.action_space.high.tolist() == [1.0]
+        again.close()
+    finally:
+        env.close()
 
 
 def test_non_box_space_is_refused():

@@ -1,0 +1,184 @@
+"""Exact resume, checkpoint fallback, refusal of foreign checkpoints, evaluation failures."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from divo.agents.train import train
+from divo.cli import compose_recipe, main
+from divo.errors import CheckpointError
+
+SHORT = [
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.log_every=2",
+    "train.checkpoint_every=2",
+    "train.eval_episodes=1",
+    "train.batch_size=32",
+    "train.progress=false",
+]
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def final_state(run_dir: Path) -> dict:
+    ckpt = sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1]
+    return torch.load(ckpt, weights_only=False)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"]
+    for name, tensor in a["agent"]["modules"].items():
+        assert torch.equal(tensor, b["agent"]["modules"][name]), name
+    for part, opt in a["agent"]["optimizers"].items():
+        for pid, state in opt["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, b["agent"]["optimizers"][part]["state"][pid][key]), (
+                    part,
+                    key,
+                )
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
+    cfg = compose_recipe("td3bc", SHORT)
+    run = tmp_path / "run"
+    train(cfg, run)
+    ckpts = sorted((run / "checkpoints").glob("*.pt"))
+    assert [p.name for p in ckpts] == ["step_000000004.pt", "step_000000006.pt"]
+    ckpts[-1].write_bytes(b"not a checkpoint")
+    cfg = compose_recipe("td3bc", [*SHORT, "train.steps=8"])
+    with pytest.warns(UserWarning, match="step_000000006.pt.*falling back"):
+        result = train(cfg, run)
+    assert result["steps"] == 8
+    steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == [2, 3, 4, 6, 8]  # rows after step 4 were dropped and written again
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+    """In-process version of the kill test: stop at step 4 (as if killed), resume to 6."""
+    full, part = tmp_path / "full", tmp_path / "part"
+    train(compose_recipe("divo", SHORT), full)
+    train(compose_recipe("divo", [*SHORT, "train.steps=4"]), part)
+    train(compose_recipe("divo", SHORT), part)
+    assert_same_training_state(final_state(full), final_state(part))
+
+    def losses(run):  # the stopped run also evaluated at its last step (4): compare losses
+        import csv
+
+        with (run / "metrics.csv").open() as f:
+            return [
+                {k: v for k, v in r.items() if k.startswith("loss_")} for r in csv.DictReader(f)
+            ]
+
+    assert losses(full) == losses(part)
+
+
+def test_cli_resumes_a_run_directory_and_extends_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "td3bc", "--quiet", *SHORT, f"hydra.run.dir={run}"]) == 0
+    assert main(["train", str(run), "train.steps=10"]) == 0
+    assert json.loads((run / "result.json").read_text())["steps"] == 10
+    assert main(["train", "td3bc", f"resume={run}", "train.steps=12"]) == 0
+    assert json.loads((run / "result.json").read_text())["steps"] == 12
+    capsys.readouterr()
+
+
+def _one_line_error(args, capsys) -> str:
+    assert main(args) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("divo: error: "), err
+    return err[0]
+
+
+def test_foreign_checkpoints_are_refused_and_nothing_changes(tmp_path, hopper_dataset, capsys):
+    run = tmp_path / "run"
+    train(compose_recipe("td3bc", SHORT), run)  # bandit: observation size 1
+    before = snapshot(run)
+    line = _one_line_error(["train", "divo", f"resume={run}"], capsys)
+    assert "recipe 'td3bc', not 'divo'" in line
+    line = _one_line_error(["train", str(run), "critic.lr=1.0"], capsys)
+    assert "cannot change critic.lr=1.0" in line
+    # the same recipe on data of another observation size
+    cfg = compose_recipe("td3bc", [*SHORT, "dataset=minari", f"dataset.id={hopper_dataset}"])
+    with pytest.raises(
+        CheckpointError, match="observation/action sizes 1/2 but the data have 11/3"
+    ):
+        train(cfg, run)
+    assert snapshot(run) == before
+
+
+def test_evaluation_failure_does_not_stop_training(tmp_path, monkeypatch):
+    import divo.agents.train as train_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulator crashed")
+
+    monkeypatch.setattr(train_module, "evaluate_policy", broken)
+    with pytest.warns(UserWarning, match="evaluation at step 3 failed.*simulator crashed"):
+        result = train(compose_recipe("td3bc", SHORT), tmp_path / "run")
+    assert result["steps"] == 6 and result["normalized_score"] is None
+    assert "eval_failed" in (tmp_path / "run" / "metrics.csv").read_text().splitlines()[0]
+    assert (tmp_path / "run" / "checkpoints" / "step_000000006.pt").is_file()
+
+
+@pytest.mark.slow
+def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_path, hopper_dataset):
+    """A training process is killed with SIGKILL at a random point; `divo train <run dir>`
+    resumes it; on CPU with a fixed seed the final parameters and optimiser states equal those
+    of an uninterrupted run of the same length."""
+    tiny = [
+        "behavior_model.hidden=[32,32]",
+        "critic.network.hidden=[32,32]",
+        "actor.network.hidden=[32,32]",
+        "value.network.hidden=[32,32]",
+    ]
+    args = [
+        "divo", "train", "divo", "--quiet", "dataset=minari", f"dataset.id={hopper_dataset}",
+        "train.steps=400", "train.checkpoint_every=20", "train.log_every=10",
+        "train.eval_every=200", "train.eval_episodes=1", "train.batch_size=64", "seed=3", *tiny,
+    ]  # fmt: skip
+    cmd = [sys.executable, "-c", "import sys; from divo.cli import main; sys.exit(main())"]
+    env = dict(os.environ)
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run([*cmd, *args[1:], f"hydra.run.dir={ref}"], env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+
+    rng = random.Random()
+    wait_for = rng.randint(1, 12)  # checkpoints to see before the kill
+    proc = subprocess.Popen([*cmd, *args[1:], f"hydra.run.dir={killed}"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if len(list((killed / "checkpoints").glob("step_*.pt"))) >= min(wait_for, 2):
+            newest = max(int(p.stem[5:]) for p in (killed / "checkpoints").glob("step_*.pt"))
+            if newest >= 20 * wait_for:
+                break
+        time.sleep(0.01)
+    time.sleep(rng.uniform(0, 0.2))
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert not (killed / "result.json").exists()
+
+    subprocess.run([*cmd, "train", str(killed), "--quiet"], env=env, check=True,
+                   capture_output=True, timeout=300)  # fmt: skip
+    assert_same_training_state(final_state(ref), final_state(killed))
+    ref_rows = (ref / "metrics.csv").read_text()
+    assert ref_rows == (killed / "metrics.csv").read_text()

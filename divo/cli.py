@@ -11,6 +11,7 @@ import difflib
 import importlib.resources
 import json
 import logging
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -103,6 +104,12 @@ def _summary(result: dict) -> str:
     return ": ".join(parts[:2]) + " " + " ".join(parts[2:]) + f" -> {result['run_dir']}"
 
 
+def _remove_if_only_hydra_files(run_dir: Path) -> None:
+    """Drop a run directory that a job refused on its input left holding only Hydra's files."""
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
 def _train(argv: list[str]) -> int:
     quiet = False
     args = []
@@ -155,6 +162,7 @@ def _train(argv: list[str]) -> int:
         except DivoError as exc:  # one line per failed job; other sweep jobs go on
             print(f"divo: error: {exc}", file=sys.stderr, flush=True)
             failures.append(exc)
+            _remove_if_only_hydra_files(Path(run_dir))
             return None
         print(_summary(result), flush=True)
         return result

@@ -6,12 +6,11 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-import gymnasium as gym
 import numpy as np
 import pytest
+from synthetic import hopper_like_episode, write_hopper_like
 
 from divo.cli import main
-from divo.datasets import write_minari_dataset
 
 FAST = ["--quiet", "train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
         "train.log_every=2", "train.eval_episodes=1", "train.batch_size=8"]  # fmt: skip
@@ -32,33 +31,20 @@ def existing_run(tmp_path_factory) -> Path:
     return run
 
 
-def episode(obs_dim: int = 11, steps: int = 6, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "observations": rng.standard_normal((steps + 1, obs_dim)).astype(np.float32),
-        "actions": rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
-        "rewards": rng.standard_normal(steps),
-        "terminations": np.eye(steps, dtype=bool)[-1],
-        "truncations": np.zeros(steps, dtype=bool),
-    }
-
-
-def write(dataset_id: str, episodes: list[dict], obs_dim: int = 11) -> str:
-    box = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-    write_minari_dataset(dataset_id, episodes, env="Hopper-v5", observation_space=box)
-    return dataset_id
-
-
 def nan_dataset() -> str:
-    ep = episode()
+    ep = hopper_like_episode(steps=6)
     ep["observations"][2, 3] = np.nan
-    return write("bad/hopper/nan-v0", [ep])
+    return write_hopper_like("bad/hopper/nan-v0", [ep])
+
+
+def wrong_size_dataset() -> str:
+    return write_hopper_like("bad/hopper/size-v0", [hopper_like_episode(7, steps=6)], 7)
 
 
 def inf_reward_dataset() -> str:
-    ep = episode()
+    ep = hopper_like_episode(steps=6)
     ep["rewards"][0] = np.inf
-    return write("bad/hopper/inf-v0", [ep])
+    return write_hopper_like("bad/hopper/inf-v0", [ep])
 
 
 BAD = {
@@ -84,7 +70,7 @@ BAD = {
             "td3bc",
             *FAST,
             "dataset=minari",
-            f"dataset.id={write('bad/hopper/size-v0', [episode(7)], 7)}",
+            f"dataset.id={wrong_size_dataset()}",
         ],  # fmt: skip
         "observations of size 7",
     ),
@@ -102,7 +88,7 @@ BAD = {
             "td3bc",
             *FAST,
             "dataset=minari",
-            f"dataset.id={write('bad/hopper/empty-v0', [])}",
+            f"dataset.id={write_hopper_like('bad/hopper/empty-v0', [])}",
         ],  # fmt: skip
         "is empty",
     ),

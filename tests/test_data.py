@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from minari.data_collector import EpisodeBuffer
+from synthetic import hopper_like_episode, write_hopper_like
 from tensordict import TensorDict
 
 from divo.agents.data import (
@@ -26,23 +27,6 @@ from divo.errors import DatasetError
 @pytest.fixture(scope="module")
 def hopper_data(hopper_dataset):
     return load_offline_data(hopper_dataset)
-
-
-def _hopper_like_episode(obs_dim: int = 11, steps: int = 5, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        "observations": rng.standard_normal((steps + 1, obs_dim)).astype(np.float32),
-        "actions": rng.uniform(-1, 1, (steps, 3)).astype(np.float32),
-        "rewards": rng.standard_normal(steps),
-        "terminations": np.eye(steps, dtype=bool)[-1],
-        "truncations": np.zeros(steps, dtype=bool),
-    }
-
-
-def _write_hopper_like(dataset_id: str, episodes: list[dict], obs_dim: int = 11) -> str:
-    box = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-    write_minari_dataset(dataset_id, episodes, env="Hopper-v5", observation_space=box)
-    return dataset_id
 
 
 def test_ted_keys_shapes_dtypes(hopper_data, hopper_episodes):
@@ -174,10 +158,10 @@ def test_cache_equals_minari_read(hopper_dataset):
 
 
 def test_stale_cache_is_rebuilt():
-    dataset_id = _write_hopper_like("test/cache/stale-v0", [_hopper_like_episode()])
+    dataset_id = write_hopper_like("test/cache/stale-v0", [hopper_like_episode()])
     dataset = minari.load_dataset(dataset_id)
     assert len(read_transitions(dataset)["reward"]) == 5
-    extra = _hopper_like_episode(steps=3, seed=1)
+    extra = hopper_like_episode(steps=3, seed=1)
     dataset.update_dataset_from_buffer(
         [
             EpisodeBuffer(
@@ -216,17 +200,17 @@ def test_mistyped_id_lists_available_ids(hopper_dataset):
 
 
 def test_observation_size_mismatch_is_refused():
-    dataset_id = _write_hopper_like("test/hopper/wrong-size-v0", [_hopper_like_episode(7)], 7)
+    dataset_id = write_hopper_like("test/hopper/wrong-size-v0", [hopper_like_episode(7)], 7)
     with pytest.raises(DatasetError, match=r"observations of size 7 .*Hopper-v5"):
         load_offline_data(dataset_id)
 
 
 def test_non_finite_values_are_refused():
-    episode = _hopper_like_episode(steps=6)
+    episode = hopper_like_episode(steps=6)
     episode["observations"][2, 3] = np.nan
     episode["observations"][4, 0] = np.inf
     episode["rewards"][1] = np.nan
-    dataset_id = _write_hopper_like("test/hopper/nan-v0", [episode])
+    dataset_id = write_hopper_like("test/hopper/nan-v0", [episode])
     with pytest.raises(DatasetError) as info:
         load_offline_data(dataset_id)
     message = str(info.value)
@@ -235,16 +219,16 @@ def test_non_finite_values_are_refused():
 
 
 def test_empty_dataset_is_refused():
-    dataset_id = _write_hopper_like("test/hopper/empty-v0", [])
+    dataset_id = write_hopper_like("test/hopper/empty-v0", [])
     with pytest.raises(DatasetError, match="empty"):
         load_offline_data(dataset_id)
 
 
 def test_actions_outside_bounds_are_clipped_with_a_warning():
-    episode = _hopper_like_episode(steps=4)
+    episode = hopper_like_episode(steps=4)
     episode["actions"][0] = [1.5, 0.0, -2.0]
     episode["actions"][2, 1] = 1.2
-    dataset_id = _write_hopper_like("test/hopper/wide-actions-v0", [episode])
+    dataset_id = write_hopper_like("test/hopper/wide-actions-v0", [episode])
     with pytest.warns(UserWarning, match=r"2 of 4 actions \(3 entries\) lie outside"):
         data = load_offline_data(dataset_id)
     assert data.data["action"].abs().max() <= 1.0
@@ -296,7 +280,7 @@ def test_action_space_other_than_unit_box_is_rescaled_or_refused():
 
 
 def test_non_box_space_is_refused():
-    episode = _hopper_like_episode(steps=3)
+    episode = hopper_like_episode(steps=3)
     episode["actions"] = np.array([0, 1, 2])
     buffer = EpisodeBuffer(
         observations=episode["observations"],
@@ -318,7 +302,7 @@ def test_non_box_space_is_refused():
 
 
 def test_unmakeable_environment_warns_and_disables_evaluation():
-    dataset_id = _write_hopper_like("test/hopper/lost-env-v0", [_hopper_like_episode()])
+    dataset_id = write_hopper_like("test/hopper/lost-env-v0", [hopper_like_episode()])
     metadata_path = minari.load_dataset(dataset_id).storage.data_path / "metadata.json"
     metadata = json.loads(metadata_path.read_text())
     spec = json.loads(metadata["env_spec"])

@@ -239,7 +239,11 @@ def _evaluate(argv: list[str]) -> int:
 
 
 # command name -> function(argv) -> exit status; each one raises DivoError for bad input
-COMMANDS = {"train": _train, "evaluate": _evaluate}
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "report": lambda argv: importlib.import_module("divo.report").main(argv),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,962 @@
+"""``divo report <dir>...``: compare finished runs.
+
+Finds every run directory under the given folders (``result.json``, ``config.yaml`` and
+``metrics.csv`` as ``divo train`` writes them; sweeps from any Hydra launcher), and writes into
+the output folder (default ``<first dir>/report``):
+
+- ``report.md``: the tables below and the figures, in Markdown;
+- ``scores.csv``: per (recipe, dataset) the final normalised score, mean and sample standard
+  deviation over seeds, with the seed count and the training steps;
+- ``aggregate.csv``: across datasets, the mean, median, interquartile mean (IQM) and optimality
+  gap with 95% stratified-bootstrap confidence intervals (``rliable``, the protocol of Agarwal
+  et al. 2021 that the DIVO paper follows);
+- ``paired.csv`` (with ``--compare A B``): per dataset the difference A - B of the final scores,
+  paired by seed;
+- ``runs.csv``: every run found, with its status (runs still in progress, failed or without a
+  score are listed and left out of the numbers);
+- ``learning_curves.png`` (normalised score over training steps per dataset: mean over seeds
+  and a 95% bootstrap band, one line per recipe) and ``aggregate_intervals.png``.
+
+Runs whose configs differ in anything but the seed and bookkeeping settings (say a sweep over
+``actor.loss.alpha``) are told apart: their label is the recipe followed by the differing
+settings, e.g. ``divo[actor.loss.alpha=7.5]``. Of runs with the same label, dataset and seed, the
+newest counts and the others are listed as superseded.
+
+Needs the ``report`` extra (``pip install -e ".[report]"``: rliable, arch, pandas, matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from divo.errors import ConfigError, DivoError
+
+METRICS = ("mean", "median", "iqm", "optimality_gap")
+METRIC_TITLES = {
+    "mean": "Mean",
+    "median": "Median",
+    "iqm": "IQM",
+    "optimality_gap": "Optimality gap",
+}
+# Config keys that do not change what is trained: never a reason to tell runs apart.
+BOOKKEEPING_KEYS = {
+    "seed",
+    "device",
+    "dataset.id",
+    "dataset.download",
+    "train.progress",
+    "train.threads",
+    "train.log_every",
+    "train.eval_every",
+    "train.eval_episodes",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+}
+BOOKKEEPING_PREFIXES = ("logger.", "hydra.")
+SKIP_DIRS = {".hydra", "checkpoints", ".submitit", "__pycache__", ".git"}
+OPTIMAL_SCORE = 100.0  # the normalised score of the reference (expert) policy
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading runs
+
+
+@dataclass
+class Run:
+    """One run directory and what could be read from it."""
+
+    path: Path
+    status: str  # complete | incomplete | no score | failed | superseded
+    recipe: str | None = None
+    dataset: str | None = None
+    seed: int | None = None
+    steps: int | None = None  # trained steps (complete runs) or the planned train.steps
+    last_step: int | None = None  # last step logged in metrics.csv
+    score: float | None = None  # final normalised score (result.json)
+    note: str = ""
+    config: dict[str, Any] = field(default_factory=dict)  # flattened, dotted keys
+    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, normalised score)
+    label: str = ""
+    mtime: float = 0.0
+    shown_path: str = ""
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    if isinstance(node, list):
+        return {prefix[:-1]: json.dumps(node, sort_keys=True, default=str)}
+    return {prefix[:-1]: node}
+
+
+def _load_config(path: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(path)
+    return _flatten(OmegaConf.to_container(cfg, resolve=False))
+
+
+def _read_curve(path: Path) -> tuple[list[tuple[int, float]], int | None]:
+    """(step, normalised score) at each evaluation, and the last logged step."""
+    curve, last = [], None
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                step = int(float(row["step"]))
+            except (KeyError, TypeError, ValueError):
+                continue
+            last = step if last is None else max(last, step)
+            value = (row.get("normalized_score") or "").strip()
+            if value:
+                try:
+                    score = float(value)
+                except ValueError:
+                    continue
+                if math.isfinite(score):
+                    curve.append((step, score))
+    return curve, last
+
+
+def _as_int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def read_run(path: Path) -> Run:
+    """Read one run directory; never raises for damaged or partial files."""
+    run = Run(path=path, status="incomplete")
+    notes = []
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        config_file = path / ".hydra" / "config.yaml"  # written by Hydra before training starts
+    if config_file.is_file():
+        try:
+            run.config = _load_config(config_file)
+        except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not raised
+            notes.append(f"unreadable {config_file.name} ({type(exc).__name__})")
+    run.recipe = run.config.get("recipe")
+    run.dataset = run.config.get("dataset.id")
+    run.seed = _as_int(run.config.get("seed"))
+    run.steps = _as_int(run.config.get("train.steps"))
+
+    metrics = path / "metrics.csv"
+    if metrics.is_file():
+        try:
+            run.curve, run.last_step = _read_curve(metrics)
+        except Exception as exc:  # noqa: BLE001
+            notes.append(f"unreadable metrics.csv ({type(exc).__name__})")
+
+    result_file = path / "result.json"
+    if result_file.is_file():
+        run.mtime = result_file.stat().st_mtime
+        try:
+            result = json.loads(result_file.read_text())
+            if not isinstance(result, dict):
+                raise ValueError("not a JSON object")
+        except Exception as exc:  # noqa: BLE001
+            run.status = "failed"
+            notes.append(f"unreadable result.json ({type(exc).__name__}: {exc})")
+        else:
+            run.recipe = result.get("recipe", run.recipe)
+            run.dataset = result.get("dataset_id", run.dataset)
+            run.seed = _as_int(result.get("seed", run.seed))
+            run.steps = _as_int(result.get("steps", run.steps))
+            score = result.get("normalized_score")
+            if isinstance(score, int | float) and math.isfinite(score):
+                run.status = "complete"
+                run.score = float(score)
+            else:
+                run.status = "no score"
+                notes.append(
+                    "result.json has no normalised score (no evaluation: train.eval_episodes=0, "
+                    "no evaluation environment, or no reference scores)"
+                )
+    else:
+        run.mtime = max((p.stat().st_mtime for p in path.iterdir()), default=0.0)
+        progress = f"last logged step {run.last_step}" if run.last_step else "no metrics yet"
+        if run.steps:
+            progress += f" of {run.steps}"
+        notes.append(f"no result.json: still running, or stopped/failed ({progress})")
+    if run.seed is None or run.recipe is None or run.dataset is None:
+        known = {"recipe": run.recipe, "dataset": run.dataset, "seed": run.seed}
+        missing = [name for name, value in known.items() if value is None]
+        if run.status == "complete":
+            run.status = "failed"
+        notes.append(f"{', '.join(missing)} unknown (no readable result.json or config.yaml)")
+    run.note = "; ".join(notes)
+    return run
+
+
+def _is_run_dir(path: Path, files: Iterable[str], dirs: Iterable[str]) -> bool:
+    names = set(files)
+    if names & {"result.json", "metrics.csv"}:
+        return True
+    if "config.yaml" in names and path.name not in SKIP_DIRS:
+        return True
+    # Hydra made the folder and the job stopped before training wrote anything
+    return ".hydra" in set(dirs) and "multirun.yaml" not in names
+
+
+def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
+    """Every run directory under ``dirs`` (a run directory itself counts), in path order."""
+    runs: list[Run] = []
+    seen: set[Path] = set()
+    for given in dirs:
+        root = Path(given)
+        if not root.is_dir():
+            raise ConfigError(
+                f"{given} is not a directory; pass folders that hold run directories (e.g. "
+                "runs/ or a sweep's runs/multirun/<time>)"
+            )
+        for current, subdirs, files in os.walk(root):
+            here = Path(current)
+            subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS)
+            if not _is_run_dir(here, files, subdirs):
+                continue
+            subdirs[:] = []  # runs are not nested
+            key = here.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            run = read_run(here)
+            run.shown_path = str(here)
+            runs.append(run)
+    return runs
+
+
+def _is_bookkeeping(key: str) -> bool:
+    return (
+        key in BOOKKEEPING_KEYS
+        or key.startswith(BOOKKEEPING_PREFIXES)
+        or "resume" in key.split(".")[-1]
+    )
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def assign_labels(runs: list[Run]) -> None:
+    """Label = recipe, plus the settings that tell its runs apart on some dataset."""
+    groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.recipe is not None and run.dataset is not None and run.config:
+            groups[(run.recipe, run.dataset)].append(run)
+    variant_keys: dict[str, set[str]] = defaultdict(set)
+    for (recipe, _), members in groups.items():
+        members = [m for m in members if m.status == "complete"]  # resolved config.yaml
+        keys = set().union(*(m.config for m in members))
+        for key in keys:
+            if _is_bookkeeping(key):
+                continue
+            values = {json.dumps(m.config.get(key), default=str) for m in members}
+            if len(values) > 1:
+                variant_keys[recipe].add(key)
+    for run in runs:
+        label = str(run.recipe) if run.recipe is not None else "?"
+        keys = sorted(variant_keys.get(run.recipe, ()))
+        if keys and run.config:
+            label += "[" + ",".join(f"{k}={_fmt_value(run.config.get(k))}" for k in keys) + "]"
+        run.label = label
+
+
+def drop_duplicates(runs: list[Run]) -> None:
+    """Of complete runs with the same label, dataset and seed, the newest counts."""
+    latest: dict[tuple[str, str, int], Run] = {}
+    for run in runs:
+        if run.status != "complete":
+            continue
+        key = (run.label, run.dataset, run.seed)
+        if key not in latest or run.mtime > latest[key].mtime:
+            latest[key] = run
+    for run in runs:
+        if run.status == "complete":
+            keep = latest[(run.label, run.dataset, run.seed)]
+            if keep is not run:
+                run.status = "superseded"
+                run.note = f"same recipe, dataset and seed as the newer {keep.shown_path}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Numbers
+
+
+@dataclass
+class Cell:
+    """The final scores of one label on one dataset."""
+
+    label: str
+    recipe: str
+    dataset: str
+    runs: list[Run]
+
+    @property
+    def seeds(self) -> list[int]:
+        return [r.seed for r in self.runs]
+
+    @property
+    def scores(self) -> np.ndarray:
+        return np.array([r.score for r in self.runs], dtype=float)
+
+    @property
+    def steps(self) -> str:
+        values = sorted({r.steps for r in self.runs if r.steps is not None})
+        if not values:
+            return ""
+        return str(values[0]) if len(values) == 1 else f"{values[0]}-{values[-1]}"
+
+    def summary(self) -> dict[str, Any]:
+        s = self.scores
+        return {
+            "recipe": self.label,
+            "dataset": self.dataset,
+            "seeds": len(s),
+            "seed_list": " ".join(str(x) for x in self.seeds),
+            "steps": self.steps,
+            "score_mean": float(s.mean()),
+            "score_std": float(s.std(ddof=1)) if len(s) > 1 else float("nan"),
+            "score_min": float(s.min()),
+            "score_max": float(s.max()),
+        }
+
+
+def build_cells(runs: list[Run]) -> dict[tuple[str, str], Cell]:
+    cells: dict[tuple[str, str], Cell] = {}
+    for run in sorted(runs, key=lambda r: (r.label, r.dataset or "", r.seed or 0)):
+        if run.status != "complete":
+            continue
+        key = (run.label, run.dataset)
+        if key not in cells:
+            cells[key] = Cell(run.label, run.recipe, run.dataset, [])
+        cells[key].runs.append(run)
+    return cells
+
+
+def aggregate_metrics(scores: np.ndarray) -> np.ndarray:
+    """[mean, median, IQM, optimality gap] of a (runs x datasets) matrix of normalised scores.
+
+    As rliable defines them: mean and median over datasets of the per-dataset mean; IQM = mean
+    of the middle 50% of all run x dataset scores; optimality gap = mean of max(100 - score, 0).
+    """
+    from rliable import metrics
+
+    return np.array(
+        [
+            metrics.aggregate_mean(scores),
+            metrics.aggregate_median(scores),
+            metrics.aggregate_iqm(scores),
+            metrics.aggregate_optimality_gap(scores, gamma=OPTIMAL_SCORE),
+        ]
+    )
+
+
+@dataclass
+class Aggregate:
+    labels: list[str]
+    datasets: list[str]
+    seeds_per_dataset: dict[str, int]
+    point: dict[str, np.ndarray]
+    low: dict[str, np.ndarray]
+    high: dict[str, np.ndarray]
+    notes: list[str]
+
+
+def _score_matrix(cells: dict, label: str, datasets: list[str]) -> tuple[np.ndarray, bool]:
+    """(runs x datasets); with unequal seed counts, the k lowest seeds of each dataset."""
+    per = [cells[(label, d)].scores for d in datasets]
+    k = min(len(s) for s in per)
+    return np.stack([s[:k] for s in per], axis=1), any(len(s) != k for s in per)
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """rliable's bootstrap draws from NumPy's global RNG (it ignores its random_state
+    argument), so seed that for a reproducible report and restore it afterwards."""
+    state = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(state)
+
+
+def compute_aggregate(
+    cells: dict[tuple[str, str], Cell], *, reps: int, seed: int, ci: float = 0.95
+) -> Aggregate | None:
+    from rliable import library
+
+    labels = sorted({label for label, _ in cells})
+    datasets = sorted({d for _, d in cells})
+    notes = []
+    covered = [lb for lb in labels if all((lb, d) in cells for d in datasets)]
+    if covered != labels:
+        if covered:
+            left = [lb for lb in labels if lb not in covered]
+            notes.append(f"left out of the aggregate (not run on every dataset): {', '.join(left)}")
+        else:  # nobody covers everything: use the datasets they all share
+            common = [d for d in datasets if all((lb, d) in cells for lb in labels)]
+            if not common:
+                return None
+            notes.append(
+                "aggregate over the datasets every recipe was run on; left out: "
+                + ", ".join(d for d in datasets if d not in common)
+            )
+            datasets, covered = common, labels
+    matrices, per_dataset = {}, {}
+    for label in covered:
+        matrix, trimmed = _score_matrix(cells, label, datasets)
+        matrices[label] = matrix
+        per_dataset[label] = matrix.shape[0]
+        if trimmed:
+            notes.append(
+                f"{label}: unequal seed counts across datasets; the aggregate uses the "
+                f"{matrix.shape[0]} lowest seeds of each dataset"
+            )
+    with _seeded(seed):
+        point, intervals = library.get_interval_estimates(
+            matrices, aggregate_metrics, reps=reps, confidence_interval_size=ci
+        )
+    return Aggregate(
+        labels=covered,
+        datasets=datasets,
+        seeds_per_dataset=per_dataset,
+        point={k: np.asarray(v, dtype=float) for k, v in point.items()},
+        low={k: np.asarray(v, dtype=float)[0] for k, v in intervals.items()},
+        high={k: np.asarray(v, dtype=float)[1] for k, v in intervals.items()},
+        notes=notes,
+    )
+
+
+def resolve_compare(names: Sequence[str], runs: list[Run]) -> list[str]:
+    """Recipe names or labels given to --compare -> labels of complete runs."""
+    labels = sorted({r.label for r in runs if r.status == "complete"})
+    by_recipe: dict[str, list[str]] = defaultdict(list)
+    for r in runs:
+        if r.status == "complete" and r.label not in by_recipe[r.recipe]:
+            by_recipe[r.recipe].append(r.label)
+    out = []
+    for name in names:
+        if name in labels:
+            out.append(name)
+        elif name in by_recipe and len(by_recipe[name]) == 1:
+            out.append(by_recipe[name][0])
+        elif name in by_recipe:
+            raise ConfigError(
+                f"recipe {name!r} in --compare has several variants in these runs "
+                f"({', '.join(sorted(by_recipe[name]))}); name one of them"
+            )
+        else:
+            raise ConfigError(
+                f"unknown recipe {name!r} in --compare; the complete runs hold "
+                f"{', '.join(labels) or 'none'}"
+            )
+    if len(set(out)) < 2:
+        raise ConfigError(
+            "--compare needs at least two different recipes, e.g. --compare divo td3bc"
+        )
+    return out
+
+
+def paired_differences(cells: dict, a: str, b: str) -> list[dict[str, Any]]:
+    """Per dataset: score(a, seed) - score(b, seed) over the seeds both have."""
+    rows = []
+    for dataset in sorted({d for _, d in cells}):
+        if (a, dataset) not in cells or (b, dataset) not in cells:
+            continue
+        sa = {r.seed: r.score for r in cells[(a, dataset)].runs}
+        sb = {r.seed: r.score for r in cells[(b, dataset)].runs}
+        seeds = sorted(set(sa) & set(sb))
+        if not seeds:
+            continue
+        diff = np.array([sa[s] - sb[s] for s in seeds])
+        rows.append(
+            {
+                "dataset": dataset,
+                "a": a,
+                "b": b,
+                "pairs": len(seeds),
+                "seed_list": " ".join(str(s) for s in seeds),
+                "diff_mean": float(diff.mean()),
+                "diff_std": float(diff.std(ddof=1)) if len(diff) > 1 else float("nan"),
+                "diff_min": float(diff.min()),
+                "diff_max": float(diff.max()),
+                "a_better": int((diff > 0).sum()),
+                "b_better": int((diff < 0).sum()),
+                "diffs": " ".join(f"{d:.6g}" for d in diff),
+            }
+        )
+    return rows
+
+
+def probability_of_improvement(
+    cells: dict, a: str, b: str, *, reps: int, seed: int, ci: float = 0.95
+) -> tuple[float, float, float, int] | None:
+    """rliable's P(a > b) averaged over the datasets both were run on, with its 95% CI."""
+    from rliable import library, metrics
+
+    datasets = sorted(d for _, d in cells if (a, d) in cells and (b, d) in cells)
+    datasets = sorted(set(datasets))
+    if not datasets:
+        return None
+    xa, _ = _score_matrix(cells, a, datasets)
+    xb, _ = _score_matrix(cells, b, datasets)
+    with _seeded(seed):
+        point, interval = library.get_interval_estimates(
+            {"p": [xa, xb]},
+            lambda x, y: np.array([metrics.probability_of_improvement(x, y)]),
+            reps=reps,
+            confidence_interval_size=ci,
+        )
+    iv = np.asarray(interval["p"], dtype=float).reshape(2, -1)
+    return float(np.asarray(point["p"]).ravel()[0]), float(iv[0, 0]), float(iv[1, 0]), len(datasets)
+
+
+def curve_band(
+    curves: list[list[tuple[int, float]]], *, reps: int, seed: int, ci: float = 0.95
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Steps, mean over runs and a percentile-bootstrap CI of that mean, at every step."""
+    by_step: dict[int, list[float]] = defaultdict(list)
+    for curve in curves:
+        for step, score in curve:
+            by_step[step].append(score)
+    steps = np.array(sorted(by_step), dtype=float)
+    rng = np.random.default_rng(seed)
+    mean, low, high = [], [], []
+    for step in sorted(by_step):
+        values = np.asarray(by_step[step])
+        mean.append(values.mean())
+        if len(values) > 1:
+            boot = values[rng.integers(0, len(values), size=(reps, len(values)))].mean(axis=1)
+            low.append(np.quantile(boot, (1 - ci) / 2))
+            high.append(np.quantile(boot, 1 - (1 - ci) / 2))
+        else:
+            low.append(values[0])
+            high.append(values[0])
+    return steps, np.array(mean), np.array(low), np.array(high)
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures (matplotlib's object API: no pyplot, no global state)
+
+
+def _colors(labels: Sequence[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {label: cmap(i % 10) for i, label in enumerate(labels)}
+
+
+def plot_learning_curves(
+    runs: list[Run], labels: list[str], path: Path, *, reps: int, seed: int
+) -> bool:
+    from matplotlib.figure import Figure
+
+    datasets = sorted({r.dataset for r in runs if r.status == "complete" and r.curve})
+    if not datasets:
+        return False
+    colors = _colors(labels)
+    ncols = min(3, len(datasets))
+    nrows = math.ceil(len(datasets) / ncols)
+    fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, dataset in zip(axes, datasets, strict=False):
+        for label in labels:
+            curves = [
+                r.curve
+                for r in runs
+                if r.status == "complete" and r.label == label and r.dataset == dataset and r.curve
+            ]
+            if not curves:
+                continue
+            steps, mean, low, high = curve_band(curves, reps=reps, seed=seed)
+            ax.plot(steps, mean, color=colors[label], label=f"{label} ({len(curves)} seeds)")
+            ax.fill_between(steps, low, high, color=colors[label], alpha=0.2, linewidth=0)
+        ax.set_title(dataset, fontsize="medium")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("normalised score")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    for ax in axes[len(datasets) :]:
+        ax.set_visible(False)
+    fig.suptitle("Normalised score during training: mean over seeds, 95% bootstrap CI")
+    fig.savefig(path, dpi=90)
+    return True
+
+
+def plot_aggregate(agg: Aggregate, path: Path, colors: dict[str, Any]) -> None:
+    from matplotlib.figure import Figure
+
+    n = len(agg.labels)
+    fig = Figure(figsize=(3.0 * len(METRICS), 0.9 + 0.45 * n), layout="constrained")
+    axes = fig.subplots(1, len(METRICS), sharey=True)
+    for m, (ax, metric) in enumerate(zip(axes, METRICS, strict=True)):
+        for i, label in enumerate(agg.labels):
+            lo, hi = agg.low[label][m], agg.high[label][m]
+            ax.barh(i, max(hi - lo, 1e-9), left=lo, height=0.6, color=colors[label], alpha=0.75)
+            ax.vlines(agg.point[label][m], i - 0.3, i + 0.3, color="black")
+        ax.set_title(METRIC_TITLES[metric] + (" (lower is better)" if m == 3 else ""), fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel("normalised score", fontsize=8)
+    axes[0].set_yticks(range(n), agg.labels)
+    axes[0].invert_yaxis()
+    fig.suptitle(
+        f"Aggregate over {len(agg.datasets)} datasets, 95% stratified-bootstrap CIs", fontsize=10
+    )
+    fig.savefig(path, dpi=90)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+
+
+def _num(x: float | None, digits: int = 1) -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "n/a"
+    return f"{x:.{digits}f}"
+
+
+def _csv_value(x: Any) -> Any:
+    if isinstance(x, float):
+        return "" if not math.isfinite(x) else f"{x:.6g}"
+    return "" if x is None else x
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(fields), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: _csv_value(row.get(k)) for k in fields})
+
+
+def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+    return out
+
+
+def _ci_text(point: float, low: float, high: float) -> str:
+    return f"{point:.1f} [{low:.1f}, {high:.1f}]"
+
+
+@dataclass
+class Report:
+    out_dir: Path
+    runs: list[Run]
+    files: list[Path]
+
+
+def make_report(
+    dirs: Sequence[str | Path],
+    out_dir: str | Path | None = None,
+    *,
+    compare: Sequence[str] | None = None,
+    reps: int = 2000,
+    seed: int = 0,
+    figures: bool = True,
+    command: str | None = None,
+) -> Report:
+    """Build the report (see the module docstring); returns where it went and the runs found."""
+    if not dirs:
+        raise ConfigError("divo report needs at least one directory, e.g. divo report runs/")
+    if reps < 10:
+        raise ConfigError(f"--reps={reps} is too few bootstrap samples; use at least 1000")
+    try:
+        import rliable.library  # noqa: F401
+        from matplotlib.figure import Figure  # noqa: F401
+    except ImportError as exc:
+        raise DivoError(
+            f"divo report needs the report extra ({exc.name} is missing): "
+            'pip install -e ".[report]"'
+        ) from None
+
+    runs = find_runs(dirs)
+    if not runs:
+        raise ConfigError(
+            f"no runs found under {', '.join(map(str, dirs))}; a run directory holds result.json, "
+            "config.yaml and metrics.csv (as `divo train` writes them)"
+        )
+    assign_labels(runs)
+    drop_duplicates(runs)
+    cells = build_cells(runs)
+    compare_labels = resolve_compare(compare, runs) if compare else []
+    if not cells:
+        raise ConfigError(
+            f"none of the {len(runs)} runs under {', '.join(map(str, dirs))} has finished with a "
+            "normalised score (see runs.csv); wait for them or check their logs"
+        )
+    out = Path(out_dir) if out_dir is not None else Path(dirs[0]) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    files: list[Path] = []
+
+    labels = sorted({lb for lb, _ in cells})
+    summaries = [cells[k].summary() for k in sorted(cells, key=lambda k: (k[1], k[0]))]
+    write_csv(
+        out / "scores.csv",
+        summaries,
+        [
+            "recipe",
+            "dataset",
+            "seeds",
+            "seed_list",
+            "steps",
+            "score_mean",
+            "score_std",
+            "score_min",
+            "score_max",
+        ],
+    )
+    files.append(out / "scores.csv")
+
+    run_rows = [
+        {
+            "run": r.shown_path,
+            "status": r.status,
+            "recipe": r.label or r.recipe,
+            "dataset": r.dataset,
+            "seed": r.seed,
+            "steps": r.steps,
+            "last_logged_step": r.last_step,
+            "normalized_score": r.score,
+            "note": r.note,
+        }
+        for r in runs
+    ]
+    write_csv(out / "runs.csv", run_rows, list(run_rows[0]))
+    files.append(out / "runs.csv")
+
+    agg = compute_aggregate(cells, reps=reps, seed=seed)
+    if agg is not None:
+        agg_rows = [
+            {
+                "recipe": label,
+                "metric": metric,
+                "estimate": float(agg.point[label][m]),
+                "ci_low": float(agg.low[label][m]),
+                "ci_high": float(agg.high[label][m]),
+                "datasets": len(agg.datasets),
+                "seeds_per_dataset": agg.seeds_per_dataset[label],
+            }
+            for label in agg.labels
+            for m, metric in enumerate(METRICS)
+        ]
+        write_csv(out / "aggregate.csv", agg_rows, list(agg_rows[0]))
+        files.append(out / "aggregate.csv")
+
+    pairs: list[dict[str, Any]] = []
+    improvements = []
+    for other in compare_labels[1:]:
+        a = compare_labels[0]
+        pairs += paired_differences(cells, a, other)
+        poi = probability_of_improvement(cells, a, other, reps=reps, seed=seed)
+        if poi is not None:
+            improvements.append((a, other, *poi))
+    if compare_labels:
+        write_csv(
+            out / "paired.csv",
+            pairs,
+            [
+                "dataset",
+                "a",
+                "b",
+                "pairs",
+                "seed_list",
+                "diff_mean",
+                "diff_std",
+                "diff_min",
+                "diff_max",
+                "a_better",
+                "b_better",
+                "diffs",
+            ],
+        )
+        files.append(out / "paired.csv")
+
+    curves_png = aggr_png = None
+    if figures:
+        if plot_learning_curves(runs, labels, out / "learning_curves.png", reps=reps, seed=seed):
+            curves_png = out / "learning_curves.png"
+            files.append(curves_png)
+        if agg is not None:
+            aggr_png = out / "aggregate_intervals.png"
+            plot_aggregate(agg, aggr_png, _colors(labels))
+            files.append(aggr_png)
+
+    # ------------------------------------------------------------------ Markdown
+    counts = defaultdict(int)
+    for r in runs:
+        counts[r.status] += 1
+    status_txt = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    md = ["# divo report", ""]
+    if command:
+        md += [f"Made by `{command}`.", ""]
+    md += [
+        f"Runs under {', '.join(f'`{d}`' for d in dirs)}: {len(runs)} found ({status_txt}).",
+        "",
+        "## Final normalised score per recipe and dataset",
+        "",
+        "Normalised score = 100 (R - R_min) / (R_max - R_min) of the final evaluation of each run "
+        "(`result.json`), mean +- sample standard deviation over seeds.",
+        "",
+    ]
+    md += _md_table(
+        ["recipe", "dataset", "seeds", "steps", "score (mean +- std)", "min", "max"],
+        [
+            [
+                s["recipe"],
+                s["dataset"],
+                s["seeds"],
+                s["steps"],
+                f"{_num(s['score_mean'])} +- {_num(s['score_std'])}",
+                _num(s["score_min"]),
+                _num(s["score_max"]),
+            ]
+            for s in summaries
+        ],
+    )
+    md += ["", "## Aggregate over datasets", ""]
+    if agg is None:
+        md += ["No aggregate: the recipes share no dataset.", ""]
+    else:
+        seeds_txt = ", ".join(f"{lb}: {n}" for lb, n in agg.seeds_per_dataset.items())
+        md += [
+            f"Over {len(agg.datasets)} datasets ({', '.join(agg.datasets)}); seeds per dataset: "
+            f"{seeds_txt}. Point estimates with 95% stratified-bootstrap confidence intervals "
+            f"(rliable, {reps} resamples, percentile method). Mean and median are over datasets "
+            "of the per-dataset mean; IQM is the mean of the middle 50% of all run x dataset "
+            "scores; optimality gap is the mean of max(100 - score, 0) (lower is better).",
+            "",
+        ]
+        md += _md_table(
+            ["recipe", *[METRIC_TITLES[m] for m in METRICS]],
+            [
+                [label]
+                + [
+                    _ci_text(agg.point[label][m], agg.low[label][m], agg.high[label][m])
+                    for m in range(len(METRICS))
+                ]
+                for label in agg.labels
+            ],
+        )
+        md += [""] + [f"Note: {n}." for n in agg.notes] + ([""] if agg.notes else [])
+        if aggr_png:
+            md += [f"![aggregate metrics]({aggr_png.name})", ""]
+    if compare_labels:
+        md += [
+            "## Paired differences",
+            "",
+            "Final normalised score of the first recipe minus the other's, on the same seeds "
+            "(mean +- sample std over the seed pairs).",
+            "",
+        ]
+        md += _md_table(
+            ["dataset", "difference", "pairs", "mean +- std", "min", "max", "first better"],
+            [
+                [
+                    p["dataset"],
+                    f"{p['a']} - {p['b']}",
+                    p["pairs"],
+                    f"{_num(p['diff_mean'])} +- {_num(p['diff_std'])}",
+                    _num(p["diff_min"]),
+                    _num(p["diff_max"]),
+                    f"{p['a_better']}/{p['pairs']}",
+                ]
+                for p in pairs
+            ],
+        )
+        if not pairs:
+            md += ["", "No dataset has runs of both with the same seed."]
+        for a, b, p, lo, hi, n in improvements:
+            md += [
+                "",
+                f"Probability of improvement P({a} > {b}) over {n} datasets (rliable): "
+                f"{p:.2f} [{lo:.2f}, {hi:.2f}] (95% CI).",
+            ]
+        md += [""]
+    if curves_png:
+        md += ["## Learning curves", "", f"![learning curves]({curves_png.name})", ""]
+    others = [r for r in runs if r.status != "complete"]
+    md += ["## Runs left out", ""]
+    if others:
+        md += _md_table(
+            ["run", "status", "recipe", "dataset", "seed", "note"],
+            [
+                [f"`{r.shown_path}`", r.status, r.label or r.recipe, r.dataset, r.seed, r.note]
+                for r in others
+            ],
+        )
+    else:
+        md += ["None: every run found finished with a score."]
+    md += [
+        "",
+        "Files: " + ", ".join(f"[{p.name}]({p.name})" for p in files) + ".",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(md))
+    files.insert(0, out / "report.md")
+    return Report(out_dir=out, runs=runs, files=files)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line through divo's error path, not argparse's exit
+        raise ConfigError(f"divo report: {message}; see divo report --help")
+
+
+def main(argv: Sequence[str]) -> int:
+    parser = _Parser(
+        prog="divo report",
+        description="Tables, aggregate metrics with bootstrap CIs and figures from finished runs.",
+    )
+    parser.add_argument("dirs", nargs="+", help="folders holding run directories (searched)")
+    parser.add_argument("--out", help="output folder (default: <first dir>/report)")
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        metavar="RECIPE",
+        help="paired differences of the first recipe against each other one (by seed)",
+    )
+    parser.add_argument(
+        "--reps", type=int, default=2000, help="bootstrap resamples (default 2000; rliable: 50000)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    ns = parser.parse_args(list(argv))
+    command = "divo report " + " ".join(argv)
+    report = make_report(
+        ns.dirs,
+        ns.out,
+        compare=ns.compare,
+        reps=ns.reps,
+        seed=ns.seed,
+        figures=not ns.no_figures,
+        command=command,
+    )
+    counts = defaultdict(int)
+    for r in report.runs:
+        counts[r.status] += 1
+    left = sum(n for s, n in counts.items() if s != "complete")
+    print(
+        f"divo: report on {len(report.runs)} runs ({counts['complete']} complete"
+        + (f", {left} left out: see runs.csv" if left else "")
+        + f") -> {report.out_dir / 'report.md'}"
+    )
+    return 0

@@ -1,0 +1,160 @@
+"""Time the training step of each recipe, in one process and one run, and print ratios.
+
+    python benchmarks/bench_step.py [--recipes divo soft_weight td3bc] [--device auto]
+                                    [--steps 300] [--warmup 50] [--json out.json]
+
+Data: a synthetic Hopper-sized TED dataset (observation 11, action 3, 100k transitions) on the
+training device, sampled through the same TorchRL replay buffer as training uses, so the
+numbers measure the update and the sampling, not data loading. Reported:
+  * steps/s of each recipe and its step cost relative to td3bc (measured in the same run);
+  * the deployable actor's inference latency against sampling the behaviour model once
+    (DIVO's test-time advantage over a diffusion policy), batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from tensordict import TensorDict
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+from divo.agents.builder import build_agent
+from divo.agents.runtime import resolve_device
+from divo.cli import available_recipes, compose_recipe
+
+OBS, ACT, N = 11, 3, 100_000
+
+
+def synthetic_data(device: torch.device, batch_size: int) -> TensorDictReplayBuffer:
+    g = torch.Generator().manual_seed(0)
+    td = TensorDict(
+        {
+            "observation": torch.randn(N, OBS, generator=g),
+            "action": torch.rand(N, ACT, generator=g) * 2 - 1,
+            "next": {
+                "observation": torch.randn(N, OBS, generator=g),
+                "reward": torch.randn(N, 1, generator=g),
+                "terminated": torch.rand(N, 1, generator=g) < 0.01,
+                "truncated": torch.zeros(N, 1, dtype=torch.bool),
+                "done": torch.zeros(N, 1, dtype=torch.bool),
+            },
+        },
+        batch_size=[N],
+    )
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(N, device=device), batch_size=batch_size)
+    rb.extend(td.to(device))
+    return rb
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(agent, rb, device, steps: int, warmup: int) -> float:
+    for _ in range(warmup):
+        agent.update(rb.sample())
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        agent.update(rb.sample())
+    sync(device)
+    return steps / (time.perf_counter() - start)
+
+
+def latency_ms(fn, device, repeats: int = 200) -> float:
+    for _ in range(10):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--recipes", nargs="+", default=None)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    recipes = args.recipes or [
+        r for r in ("td3bc", "divo", "soft_weight") if r in available_recipes()
+    ]
+    if "td3bc" not in recipes:
+        recipes = ["td3bc", *recipes]
+
+    results: dict[str, dict] = {}
+    latency: dict[str, float] = {}
+    for recipe in recipes:
+        torch.manual_seed(0)
+        cfg = compose_recipe(recipe)
+        rb = synthetic_data(device, cfg.train.batch_size)
+        agent = build_agent(
+            cfg,
+            observation_dim=OBS,
+            action_dim=ACT,
+            obs_mean=torch.zeros(OBS),
+            obs_std=torch.ones(OBS),
+            device=device,
+        )
+        sps = time_steps(agent, rb, device, args.steps, args.warmup)
+        results[recipe] = {"steps_per_s": sps, "ms_per_step": 1e3 / sps}
+        print(f"{recipe:>14}: {sps:8.1f} steps/s  ({1e3 / sps:6.2f} ms/step)", flush=True)
+        obs1 = torch.zeros(1, OBS, device=device)
+        with torch.no_grad():
+            if "actor" not in latency:
+                latency["actor"] = latency_ms(partial(agent.policy.eval(), obs1), device)
+            model = agent.behavior_model
+            name = f"{type(model).__name__} sample"
+            if model is not None and name not in latency:
+                latency[name] = latency_ms(partial(model.sample, obs1), device)
+
+    base = results["td3bc"]["ms_per_step"]
+    print("\nstep cost relative to td3bc (same run):")
+    for recipe, r in results.items():
+        r["cost_vs_td3bc"] = r["ms_per_step"] / base
+        print(f"{recipe:>14}: {r['cost_vs_td3bc']:.2f}x")
+    print("\ninference latency, batch 1:")
+    for name, ms in latency.items():
+        print(f"{name:>14}: {ms:.3f} ms")
+    for name, ms in latency.items():
+        if name != "actor":
+            print(f"{name} / actor: {ms / latency['actor']:.1f}x")
+
+    report = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "recipes": results,
+        "latency_ms": latency,
+    }
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -227,8 +227,9 @@ def find_runs(dirs: Sequence[str | Path]) -> list[Run]:
             )
         for current, subdirs, files in os.walk(root):
             here = Path(current)
+            is_run = _is_run_dir(here, files, subdirs)
             subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS)
-            if not _is_run_dir(here, files, subdirs):
+            if not is_run:
                 continue
             subdirs[:] = []  # runs are not nested
             key = here.resolve()
@@ -588,7 +589,14 @@ def plot_learning_curves(
             if not curves:
                 continue
             steps, mean, low, high = curve_band(curves, reps=reps, seed=seed)
-            ax.plot(steps, mean, color=colors[label], label=f"{label} ({len(curves)} seeds)")
+            ax.plot(
+                steps,
+                mean,
+                color=colors[label],
+                marker="o",
+                markersize=3,
+                label=f"{label} ({len(curves)} seeds)",
+            )
             ax.fill_between(steps, low, high, color=colors[label], alpha=0.2, linewidth=0)
         ax.set_title(dataset, fontsize="medium")
         ax.set_xlabel("training step")

@@ -1,0 +1,244 @@
+"""`divo report` on synthetic run directories (result.json / metrics.csv / config.yaml written
+directly, no training): the numbers against hand computations, incomplete and broken runs,
+variants and duplicates, figures and one-line errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip(
+    "rliable", reason="divo report needs the report extra: pip install -e .[report]"
+)
+pytest.importorskip(
+    "matplotlib", reason="divo report needs the report extra: pip install -e .[report]"
+)
+
+from divo.cli import main  # noqa: E402
+
+REPS = ["--reps", "200"]  # few bootstrap resamples: the tests check numbers, not CI widths
+
+# Final normalised scores by recipe -> dataset -> seeds 0, 1, 2
+DIVO = {"env/a-v0": [10.0, 20.0, 60.0], "env/b-v0": [30.0, 40.0, 110.0], "env/c-v0": [90, 95, 100]}
+TD3BC = {"env/a-v0": [5.0, 25.0, 50.0], "env/b-v0": [30.0, 30.0, 30.0], "env/c-v0": [80, 85, 90]}
+
+
+def write_run(
+    root: Path,
+    recipe: str,
+    dataset: str,
+    seed: int,
+    score: float | None,
+    *,
+    steps: int = 100,
+    alpha: float = 2.5,
+    result: bool = True,
+    name: str | None = None,
+) -> Path:
+    """A run directory as `divo train` leaves it (config.yaml, metrics.csv, result.json)."""
+    run = root / recipe / dataset.replace("/", "-") / (name or f"seed{seed}")
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(
+        f"seed: {seed}\ndevice: cpu\nrecipe: {recipe}\n"
+        f"dataset:\n  id: {dataset}\n  reward_scale: 1.0\n"
+        f"train:\n  steps: {steps}\n  eval_every: {steps // 2}\n  progress: false\n"
+        f"actor:\n  loss:\n    alpha: {alpha}\n  hidden: [256, 256]\n"
+    )
+    final = score if score is not None else ""
+    half = 0.5 * score if score is not None else ""
+    (run / "metrics.csv").write_text(
+        "step,loss_critic,eval_return_mean,eval_return_std,normalized_score\n"
+        f"{steps // 4},1.0,,,\n{steps // 2},0.5,1.0,0.0,{half}\n{steps},0.25,2.0,0.0,{final}\n"
+    )
+    if result:
+        (run / "result.json").write_text(
+            json.dumps(
+                {
+                    "recipe": recipe,
+                    "dataset_id": dataset,
+                    "seed": seed,
+                    "steps": steps,
+                    "return_mean": 2.0,
+                    "return_std": 0.0,
+                    "normalized_score": score,
+                    "episodes": 10,
+                    "wall_clock_s": 1.0,
+                    "device": "cpu",
+                }
+            )
+        )
+    return run
+
+
+def write_grid(root: Path) -> None:
+    for recipe, table in (("divo", DIVO), ("td3bc", TD3BC)):
+        for dataset, scores in table.items():
+            for seed, score in enumerate(scores):
+                write_run(root, recipe, dataset, seed, float(score))
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+def report(args: list[str], capsys) -> tuple[int, str, str]:
+    code = main(["report", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_report_numbers_against_hand_computation(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    out = tmp_path / "rep"
+    code, stdout, err = report(
+        [str(runs), "--out", str(out), "--compare", "divo", "td3bc", *REPS], capsys
+    )
+    assert code == 0, err
+    assert "18 runs (18 complete)" in stdout
+
+    # per (recipe, dataset): mean and sample std (ddof 1) over the 3 seeds
+    scores = {(r["recipe"], r["dataset"]): r for r in read_csv(out / "scores.csv")}
+    a = scores[("divo", "env/a-v0")]
+    assert a["seeds"] == "3" and a["seed_list"] == "0 1 2" and a["steps"] == "100"
+    assert float(a["score_mean"]) == pytest.approx(30.0)
+    # deviations -20, -10, 30 -> sqrt((400 + 100 + 900) / 2)
+    assert float(a["score_std"]) == pytest.approx((1400 / 2) ** 0.5, rel=1e-5)
+    assert float(scores[("td3bc", "env/b-v0")]["score_std"]) == 0.0
+
+    # aggregate over the 3 datasets (rliable's definitions)
+    agg = {(r["recipe"], r["metric"]): r for r in read_csv(out / "aggregate.csv")}
+    divo = {m: float(agg[("divo", m)]["estimate"]) for m in ("mean", "median", "iqm")}
+    assert divo["mean"] == pytest.approx((30 + 60 + 95) / 3, rel=1e-5)  # mean of dataset means
+    assert divo["median"] == pytest.approx(60.0)  # median of dataset means 30, 60, 95
+    # IQM: the 9 scores sorted 10 20 | 30 40 60 90 95 | 100 110; trim 2 each side
+    assert divo["iqm"] == pytest.approx((30 + 40 + 60 + 90 + 95) / 5, rel=1e-5)
+    # optimality gap: 100 - mean(min(score, 100)); 110 counts as 100
+    clipped = [10, 20, 60, 30, 40, 100, 90, 95, 100]
+    gap = float(agg[("divo", "optimality_gap")]["estimate"])
+    assert gap == pytest.approx(100 - sum(clipped) / 9, rel=1e-5)
+    for row in agg.values():
+        assert float(row["ci_low"]) <= float(row["estimate"]) + 1e-9
+        assert float(row["estimate"]) <= float(row["ci_high"]) + 1e-9
+        assert row["datasets"] == "3" and row["seeds_per_dataset"] == "3"
+
+    # paired differences divo - td3bc by seed: env/a-v0 -> 5, -5, 10
+    paired = {r["dataset"]: r for r in read_csv(out / "paired.csv")}
+    pa = paired["env/a-v0"]
+    assert pa["a"] == "divo" and pa["b"] == "td3bc" and pa["pairs"] == "3"
+    assert float(pa["diff_mean"]) == pytest.approx(10 / 3, rel=1e-5)
+    # deviations 5/3, -25/3, 20/3 -> sqrt((25 + 625 + 400) / 9 / 2)
+    assert float(pa["diff_std"]) == pytest.approx((1050 / 9 / 2) ** 0.5, rel=1e-5)
+    assert pa["a_better"] == "2" and pa["b_better"] == "1"
+    assert float(paired["env/b-v0"]["diff_mean"]) == pytest.approx(30.0)
+
+    md = (out / "report.md").read_text()
+    assert "| divo | env/a-v0 | 3 | 100 | 30.0 +- 26.5 | 10.0 | 60.0 |" in md
+    assert "Probability of improvement P(divo > td3bc)" in md
+    assert "| env/a-v0 | divo - td3bc | 3 | 3.3 +- 7.6 |" in md
+    for png in ("learning_curves.png", "aggregate_intervals.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5_000
+        assert f"]({png})" in md
+
+
+def test_pairs_use_the_seeds_both_have_and_default_output_dir(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, score in ((0, 50.0), (1, 60.0), (3, 90.0)):
+        write_run(runs, "divo", "env/a-v0", seed, score)
+    for seed, score in ((1, 40.0), (0, 45.0), (2, 10.0)):
+        write_run(runs, "soft_weight", "env/a-v0", seed, score)
+    code, _, err = report([str(runs), "--compare", "divo", "soft_weight", *REPS], capsys)
+    assert code == 0, err
+    out = runs / "report"  # default: <first dir>/report
+    (row,) = read_csv(out / "paired.csv")
+    assert row["seed_list"] == "0 1" and row["diffs"] == "5 20"
+    assert float(row["diff_mean"]) == pytest.approx(12.5)
+
+
+def test_incomplete_failed_and_unscored_runs_are_listed(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    write_run(runs, "divo", "env/a-v0", 7, 50.0, result=False)  # still running
+    broken = write_run(runs, "divo", "env/a-v0", 8, 50.0)
+    (broken / "result.json").write_text('{"recipe": "divo", "seed": ')  # cut off mid-write
+    write_run(runs, "divo", "env/a-v0", 9, None)  # no evaluation
+    early = runs / "td3bc" / "env-a-v0" / "seed5"  # Hydra's folder, job died before training
+    (early / ".hydra").mkdir(parents=True)
+    (early / ".hydra" / "config.yaml").write_text(
+        "seed: 5\nrecipe: td3bc\ndataset:\n  id: env/a-v0\ntrain:\n  steps: 100\n"
+    )
+    (runs / "notes").mkdir()  # unrelated folders are ignored
+    out = tmp_path / "rep"
+    code, stdout, err = report([str(runs), "--out", str(out), *REPS, "--no-figures"], capsys)
+    assert code == 0, err
+    assert "22 runs (18 complete, 4 left out: see runs.csv)" in stdout
+    status = {(r["recipe"], r["seed"]): r for r in read_csv(out / "runs.csv")}
+    assert status[("divo", "7")]["status"] == "incomplete"
+    assert "last logged step 100 of 100" in status[("divo", "7")]["note"]
+    assert status[("divo", "9")]["status"] == "no score"
+    assert status[("td3bc", "5")]["status"] == "incomplete"
+    assert "no metrics yet of 100" in status[("td3bc", "5")]["note"]
+    (failed,) = [r for r in status.values() if r["status"] == "failed"]
+    assert "unreadable result.json" in failed["note"]
+    # the numbers use the complete runs only
+    scores = {(r["recipe"], r["dataset"]): r for r in read_csv(out / "scores.csv")}
+    assert scores[("divo", "env/a-v0")]["seeds"] == "3"
+    md = (out / "report.md").read_text()
+    assert "## Runs left out" in md and "no result.json: still running" in md
+    assert not (out / "learning_curves.png").exists()
+
+
+def test_variants_and_duplicates(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs, "divo", "env/a-v0", seed, 10.0 + seed, alpha=2.5, name=f"a2.5-s{seed}")
+        write_run(runs, "divo", "env/a-v0", seed, 50.0 + seed, alpha=7.5, name=f"a7.5-s{seed}")
+    old = write_run(runs, "td3bc", "env/a-v0", 0, 5.0, name="old")
+    new = write_run(runs, "td3bc", "env/a-v0", 0, 7.0, name="new")
+    os.utime(old / "result.json", (1_000_000, 1_000_000))
+    os.utime(new / "result.json", (2_000_000, 2_000_000))
+    out = tmp_path / "rep"
+    # a recipe with two variants must be named by its label
+    code, _, err = report([str(runs), "--out", str(out), "--compare", "divo", "td3bc"], capsys)
+    assert code == 2 and "several variants" in err and "divo[actor.loss.alpha=7.5]" in err
+    args = [str(runs), "--out", str(out), "--compare", "divo[actor.loss.alpha=7.5]", "td3bc"]
+    code, _, err = report([*args, *REPS, "--no-figures"], capsys)
+    assert code == 0, err
+    scores = {r["recipe"]: r for r in read_csv(out / "scores.csv")}
+    assert float(scores["divo[actor.loss.alpha=2.5]"]["score_mean"]) == pytest.approx(10.5)
+    assert float(scores["divo[actor.loss.alpha=7.5]"]["score_mean"]) == pytest.approx(50.5)
+    assert scores["td3bc"]["seeds"] == "1" and float(scores["td3bc"]["score_mean"]) == 7.0
+    superseded = [r for r in read_csv(out / "runs.csv") if r["status"] == "superseded"]
+    assert len(superseded) == 1 and superseded[0]["run"].endswith("old")
+    (row,) = read_csv(out / "paired.csv")
+    assert row["diffs"] == "43"
+
+
+def _one_line_error(args, capsys) -> str:
+    code, _, err = report(args, capsys)
+    assert code == 2
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("divo: error: "), err
+    return lines[0]
+
+
+def test_bad_input_gives_one_line(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "no runs found under" in _one_line_error([str(empty)], capsys)
+    assert "is not a directory" in _one_line_error([str(tmp_path / "nope")], capsys)
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    line = _one_line_error([str(runs), "--compare", "divo", "iql"], capsys)
+    assert "unknown recipe 'iql' in --compare" in line and "td3bc" in line
+    assert "at least two" in _one_line_error([str(runs), "--compare", "divo"], capsys)
+    assert "--reps" in _one_line_error([str(runs), "--reps", "many"], capsys)
+    pending = tmp_path / "pending"
+    write_run(pending, "divo", "env/a-v0", 0, 1.0, result=False)
+    assert "has finished with a normalised score" in _one_line_error([str(pending)], capsys)

@@ -8,7 +8,7 @@ One class serves DIVO, its ablations and TD3+BC: which parts exist is decided by
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from tensordict import TensorDictBase
@@ -83,6 +83,9 @@ class OfflineAgent(nn.Module):
         self.num_updates = 0  # a Python int: reading it never syncs with the device
         # Hydra config that rebuilds ``self.policy`` from its state_dict (set by the builder)
         self.policy_config: dict | None = None
+        # Optional: builds the deployable policy from the agent's parts instead of normaliser +
+        # actor (e.g. IDQL-style resampling over the behaviour model); set by the builder.
+        self.policy_factory: Callable[[OfflineAgent], nn.Module] | None = None
         self._check_parts()
         self._target_pairs = (
             list(self.critic_target.parameters()) + list(self.actor_target.parameters()),
@@ -113,8 +116,11 @@ class OfflineAgent(nn.Module):
         return [n for n, ok in zip(names, finite, strict=True) if not ok]
 
     @property
-    def policy(self) -> NormalizedPolicy:
-        """The deployable policy (raw observation -> action)."""
+    def policy(self) -> nn.Module:
+        """The deployable policy (raw observation -> action): normaliser + actor, unless the
+        builder set a ``policy_factory``."""
+        if self.policy_factory is not None:
+            return self.policy_factory(self)
         return NormalizedPolicy(self.normalizer, self.actor)
 
     def _step(self, name: str, loss: torch.Tensor) -> None:
@@ -166,6 +172,8 @@ class OfflineAgent(nn.Module):
         # 4. Behaviour model: per-sample loss weighted by the scheme (PAD: 1[A > 0]).
         if self.behavior_model is not None:
             weight = self.weighting(adv if adv is not None else torch.zeros_like(reward))
+            if hasattr(self.behavior_model, "set_training_step"):  # e.g. a noise curriculum
+                self.behavior_model.set_training_step(self.num_updates - 1)
             per_sample = self.behavior_model.per_sample_loss(action, obs, generator=generator)
             out = self.behavior_loss(per_sample, weight)
             self._step("behavior", out["loss_behavior"])

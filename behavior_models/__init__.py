@@ -1,6 +1,17 @@
 """Behaviour models: the protocol and its implementations."""
 
 from divo.behavior_models.base import BehaviorModel, as_policy_module, as_sampler_module
+from divo.behavior_models.consistency import ConsistencyModel
+from divo.behavior_models.cvae import CVAE
 from divo.behavior_models.ddpm import DDPM
+from divo.behavior_models.gaussian import GaussianBehavior
 
-__all__ = ["DDPM", "BehaviorModel", "as_policy_module", "as_sampler_module"]
+__all__ = [
+    "CVAE",
+    "DDPM",
+    "BehaviorModel",
+    "ConsistencyModel",
+    "GaussianBehavior",
+    "as_policy_module",
+    "as_sampler_module",
+]

@@ -5,7 +5,15 @@ import math
 import pytest
 import torch
 
-from divo.behavior_models import DDPM, BehaviorModel, as_policy_module, as_sampler_module
+from divo.behavior_models import (
+    CVAE,
+    DDPM,
+    BehaviorModel,
+    ConsistencyModel,
+    GaussianBehavior,
+    as_policy_module,
+    as_sampler_module,
+)
 from divo.behavior_models.schedules import DiffusionSchedule, vp_betas
 
 O, A = 3, 2  # noqa: E741 - observation and action sizes, as in the docstrings
@@ -14,6 +22,10 @@ O, A = 3, 2  # noqa: E741 - observation and action sizes, as in the docstrings
 MODEL_FACTORIES = {
     "ddpm": lambda: DDPM(O, A, hidden=(32, 32)),
     "ddpm_linear": lambda: DDPM(O, A, num_steps=3, schedule="linear", hidden=(32,)),
+    "cvae": lambda: CVAE(O, A, hidden=(32, 32)),
+    "consistency_1step": lambda: ConsistencyModel(O, A, hidden=(32, 32)),
+    "consistency_2step": lambda: ConsistencyModel(O, A, hidden=(32,), sample_sigmas=(80.0, 0.8)),
+    "gaussian": lambda: GaussianBehavior(O, A, hidden=(32,)),
 }
 
 
@@ -125,3 +137,155 @@ def test_ddpm_learns_a_two_mode_distribution():
     near_right = ((s - 0.6).abs() < 0.2).float().mean().item()
     assert near_left > 0.3 and near_right > 0.3, (near_left, near_right)
     assert near_left + near_right > 0.85
+
+
+# ----- CVAE ---------------------------------------------------------------------------------
+
+
+def test_cvae_loss_is_bcq_negative_elbo_per_sample():
+    """Per-sample loss = mean_A (a - dec(s, mu + std eps))^2 + 0.5 * mean_L KL, by hand."""
+    torch.manual_seed(0)
+    m = CVAE(O, A, hidden=(16,))
+    assert m.latent_dim == 2 * A and m.kl_weight == 0.5 and m.prior_clip == 0.5
+    obs, act = torch.randn(5, O), torch.rand(5, A) * 2 - 1
+    loss = m.per_sample_loss(act, obs, generator=torch.Generator().manual_seed(3))
+    out = m.encoder(torch.cat([obs, act], -1))
+    mean, log_std = out[:, : 2 * A], out[:, 2 * A :].clamp(-4, 15)
+    eps = torch.randn(5, 2 * A, generator=torch.Generator().manual_seed(3))
+    recon = m.decoder(torch.cat([obs, mean + log_std.exp() * eps], -1))
+    kl = 0.5 * (mean**2 + (2 * log_std).exp() - 1 - 2 * log_std)
+    expected = ((recon - act) ** 2).mean(-1) + 0.5 * kl.mean(-1)
+    torch.testing.assert_close(loss, expected)
+    # its batch mean is BCQ's vae_loss = mse(recon, a) + 0.5 * KL averaged over batch and dims
+    bcq = torch.nn.functional.mse_loss(recon, act) + 0.5 * kl.mean()
+    torch.testing.assert_close(loss.mean(), bcq)
+
+
+def test_cvae_samples_decode_clipped_prior_latents():
+    m = CVAE(O, A, hidden=(16,), prior_clip=0.5)
+    seen = []
+    m.decoder.register_forward_hook(lambda mod, inp, out: seen.append(inp[0][:, O:]))
+    m.sample(torch.randn(4, O), num_samples=50)
+    z = seen[0]
+    assert z.shape == (200, 2 * A) and z.abs().max() <= 0.5 and (z.abs() == 0.5).any()
+
+
+# ----- Gaussian -----------------------------------------------------------------------------
+
+
+def test_gaussian_loss_is_the_negative_log_likelihood():
+    m = GaussianBehavior(O, A, hidden=(16,))
+    obs, act = torch.randn(6, O), torch.rand(6, A) * 2 - 1
+    mean, std = m.distribution_parameters(obs)
+    nll = -torch.distributions.Normal(mean, std).log_prob(act).sum(-1)
+    torch.testing.assert_close(m.per_sample_loss(act, obs), nll)
+
+
+# ----- consistency model --------------------------------------------------------------------
+
+
+def count_network_calls(model, fn):
+    calls = []
+    handle = model.network.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        fn()
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+@pytest.mark.parametrize("sigmas", [(80.0,), (80.0, 0.3)])
+def test_consistency_samples_with_one_network_call_per_sampler_level(sigmas):
+    m = ConsistencyModel(O, A, hidden=(16,), sample_sigmas=sigmas)
+    obs = torch.randn(5, O)
+    out = []
+    calls = count_network_calls(m, lambda: out.append(m.sample(obs, num_samples=3)))
+    assert calls == len(sigmas)  # 1 call for one-step sampling, 2 for two-step
+    assert out[0].shape == (5, 3, A) and out[0].abs().max() <= 1
+
+
+def test_consistency_function_is_the_identity_at_sigma_min():
+    m = ConsistencyModel(O, A, hidden=(16,))
+    x, obs = torch.randn(4, A), torch.randn(4, O)
+    torch.testing.assert_close(m.denoise(x, torch.full((4,), m.sigma_min), obs), x)
+    assert not torch.allclose(m.denoise(x, torch.full((4,), 1.0), obs), x)
+
+
+def test_karras_levels_and_ict_curriculum_by_hand():
+    from divo.behavior_models.consistency import ict_num_noise_levels, karras_sigmas
+
+    s = karras_sigmas(11, 0.002, 80.0, 7.0)
+    assert s[0].item() == pytest.approx(0.002) and s[-1].item() == pytest.approx(80.0)
+    mid = (0.002 ** (1 / 7) + 0.5 * (80 ** (1 / 7) - 0.002 ** (1 / 7))) ** 7
+    assert s[5].item() == pytest.approx(mid)
+    assert (s[1:] > s[:-1]).all()
+    # iCT: s0 = 10, s1 = 1280 over K = 800 steps: log2(128) + 1 = 8 stages of 100 steps
+    assert [ict_num_noise_levels(k, 800, 10, 1280) for k in (0, 99, 100, 250, 699, 700, 10**6)] == [
+        11,
+        11,
+        21,
+        41,
+        641,
+        1281,
+        1281,
+    ]
+
+
+def test_consistency_loss_by_hand_and_teacher_gets_no_gradient():
+    """l = (1 / (s_hi - s_lo)) * pseudo_huber(f(a + s_hi z), sg[f(a + s_lo z)]) per sample."""
+    m = ConsistencyModel(O, A, hidden=(16,), noise_sampling="uniform")
+    obs, act = torch.randn(5, O), torch.rand(5, A) * 2 - 1
+    loss = m.per_sample_loss(act, obs, generator=torch.Generator().manual_seed(1))
+    g = torch.Generator().manual_seed(1)
+    sig, probs = m.noise_levels()
+    i = torch.multinomial(probs, 5, replacement=True, generator=g)
+    z = torch.randn(5, A, generator=g)
+    lo, hi = sig[i], sig[i + 1]
+    pred = m.denoise(act + hi[:, None] * z, hi, obs)
+    target = m.denoise(act + lo[:, None] * z, lo, obs)
+    c = 0.00054 * math.sqrt(A)
+    expected = (((pred - target) ** 2).sum(-1) + c**2).sqrt() - c
+    torch.testing.assert_close(loss, expected / (hi - lo))
+    # the gradient flows through the student branch only: equal to d/dtheta of pred alone
+    m.zero_grad()
+    loss.sum().backward()
+    grad_full = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    diff = pred - target.detach()
+    ((((diff**2).sum(-1) + c**2).sqrt() - c) / (hi - lo)).sum().backward()
+    for g1, g2 in zip(grad_full, (p.grad for p in m.parameters()), strict=True):
+        torch.testing.assert_close(g1, g2)
+
+
+def test_consistency_curriculum_is_set_by_the_caller_and_saved_as_state():
+    m = ConsistencyModel(O, A, hidden=(16,), curriculum_steps=800)
+    assert m.num_noise_levels == 11
+    for _ in range(3):  # the loss never advances it
+        m.per_sample_loss(torch.rand(4, A), torch.randn(4, O))
+    assert m.num_noise_levels == 11
+    m.set_training_step(250)
+    assert m.num_noise_levels == 41 and m.noise_levels()[0].shape == (41,)
+    fresh = ConsistencyModel(O, A, hidden=(16,), curriculum_steps=800)
+    fresh.load_state_dict(m.state_dict())
+    assert fresh.num_noise_levels == 41
+
+
+# ----- the four-mode bandit: who recovers the modes -------------------------------------------
+
+
+@pytest.mark.slow
+def test_ddpm_and_consistency_recover_the_four_bandit_modes_and_a_gaussian_does_not():
+    """Diffusion-QL's toy: four Gaussian modes at (+-0.8, +-0.8). Numbers: the share of 2,000
+    samples within 0.2 (4 std) of each mode (0.25 each for a perfect model)."""
+    from divo.bandit_study import TEST_FIT, fit_behavior_model, four_mode_data, mode_coverage
+
+    data = four_mode_data(4000, seed=0)
+    shares = {}
+    for name in ("ddpm", "consistency", "gaussian"):
+        model = fit_behavior_model(name, data, **TEST_FIT[name], seed=0)
+        with torch.no_grad():
+            samples = model.sample(torch.zeros(1, 1), 2000, torch.Generator().manual_seed(0))[0]
+        shares[name] = mode_coverage(samples)
+    assert min(shares["ddpm"]) > 0.1 and sum(shares["ddpm"]) > 0.7, shares
+    assert min(shares["consistency"]) > 0.1 and sum(shares["consistency"]) > 0.6, shares
+    assert max(shares["gaussian"]) < 0.05, shares

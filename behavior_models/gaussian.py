@@ -1,0 +1,77 @@
+"""A unimodal Gaussian behaviour model: the baseline that cannot represent several modes.
+
+pi_b(a | s) = N(mu(s), diag sigma(s)^2) from one MLP; trained by maximum likelihood. Samples are
+clipped to the action box [-1, 1]. On the four-mode bandit it puts its mean between the modes
+(see ``divo.bandit_study``), which is why the expressive models exist.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from divo.behavior_models.backbones import mlp
+from divo.behavior_models.base import BehaviorModel, flatten_batch
+
+
+class GaussianBehavior(BehaviorModel):
+    """State-conditional diagonal Gaussian of pi_b(a | s).
+
+    Args:
+        observation_dim, action_dim: sizes, filled in by the builder.
+        hidden, activation: MLP shape; the MLP outputs the mean and the log-std.
+        log_std_bounds: the log-std is clamped to this range.
+    """
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        log_std_bounds: Sequence[float] = (-5.0, 2.0),
+    ) -> None:
+        super().__init__(observation_dim, action_dim)
+        lo, hi = (float(b) for b in log_std_bounds)
+        if lo >= hi:
+            raise ValueError(f"log_std_bounds must be increasing, got {list(log_std_bounds)}")
+        self.log_std_bounds = (lo, hi)
+        self.network = mlp(observation_dim, 2 * action_dim, tuple(hidden), activation)
+
+    def distribution_parameters(
+        self, observation: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std of pi_b(. | s): [*B, O] -> ([*B, A], [*B, A])."""
+        mean, log_std = self.network(observation).chunk(2, dim=-1)
+        return mean, log_std.clamp(*self.log_std_bounds).exp()
+
+    def per_sample_loss(
+        self,
+        action: torch.Tensor,
+        observation: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Negative log-likelihood, summed over action dims: [*B, A], [*B, O] -> [*B]."""
+        mean, std = self.distribution_parameters(observation)
+        z = (action - mean) / std
+        return (0.5 * z.pow(2) + std.log() + 0.5 * math.log(2.0 * math.pi)).sum(-1)
+
+    def sample(
+        self,
+        observation: torch.Tensor,
+        num_samples: int = 1,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """mu + sigma * eps, clipped to [-1, 1]: [*B, O] -> [*B, N, A]."""
+        obs, batch_shape = flatten_batch(observation)
+        mean, std = self.distribution_parameters(obs)
+        eps = torch.randn(
+            (obs.shape[0], num_samples, self.action_dim),
+            device=obs.device,
+            dtype=obs.dtype,
+            generator=generator,
+        )
+        x = (mean.unsqueeze(1) + std.unsqueeze(1) * eps).clamp(-1.0, 1.0)
+        return x.reshape(*batch_shape, num_samples, self.action_dim)

@@ -3,6 +3,12 @@
 Every part is a config node with a ``_target_``. Parts that need sizes known only at run time
 (networks, behaviour models) are ``_partial_: true`` and receive ``observation_dim`` and
 ``action_dim`` here. A group left out of the recipe (``behavior_model: null``) is absent.
+
+The recipe's top-level ``algorithm`` key picks the agent class (``ALGORITHMS``): ``offline``
+(the default when absent: :class:`OfflineAgent`, for DIVO, its ablations and TD3+BC) or
+``diffusion_ql`` (:class:`DiffusionQLAgent`). Every agent gets a ``policy_config``: a
+self-contained Hydra config that rebuilds its deployable ``policy`` from the policy's
+``state_dict`` alone (what ``divo evaluate`` does with ``policy.pt``).
 """
 
 from __future__ import annotations
@@ -17,17 +23,19 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from divo.agents.agent import OfflineAgent
+from divo.agents.diffusion_ql import DiffusionQLAgent
 from divo.errors import ConfigError
 from divo.objectives.actor import ObservationNormalizer
 
 
-def make(node: Any, what: str, **sizes: int) -> Any:
-    """Instantiate a config node; call it with ``sizes`` when it is a partial."""
+def make(node: Any, what: str, *, keep_partial: bool = False, **sizes: int) -> Any:
+    """Instantiate a config node; call it with ``sizes`` when it is a partial (unless
+    ``keep_partial``: then return the partial, for parts built from other parts later)."""
     if node is None:
         return None
     try:
-        obj = instantiate(node, _convert_="all")
-        if isinstance(obj, functools.partial):
+        obj = instantiate(node, _convert_="all", **({"_partial_": True} if keep_partial else {}))
+        if isinstance(obj, functools.partial) and not keep_partial:
             obj = obj(**sizes)
     except (InstantiationException, TypeError, ValueError, ImportError) as exc:
         target = node.get("_target_", "?") if isinstance(node, Mapping) else "?"
@@ -51,8 +59,36 @@ def build_agent(
     obs_mean: torch.Tensor,
     obs_std: torch.Tensor,
     device: torch.device | str = "cpu",
+) -> OfflineAgent | DiffusionQLAgent:
+    """Instantiate the agent of the recipe's ``algorithm``, its parts and optimisers, on
+    ``device``."""
+    algorithm = cfg.get("algorithm") or "offline"
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(
+            f"unknown algorithm={algorithm!r} in recipe {cfg.get('recipe', '?')!r}; choose one "
+            f"of {', '.join(ALGORITHMS)}"
+        )
+    return ALGORITHMS[algorithm](
+        cfg,
+        observation_dim=observation_dim,
+        action_dim=action_dim,
+        obs_mean=obs_mean,
+        obs_std=obs_std,
+        device=device,
+    )
+
+
+def build_offline_agent(
+    cfg: DictConfig,
+    *,
+    observation_dim: int,
+    action_dim: int,
+    obs_mean: torch.Tensor,
+    obs_std: torch.Tensor,
+    device: torch.device | str = "cpu",
 ) -> OfflineAgent:
-    """Instantiate every part the recipe names, its optimisers, and move it to ``device``."""
+    """DIVO, its ablations and TD3+BC: instantiate every part the recipe names, its
+    optimisers, and move it to ``device``."""
     sizes = {"observation_dim": observation_dim, "action_dim": action_dim}
     actor = make(cfg.actor.network, "actor.network", **sizes)
     critic = make(cfg.critic.network, "critic.network", **sizes)
@@ -86,9 +122,31 @@ def build_agent(
         )
     except ValueError as exc:
         raise ConfigError(f"recipe {cfg.get('recipe', '?')!r} is inconsistent: {exc}") from None
-    agent.policy_config = policy_config(
-        cfg.actor.network, observation_dim=observation_dim, action_dim=action_dim
-    )
+    picker = cfg.get("evaluation_policy")
+    if picker is None:
+        agent.policy_config = policy_config(
+            cfg.actor.network, observation_dim=observation_dim, action_dim=action_dim
+        )
+    else:  # deploy e.g. IDQL-style resampling over the behaviour model instead of the actor
+        if behavior_model is None:
+            raise ConfigError(
+                f"recipe {cfg.get('recipe', '?')!r}: evaluation_policy samples from the "
+                "behaviour model; configure one (e.g. behavior_model=ddpm)"
+            )
+        agent.policy_factory = functools.partial(
+            _picker_over_behavior_model, make(picker, "evaluation_policy", keep_partial=True)
+        )
+        try:
+            agent.policy  # noqa: B018 - build it once so bad settings fail here, not at evaluation
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"cannot build evaluation_policy: {exc}") from None
+        agent.policy_config = picker_policy_config(
+            picker,
+            cfg.behavior_model,
+            cfg.critic.network,
+            observation_dim=observation_dim,
+            action_dim=action_dim,
+        )
     agent.to(device)
     agent.optimizers = {
         "critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr),
@@ -101,6 +159,102 @@ def build_agent(
     return agent
 
 
+def _picker_over_behavior_model(picker: functools.partial, agent: OfflineAgent) -> torch.nn.Module:
+    return picker(
+        normalizer=agent.normalizer, behavior_model=agent.behavior_model, critic=agent.critic
+    )
+
+
+def build_diffusion_ql_agent(
+    cfg: DictConfig,
+    *,
+    observation_dim: int,
+    action_dim: int,
+    obs_mean: torch.Tensor,
+    obs_std: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> DiffusionQLAgent:
+    """Diffusion-QL: ``behavior_model`` is the policy; ``diffusion_ql`` holds its settings."""
+    sizes = {"observation_dim": observation_dim, "action_dim": action_dim}
+    dql = cfg.diffusion_ql
+    policy = make(cfg.get("behavior_model"), "behavior_model", **sizes)
+    if policy is None:
+        raise ConfigError(
+            "diffusion_ql needs a behavior_model (the policy); e.g. behavior_model=ddpm"
+        )
+    critic = make(cfg.critic.network, "critic.network", **sizes)
+    try:
+        agent = DiffusionQLAgent(
+            normalizer=ObservationNormalizer(obs_mean, obs_std),
+            policy=policy,
+            critic=critic,
+            critic_loss=make(dql.critic_loss, "diffusion_ql.critic_loss"),
+            actor_loss=make(dql.actor_loss, "diffusion_ql.actor_loss"),
+            tau=cfg.critic.tau,
+            ema_decay=dql.ema.decay,
+            ema_every=dql.ema.every,
+            ema_start=dql.ema.start,
+            grad_norm=dql.grad_norm,
+            eval_num_samples=dql.evaluation.num_samples,
+            eval_temperature=dql.evaluation.temperature,
+            eval_q_head=dql.evaluation.q_head,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"recipe {cfg.get('recipe', '?')!r} is inconsistent: {exc}") from None
+    agent.policy_config = picker_policy_config(
+        {"_target_": "divo.objectives.ResamplingPolicy", **agent.eval_settings},
+        cfg.behavior_model,
+        cfg.critic.network,
+        observation_dim=observation_dim,
+        action_dim=action_dim,
+    )
+    agent.to(device)
+    agent.optimizers = {
+        "critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr),
+        "actor": _opt(cfg, agent.actor.parameters(), dql.lr),
+    }
+    return agent
+
+
+ALGORITHMS = {"offline": build_offline_agent, "diffusion_ql": build_diffusion_ql_agent}
+
+
+def _module_config(node: Any, **sizes: int) -> dict:
+    """A resolved config node without ``_partial_``, with the run-time sizes filled in."""
+    out = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    out.pop("_partial_", None)
+    out.update(sizes)
+    return out
+
+
+def _normalizer_config(observation_dim: int) -> dict:
+    return {
+        "_target_": "divo.objectives.ObservationNormalizer",
+        "mean": [0.0] * observation_dim,  # the saved state_dict holds the real statistics
+        "std": [1.0] * observation_dim,
+    }
+
+
+def picker_policy_config(
+    picker_cfg: Any,
+    model_cfg: DictConfig,
+    critic_cfg: DictConfig,
+    *,
+    observation_dim: int,
+    action_dim: int,
+) -> dict:
+    """Self-contained Hydra config of a sample-and-score policy (``ResamplingPolicy``-like:
+    normaliser, behaviour model and critic, plus the picker's own settings)."""
+    sizes = {"observation_dim": observation_dim, "action_dim": action_dim}
+    out = _module_config(picker_cfg)
+    out.update(
+        normalizer=_normalizer_config(observation_dim),
+        behavior_model=_module_config(model_cfg, **sizes),
+        critic=_module_config(critic_cfg, **sizes),
+    )
+    return out
+
+
 def policy_config(actor_cfg: DictConfig, *, observation_dim: int, action_dim: int) -> dict:
     """A self-contained Hydra config of the deployable policy (normaliser + actor).
 
@@ -108,15 +262,8 @@ def policy_config(actor_cfg: DictConfig, *, observation_dim: int, action_dim: in
     rebuild it with ``hydra.utils.instantiate`` and no training code. Any agent may save another
     policy (e.g. a sampler over a diffusion model) by providing its own config.
     """
-    actor = OmegaConf.to_container(actor_cfg, resolve=True)
-    actor.pop("_partial_", None)
-    actor.update(observation_dim=observation_dim, action_dim=action_dim)
     return {
         "_target_": "divo.objectives.NormalizedPolicy",
-        "normalizer": {
-            "_target_": "divo.objectives.ObservationNormalizer",
-            "mean": [0.0] * observation_dim,  # the saved state_dict holds the real statistics
-            "std": [1.0] * observation_dim,
-        },
-        "actor": actor,
+        "normalizer": _normalizer_config(observation_dim),
+        "actor": _module_config(actor_cfg, observation_dim=observation_dim, action_dim=action_dim),
     }

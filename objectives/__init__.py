@@ -9,8 +9,15 @@ from divo.objectives.actor import (
 )
 from divo.objectives.behavior import WeightedBehaviorLoss
 from divo.objectives.critic import TD3CriticLoss, TwinQ
+from divo.objectives.diffusion_ql import DiffusionQLActorLoss, DiffusionQLCriticLoss
 from divo.objectives.keys import DEFAULT_KEYS, Keys
-from divo.objectives.selectors import ADPOSelector, DatasetSelector, TargetSelector
+from divo.objectives.selectors import (
+    ADPOSelector,
+    DatasetSelector,
+    ResamplingPolicy,
+    ResamplingSelector,
+    TargetSelector,
+)
 from divo.objectives.value import Advantage, StateValue, ValueLoss
 from divo.objectives.weighting import BinaryWeight, ExpAWRWeight, UniformWeight, WeightingScheme
 
@@ -21,10 +28,14 @@ __all__ = [
     "BinaryWeight",
     "DatasetSelector",
     "DeterministicActor",
+    "DiffusionQLCriticLoss",
+    "DiffusionQLActorLoss",
     "ExpAWRWeight",
     "Keys",
     "NormalizedPolicy",
     "ObservationNormalizer",
+    "ResamplingPolicy",
+    "ResamplingSelector",
     "StateValue",
     "TD3BCActorLoss",
     "TD3CriticLoss",

@@ -90,3 +90,108 @@ class ADPOSelector(TargetSelector):
         else:
             mask = (adv_gen >= 0).to(action.dtype) + (action_advantage > 0).to(action.dtype)
         return target, mask
+
+
+def resample_index(
+    scores: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Pick one of N candidates per row: scores [*B, N] -> index [*B] (long).
+
+    ``temperature`` > 0 draws i with probability softmax(scores / temperature)_i; 0 takes the
+    argmax (greedy).
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return scores.argmax(dim=-1)
+    probs = torch.softmax(scores.reshape(-1, scores.shape[-1]) / temperature, dim=-1)
+    idx = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return idx.reshape(scores.shape[:-1])
+
+
+def gather_candidate(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """candidates [*B, N, A], index [*B] -> the chosen candidates [*B, A]."""
+    idx = index[..., None, None].expand(*index.shape, 1, candidates.shape[-1])
+    return candidates.gather(-2, idx).squeeze(-2)
+
+
+class ResamplingSelector(TargetSelector):
+    """IDQL / SfBC-style target: one of N behaviour-model candidates, drawn by advantage.
+
+    target = candidate i with probability softmax(A(s, a_i) / temperature), or the best-advantage
+    candidate at temperature 0; mask 1. The dataset action never competes (unlike ADPO), so the
+    actor is pulled towards an advantage-reweighted sample of the behaviour model.
+    """
+
+    needs_advantage = True
+
+    def __init__(self, num_candidates: int = 32, temperature: float = 1.0) -> None:
+        super().__init__()
+        if num_candidates < 1:
+            raise ValueError(f"resampling needs num_candidates >= 1, got {num_candidates}")
+        if temperature < 0:
+            raise ValueError(f"resampling temperature must be >= 0, got {temperature}")
+        self.num_candidates = num_candidates
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def forward(
+        self,
+        candidates,
+        candidate_advantage,
+        action,
+        action_advantage=None,
+        generator: torch.Generator | None = None,
+    ):
+        if candidates is None or candidate_advantage is None:
+            raise ValueError("resampling needs candidate actions and their advantages")
+        index = resample_index(candidate_advantage.squeeze(-1), self.temperature, generator)
+        return gather_candidate(candidates, index), torch.ones_like(action[..., :1])
+
+
+Q_HEADS = ("q1", "min")
+
+
+class ResamplingPolicy(nn.Module):
+    """An evaluation-time action picker: raw observation -> action.
+
+    Normalise the observation, draw ``num_samples`` candidates from a generative policy or
+    behaviour model, score them with the critic, return one drawn by softmax(Q / temperature)
+    (argmax at temperature 0). Used as IDQL's policy (resampling over the behaviour model) and as
+    Diffusion-QL's evaluation policy (50 samples, softmax(Q) over min(Q1, Q2)). Softmax over Q
+    equals softmax over A = Q - V for one state, so no value network is needed.
+
+    Saved like any policy: its ``state_dict`` (normaliser statistics, model, critic) plus a Hydra
+    config of this class rebuild it with no training code.
+    """
+
+    def __init__(
+        self,
+        normalizer: nn.Module,
+        behavior_model: nn.Module,
+        critic: nn.Module,
+        num_samples: int = 50,
+        temperature: float = 1.0,
+        q_head: str = "min",
+    ) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if q_head not in Q_HEADS:
+            raise ValueError(f"q_head must be one of {Q_HEADS}, got {q_head!r}")
+        self.normalizer = normalizer
+        self.behavior_model = behavior_model
+        self.critic = critic
+        self.num_samples = num_samples
+        self.temperature = temperature
+        self.q_head = q_head
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        """[*B, O] raw observations -> [*B, A] actions."""
+        obs = self.normalizer(observation)
+        candidates = self.behavior_model.sample(obs, self.num_samples)  # [*B, N, A]
+        q = self.critic(obs.unsqueeze(-2).expand(*candidates.shape[:-1], -1), candidates)
+        q = q[0] if self.q_head == "q1" else q.min(dim=0).values  # [*B, N, 1]
+        return gather_candidate(candidates, resample_index(q.squeeze(-1), self.temperature))

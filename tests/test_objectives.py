@@ -13,6 +13,7 @@ from divo.objectives import (
     BinaryWeight,
     DatasetSelector,
     ExpAWRWeight,
+    ResamplingSelector,
     StateValue,
     TD3BCActorLoss,
     TD3CriticLoss,
@@ -223,6 +224,8 @@ SELECTORS = {
     "dataset": lambda: DatasetSelector(),
     "adpo_compare": lambda: ADPOSelector("compare", num_candidates=3),
     "adpo_positive_three_level": lambda: ADPOSelector("positive", "three_level", num_candidates=3),
+    "resampling_greedy": lambda: ResamplingSelector(num_candidates=3, temperature=0.0),
+    "resampling_softmax": lambda: ResamplingSelector(num_candidates=3, temperature=1.0),
 }
 
 

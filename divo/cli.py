@@ -11,8 +11,10 @@ import difflib
 import importlib.resources
 import json
 import logging
+import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,6 +33,8 @@ commands:
   train <run dir> [train.steps=N]           resume a run from its newest checkpoint
   evaluate <run dir | checkpoint> [--episodes N] [--seed S] [--device D]
                                             re-evaluate a saved policy
+  report <dir>... [--compare A B] [--out DIR]
+                                            tables and figures over the runs under <dir>
 recipes: {recipes}
 """
 
@@ -148,20 +152,23 @@ def _train(argv: list[str]) -> int:
     import hydra
     from hydra.core.hydra_config import HydraConfig
 
-    logging.getLogger("torchrl").setLevel(logging.WARNING)  # its per-storage INFO lines
-
     from divo.agents.train import train
 
-    failures: list[DivoError] = []
+    # Jobs may run in other processes (joblib, SLURM, Ray launchers): each failed job appends
+    # its one-line error to this file, which the parent reads to set the exit status.
+    fd, failures_path = tempfile.mkstemp(prefix="divo-failures-", suffix=".txt")
+    os.close(fd)
 
     @hydra.main(version_base=None, config_path=str(config_dir), config_name=name)
     def _task(cfg: DictConfig):
+        logging.getLogger("torchrl").setLevel(logging.WARNING)  # its per-storage INFO lines
         run_dir = HydraConfig.get().runtime.output_dir
         try:
             result = train(cfg, run_dir)
         except DivoError as exc:  # one line per failed job; other sweep jobs go on
             print(f"divo: error: {exc}", file=sys.stderr, flush=True)
-            failures.append(exc)
+            with open(failures_path, "a") as f:
+                f.write(f"{run_dir}: {exc}\n")
             _remove_if_only_hydra_files(Path(run_dir))
             return None
         print(_summary(result), flush=True)
@@ -171,9 +178,13 @@ def _train(argv: list[str]) -> int:
     sys.argv = ["divo-train", *hydra_flags, *overrides]
     try:
         _task()
+        failed = Path(failures_path).read_text().splitlines()
     finally:
         sys.argv = argv_before
-    return 2 if failures else 0
+        Path(failures_path).unlink(missing_ok=True)
+    if failed and multirun:
+        print(f"divo: {len(failed)} job(s) of the sweep failed (see above)", file=sys.stderr)
+    return 2 if failed else 0
 
 
 RESUMABLE_OVERRIDES = ("train.", "device=", "logger.")

@@ -119,3 +119,13 @@ def test_joblib_multirun_runs_two_jobs_in_parallel(tmp_path, capsys):
     for path in results:
         result = json.loads(path.read_text())
         assert result["steps"] == 4 and result["normalized_score"] is not None
+
+
+@skip_without("local")
+def test_failed_jobs_in_joblib_workers_set_the_exit_status(tmp_path, capsys):
+    """Jobs run in worker processes: their failures still reach the parent's exit status."""
+    args = ["train", "td3bc", "-m", "train.steps=0,-1", "hydra/launcher=local",
+            "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
+    assert main(args) == 2
+    # (each worker prints its own one-line error; the parent sums them up)
+    assert "2 job(s) of the sweep failed" in capsys.readouterr().err

@@ -1,0 +1,137 @@
+"""docs/plugin_guide.md, executed: a behaviour model written OUTSIDE the package (a mixture-density
+network, defined in this file) passes the behaviour-model contract and trains inside DIVO,
+selected from the command line with `behavior_model=custom behavior_model._target_=...`; no
+file of the package changes."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+
+import pytest
+import test_behavior_models as contract
+import torch
+from torch import nn
+
+from divo.agents.builder import build_agent
+from divo.behavior_models import BehaviorModel
+from divo.behavior_models.base import flatten_batch
+from divo.cli import compose_recipe, main
+
+GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugin_guide.md"
+
+
+# --- the model of the guide (docs/plugin_guide.md shows this class verbatim) -----------------
+class MixtureDensityBehavior(BehaviorModel):
+    """pi_b(a | s) = sum_k w_k(s) N(a; mu_k(s), diag sigma_k(s)^2), means squashed into [-1, 1]."""
+
+    def __init__(self, observation_dim, action_dim, num_components=5, hidden=(256, 256)):
+        super().__init__(observation_dim, action_dim)
+        self.num_components = num_components
+        layers, width = [], observation_dim
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        self.trunk = nn.Sequential(*layers)
+        self.head = nn.Linear(width, num_components * (1 + 2 * action_dim))
+
+    def mixture(self, observation):
+        """Mixture logits [*B, K], means [*B, K, A] and stds [*B, K, A] of pi_b(. | s)."""
+        k, a = self.num_components, self.action_dim
+        logits, means, log_stds = self.head(self.trunk(observation)).split([k, k * a, k * a], -1)
+        means = torch.tanh(means.unflatten(-1, (k, a)))
+        stds = log_stds.unflatten(-1, (k, a)).clamp(-5.0, 1.0).exp()
+        return logits, means, stds
+
+    def per_sample_loss(self, action, observation, generator=None):
+        """-log pi_b(a | s) per transition: [*B, A], [*B, O] -> [*B], never batch-averaged."""
+        logits, means, stds = self.mixture(observation)
+        normal = torch.distributions.Normal(means, stds)
+        log_prob = normal.log_prob(action.unsqueeze(-2)).sum(-1)  # [*B, K]
+        return -torch.logsumexp(torch.log_softmax(logits, -1) + log_prob, dim=-1)
+
+    def sample(self, observation, num_samples=1, generator=None):
+        """[*B, O] -> [*B, N, A] in [-1, 1]: draw a component, then its Gaussian noise."""
+        obs, batch_shape = flatten_batch(observation)
+        logits, means, stds = self.mixture(obs)
+        probs = torch.softmax(logits, -1)
+        k = torch.multinomial(probs, num_samples, replacement=True, generator=generator)
+        index = k.unsqueeze(-1).expand(-1, -1, self.action_dim)  # [B, N, A]
+        mean, std = means.gather(1, index), stds.gather(1, index)
+        noise = torch.randn(mean.shape, dtype=mean.dtype, device=mean.device, generator=generator)
+        action = (mean + std * noise).clamp(-1.0, 1.0)
+        return action.reshape(*batch_shape, num_samples, self.action_dim)
+
+
+# --- the guide's steps -------------------------------------------------------------------------
+
+TARGET = f"{__name__}.MixtureDensityBehavior"  # the import path Hydra locates
+
+
+def test_the_guide_shows_exactly_this_model():
+    assert inspect.getsource(MixtureDensityBehavior) in GUIDE.read_text()
+
+
+class TestMixtureDensityContract(contract.TestBehaviorModelContract):
+    """Step 2 of the guide: run the package's behaviour-model contract on the outside model."""
+
+    @pytest.fixture
+    def model(self):
+        torch.manual_seed(0)
+        return MixtureDensityBehavior(contract.O, contract.A, num_components=3, hidden=(32,))
+
+
+def command(*extra: str) -> list[str]:
+    """The guide's command line (small networks and few steps for the test)."""
+    return [
+        "train",
+        "divo",
+        "behavior_model=custom",
+        f"behavior_model._target_={TARGET}",
+        "+behavior_model.num_components=4",
+        "+behavior_model.hidden=[32,32]",
+        *extra,
+    ]
+
+
+def test_the_outside_model_is_selected_from_the_command_line():
+    overrides = command()[2:]
+    cfg = compose_recipe("divo", overrides)
+    agent = build_agent(
+        cfg, observation_dim=1, action_dim=2, obs_mean=torch.zeros(1), obs_std=torch.ones(1)
+    )
+    assert type(agent.behavior_model) is MixtureDensityBehavior
+    assert agent.behavior_model.num_components == 4
+    assert agent.behavior_model.observation_dim == 1 and agent.behavior_model.action_dim == 2
+
+
+@pytest.mark.slow
+def test_the_outside_model_trains_inside_divo(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    args = command(
+        "--quiet",
+        "critic.network.hidden=[32,32]",
+        "actor.network.hidden=[32,32]",
+        "value.network.hidden=[32,32]",
+        "train.steps=100",
+        "train.eval_every=100",
+        "train.log_every=50",
+        "train.eval_episodes=2",
+        "train.batch_size=64",
+        f"hydra.run.dir={run_dir}",
+    )
+    assert main(args) == 0, capsys.readouterr().err
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["steps"] == 100 and result["return_mean"] is not None
+    assert TARGET in (run_dir / "config.yaml").read_text()
+    header, *rows = (run_dir / "metrics.csv").read_text().splitlines()
+    loss = float(rows[-1].split(",")[header.split(",").index("loss_behavior")])
+    assert torch.isfinite(torch.tensor(loss))
+
+
+def test_without_a_target_the_custom_slot_says_what_to_set():
+    from divo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="behavior_model._target_"):
+        compose_recipe("divo", ["behavior_model=custom"])

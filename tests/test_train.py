@@ -167,34 +167,33 @@ def test_bad_step_count_gives_one_line(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seeds", [(0, 1, 2)])
-def test_divo_settles_on_the_best_paying_bandit_mode(seeds, tmp_path):
-    """The learning test: DIVO's greedy action lands in the best-paying mode on most seeds."""
+def test_divo_settles_on_the_best_paying_bandit_mode_and_td3bc_does_not(tmp_path):
+    """The learning test: DIVO's greedy action lands in the best-paying mode on most seeds,
+    while plain TD3+BC (BC toward all four modes) does markedly worse on the same seeds."""
+    from divo.agents.policy_io import load_policy
     from divo.envs.bandit import best_action
 
     best = torch.as_tensor(best_action())
+    seeds = (0, 1, 2)
+    scores: dict[str, list[float]] = {"divo": [], "td3bc": []}
     hits = []
-    for seed in seeds:
-        cfg = compose_recipe(
-            "divo",
-            [
-                f"seed={seed}",
-                "train.steps=800",
-                "train.eval_every=800",
-                "train.progress=false",
-                "train.checkpoint_every=800",
-            ],
-        )
-        result = train(cfg, tmp_path / f"s{seed}")
-        policy = torch.load(Path(result["run_dir"]) / "policy.pt", weights_only=False)
-        from divo.agents.policy_io import load_policy
-
-        pi, _ = load_policy(Path(result["run_dir"]))
-        with torch.no_grad():
-            action = pi(torch.zeros(1, 1)).squeeze(0)
-        hits.append(bool((action - best).norm() < 0.2) and result["normalized_score"] > 90)
-        assert policy["format"] == "divo-policy-v1"
-    assert sum(hits) >= 2, hits
+    for recipe in scores:
+        for seed in seeds:
+            cfg = compose_recipe(
+                recipe,
+                [f"seed={seed}", "train.steps=1500", "train.eval_every=1500",
+                 "train.progress=false", "train.checkpoint_every=1500"],
+            )  # fmt: skip
+            result = train(cfg, tmp_path / f"{recipe}-{seed}")
+            scores[recipe].append(result["normalized_score"])
+            if recipe == "divo":
+                pi, _ = load_policy(Path(result["run_dir"]))
+                with torch.no_grad():
+                    action = pi(torch.zeros(1, 1)).squeeze(0)
+                hits.append(bool((action - best).norm() < 0.25))
+    assert sum(hits) >= 2, (hits, scores)
+    mean = {k: sum(v) / len(v) for k, v in scores.items()}
+    assert mean["divo"] > 80 and mean["divo"] - mean["td3bc"] > 50, scores
 
 
 def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatch):

@@ -35,6 +35,7 @@ commands:
                                             re-evaluate a saved policy
   report <dir>... [--compare A B] [--out DIR]
                                             tables and figures over the runs under <dir>
+  study bandit [key=value...] [--out PNG]   the 2-D bandit study figure (docs/bandit_study.png)
 recipes: {recipes}
 """
 
@@ -254,6 +255,7 @@ COMMANDS = {
     "train": _train,
     "evaluate": _evaluate,
     "report": lambda argv: importlib.import_module("divo.report").main(argv),
+    "study": lambda argv: importlib.import_module("divo.bandit_study").study_command(argv),
 }
 
 

@@ -277,15 +277,31 @@ def test_consistency_curriculum_is_set_by_the_caller_and_saved_as_state():
 def test_ddpm_and_consistency_recover_the_four_bandit_modes_and_a_gaussian_does_not():
     """Diffusion-QL's toy: four Gaussian modes at (+-0.8, +-0.8). Numbers: the share of 2,000
     samples within 0.2 (4 std) of each mode (0.25 each for a perfect model)."""
-    from divo.bandit_study import TEST_FIT, fit_behavior_model, four_mode_data, mode_coverage
+    from divo.bandit_study import (
+        behavior_model_config,
+        fit_behavior_model,
+        four_mode_data,
+        mode_coverage,
+        study_config,
+    )
 
+    cfg = study_config(["behavior_models.fit.steps=2000"])  # the study's models, smaller
     data = four_mode_data(4000, seed=0)
+    lr = {"ddpm": 3e-3, "consistency": 1e-3, "gaussian": 1e-3}  # 64-wide nets, 2,000 steps
     shares = {}
-    for name in ("ddpm", "consistency", "gaussian"):
-        model = fit_behavior_model(name, data, **TEST_FIT[name], seed=0)
-        with torch.no_grad():
-            samples = model.sample(torch.zeros(1, 1), 2000, torch.Generator().manual_seed(0))[0]
-        shares[name] = mode_coverage(samples)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny networks: one thread is fastest on a shared machine
+    try:
+        for name in lr:
+            model_cfg = behavior_model_config(cfg, name, hidden=[64, 64])
+            model = fit_behavior_model(
+                model_cfg, data, steps=2000, batch_size=256, lr=lr[name], seed=0
+            )
+            with torch.no_grad():
+                samples = model.sample(torch.zeros(1, 1), 2000, torch.Generator().manual_seed(0))
+            shares[name] = mode_coverage(samples[0])
+    finally:
+        torch.set_num_threads(threads)
     assert min(shares["ddpm"]) > 0.1 and sum(shares["ddpm"]) > 0.7, shares
     assert min(shares["consistency"]) > 0.1 and sum(shares["consistency"]) > 0.6, shares
     assert max(shares["gaussian"]) < 0.05, shares

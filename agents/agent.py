@@ -24,13 +24,44 @@ from divo.objectives.value import Advantage, StateValue, ValueLoss
 from divo.objectives.weighting import WeightingScheme
 
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """A deep copy with gradients off: a target or EMA network."""
     target = copy.deepcopy(module)
     target.requires_grad_(False)
     return target
 
 
-class OfflineAgent(nn.Module):
+class TrainableAgent(nn.Module):
+    """What the training loop needs of every agent beyond ``update`` and ``policy``:
+    the checkpoint state and the parameter guard. Subclasses set ``optimizers`` and keep
+    ``num_updates`` as a Python int."""
+
+    optimizers: dict[str, torch.optim.Optimizer]
+    num_updates: int
+
+    def non_finite_parameters(self) -> list[str]:
+        """Names of parameters holding NaN/inf (one device sync; call it rarely)."""
+        names, params = zip(*self.named_parameters(), strict=True)
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu().tolist()
+        return [n for n, ok in zip(names, finite, strict=True) if not ok]
+
+    def training_state(self) -> dict:
+        """Everything the update reads: parameters, target/EMA copies, buffers, optimiser
+        states and the step counter."""
+        return {
+            "modules": self.state_dict(),
+            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+            "num_updates": self.num_updates,
+        }
+
+    def load_training_state(self, state: Mapping) -> None:
+        self.load_state_dict(state["modules"])
+        self.num_updates = int(state["num_updates"])
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+
+
+class OfflineAgent(TrainableAgent):
     """TD3+BC-based agent with an optional value function and an optional behaviour model.
 
     Parts (all ``nn.Module``):
@@ -64,9 +95,9 @@ class OfflineAgent(nn.Module):
         self.observation_dim = int(normalizer.mean.shape[-1])
         self.normalizer = normalizer
         self.actor = actor
-        self.actor_target = _frozen_copy(actor)
+        self.actor_target = frozen_copy(actor)
         self.critic = critic
-        self.critic_target = _frozen_copy(critic)
+        self.critic_target = frozen_copy(critic)
         self.value = value
         self.behavior_model = behavior_model
         self.critic_loss = critic_loss
@@ -108,12 +139,6 @@ class OfflineAgent(nn.Module):
         ):
             raise ValueError("a behaviour model needs a weighting scheme and a behaviour loss")
         self._needs_advantage = needs_adv
-
-    def non_finite_parameters(self) -> list[str]:
-        """Names of parameters holding NaN/inf (one device sync; call it rarely)."""
-        names, params = zip(*self.named_parameters(), strict=True)
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu().tolist()
-        return [n for n, ok in zip(names, finite, strict=True) if not ok]
 
     @property
     def policy(self) -> nn.Module:
@@ -197,18 +222,3 @@ class OfflineAgent(nn.Module):
             polyak_update(self._target_pairs[0], self._target_pairs[1], self.tau)
 
         return {name: v.detach() for name, v in metrics.items()}
-
-    # ----- checkpoint state ---------------------------------------------------------------
-    def training_state(self) -> dict:
-        """Everything the update reads: parameters, targets, buffers and optimiser states."""
-        return {
-            "modules": self.state_dict(),
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-            "num_updates": self.num_updates,
-        }
-
-    def load_training_state(self, state: Mapping) -> None:
-        self.load_state_dict(state["modules"])
-        self.num_updates = int(state["num_updates"])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])

@@ -14,13 +14,13 @@ temperature 1): a :class:`divo.objectives.ResamplingPolicy`.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 
 import torch
 from tensordict import TensorDictBase
 from torch import nn
 
+from divo.agents.agent import TrainableAgent, frozen_copy
 from divo.objectives.actor import ObservationNormalizer
 from divo.objectives.critic import TwinQ
 from divo.objectives.diffusion_ql import DiffusionQLActorLoss, DiffusionQLCriticLoss
@@ -29,13 +29,7 @@ from divo.objectives.keys import DEFAULT_KEYS, Keys
 from divo.objectives.selectors import ResamplingPolicy
 
 
-def _frozen_copy(module: nn.Module) -> nn.Module:
-    target = copy.deepcopy(module)
-    target.requires_grad_(False)
-    return target
-
-
-class DiffusionQLAgent(nn.Module):
+class DiffusionQLAgent(TrainableAgent):
     """Diffusion policy + twin-Q critic, EMA policy, Polyak critic target; owns its optimisers.
 
     Args:
@@ -79,9 +73,9 @@ class DiffusionQLAgent(nn.Module):
         self.observation_dim = int(normalizer.mean.shape[-1])
         self.normalizer = normalizer
         self.actor = policy
-        self.actor_ema = _frozen_copy(policy)
+        self.actor_ema = frozen_copy(policy)
         self.critic = critic
-        self.critic_target = _frozen_copy(critic)
+        self.critic_target = frozen_copy(critic)
         self.critic_loss = critic_loss
         self.actor_loss = actor_loss
         self.tau = tau
@@ -109,12 +103,6 @@ class DiffusionQLAgent(nn.Module):
         return ResamplingPolicy(
             self.normalizer, self.actor, self.critic_target, **self.eval_settings
         )
-
-    def non_finite_parameters(self) -> list[str]:
-        """Names of parameters holding NaN/inf (one device sync; call it rarely)."""
-        names, params = zip(*self.named_parameters(), strict=True)
-        finite = torch.stack([torch.isfinite(p).all() for p in params]).cpu().tolist()
-        return [n for n, ok in zip(names, finite, strict=True) if not ok]
 
     def _step(self, name: str, loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
         """Backward, optional grad-norm clipping, optimiser step; returns the gradient norm."""
@@ -166,18 +154,3 @@ class DiffusionQLAgent(nn.Module):
             polyak_update(self._ema_pairs[0], self._ema_pairs[1], 1.0 - self.ema_decay)
         polyak_update(self._critic_pairs[0], self._critic_pairs[1], self.tau)
         return {name: v.detach() for name, v in metrics.items()}
-
-    # ----- checkpoint state ---------------------------------------------------------------
-    def training_state(self) -> dict:
-        """Everything the update reads: parameters, EMA and target copies, optimiser states."""
-        return {
-            "modules": self.state_dict(),
-            "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-            "num_updates": self.num_updates,
-        }
-
-    def load_training_state(self, state: Mapping) -> None:
-        self.load_state_dict(state["modules"])
-        self.num_updates = int(state["num_updates"])
-        for name, opt in self.optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])

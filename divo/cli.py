@@ -66,6 +66,20 @@ def resolve_recipe(recipe: str) -> tuple[Path, str, bool]:
     )
 
 
+def _missing_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is ``???``, found without resolving interpolations (a value that
+    interpolates a missing one must not hide the missing one)."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return [prefix] if node == "???" else []
+    return sorted(
+        key for k, v in items for key in _missing_keys(v, f"{prefix}.{k}" if prefix else str(k))
+    )
+
+
 def compose_recipe(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose a recipe with overrides, as ``divo train`` does, without running it."""
     from hydra import compose, initialize_config_dir
@@ -86,7 +100,7 @@ def compose_recipe(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
             f"compose: {' '.join(lines[:3])}; check the override names with `divo train "
             f"{recipe} --cfg job`"
         ) from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
+    missing = _missing_keys(OmegaConf.to_container(cfg, resolve=False))
     if missing:
         raise ConfigError(
             f"recipe {recipe!r} needs a value for {', '.join(missing)}; pass it as an override, "

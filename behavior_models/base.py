@@ -69,6 +69,18 @@ def flatten_batch(x: torch.Tensor, event_dims: int = 1) -> tuple[torch.Tensor, t
     return x.reshape(-1, *x.shape[x.dim() - event_dims :]), batch_shape
 
 
+def repeat_for_samples(
+    observation: torch.Tensor, num_samples: int
+) -> tuple[torch.Tensor, torch.Size]:
+    """[*B, O] -> ([B' * N, O] with each state repeated N times in a row, batch shape *B).
+
+    The usual first step of ``sample``; reshape the result with
+    ``x.reshape(*batch_shape, num_samples, action_dim)``.
+    """
+    obs, batch_shape = flatten_batch(observation)
+    return obs.repeat_interleave(num_samples, dim=0), batch_shape
+
+
 def as_policy_module(
     model: nn.Module,
     in_key: str = "observation",

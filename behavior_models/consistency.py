@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 
 from divo.behavior_models.backbones import NoiseNetwork
-from divo.behavior_models.base import BehaviorModel, flatten_batch
+from divo.behavior_models.base import BehaviorModel, flatten_batch, repeat_for_samples
 
 NOISE_SAMPLING = ("lognormal", "uniform")
 
@@ -222,8 +222,7 @@ class ConsistencyModel(BehaviorModel):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """len(sample_sigmas) network calls: [*B, O] -> [*B, N, A] in [-1, 1]."""
-        obs, batch_shape = flatten_batch(observation)
-        obs = obs.repeat_interleave(num_samples, dim=0)
+        obs, batch_shape = repeat_for_samples(observation, num_samples)
         shape = (obs.shape[0], self.action_dim)
         x = None
         for sigma in self.sample_sigmas:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from divo.behavior_models.backbones import mlp
-from divo.behavior_models.base import BehaviorModel, flatten_batch
+from divo.behavior_models.base import BehaviorModel, flatten_batch, repeat_for_samples
 
 
 class CVAE(BehaviorModel):
@@ -98,8 +98,7 @@ class CVAE(BehaviorModel):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Decode clipped prior latents: [*B, O] -> [*B, N, A] in [-1, 1]."""
-        obs, batch_shape = flatten_batch(observation)
-        obs = obs.repeat_interleave(num_samples, dim=0)
+        obs, batch_shape = repeat_for_samples(observation, num_samples)
         z = torch.randn(
             (obs.shape[0], self.latent_dim), device=obs.device, dtype=obs.dtype, generator=generator
         ).clamp(-self.prior_clip, self.prior_clip)

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 
 from divo.behavior_models.backbones import NoiseNetwork
-from divo.behavior_models.base import BehaviorModel, flatten_batch
+from divo.behavior_models.base import BehaviorModel, flatten_batch, repeat_for_samples
 from divo.behavior_models.schedules import DiffusionSchedule
 
 
@@ -97,8 +97,7 @@ class DDPM(BehaviorModel):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Run the K-step reverse chain from N(0, I): [*B, O] -> [*B, N, A] in [-1, 1]."""
-        obs, batch_shape = flatten_batch(observation)
-        obs = obs.repeat_interleave(num_samples, dim=0)
+        obs, batch_shape = repeat_for_samples(observation, num_samples)
         x = torch.randn(
             (obs.shape[0], self.action_dim), device=obs.device, dtype=obs.dtype, generator=generator
         )

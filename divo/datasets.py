@@ -96,6 +96,46 @@ def _episode_buffer(index: int, episode: dict[str, np.ndarray]) -> EpisodeBuffer
     )
 
 
+def random_policy_episodes(
+    env: gym.Env, total_steps: int, *, seed: int = 0, flag_cut_off: bool = True
+) -> list[dict[str, np.ndarray]]:
+    """Uniform-random-policy episodes in Minari's layout, ``total_steps`` transitions in all.
+
+    Episode i is reset with ``seed + i``. The last episode is cut off where the step budget runs
+    out; ``flag_cut_off`` marks that step truncated (False leaves it with neither flag, as a
+    collector stopped mid-episode does; the loader then treats it as a truncation).
+    """
+    env.action_space.seed(seed)
+    episodes: list[dict[str, np.ndarray]] = []
+    steps = 0
+    while steps < total_steps:
+        obs, _ = env.reset(seed=seed + len(episodes))
+        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
+        done = False
+        while not done and steps < total_steps:
+            action = env.action_space.sample()
+            obs, reward, terminated, truncated, _ = env.step(action)
+            observations.append(obs)
+            actions.append(action)
+            rewards.append(reward)
+            terms.append(terminated)
+            truncs.append(truncated)
+            steps += 1
+            done = terminated or truncated
+        if flag_cut_off and not done:
+            truncs[-1] = True
+        episodes.append(
+            {
+                "observations": np.asarray(observations, dtype=np.float32),
+                "actions": np.asarray(actions, dtype=np.float32),
+                "rewards": np.asarray(rewards, dtype=np.float64),
+                "terminations": np.asarray(terms, dtype=bool),
+                "truncations": np.asarray(truncs, dtype=bool),
+            }
+        )
+    return episodes
+
+
 def write_minari_dataset(
     dataset_id: str,
     episodes: Sequence[dict[str, np.ndarray]],

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gymnasium as gym
-import numpy as np
 import pytest
 
 # The built-in bandit dataset holds 4,000 one-step episodes (~8 s to write through Minari);
@@ -27,46 +26,6 @@ def minari_root(tmp_path_factory: pytest.TempPathFactory):
         yield root
 
 
-def collect_random_episodes(
-    env: gym.Env, total_steps: int, *, seed: int = 0, cut_last: bool = True
-) -> list[dict[str, np.ndarray]]:
-    """Random-policy episodes in Minari's layout, ``total_steps`` transitions in all.
-
-    With ``cut_last`` the final episode is cut off where the step budget runs out, with neither
-    flag set (as a collector that stops mid-episode leaves it).
-    """
-    env.action_space.seed(seed)
-    episodes, steps = [], 0
-    episode_index = 0
-    while steps < total_steps:
-        observation, _ = env.reset(seed=seed + episode_index)
-        episode_index += 1
-        obs, actions, rewards, terms, truncs = [observation], [], [], [], []
-        done = False
-        while not done and steps < total_steps:
-            action = env.action_space.sample()
-            observation, reward, terminated, truncated, _ = env.step(action)
-            obs.append(observation)
-            actions.append(action)
-            rewards.append(reward)
-            terms.append(terminated)
-            truncs.append(truncated)
-            steps += 1
-            done = terminated or truncated
-        if not done and not cut_last:
-            truncs[-1] = True
-        episodes.append(
-            {
-                "observations": np.asarray(obs, dtype=np.float32),
-                "actions": np.asarray(actions, dtype=np.float32),
-                "rewards": np.asarray(rewards, dtype=np.float64),
-                "terminations": np.asarray(terms, dtype=bool),
-                "truncations": np.asarray(truncs, dtype=bool),
-            }
-        )
-    return episodes
-
-
 @pytest.fixture(scope="session")
 def hopper_env_spec():
     """Hopper-v5 with a 50-step time limit (an EnvSpec, as stored with the dataset)."""
@@ -78,9 +37,11 @@ def hopper_env_spec():
 
 @pytest.fixture(scope="session")
 def hopper_episodes(hopper_env_spec):
+    from divo.datasets import random_policy_episodes
+
     env = gym.make(hopper_env_spec)
     try:
-        return collect_random_episodes(env, HOPPER_TARGET_STEPS, seed=0)
+        return random_policy_episodes(env, HOPPER_TARGET_STEPS, seed=0, flag_cut_off=False)
     finally:
         env.close()
 

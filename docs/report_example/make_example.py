@@ -24,50 +24,18 @@ import tempfile
 from pathlib import Path
 
 import gymnasium as gym
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[2]
 HOPPER_ID = "example/hopper/random-v0"
 BANDIT_ID = "divo/bandit/multimodal-v0"
 
 
-def random_episodes(env: gym.Env, total_steps: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Uniform-random-policy episodes in Minari's layout; the last one is cut off (truncated)."""
-    env.action_space.seed(seed)
-    episodes, steps = [], 0
-    while steps < total_steps:
-        obs, _ = env.reset(seed=seed + len(episodes))
-        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
-        done = False
-        while not done and steps < total_steps:
-            action = env.action_space.sample()
-            obs, reward, terminated, truncated, _ = env.step(action)
-            observations.append(obs)
-            actions.append(action)
-            rewards.append(reward)
-            terms.append(terminated)
-            truncs.append(truncated)
-            steps += 1
-            done = terminated or truncated
-        truncs[-1] = truncs[-1] or not done
-        episodes.append(
-            {
-                "observations": np.asarray(observations, dtype=np.float32),
-                "actions": np.asarray(actions, dtype=np.float32),
-                "rewards": np.asarray(rewards, dtype=np.float64),
-                "terminations": np.asarray(terms, dtype=bool),
-                "truncations": np.asarray(truncs, dtype=bool),
-            }
-        )
-    return episodes
-
-
 def write_datasets() -> None:
-    from divo.datasets import ensure_builtin, write_minari_dataset
+    from divo.datasets import ensure_builtin, random_policy_episodes, write_minari_dataset
 
     env = gym.make("Hopper-v5")  # the standard 1,000-step time limit
     try:
-        episodes = random_episodes(env, 10_000, seed=0)
+        episodes = random_policy_episodes(env, 10_000, seed=0)
         spec = env.spec
     finally:
         env.close()

@@ -36,6 +36,8 @@ commands:
   report <dir>... [--compare A B] [--out DIR]
                                             tables and figures over the runs under <dir>
   study bandit [key=value...] [--out PNG]   the 2-D bandit study figure (docs/bandit_study.png)
+  data build <env id> [options]             train SAC, write D4RL-style Minari datasets
+  data pointmaze <umaze|medium> [options]   sparse-reward maze data from a waypoint planner
 recipes: {recipes}
 """
 
@@ -270,6 +272,7 @@ COMMANDS = {
     "evaluate": _evaluate,
     "report": lambda argv: importlib.import_module("divo.report").main(argv),
     "study": lambda argv: importlib.import_module("divo.bandit_study").study_command(argv),
+    "data": lambda argv: importlib.import_module("divo.factory.cli").data_command(argv),
 }
 
 

@@ -141,6 +141,7 @@ def write_minari_dataset(
     episodes: Sequence[dict[str, np.ndarray]],
     *,
     env: str | EnvSpec | gym.Env | None,
+    eval_env: str | EnvSpec | gym.Env | None = None,
     observation_space: gym.spaces.Box | None = None,
     action_space: gym.spaces.Box | None = None,
     ref_min_score: float | None = None,
@@ -158,6 +159,9 @@ def write_minari_dataset(
             loader checks.
         env: the environment (id, spec or instance) the data comes from, stored so that the
             dataset can recreate it for evaluation; None for data without an environment.
+        eval_env: the environment to evaluate in when it differs from ``env`` (e.g. a maze
+            whose data was collected with moving goals but is evaluated with a fixed one);
+            Minari stores it as the dataset's eval env spec.
         observation_space, action_space: stored spaces; default: ``env``'s, as float32 Boxes.
         ref_min_score, ref_max_score: returns of a random and an expert policy, stored in the
             metadata for normalised scores (each written only when given).
@@ -198,6 +202,7 @@ def write_minari_dataset(
             dataset_id=dataset_id,
             buffer=buffers,
             env=env,
+            eval_env=eval_env,
             algorithm_name=algorithm_name,
             author="divo",
             observation_space=observation_space,
@@ -443,8 +448,22 @@ def build_bandit_dataset(
 # --------------------------------------------------------------------------------------------
 # Built-in datasets: created on first use.
 
+
+def _pointmaze_builder(maze: str) -> Callable[[str], Any]:
+    def build(dataset_id: str) -> Any:
+        # imported here: the maze extra is optional, and divo.factory imports this module
+        from divo.factory.pointmaze import build_pointmaze_dataset
+
+        return build_pointmaze_dataset(maze, dataset_id=dataset_id)
+
+    return build
+
+
 BUILTIN_DATASETS: dict[str, Callable[[str], Any]] = {
     BANDIT_DATASET_ID: build_bandit_dataset,
+    # sparse-reward navigation (waypoint planner + PD controller; needs the maze extra)
+    "divo/pointmaze/umaze-v0": _pointmaze_builder("umaze"),
+    "divo/pointmaze/medium-v0": _pointmaze_builder("medium"),
 }
 
 

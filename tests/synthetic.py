@@ -25,3 +25,38 @@ def write_hopper_like(dataset_id: str, episodes: list[dict], obs_dim: int = 11) 
     box = gym.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
     write_minari_dataset(dataset_id, episodes, env="Hopper-v5", observation_space=box)
     return dataset_id
+
+
+class PushRightEnv(gym.Env):
+    """A task SAC learns in a few hundred updates: reward = the action, 20 steps per episode.
+
+    Observation: the elapsed fraction of the episode. A uniform random policy earns 0 on
+    average, the best policy 20. Registered as ``divo-test/PushRight-v0`` (``register_push_right``).
+    """
+
+    observation_space = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    horizon = 20
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t = 0
+        return np.zeros(1, np.float32), {}
+
+    def step(self, action):
+        self._t += 1
+        reward = float(np.clip(action, -1.0, 1.0)[0])
+        return np.array([self._t / self.horizon], np.float32), reward, False, False, {}
+
+
+PUSH_RIGHT_ID = "divo-test/PushRight-v0"
+
+
+def register_push_right() -> str:
+    if PUSH_RIGHT_ID not in gym.registry:
+        gym.register(
+            PUSH_RIGHT_ID,
+            entry_point="synthetic:PushRightEnv",
+            max_episode_steps=PushRightEnv.horizon,
+        )
+    return PUSH_RIGHT_ID

@@ -1,0 +1,418 @@
+"""``divo data build``: D4RL-style offline datasets for a continuous-control Gymnasium env.
+
+The recipe D4RL used for its Gym locomotion data, step by step:
+
+1. train SAC online (``divo.factory.sac``), keeping a policy snapshot and its evaluation return
+   every ``snapshot_every`` steps (resumable);
+2. pick snapshots (``select_snapshots``): ``expert`` = the best snapshot (or the final one),
+   ``medium`` = the snapshot whose return is closest to ``medium_fraction`` (1/3) of the
+   expert's, among those taken no later than the expert;
+3. reference returns: ``ref_min_score`` = mean return of a uniform random policy,
+   ``ref_max_score`` = mean return of the expert policy (stochastic, as in its data), each over
+   ``ref_episodes`` episodes with fixed seeds;
+4. write Minari datasets, one per level: ``random``, ``medium``, ``expert`` (``dataset_size``
+   transitions of that policy acting stochastically), ``medium-replay`` (the SAC replay buffer
+   up to the medium snapshot) and ``medium-expert`` (the medium and expert data together).
+
+Every phase can be interrupted: SAC resumes from its checkpoint, the reference returns are
+kept in the work dir, and a dataset already written by the same build is kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import minari
+import numpy as np
+from minari.storage.datasets_root_dir import get_dataset_path
+
+from divo.datasets import float32_box, is_local, remove_local, write_minari_dataset
+from divo.errors import DatasetError
+from divo.factory.rollouts import episode_returns, run_episodes, torch_policy, uniform_policy
+from divo.factory.sac import SACRun, SACSettings, Snapshot, check_env, env_slug
+
+LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert")
+DEFAULT_LEVELS = ("medium", "medium-replay", "expert")
+BUILD_FILE = "build.json"
+REFS_FILE = "references.json"
+
+# Seed offsets of the build's random streams (SAC uses the seed itself).
+_REF_RANDOM, _REF_EXPERT = 20_000_000, 30_000_000
+_DATA_SEEDS = {"random": 40_000_000, "medium": 50_000_000, "expert": 60_000_000}
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What ``divo data build`` writes (SAC's own settings are ``SACSettings``)."""
+
+    levels: tuple[str, ...] = DEFAULT_LEVELS
+    dataset_size: int = 100_000  # transitions per rollout level; D4RL used 1M
+    medium_fraction: float = 1 / 3  # medium = snapshot closest to this share of the expert
+    expert: str = "best"  # "best" snapshot or "final" one
+    ref_episodes: int = 50  # episodes behind each reference return
+    namespace: str = "local"  # dataset ids: <namespace>/<env>/<level>-v<version>
+    version: int = 0
+    num_envs: int = 10  # environment copies stepped together in rollouts
+
+    def __post_init__(self) -> None:
+        unknown = [level for level in self.levels if level not in LEVELS]
+        if unknown or not self.levels:
+            raise DatasetError(
+                f"unknown level(s) {', '.join(unknown) or '(none given)'}; choose from "
+                f"{', '.join(LEVELS)} (comma-separated)"
+            )
+        if self.dataset_size < 1 or self.ref_episodes < 1 or self.num_envs < 1:
+            raise DatasetError("dataset_size, ref_episodes and num_envs must be >= 1")
+        if not 0 < self.medium_fraction < 1:
+            raise DatasetError(
+                f"medium_fraction must be in (0, 1), got {self.medium_fraction} (D4RL: 1/3)"
+            )
+        if self.expert not in ("best", "final"):
+            raise DatasetError(f"expert must be 'best' or 'final', got {self.expert!r}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    expert: Snapshot
+    medium: Snapshot
+    medium_target: float  # medium_fraction x the expert's return
+
+
+def select_snapshots(
+    snapshots: Sequence[Snapshot], *, medium_fraction: float = 1 / 3, expert: str = "best"
+) -> Selection:
+    """D4RL's rule. ``expert``: the snapshot with the highest return ("best"; the later one on a
+    tie) or the last one ("final"). ``medium``: among the snapshots after the initial policy and
+    no later than the expert, the one whose return is closest to ``medium_fraction`` x the
+    expert's (the earlier one on a tie)."""
+    trained = [s for s in snapshots if s.step > 0]
+    if not trained:
+        raise DatasetError("SAC has no snapshot after step 0 yet; train it longer")
+    if expert == "final":
+        chosen = trained[-1]
+    else:
+        chosen = max(reversed(trained), key=lambda s: s.mean_return)
+    target = medium_fraction * chosen.mean_return
+    candidates = [s for s in trained if s.step <= chosen.step]
+    medium = min(candidates, key=lambda s: abs(s.mean_return - target))
+    return Selection(expert=chosen, medium=medium, medium_target=target)
+
+
+def dataset_id(namespace: str, env_id: str, level: str, version: int = 0) -> str:
+    return f"{namespace}/{env_slug(env_id)}/{level}-v{version}"
+
+
+def _build_key(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_json(path: Path, value: Any) -> None:
+    scratch = path.with_suffix(path.suffix + ".tmp")
+    scratch.write_text(json.dumps(value, indent=2) + "\n")
+    scratch.replace(path)
+
+
+def _say(progress: bool) -> Callable[[str], None]:
+    def say(message: str) -> None:
+        if progress:
+            print(f"divo data: {message}", file=sys.stderr, flush=True)
+
+    return say
+
+
+def build_datasets(
+    env_id: str,
+    *,
+    sac: SACSettings | None = None,
+    settings: BuildSettings | None = None,
+    seed: int = 0,
+    work_dir: str | Path | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train SAC on ``env_id`` and write the datasets ``settings.levels`` (module docstring).
+
+    Args:
+        env_id: a Gymnasium id with a bounded Box action space and flat Box observations
+            (``module:Id`` imports ``module`` first, for user environments).
+        sac, settings: SAC and dataset settings (defaults: ``SACSettings()``, ``BuildSettings()``).
+        seed: seeds SAC, the snapshot evaluations, the references and the rollouts; the same
+            seed and settings give the same datasets.
+        work_dir: SAC checkpoints, snapshots, references and ``build.json``; default
+            ``runs/data/<env>-seed<seed>``. Rerunning with the same work dir resumes.
+        overwrite: replace datasets with the same ids written by another build (a dataset
+            written by this same build is always kept).
+
+    Returns:
+        The build summary also written to ``<work_dir>/build.json``: snapshots, selection,
+        references and, per level, the dataset id, episodes and transitions.
+    """
+    sac = sac or SACSettings()
+    settings = settings or BuildSettings()
+    work = (
+        Path(work_dir)
+        if work_dir is not None
+        else Path("runs/data") / f"{env_slug(env_id)}-seed{seed}"
+    )
+    say = _say(progress)
+    probe = check_env(env_id, env_kwargs)
+    env_spec = probe.spec
+    observation_space = float32_box(probe.observation_space)
+    action_space = probe.action_space
+    probe.close()
+    ids = {
+        level: dataset_id(settings.namespace, env_id, level, settings.version)
+        for level in settings.levels
+    }
+    identity = {
+        "env_id": env_id,
+        "env_kwargs": env_kwargs or {},
+        "seed": seed,
+        "sac": sac.to_dict(),
+    }
+    for name in ids.values():  # refuse before hours of training, not after
+        stored = _stored_build(name) if is_local(name) else None
+        if is_local(name) and not overwrite and (stored is None or stored["identity"] != identity):
+            made_by = "another divo data build" if stored else "something other than this build"
+            raise DatasetError(
+                f"dataset {name!r} already exists at {get_dataset_path(name)}, made by "
+                f"{made_by}; pass --overwrite to replace it, or pick another "
+                "--namespace/--version"
+            )
+
+    say(f"phase 1/3: SAC on {env_id} for {sac.total_steps} steps (work dir {work})")
+    run = SACRun(env_id, sac, seed=seed, work_dir=work, env_kwargs=env_kwargs)
+    snapshots = run.train(progress=progress)
+    selection = select_snapshots(
+        snapshots, medium_fraction=settings.medium_fraction, expert=settings.expert
+    )
+    say(
+        f"expert = snapshot at step {selection.expert.step} (return "
+        f"{selection.expert.mean_return:.1f}); medium = step {selection.medium.step} (return "
+        f"{selection.medium.mean_return:.1f}, target {selection.medium_target:.1f})"
+    )
+
+    def make_env() -> gym.Env:
+        return gym.make(env_spec)
+
+    say(f"phase 2/3: reference returns over {settings.ref_episodes} episodes each")
+    refs_key = _build_key(
+        {**identity, "expert": selection.expert.step, "episodes": settings.ref_episodes}
+    )
+    refs_path = work / REFS_FILE
+    refs = json.loads(refs_path.read_text()) if refs_path.is_file() else {}
+    if refs.get("key") != refs_key:
+        random_eps = run_episodes(
+            make_env,
+            uniform_policy(action_space, seed + _REF_RANDOM),
+            seed=seed + _REF_RANDOM,
+            num_episodes=settings.ref_episodes,
+            num_envs=settings.num_envs,
+            progress="reference: random policy" if progress else False,
+        )
+        expert_eps = run_episodes(
+            make_env,
+            torch_policy(run.load_actor(selection.expert), seed + _REF_EXPERT),
+            seed=seed + _REF_EXPERT,
+            num_episodes=settings.ref_episodes,
+            num_envs=settings.num_envs,
+            progress="reference: expert policy" if progress else False,
+        )
+        refs = {
+            "key": refs_key,
+            "ref_min_score": float(episode_returns(random_eps).mean()),
+            "ref_max_score": float(episode_returns(expert_eps).mean()),
+            "episodes": settings.ref_episodes,
+        }
+        _atomic_json(refs_path, refs)
+    say(f"ref_min_score {refs['ref_min_score']:.1f}, ref_max_score {refs['ref_max_score']:.1f}")
+    if refs["ref_max_score"] <= refs["ref_min_score"]:
+        raise DatasetError(
+            f"the expert's return ({refs['ref_max_score']:.1f}) is not above the random "
+            f"policy's ({refs['ref_min_score']:.1f}): SAC did not learn; train longer "
+            "(--sac-steps) or check the environment's reward"
+        )
+
+    rollouts: dict[str, list[dict[str, np.ndarray]]] = {}
+
+    def policy_data(level: str) -> list[dict[str, np.ndarray]]:
+        if level not in rollouts:
+            data_seed = seed + _DATA_SEEDS[level]
+            if level == "random":
+                act = uniform_policy(action_space, data_seed)
+            else:
+                snapshot = selection.medium if level == "medium" else selection.expert
+                act = torch_policy(run.load_actor(snapshot), data_seed)
+            rollouts[level] = run_episodes(
+                make_env,
+                act,
+                seed=data_seed,
+                num_steps=settings.dataset_size,
+                num_envs=settings.num_envs,
+                progress=f"rollouts: {level}" if progress else False,
+            )
+        return rollouts[level]
+
+    say(f"phase 3/3: datasets {', '.join(ids.values())}")
+    written: dict[str, Any] = {}
+    for level, name in ids.items():
+        key = _build_key(
+            {
+                **identity,
+                "level": level,
+                "refs": refs_key,
+                "selection": [selection.expert.step, selection.medium.step],
+                "settings": {
+                    k: v
+                    for k, v in dataclasses.asdict(settings).items()
+                    if k in ("dataset_size", "medium_fraction", "expert", "ref_episodes")
+                },
+            }
+        )
+        if is_local(name):
+            if (_stored_build(name) or {}).get("key") == key:
+                say(f"{name}: already written by this build, kept")
+                written[level] = _summary(name)
+                continue
+            if not overwrite:
+                raise DatasetError(
+                    f"dataset {name!r} exists from a different build; pass --overwrite to "
+                    "replace it, or pick another --namespace/--version"
+                )
+            remove_local(name)
+        if level == "medium-replay":
+            episodes = run.transitions_before(selection.medium.step)
+        elif level == "medium-expert":
+            episodes = policy_data("medium") + policy_data("expert")
+        else:
+            episodes = policy_data(level)
+        dataset = write_minari_dataset(
+            name,
+            episodes,
+            env=env_spec,
+            observation_space=observation_space,
+            action_space=action_space,
+            ref_min_score=refs["ref_min_score"],
+            ref_max_score=refs["ref_max_score"],
+            algorithm_name=_algorithm(level),
+            description=_describe(level, env_id, sac, settings, seed, selection, refs, episodes),
+        )
+        dataset.storage.update_metadata(
+            {
+                "divo_build": {
+                    "key": key,
+                    "identity": identity,
+                    "level": level,
+                    "expert_step": selection.expert.step,
+                    "medium_step": selection.medium.step,
+                    "ref_episodes": settings.ref_episodes,
+                }
+            }
+        )
+        written[level] = _summary(name)
+        say(f"{name}: {written[level]['episodes']} episodes, {written[level]['steps']} steps")
+
+    report = {
+        **identity,
+        "build": dataclasses.asdict(settings),
+        "snapshots": [dataclasses.asdict(s) for s in snapshots],
+        "selection": {
+            "expert": dataclasses.asdict(selection.expert),
+            "medium": dataclasses.asdict(selection.medium),
+            "medium_target": selection.medium_target,
+        },
+        "references": refs,
+        "datasets": written,
+    }
+    _atomic_json(work / BUILD_FILE, report)
+    return report
+
+
+def _stored_build(name: str) -> dict[str, Any] | None:
+    """What ``build_datasets`` stored about how it made dataset ``name`` (None: not made by it)."""
+    try:
+        metadata = minari.load_dataset(name).storage.metadata
+    except Exception:  # an unreadable dataset is not ours
+        return None
+    stored = metadata.get("divo_build")
+    return stored if isinstance(stored, dict) and "key" in stored else None
+
+
+def _summary(name: str) -> dict[str, Any]:
+    dataset = minari.load_dataset(name)
+    returns = [float(np.sum(e.rewards)) for e in dataset.iterate_episodes()]
+    return {
+        "id": name,
+        "episodes": dataset.total_episodes,
+        "steps": dataset.total_steps,
+        "mean_episode_return": float(np.mean(returns)),
+        "path": str(get_dataset_path(name)),
+    }
+
+
+def _algorithm(level: str) -> str:
+    return {
+        "random": "uniform-random policy",
+        "medium": "SAC (TorchRL) medium snapshot",
+        "expert": "SAC (TorchRL) expert snapshot",
+        "medium-replay": "SAC (TorchRL) replay buffer up to the medium snapshot",
+        "medium-expert": "SAC (TorchRL) medium + expert snapshots",
+    }[level]
+
+
+def _describe(
+    level: str,
+    env_id: str,
+    sac: SACSettings,
+    settings: BuildSettings,
+    seed: int,
+    selection: Selection,
+    refs: dict[str, Any],
+    episodes: list[dict[str, np.ndarray]],
+) -> str:
+    steps = sum(len(e["actions"]) for e in episodes)
+    what = {
+        "random": f"{steps} transitions of a uniform random policy",
+        "medium": f"{steps} transitions of the medium policy acting stochastically",
+        "expert": f"{steps} transitions of the expert policy acting stochastically",
+        "medium-replay": (
+            f"all {steps} transitions SAC collected before its medium snapshot (step "
+            f"{selection.medium.step}), including its {sac.random_steps} uniform random steps"
+        ),
+        "medium-expert": (f"the medium and expert datasets concatenated ({steps} transitions)"),
+    }[level]
+    return (
+        f"D4RL-style {level} dataset for {env_id}, made by divo data build (seed {seed}): "
+        f"{what}. SAC (TorchRL SACLoss, 2x{sac.hidden_sizes[0]} MLPs, batch "
+        f"{sac.batch_size}, lr {sac.lr}, gamma {sac.gamma}) trained {sac.total_steps} steps, "
+        f"with a snapshot every {sac.snapshot_every} steps evaluated over {sac.eval_episodes} "
+        f"episodes. Expert = {settings.expert} snapshot (step {selection.expert.step}, return "
+        f"{selection.expert.mean_return:.1f}); medium = snapshot closest to "
+        f"{settings.medium_fraction:.3g} of the expert's return (step {selection.medium.step}, "
+        f"return {selection.medium.mean_return:.1f}). ref_min_score = mean return of a uniform "
+        f"random policy, ref_max_score = mean return of the expert policy acting stochastically, "
+        f"each over {refs['episodes']} episodes. Rebuild: divo data build {env_id} --levels "
+        f"{level} --namespace {settings.namespace} --seed {seed} --sac-steps "
+        f"{sac.total_steps} --snapshot-every {sac.snapshot_every} --size "
+        f"{settings.dataset_size}."
+    )
+
+
+__all__ = [
+    "DEFAULT_LEVELS",
+    "LEVELS",
+    "BuildSettings",
+    "Selection",
+    "build_datasets",
+    "dataset_id",
+    "select_snapshots",
+]

@@ -1,0 +1,231 @@
+"""``divo data ...``: the dataset factory's commands.
+
+divo data build <env id> [--levels ...] [--sac-steps N] [--size N] [--seed S] ...
+divo data pointmaze <umaze|medium> [--steps N] [--seed S] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+
+import torch
+
+from divo.errors import ConfigError
+
+USAGE = """usage: divo data <command> ...
+
+commands:
+  build <env id> [options]       train SAC and write D4RL-style Minari datasets (--help)
+  pointmaze <umaze|medium> [...] sparse-reward maze data from a waypoint planner (--help)
+"""
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _build(argv: list[str]) -> int:
+    from divo.factory.build import DEFAULT_LEVELS, LEVELS, BuildSettings, build_datasets
+    from divo.factory.sac import SACSettings
+
+    sac_defaults, defaults = SACSettings(), BuildSettings()
+    parser = argparse.ArgumentParser(
+        prog="divo data build",
+        description=(
+            "Train SAC on a Gymnasium environment and write D4RL-style Minari datasets into the "
+            "local Minari root (MINARI_DATASETS_PATH, else ~/.minari/datasets). Rerun the same "
+            "command to resume an interrupted build."
+        ),
+    )
+    parser.add_argument("env_id", help="Gymnasium id, e.g. Hopper-v5 (or module:Id)")
+    parser.add_argument(
+        "--levels",
+        default=",".join(DEFAULT_LEVELS),
+        help=f"comma-separated, from {', '.join(LEVELS)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--size",
+        type=_positive,
+        default=defaults.dataset_size,
+        help="transitions per random/medium/expert dataset (default %(default)s)",
+    )
+    parser.add_argument(
+        "--sac-steps",
+        type=_positive,
+        default=sac_defaults.total_steps,
+        help="SAC environment steps (default %(default)s)",
+    )
+    parser.add_argument(
+        "--snapshot-every",
+        type=_positive,
+        default=sac_defaults.snapshot_every,
+        help="steps between SAC snapshots (default %(default)s)",
+    )
+    parser.add_argument(
+        "--random-steps",
+        type=int,
+        default=sac_defaults.random_steps,
+        help="uniform random steps before SAC learns (default %(default)s)",
+    )
+    parser.add_argument(
+        "--eval-episodes",
+        type=_positive,
+        default=sac_defaults.eval_episodes,
+        help="episodes per snapshot evaluation (default %(default)s)",
+    )
+    parser.add_argument("--batch-size", type=_positive, default=sac_defaults.batch_size)
+    parser.add_argument(
+        "--hidden",
+        type=_positive,
+        default=sac_defaults.hidden_sizes[0],
+        help="width of SAC's two hidden layers (default %(default)s)",
+    )
+    parser.add_argument(
+        "--medium-fraction",
+        type=float,
+        default=defaults.medium_fraction,
+        help="medium = snapshot closest to this share of the expert's return",
+    )
+    parser.add_argument("--expert", choices=("best", "final"), default=defaults.expert)
+    parser.add_argument(
+        "--ref-episodes",
+        type=_positive,
+        default=defaults.ref_episodes,
+        help="episodes behind ref_min_score and ref_max_score",
+    )
+    parser.add_argument(
+        "--namespace",
+        default=defaults.namespace,
+        help="dataset ids are <namespace>/<env>/<level>-v<version>",
+    )
+    parser.add_argument("--version", type=int, default=defaults.version)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--work-dir",
+        default=None,
+        help="SAC checkpoints and snapshots (default runs/data/<env>-seed<seed>)",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace datasets of the same ids made by another build",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive,
+        default=1,
+        help="torch threads (default 1: fastest for SAC's small networks)",
+    )
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    ns = parser.parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(ns.threads))
+    sac = SACSettings(
+        total_steps=ns.sac_steps,
+        random_steps=ns.random_steps,
+        snapshot_every=ns.snapshot_every,
+        eval_episodes=ns.eval_episodes,
+        batch_size=ns.batch_size,
+        hidden_sizes=(ns.hidden, ns.hidden),
+    )
+    settings = BuildSettings(
+        levels=tuple(level.strip() for level in ns.levels.split(",") if level.strip()),
+        dataset_size=ns.size,
+        medium_fraction=ns.medium_fraction,
+        expert=ns.expert,
+        ref_episodes=ns.ref_episodes,
+        namespace=ns.namespace,
+        version=ns.version,
+    )
+    report = build_datasets(
+        ns.env_id,
+        sac=sac,
+        settings=settings,
+        seed=ns.seed,
+        work_dir=ns.work_dir,
+        overwrite=ns.overwrite,
+        progress=not ns.quiet,
+    )
+    for level, info in report["datasets"].items():
+        print(
+            f"divo data: {level}: {info['id']} ({info['episodes']} episodes, {info['steps']} "
+            f"steps, mean episode return {info['mean_episode_return']:.1f})"
+        )
+    refs = report["references"]
+    print(
+        f"divo data: ref_min_score {refs['ref_min_score']:.1f}, ref_max_score "
+        f"{refs['ref_max_score']:.1f}; summary in build.json of the work dir"
+    )
+    return 0
+
+
+def _pointmaze(argv: list[str]) -> int:
+    from divo.factory import pointmaze
+
+    parser = argparse.ArgumentParser(
+        prog="divo data pointmaze",
+        description=(
+            "Write a sparse-reward PointMaze dataset (gymnasium-robotics) collected by a "
+            "waypoint planner and a PD controller, with no RL training."
+        ),
+    )
+    parser.add_argument("maze", help=f"one of {', '.join(pointmaze.MAZES)}")
+    parser.add_argument(
+        "--steps",
+        type=_positive,
+        default=None,
+        help="transitions (default: the maze's own default)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--id",
+        dest="dataset_id",
+        default=None,
+        help="dataset id (default divo/pointmaze/<maze>-v0)",
+    )
+    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument("--quiet", action="store_true")
+    ns = parser.parse_args(argv)
+    kwargs = {
+        "seed": ns.seed,
+        "dataset_id": ns.dataset_id,
+        "overwrite": ns.overwrite,
+        "progress": not ns.quiet,
+    }
+    if ns.steps is not None:
+        kwargs["num_steps"] = ns.steps
+    dataset = pointmaze.build_pointmaze_dataset(ns.maze, **kwargs)
+    meta = dataset.storage.metadata
+    print(
+        json.dumps(
+            {
+                "id": dataset.id,
+                "episodes": dataset.total_episodes,
+                "steps": dataset.total_steps,
+                "ref_min_score": meta.get("ref_min_score"),
+                "ref_max_score": meta.get("ref_max_score"),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
+SUBCOMMANDS = {"build": _build, "pointmaze": _pointmaze}
+
+
+def data_command(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    logging.getLogger("torchrl").setLevel(logging.WARNING)  # its per-storage INFO lines
+    if command not in SUBCOMMANDS:
+        raise ConfigError(f"unknown data command {command!r}; use one of {', '.join(SUBCOMMANDS)}")
+    return SUBCOMMANDS[command](rest)

@@ -75,6 +75,9 @@ class OfflineData:
         env_spec: the environment the dataset was collected in, None if unknown or not makeable.
         eval_env_spec: the environment to evaluate in (the dataset's eval env, else env_spec).
         num_episodes, num_transitions: ``E`` and ``N``.
+        behavior_return: the data's mean episode return (rewards as stored, before
+            ``reward_scale``/``reward_shift``; episodes cut off by the collector included): the
+            level a learned policy should beat.
         batch_size: default batch size of ``replay_buffer()``.
         device: where ``data`` and replay-buffer samples live.
     """
@@ -91,6 +94,7 @@ class OfflineData:
     num_episodes: int
     num_transitions: int
     eval_env_spec: EnvSpec | None = None
+    behavior_return: float | None = None
     batch_size: int = 256
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
@@ -230,6 +234,11 @@ def load_offline_data(
         eval_env_spec=eval_env_spec,
         num_episodes=int(len(raw["episode_length"])),
         num_transitions=n,
+        behavior_return=float(
+            np.add.reduceat(raw["reward"], np.cumsum(raw["episode_length"]) - raw["episode_length"])
+            .astype(np.float64)
+            .mean()
+        ),
         batch_size=batch_size,
         device=device,
     )

@@ -7,6 +7,7 @@ recipe with Hydra and calls it with Hydra's output directory.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import platform
 import time
@@ -18,11 +19,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torchrl.data import ReplayBuffer
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from divo.agents.agent import OfflineAgent
 from divo.agents.builder import build_agent
 from divo.agents.data import OfflineData, check_batch_keys, load_offline_data
-from divo.agents.evaluate import evaluate_policy
+from divo.agents.evaluate import evaluate_policy, normalized_score
 from divo.agents.logging import MetricAccumulator, MetricsLogger
 from divo.agents.policy_io import POLICY_FORMAT
 from divo.agents.runtime import (
@@ -36,6 +38,9 @@ from divo.agents.runtime import (
 from divo.errors import CheckpointError, ConfigError, DatasetError, DivoError
 
 CHECKPOINT_FORMAT = "divo-checkpoint-v1"
+
+
+_log = logging.getLogger("divo.train")
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -211,6 +216,17 @@ def train(
             download=cfg.dataset.get("download", True),
             action_bounds=cfg.dataset.get("action_bounds", "rescale"),
         )
+        behavior_score = normalized_score(
+            data.behavior_return, data.ref_min_score, data.ref_max_score
+        )
+        _log.info(
+            "data %s: %d transitions in %d episodes; behaviour: mean episode return %.1f%s",
+            data.dataset_id,
+            data.num_transitions,
+            data.num_episodes,
+            data.behavior_return,
+            f" (normalized score {behavior_score:.1f})" if behavior_score is not None else "",
+        )
     elif replay_buffer is None:
         raise ConfigError("dataset.id is null and no replay buffer was given; set dataset.id")
     if replay_buffer is None:
@@ -285,7 +301,8 @@ def train(
         dynamic_ncols=True,
     )
     agent.train()
-    with bar:
+    # log lines (evaluations) go above the progress bar instead of through it
+    with bar, logging_redirect_tqdm():
         for step in range(start_step + 1, steps + 1):
             batch = buffer.sample()
             if batch.device != device:
@@ -317,6 +334,14 @@ def train(
                     row["eval_return_std"] = last_eval["return_std"]
                     row["normalized_score"] = last_eval["normalized_score"]
                     score = last_eval["normalized_score"]
+                    _log.info(
+                        "step %d: normalized score %s (return %.2f +- %.2f over %d episodes)",
+                        step,
+                        f"{score:.1f}" if score is not None else "n/a",
+                        last_eval["return_mean"],
+                        last_eval["return_std"],
+                        last_eval["episodes"],
+                    )
                     bar.set_postfix(
                         score=f"{score:.1f}" if score is not None else "n/a",
                         ret=f"{last_eval['return_mean']:.2f}",
@@ -336,6 +361,12 @@ def train(
         "return_std": last_eval["return_std"] if last_eval else None,
         "normalized_score": last_eval["normalized_score"] if last_eval else None,
         "episodes": last_eval["episodes"] if last_eval else 0,
+        "behavior_return": data.behavior_return if data is not None else None,
+        "behavior_normalized_score": normalized_score(
+            data.behavior_return, data.ref_min_score, data.ref_max_score
+        )
+        if data is not None
+        else None,
         "wall_clock_s": round(elapsed_before + time.perf_counter() - start, 3),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)

@@ -166,7 +166,7 @@ def run_policies(cfg: Any, runs_dir: Path, log=print, reuse: bool = False) -> di
         entry = {"label": pol.labels.get(recipe, recipe), "seeds": []}
         for seed in pol.seeds:
             start = time.perf_counter()
-            overrides = [*pol.overrides, f"seed={seed}", "train.progress=false"]
+            overrides = ["dataset=bandit", *pol.overrides, f"seed={seed}", "train.progress=false"]
             run_dir = runs_dir / f"{recipe}-seed{seed}"
             if reuse and (run_dir / "result.json").is_file() and (run_dir / "policy.pt").is_file():
                 result = json.loads((run_dir / "result.json").read_text())  # trained before

@@ -459,7 +459,33 @@ def _pointmaze_builder(maze: str) -> Callable[[str], Any]:
     return build
 
 
+# Datasets made with `divo data build` on our machines and shipped inside the package
+# (divo/shipped/<id>/data/...: Minari's own layout); the first use copies one into the local
+# Minari root. README "Datasets" says how each was made and how to rebuild it.
+SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
+
+
+def shipped_datasets() -> list[str]:
+    """Ids of the datasets shipped with divo."""
+    return sorted(
+        str(path.parent.parent.relative_to(SHIPPED_ROOT)).replace(os.sep, "/")
+        for path in SHIPPED_ROOT.glob("**/data/metadata.json")
+    )
+
+
+def copy_shipped_dataset(dataset_id: str) -> minari.MinariDataset:
+    """Copy the shipped dataset ``dataset_id`` into the local Minari root."""
+    source = SHIPPED_ROOT / dataset_id
+    if not source.joinpath("data", "metadata.json").is_file():
+        raise DatasetError(
+            f"{dataset_id!r} is not shipped with divo (shipped: {', '.join(shipped_datasets())})"
+        )
+    shutil.copytree(source, get_dataset_path(dataset_id), dirs_exist_ok=True)
+    return minari.load_dataset(dataset_id)
+
+
 BUILTIN_DATASETS: dict[str, Callable[[str], Any]] = {
+    **{dataset_id: copy_shipped_dataset for dataset_id in shipped_datasets()},
     BANDIT_DATASET_ID: build_bandit_dataset,
     # sparse-reward navigation (waypoint planner + PD controller; needs the maze extra)
     "divo/pointmaze/umaze-v0": _pointmaze_builder("umaze"),
@@ -538,6 +564,7 @@ __all__ = [
     "bandit_episodes",
     "bandit_random_return",
     "build_bandit_dataset",
+    "copy_shipped_dataset",
     "ensure_builtin",
     "episodes_to_transitions",
     "float32_box",
@@ -545,6 +572,7 @@ __all__ = [
     "minari_root",
     "read_transitions",
     "remove_local",
+    "shipped_datasets",
     "transitions_cache_path",
     "write_minari_dataset",
 ]

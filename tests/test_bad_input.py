@@ -12,8 +12,9 @@ from synthetic import hopper_like_episode, write_hopper_like
 
 from divo.cli import main
 
-FAST = ["--quiet", "train.steps=4", "train.eval_every=2", "train.checkpoint_every=2",
-        "train.log_every=2", "train.eval_episodes=1", "train.batch_size=8"]  # fmt: skip
+FAST = ["--quiet", "dataset=bandit", "train.steps=4", "train.eval_every=2",
+        "train.checkpoint_every=2", "train.log_every=2", "train.eval_episodes=1",
+        "train.batch_size=8"]  # fmt: skip
 
 
 def snapshot(folder: Path) -> dict[str, str]:

@@ -296,3 +296,38 @@ def test_recipes_train_on_a_built_dataset(built, recipe, tmp_path, capsys):
     )
     result = json.loads((run_dir / "result.json").read_text())
     assert result["steps"] == 60 and np.isfinite(result["normalized_score"])
+
+
+@pytest.mark.slow
+def test_data_build_on_hopper_through_the_cli_then_train(tmp_path, capsys):
+    """The issue's command with a small budget: `divo data build Hopper-v5 --levels
+    medium,medium-replay,expert`, then td3bc and divo train on the medium data."""
+    from test_ablations import tiny_overrides
+
+    from divo.cli import main
+
+    args = ["data", "build", "Hopper-v5", "--levels", "medium,medium-replay,expert",
+            "--sac-steps", "3000", "--random-steps", "1000", "--snapshot-every", "1000",
+            "--eval-episodes", "2", "--hidden", "64", "--batch-size", "64", "--size", "1000",
+            "--ref-episodes", "5", "--namespace", "clitest", "--work-dir", str(tmp_path / "w"),
+            "--quiet"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "clitest/hopper/medium-v0" in out and "ref_max_score" in out
+    for level in ("medium", "medium-replay", "expert"):
+        dataset = minari.load_dataset(f"clitest/hopper/{level}-v0")
+        meta = dataset.storage.metadata
+        assert meta["ref_min_score"] < meta["ref_max_score"]
+        assert dataset.env_spec.id == "Hopper-v5"
+    expert = minari.load_dataset("clitest/hopper/expert-v0")
+    returns = [e.rewards.sum() for e in expert.iterate_episodes() if e.terminations[-1]]
+    assert np.mean(minari.get_normalized_score(expert, np.array(returns))) > 0.5
+    for recipe in ("td3bc", "divo"):
+        run_dir = tmp_path / recipe
+        overrides = tiny_overrides(
+            recipe, "dataset=minari", "dataset.id=clitest/hopper/medium-v0", "train.steps=40",
+            "train.eval_every=40", "train.log_every=20", "train.checkpoint_every=40",
+            "train.eval_episodes=2", "train.batch_size=32",
+        )  # fmt: skip
+        assert main(["train", recipe, "--quiet", *overrides, f"hydra.run.dir={run_dir}"]) == 0
+        assert json.loads((run_dir / "result.json").read_text())["steps"] == 40

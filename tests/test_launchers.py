@@ -106,7 +106,8 @@ def test_joblib_multirun_runs_two_jobs_in_parallel(tmp_path, capsys):
     # it under MINARI_DATASETS_PATH instead of each building the full-size one.
     ensure_builtin("divo/bandit/multimodal-v0")
     sweep = tmp_path / "sweep"
-    args = ["train", "td3bc", "-m", "seed=0,1", "hydra/launcher=local", "hydra.launcher.n_jobs=2"]
+    args = ["train", "td3bc", "-m", "seed=0,1", "dataset=bandit", "hydra/launcher=local",
+            "hydra.launcher.n_jobs=2"]  # fmt: skip
     code = main([*args, *TINY, f"hydra.sweep.dir={sweep}"])
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -124,7 +125,7 @@ def test_joblib_multirun_runs_two_jobs_in_parallel(tmp_path, capsys):
 @skip_without("local")
 def test_failed_jobs_in_joblib_workers_set_the_exit_status(tmp_path, capsys):
     """Jobs run in worker processes: their failures still reach the parent's exit status."""
-    args = ["train", "td3bc", "-m", "train.steps=0,-1", "hydra/launcher=local",
+    args = ["train", "td3bc", "-m", "dataset=bandit", "train.steps=0,-1", "hydra/launcher=local",
             "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}"]  # fmt: skip
     assert main(args) == 2
     # (each worker prints its own one-line error; the parent sums them up)

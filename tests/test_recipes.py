@@ -67,11 +67,14 @@ def test_every_recipe_composes_instantiates_and_updates(recipe):
 
 
 def test_divo_defaults_follow_method_md():
-    assert compose_recipe("divo").actor.loss.alpha == 0.25  # the bandit's per-task alpha
+    assert compose_recipe("divo").dataset.id == "divo/hopper/medium-replay-v0"  # the default
+    assert compose_recipe("divo").actor.loss.alpha == 2.5
+    bandit = ["dataset=bandit"]
+    assert compose_recipe("divo", bandit).actor.loss.alpha == 0.25  # the bandit's per-task alpha
     # the per-task value follows the dataset id, whichever dataset group set it
     hopper = ["dataset.id=test/hopper/random-v0"]
     assert compose_recipe("divo", hopper).actor.loss.alpha == 2.5
-    assert compose_recipe("divo", ["actor.loss.alpha=1.0"]).actor.loss.alpha == 1.0
+    assert compose_recipe("divo", [*bandit, "actor.loss.alpha=1.0"]).actor.loss.alpha == 1.0
     cfg = compose_recipe("divo", ["dataset=minari", "dataset.id=mujoco/hopper/medium-v0"])
     assert cfg.behavior_model.num_steps == 5 and cfg.behavior_model.schedule == "vp"
     assert cfg.weighting.base == 0.0 and cfg.weighting.eta == 1.0

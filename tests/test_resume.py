@@ -20,6 +20,7 @@ from divo.cli import compose_recipe, main
 from divo.errors import CheckpointError
 
 SHORT = [
+    "dataset=bandit",
     "train.steps=6",
     "train.eval_every=3",
     "train.log_every=2",

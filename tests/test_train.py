@@ -48,7 +48,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def dataset_overrides(name: str, hopper_dataset: str) -> list[str]:
     if name == "hopper":
         return ["dataset=minari", f"dataset.id={hopper_dataset}"]
-    return []
+    return ["dataset=bandit"]
 
 
 @pytest.mark.parametrize("dataset", ["bandit", "hopper"])
@@ -96,7 +96,7 @@ def test_evaluate_reproduces_the_final_evaluation(tmp_path, capsys, hopper_datas
 
 def test_multirun_runs_every_job(tmp_path, capsys):
     sweep = tmp_path / "sweep"
-    args = ["train", "td3bc", "-m", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}"]
+    args = ["train", "td3bc", "-m", "seed=0,1", *FAST, "dataset=bandit", f"hydra.sweep.dir={sweep}"]
     code, out, err = run_cli(args, capsys)
     assert code == 0, err
     results = sorted(sweep.rglob("result.json"))
@@ -161,7 +161,15 @@ def test_mistyped_dataset_id_gives_one_line(hopper_dataset, tmp_path, capsys):
 
 def test_bad_step_count_gives_one_line(tmp_path, capsys):
     line = _one_line_error(
-        ["train", "td3bc", "--quiet", "train.steps=0", f"hydra.run.dir={tmp_path}"], capsys
+        [
+            "train",
+            "td3bc",
+            "--quiet",
+            "dataset=bandit",
+            "train.steps=0",
+            f"hydra.run.dir={tmp_path}",
+        ],
+        capsys,
     )
     assert "train.steps" in line
 
@@ -181,7 +189,7 @@ def test_divo_settles_on_the_best_paying_bandit_mode_and_td3bc_does_not(tmp_path
         for seed in seeds:
             cfg = compose_recipe(
                 recipe,
-                [f"seed={seed}", "train.steps=1500", "train.eval_every=1500",
+                [f"seed={seed}", "dataset=bandit", "train.steps=1500", "train.eval_every=1500",
                  "train.progress=false", "train.checkpoint_every=1500"],
             )  # fmt: skip
             result = train(cfg, tmp_path / f"{recipe}-{seed}")
@@ -210,7 +218,9 @@ def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatc
         return metrics
 
     monkeypatch.setattr(OfflineAgent, "update", update)
-    cfg = compose_recipe("td3bc", [o for o in FAST if o != "--quiet"] + ["train.progress=false"])
+    cfg = compose_recipe(
+        "td3bc", [o for o in FAST if o != "--quiet"] + ["dataset=bandit", "train.progress=false"]
+    )
     with pytest.raises(DivoError, match="non-finite loss_critic at step 4"):
         train(cfg, tmp_path / "run")
     # the checkpoint of step 3 (before the NaN) is kept
@@ -225,7 +235,7 @@ def test_optional_logger_backend_works_or_says_what_to_install(tmp_path):
     cfg = compose_recipe(
         "td3bc",
         [o for o in FAST if o != "--quiet"]
-        + ["train.progress=false", "logger.backend=tensorboard"],
+        + ["dataset=bandit", "train.progress=false", "logger.backend=tensorboard"],
     )
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(ConfigError, match=r"pip install 'divo\[tensorboard\]'"):
@@ -239,7 +249,9 @@ def test_optional_logger_backend_works_or_says_what_to_install(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_divo_trains_on_cuda_with_the_dataset_on_the_device(tmp_path):
     cfg = compose_recipe(
-        "divo", [o for o in FAST if o != "--quiet"] + ["train.progress=false", "device=cuda"]
+        "divo",
+        [o for o in FAST if o != "--quiet"]
+        + ["dataset=bandit", "train.progress=false", "device=cuda"],
     )
     result = train(cfg, tmp_path / "run")
     assert result["device"].startswith("cuda")

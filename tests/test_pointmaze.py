@@ -327,3 +327,17 @@ def test_recipe_group_sets_the_sparse_reward_settings():
     assert cfg.train.eval_episodes == 50
     medium = compose_recipe("divo", ["dataset=pointmaze", "dataset.id=divo/pointmaze/medium-v0"])
     assert medium.dataset.id == "divo/pointmaze/medium-v0"
+
+
+def test_data_pointmaze_command_writes_the_dataset(capsys):
+    from divo.cli import main
+
+    args = ["data", "pointmaze", "umaze", "--steps", "1500", "--ref-episodes", "3",
+            "--id", "clitest/pointmaze/umaze-v0", "--quiet"]  # fmt: skip
+    assert main(args) == 0, capsys.readouterr().err
+    out = json.loads(capsys.readouterr().out)
+    assert out["id"] == "clitest/pointmaze/umaze-v0" and out["steps"] == 1500
+    assert out["ref_min_score"] < out["ref_max_score"]
+    assert main(["data", "pointmaze", "large", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown maze 'large'" in err[0]

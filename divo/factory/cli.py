@@ -189,10 +189,24 @@ def _pointmaze(argv: list[str]) -> int:
         default=None,
         help="dataset id (default divo/pointmaze/<maze>-v0)",
     )
+    parser.add_argument(
+        "--noise",
+        type=float,
+        default=pointmaze.DEFAULT_NOISE,
+        help="std of the Gaussian action noise (default %(default)s, as D4RL)",
+    )
+    parser.add_argument(
+        "--ref-episodes",
+        type=_positive,
+        default=pointmaze.REF_EPISODES,
+        help="episodes behind ref_min_score and ref_max_score (default %(default)s)",
+    )
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--quiet", action="store_true")
     ns = parser.parse_args(argv)
     kwargs = {
+        "noise": ns.noise,
+        "ref_episodes": ns.ref_episodes,
         "seed": ns.seed,
         "dataset_id": ns.dataset_id,
         "overwrite": ns.overwrite,

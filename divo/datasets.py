@@ -96,6 +96,51 @@ def _episode_buffer(index: int, episode: dict[str, np.ndarray]) -> EpisodeBuffer
     )
 
 
+class EpisodeRecorder:
+    """One episode recorded step by step; ``arrays()`` returns it in Minari's layout."""
+
+    def __init__(self, observation: Any) -> None:
+        self.observations = [np.asarray(observation, dtype=np.float32)]
+        self.actions: list[np.ndarray] = []
+        self.rewards: list[float] = []
+        self.terminations: list[bool] = []
+        self.truncations: list[bool] = []
+
+    def add(self, action: Any, observation: Any, reward: float, terminated: bool,
+            truncated: bool) -> None:  # fmt: skip
+        """Record one step: the action taken and what the environment returned."""
+        self.actions.append(np.asarray(action, dtype=np.float32))
+        self.observations.append(np.asarray(observation, dtype=np.float32))
+        self.rewards.append(float(reward))
+        self.terminations.append(bool(terminated))
+        self.truncations.append(bool(truncated))
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.actions) and (self.terminations[-1] or self.truncations[-1])
+
+    @property
+    def last_observation(self) -> np.ndarray:
+        return self.observations[-1]
+
+    def arrays(self, *, cut_off: bool = True) -> dict[str, np.ndarray]:
+        """The episode as arrays. ``cut_off``: a last step with neither flag (the episode was
+        stopped by a step budget) is flagged truncated, never terminal."""
+        truncations = np.asarray(self.truncations, dtype=bool)
+        if cut_off and self.actions and not self.done:
+            truncations[-1] = True
+        return {
+            "observations": np.asarray(self.observations, dtype=np.float32),
+            "actions": np.asarray(self.actions, dtype=np.float32),
+            "rewards": np.asarray(self.rewards, dtype=np.float64),
+            "terminations": np.asarray(self.terminations, dtype=bool),
+            "truncations": truncations,
+        }
+
+
 def random_policy_episodes(
     env: gym.Env, total_steps: int, *, seed: int = 0, flag_cut_off: bool = True
 ) -> list[dict[str, np.ndarray]]:
@@ -109,30 +154,12 @@ def random_policy_episodes(
     episodes: list[dict[str, np.ndarray]] = []
     steps = 0
     while steps < total_steps:
-        obs, _ = env.reset(seed=seed + len(episodes))
-        observations, actions, rewards, terms, truncs = [obs], [], [], [], []
-        done = False
-        while not done and steps < total_steps:
+        episode = EpisodeRecorder(env.reset(seed=seed + len(episodes))[0])
+        while not episode.done and steps < total_steps:
             action = env.action_space.sample()
-            obs, reward, terminated, truncated, _ = env.step(action)
-            observations.append(obs)
-            actions.append(action)
-            rewards.append(reward)
-            terms.append(terminated)
-            truncs.append(truncated)
+            episode.add(action, *env.step(action)[:4])
             steps += 1
-            done = terminated or truncated
-        if flag_cut_off and not done:
-            truncs[-1] = True
-        episodes.append(
-            {
-                "observations": np.asarray(observations, dtype=np.float32),
-                "actions": np.asarray(actions, dtype=np.float32),
-                "rewards": np.asarray(rewards, dtype=np.float64),
-                "terminations": np.asarray(terms, dtype=bool),
-                "truncations": np.asarray(truncs, dtype=bool),
-            }
-        )
+        episodes.append(episode.arrays(cut_off=flag_cut_off))
     return episodes
 
 
@@ -560,6 +587,7 @@ def remove_local(dataset_id: str) -> None:
 
 __all__ = [
     "BANDIT_DATASET_ID",
+    "EpisodeRecorder",
     "BUILTIN_DATASETS",
     "bandit_episodes",
     "bandit_random_return",

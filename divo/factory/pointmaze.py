@@ -45,7 +45,7 @@ from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage.datasets_root_dir import get_dataset_path
 from tqdm.auto import tqdm
 
-from divo.datasets import is_local, remove_local, write_minari_dataset
+from divo.datasets import EpisodeRecorder, is_local, remove_local, write_minari_dataset
 from divo.errors import DatasetError
 
 
@@ -346,32 +346,15 @@ def collect_pointmaze_episodes(
     steps = 0
     try:
         while steps < num_steps:
-            obs, _ = env.reset(seed=seed if not episodes else None)
-            observations, actions, rewards, terms, truncs = [obs], [], [], [], []
-            done = False
-            while not done and steps < num_steps:
-                action = controller(obs)
-                obs, reward, terminated, truncated, _ = env.step(action)
-                observations.append(obs)
-                actions.append(action)
-                rewards.append(reward)
-                terms.append(terminated)
-                truncs.append(truncated)
+            episode = EpisodeRecorder(env.reset(seed=seed if not episodes else None)[0])
+            while not episode.done and steps < num_steps:
+                action = controller(episode.last_observation)
+                episode.add(action, *env.step(action)[:4])
                 steps += 1
-                done = terminated or truncated
                 if steps % 1000 == 0:
                     bar.update(1000)
-            if not done:
-                truncs[-1] = True  # cut off by the step budget: a truncation, never terminal
-            episodes.append(
-                {
-                    "observations": np.asarray(observations, dtype=np.float32),
-                    "actions": np.asarray(actions, dtype=np.float32),
-                    "rewards": np.asarray(rewards, dtype=np.float64),
-                    "terminations": np.asarray(terms, dtype=bool),
-                    "truncations": np.asarray(truncs, dtype=bool),
-                }
-            )
+            # cut off by the step budget: a truncation, never terminal
+            episodes.append(episode.arrays(cut_off=True))
         bar.update(steps - bar.n)
     finally:
         bar.close()

@@ -16,35 +16,9 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm.auto import tqdm
 
+from divo.datasets import EpisodeRecorder
+
 Act = Callable[[np.ndarray], np.ndarray]  # observations [n, O] -> actions [n, A]
-
-
-class _Episode:
-    def __init__(self, observation: np.ndarray) -> None:
-        self.observations = [observation]
-        self.actions: list[np.ndarray] = []
-        self.rewards: list[float] = []
-        self.terminations: list[bool] = []
-        self.truncations: list[bool] = []
-
-    def add(self, action, observation, reward, terminated, truncated) -> None:
-        self.actions.append(action)
-        self.observations.append(observation)
-        self.rewards.append(float(reward))
-        self.terminations.append(bool(terminated))
-        self.truncations.append(bool(truncated))
-
-    def arrays(self, cut_off: bool) -> dict[str, np.ndarray]:
-        truncations = np.asarray(self.truncations, dtype=bool)
-        if cut_off and not (self.terminations[-1] or truncations[-1]):
-            truncations[-1] = True  # stopped by the step budget: a truncation, never terminal
-        return {
-            "observations": np.asarray(self.observations, dtype=np.float32),
-            "actions": np.asarray(self.actions, dtype=np.float32),
-            "rewards": np.asarray(self.rewards, dtype=np.float64),
-            "terminations": np.asarray(self.terminations, dtype=bool),
-            "truncations": truncations,
-        }
 
 
 def run_episodes(
@@ -78,12 +52,12 @@ def run_episodes(
     finished: list[tuple[int, dict[str, np.ndarray]]] = []
     started = 0
     steps = 0
-    running: dict[int, tuple[int, _Episode]] = {}  # env slot -> (episode index, episode)
+    running: dict[int, tuple[int, EpisodeRecorder]] = {}  # env slot -> (episode index, episode)
 
     def start(slot: int) -> None:
         nonlocal started
         observation, _ = envs[slot].reset(seed=seed + started)
-        running[slot] = (started, _Episode(np.asarray(observation, dtype=np.float32)))
+        running[slot] = (started, EpisodeRecorder(observation))
         started += 1
 
     for slot in range(len(envs)):
@@ -94,18 +68,15 @@ def run_episodes(
             slots = sorted(running)
             if num_steps is not None:
                 slots = slots[: num_steps - steps]  # never overshoot the step budget
-            observations = np.stack([running[s][1].observations[-1] for s in slots])
+            observations = np.stack([running[s][1].last_observation for s in slots])
             actions = np.asarray(act(observations), dtype=np.float32)
             for slot, action in zip(slots, actions, strict=True):
                 index, episode = running[slot]
-                observation, reward, terminated, truncated, _ = envs[slot].step(action)
-                episode.add(
-                    action, np.asarray(observation, dtype=np.float32), reward, terminated, truncated
-                )
+                episode.add(action, *envs[slot].step(action)[:4])
                 steps += 1
                 if num_steps is not None:
                     bar.update(1)
-                if terminated or truncated:
+                if episode.done:
                     finished.append((index, episode.arrays(cut_off=False)))
                     del running[slot]
                     if num_episodes is not None:
@@ -113,7 +84,7 @@ def run_episodes(
                     if num_episodes is None or started < num_episodes:
                         start(slot)
         for index, episode in running.values():  # the step budget ran out mid-episode
-            if episode.actions:
+            if len(episode):
                 finished.append((index, episode.arrays(cut_off=True)))
     finally:
         bar.close()

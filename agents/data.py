@@ -33,7 +33,14 @@ from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
 import divo.envs  # noqa: F401  (registers divo's environments for gym.make)
-from divo.datasets import BUILTIN_DATASETS, ensure_builtin, is_local, minari_root, read_transitions
+from divo.datasets import (
+    BUILTIN_DATASETS,
+    ensure_builtin,
+    is_local,
+    minari_root,
+    read_transitions,
+    remove_maze_xml,
+)
 from divo.errors import DatasetError
 
 # D4RL v2 reference returns (random / expert policy), used when a dataset stores none; keyed by
@@ -120,7 +127,9 @@ class OfflineData:
                 "there is nothing to evaluate in; install the environment's package, or train "
                 "with evaluation disabled"
             )
-        return gym.make(self.eval_env_spec, **kwargs)
+        env = gym.make(self.eval_env_spec, **kwargs)
+        remove_maze_xml(env)  # maze envs leave a model file in the temp folder per env
+        return env
 
 
 def load_offline_data(

@@ -96,6 +96,18 @@ def _episode_buffer(index: int, episode: dict[str, np.ndarray]) -> EpisodeBuffer
     )
 
 
+def remove_maze_xml(env: gym.Env) -> None:
+    """Delete the MJCF file a gymnasium-robotics maze env leaves in the temp folder.
+
+    Every maze env writes its model to ``<tmp>/ant_maze<time>.xml`` (~8 kB) and never deletes
+    it; MuJoCo has read it once the env exists, so it can go. Other envs: nothing happens.
+    """
+    path = getattr(env.unwrapped, "tmp_xml_file_path", None)
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+
+
 class EpisodeRecorder:
     """One episode recorded step by step; ``arrays()`` returns it in Minari's layout."""
 
@@ -600,6 +612,7 @@ __all__ = [
     "minari_root",
     "read_transitions",
     "remove_local",
+    "remove_maze_xml",
     "shipped_datasets",
     "transitions_cache_path",
     "write_minari_dataset",

@@ -33,7 +33,6 @@ import collections
 import contextlib
 import io
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +44,13 @@ from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage.datasets_root_dir import get_dataset_path
 from tqdm.auto import tqdm
 
-from divo.datasets import EpisodeRecorder, is_local, remove_local, write_minari_dataset
+from divo.datasets import (
+    EpisodeRecorder,
+    is_local,
+    remove_local,
+    remove_maze_xml,
+    write_minari_dataset,
+)
 from divo.errors import DatasetError
 
 
@@ -147,19 +152,6 @@ def make_pointmaze_env(
     )
     remove_maze_xml(env)
     return gym.wrappers.FlattenObservation(env)
-
-
-def remove_maze_xml(env: gym.Env) -> None:
-    """Delete the maze's MJCF file that gymnasium-robotics leaves in the temp folder.
-
-    Every maze env writes its model to ``<tmp>/ant_maze<time>.xml`` (~8 kB) and never deletes
-    it; MuJoCo has read it once the env exists, so it can go. Envs made elsewhere (e.g. from a
-    dataset's spec for evaluation) still leave theirs.
-    """
-    path = getattr(env.unwrapped, "tmp_xml_file_path", None)
-    if path:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
 
 
 class WaypointController:

@@ -381,7 +381,9 @@ def _check_finite(dataset_id: str, raw: dict[str, np.ndarray]) -> None:
 def _make_env(spec: EnvSpec) -> gym.Env:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return gym.make(spec)
+        env = gym.make(spec)
+    remove_maze_xml(env)
+    return env
 
 
 def _check_environment(

@@ -48,10 +48,12 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
 def dataset_overrides(name: str, hopper_dataset: str) -> list[str]:
     if name == "hopper":
         return ["dataset=minari", f"dataset.id={hopper_dataset}"]
+    if name == "default":  # the recipes' own default: the shipped Hopper-v5 medium-replay data
+        return []
     return ["dataset=bandit"]
 
 
-@pytest.mark.parametrize("dataset", ["bandit", "hopper"])
+@pytest.mark.parametrize("dataset", ["bandit", "hopper", "default"])
 @pytest.mark.parametrize("recipe", ["divo", "soft_weight", "td3bc"])
 def test_train_writes_the_run_files(recipe, dataset, hopper_dataset, tmp_path, capsys):
     run_dir = tmp_path / "run"

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import sys
 
 import torch
 
@@ -242,4 +243,12 @@ def data_command(argv: list[str]) -> int:
     logging.getLogger("torchrl").setLevel(logging.WARNING)  # its per-storage INFO lines
     if command not in SUBCOMMANDS:
         raise ConfigError(f"unknown data command {command!r}; use one of {', '.join(SUBCOMMANDS)}")
-    return SUBCOMMANDS[command](rest)
+    try:
+        return SUBCOMMANDS[command](rest)
+    except KeyboardInterrupt:
+        print(
+            "divo data: interrupted; rerun the same command to resume (SAC goes on from its "
+            "last snapshot, finished datasets are kept)",
+            file=sys.stderr,
+        )
+        return 130

@@ -6,6 +6,7 @@ recipe with Hydra and calls it with Hydra's output directory.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -301,8 +302,9 @@ def train(
         dynamic_ncols=True,
     )
     agent.train()
-    # log lines (evaluations) go above the progress bar instead of through it
-    with bar, logging_redirect_tqdm():
+    # with a progress bar, log lines (evaluations) go above it instead of through it
+    redirect = logging_redirect_tqdm() if cfg.train.progress else contextlib.nullcontext()
+    with bar, redirect:
         for step in range(start_step + 1, steps + 1):
             batch = buffer.sample()
             if batch.device != device:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import gymnasium as gym
 import pytest
 
@@ -24,6 +26,19 @@ def minari_root(tmp_path_factory: pytest.TempPathFactory):
         patch.setenv("MINARI_DATASETS_PATH", str(root))
         patch.setattr(divo.datasets, "BANDIT_NUM_SAMPLES", TEST_BANDIT_SAMPLES)
         yield root
+
+
+@pytest.fixture(autouse=True)
+def restore_log_handlers():
+    """Each `divo train` through Hydra configures logging with handlers bound to that test's
+    captured streams; drop them afterwards, so that a later test's log lines never go to a
+    closed stream."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in list(root.handlers):
+        if handler not in before:
+            root.removeHandler(handler)
 
 
 @pytest.fixture(scope="session")

@@ -339,7 +339,11 @@ def test_every_recipe_trains_a_few_hundred_steps_and_its_policy_file_evaluates(
 ):
     """`divo train <recipe>` for 200 steps with tiny networks on the bandit and on a local
     Hopper Minari dataset, then `divo evaluate` rebuilds the deployed policy from policy.pt."""
-    data = ["dataset=minari", f"dataset.id={hopper_dataset}"] if dataset == "hopper" else []
+    data = (
+        ["dataset=minari", f"dataset.id={hopper_dataset}"]
+        if dataset == "hopper"
+        else ["dataset=bandit"]
+    )
     steps = [
         "train.steps=200",
         "train.eval_every=200",

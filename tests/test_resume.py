@@ -117,7 +117,8 @@ def test_foreign_checkpoints_are_refused_and_nothing_changes(tmp_path, hopper_da
     line = _one_line_error(["train", str(run), "critic.lr=1.0"], capsys)
     assert "cannot change critic.lr=1.0" in line
     # the same recipe on data of another observation size
-    cfg = compose_recipe("td3bc", [*SHORT, "dataset=minari", f"dataset.id={hopper_dataset}"])
+    on_hopper = [o for o in SHORT if not o.startswith("dataset=")]
+    cfg = compose_recipe("td3bc", [*on_hopper, "dataset=minari", f"dataset.id={hopper_dataset}"])
     with pytest.raises(
         CheckpointError, match="observation/action sizes 1/2 but the data have 11/3"
     ):

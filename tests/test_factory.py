@@ -136,7 +136,7 @@ def test_metadata_carries_references_and_scores_normalise(built):
         assert env.spec.id == ENV
         env.close()
     # the random policy's data scores about 0, the expert's about 1 (Minari returns fractions)
-    for level, expected, tolerance in (("random", 0.0, 0.1), ("expert", 1.0, 0.2)):
+    for level, expected, tolerance in (("random", 0.0, 0.1), ("expert", 1.0, 0.25)):
         dataset = minari.load_dataset(report["datasets"][level]["id"])
         returns = np.array(
             [

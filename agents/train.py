@@ -206,7 +206,7 @@ def train(
     seed_everything(int(cfg.seed))
     start = time.perf_counter()
 
-    data = None
+    data, behavior_score = None, None
     if cfg.dataset.get("id") is not None:
         data = load_offline_data(
             cfg.dataset.id,
@@ -364,11 +364,7 @@ def train(
         "normalized_score": last_eval["normalized_score"] if last_eval else None,
         "episodes": last_eval["episodes"] if last_eval else 0,
         "behavior_return": data.behavior_return if data is not None else None,
-        "behavior_normalized_score": normalized_score(
-            data.behavior_return, data.ref_min_score, data.ref_max_score
-        )
-        if data is not None
-        else None,
+        "behavior_normalized_score": behavior_score,
         "wall_clock_s": round(elapsed_before + time.perf_counter() - start, 3),
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)

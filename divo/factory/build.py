@@ -318,7 +318,7 @@ def build_datasets(
                 }
             }
         )
-        written[level] = _summary(name)
+        written[level] = _summary(name, episodes)
         say(f"{name}: {written[level]['episodes']} episodes, {written[level]['steps']} steps")
 
     report = {
@@ -347,14 +347,16 @@ def _stored_build(name: str) -> dict[str, Any] | None:
     return stored if isinstance(stored, dict) and "key" in stored else None
 
 
-def _summary(name: str) -> dict[str, Any]:
-    dataset = minari.load_dataset(name)
-    returns = [float(np.sum(e.rewards)) for e in dataset.iterate_episodes()]
+def _summary(name: str, episodes: list[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """Id, size and mean episode return of dataset ``name``; from ``episodes`` when the caller
+    has just written them (else read back from the stored dataset)."""
+    if episodes is None:
+        episodes = [{"rewards": e.rewards} for e in minari.load_dataset(name).iterate_episodes()]
     return {
         "id": name,
-        "episodes": dataset.total_episodes,
-        "steps": dataset.total_steps,
-        "mean_episode_return": float(np.mean(returns)),
+        "episodes": len(episodes),
+        "steps": sum(len(e["rewards"]) for e in episodes),
+        "mean_episode_return": float(np.mean([np.sum(e["rewards"]) for e in episodes])),
         "path": str(get_dataset_path(name)),
     }
 

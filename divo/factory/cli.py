@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 import torch
@@ -126,7 +125,6 @@ def _build(argv: list[str]) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     ns = parser.parse_args(argv)
     torch.set_num_threads(ns.threads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(ns.threads))
     sac = SACSettings(
         total_steps=ns.sac_steps,
         random_steps=ns.random_steps,

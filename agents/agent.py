@@ -112,6 +112,7 @@ class OfflineAgent(TrainableAgent):
         self.keys = keys
         self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers or {})
         self.num_updates = 0  # a Python int: reading it never syncs with the device
+        self._generator: torch.Generator | None = None  # the update's generator, for its stages
         # Hydra config that rebuilds ``self.policy`` from its state_dict (set by the builder)
         self.policy_config: dict | None = None
         # Optional: builds the deployable policy from the agent's parts instead of normaliser +
@@ -154,6 +155,7 @@ class OfflineAgent(TrainableAgent):
         loss.backward()
         opt.step()
 
+    # ------------------------------------------------------------------ the update, top to bottom
     def update(
         self, batch: TensorDictBase, generator: torch.Generator | None = None
     ) -> dict[str, torch.Tensor]:
@@ -162,63 +164,158 @@ class OfflineAgent(TrainableAgent):
         Order: critic -> value -> advantages of dataset actions -> behaviour model ->
         (every ``policy_delay`` steps) candidates -> target selection -> actor -> Polyak targets.
         """
+        return self.run_update(batch, EagerStages(self), generator)
+
+    def run_update(
+        self,
+        batch: TensorDictBase,
+        stages: Stages,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The update with each stage executed by ``stages``: eagerly (:class:`EagerStages`),
+        compiled, or vectorised over stacked seeds (:mod:`divo.agents.vectorized`). Every stage
+        is a method of this class whose arguments and results are tensors only."""
         k = self.keys
-        obs = self.normalizer(batch.get(k.observation))
-        next_obs = self.normalizer(batch.get(k.next_observation))
+        obs = batch.get(k.observation)
+        next_obs = batch.get(k.next_observation)
         action = batch.get(k.action)
-        reward = batch.get(k.reward).to(obs.dtype)
+        reward = batch.get(k.reward)
         terminated = batch.get(k.terminated)
-        metrics: dict[str, torch.Tensor] = {}
         self.num_updates += 1
+        metrics: dict[str, torch.Tensor] = {}
 
         # 1. Critic: TD3 target with target-policy smoothing, true terminals only.
-        y = self.critic_loss.target(
-            reward, terminated, next_obs, self.critic_target, self.actor_target, generator
-        )
-        out = self.critic_loss(obs, action, y, self.critic)
-        self._step("critic", out["loss_critic"])
+        out = stages.run(self.critic_stage, "critic", obs, next_obs, action, reward, terminated)
+        obs, y = out.pop("observation"), out.pop("td_target")
         metrics.update(out)
 
         # 2. State value V(s): expectile of min Q_target(s, a), or A2PR's bootstrap target.
-        adv = None
         if self.value is not None:
-            out = self.value_loss(
-                obs, self.value, action=action, critic_target=self.critic_target, td_target=y
-            )
-            self._step("value", out["loss_value"])
-            metrics.update(out)
+            metrics.update(stages.run(self.value_stage, "value", obs, action, y))
 
-        # 3. Advantage of the dataset actions, A(s, a) = Q(s, a) - V(s), detached.
+        # 3. Advantage of the dataset actions, A(s, a) = Q(s, a) - V(s), detached (with the
+        #    critic and value just updated); V(s) is kept for the candidates' advantages.
+        adv = v = None
         if self._needs_advantage:
-            adv = self.advantage(obs, action, self.critic, self.value)
-            metrics["advantage_mean"] = adv.mean()
-            metrics["advantage_pos_frac"] = (adv > 0).float().mean()
+            out = stages.run(self.advantage_stage, None, obs, action)
+            adv, v = out.pop("advantage"), out.pop("state_value")
+            metrics.update(out)
 
         # 4. Behaviour model: per-sample loss weighted by the scheme (PAD: 1[A > 0]).
         if self.behavior_model is not None:
-            weight = self.weighting(adv if adv is not None else torch.zeros_like(reward))
             if hasattr(self.behavior_model, "set_training_step"):  # e.g. a noise curriculum
                 self.behavior_model.set_training_step(self.num_updates - 1)
-            per_sample = self.behavior_model.per_sample_loss(action, obs, generator=generator)
-            out = self.behavior_loss(per_sample, weight)
-            self._step("behavior", out["loss_behavior"])
+            weight_input = adv if adv is not None else torch.zeros_like(action[..., :1])
+            out = stages.run(
+                self.behavior_stage, "behavior", obs, action, weight_input, generator=generator
+            )
             metrics.update(out)
 
         # 5. Actor (delayed): target from the selector, then TD3+BC loss, then Polyak targets.
         if self.num_updates % self.policy_delay == 0:
-            candidates = cand_adv = None
-            if self.selector.num_candidates:
-                with torch.no_grad():
-                    candidates = self.behavior_model.sample(
-                        obs, self.selector.num_candidates, generator=generator
-                    )
-                    cand_adv = self.advantage(obs, candidates, self.critic, self.value)
-            target, mask = self.selector(candidates, cand_adv, action, adv)
-            if candidates is not None:
-                metrics["target_from_model_frac"] = (target != action).any(-1).float().mean()
-            out = self.actor_loss(obs, target, mask, self.actor, self.critic)
-            self._step("actor", out["loss_actor"])
+            extra = () if adv is None else (adv, v)
+            out = stages.run(self.actor_stage, "actor", obs, action, *extra, generator=generator)
             metrics.update(out)
-            polyak_update(self._target_pairs[0], self._target_pairs[1], self.tau)
+            stages.polyak(self._target_pairs[0], self._target_pairs[1], self.tau)
+        return metrics
 
-        return {name: v.detach() for name, v in metrics.items()}
+    # ------------------------------------------------------------------ stages (tensors in/out)
+    def critic_stage(self, observation, next_observation, action, reward, terminated):
+        """Normalise the states, compute the TD target y and the critic loss."""
+        obs = self.normalizer(observation)
+        next_obs = self.normalizer(next_observation)
+        y = self.critic_loss.target(
+            reward.to(obs.dtype),
+            terminated,
+            next_obs,
+            self.critic_target,
+            self.actor_target,
+            self._generator,
+        )
+        out = self.critic_loss(obs, action, y, self.critic)
+        return {"observation": obs, "td_target": y, **out}
+
+    def value_stage(self, obs, action, td_target):
+        return self.value_loss(
+            obs, self.value, action=action, critic_target=self.critic_target, td_target=td_target
+        )
+
+    @torch.no_grad()
+    def advantage_stage(self, obs, action):
+        v = self.value(obs)
+        adv = self.advantage(obs, action, self.critic, self.value, state_value=v)
+        return {
+            "advantage": adv,
+            "state_value": v,
+            "advantage_mean": adv.mean(),
+            "advantage_pos_frac": (adv > 0).to(adv.dtype).mean(),
+        }
+
+    def behavior_stage(self, obs, action, advantage):
+        weight = self.weighting(advantage)
+        per_sample = self.behavior_model.per_sample_loss(action, obs, generator=self._generator)
+        return self.behavior_loss(per_sample, weight)
+
+    def actor_stage(self, obs, action, advantage=None, state_value=None):
+        metrics = {}
+        candidates = cand_adv = None
+        with torch.no_grad():
+            if self.selector.num_candidates:
+                candidates = self.behavior_model.sample(
+                    obs, self.selector.num_candidates, generator=self._generator
+                )
+                cand_adv = self.advantage(
+                    obs, candidates, self.critic, self.value, state_value=state_value
+                )
+            target, mask = self.selector(candidates, cand_adv, action, advantage)
+            if candidates is not None:
+                metrics["target_from_model_frac"] = (
+                    (target != action).any(-1).to(action.dtype).mean()
+                )
+        out = self.actor_loss(obs, target, mask, self.actor, self.critic)
+        return {**out, **metrics}
+
+
+class Stages:
+    """How :meth:`OfflineAgent.run_update` executes its stages. ``run(stage, optimizer, *args)``
+    calls ``stage(*args)`` (a dict of tensors), takes an optimiser step on its ``loss_*`` entry
+    when ``optimizer`` names one, and returns the other entries detached."""
+
+    def run(self, stage, optimizer: str | None, *args, generator=None) -> dict[str, torch.Tensor]:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def polyak(self, target, online, tau: float) -> None:
+        polyak_update(target, online, tau)
+
+
+def split_loss(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, dict[str, torch.Tensor]]:
+    """The stage's ``loss_*`` entry (at most one), and every entry detached for the metrics."""
+    losses = [k for k in out if k.startswith("loss_")]
+    if len(losses) > 1:
+        raise ValueError(f"a stage returns one loss, got {losses}")
+    loss = out[losses[0]] if losses else None
+    return loss, {name: v.detach() for name, v in out.items()}
+
+
+class EagerStages(Stages):
+    """Plain PyTorch: each stage runs as written, then backward and the optimiser step."""
+
+    def __init__(self, agent: OfflineAgent, wrap: Callable | None = None) -> None:
+        self.agent = agent
+        self.wrap = wrap  # e.g. torch.compile, applied once per stage
+        self._wrapped: dict[str, Callable] = {}
+
+    def run(self, stage, optimizer, *args, generator=None):
+        if self.wrap is not None:
+            name = stage.__name__
+            if name not in self._wrapped:
+                self._wrapped[name] = self.wrap(stage)
+            stage = self._wrapped[name]
+        self.agent._generator = generator
+        try:
+            loss, out = split_loss(stage(*args))
+        finally:
+            self.agent._generator = None
+        if optimizer is not None:
+            self.agent._step(optimizer, loss)
+        return out

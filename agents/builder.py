@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from divo.agents.agent import OfflineAgent
 from divo.agents.diffusion_ql import DiffusionQLAgent
+from divo.agents.step import optimizer_options
 from divo.errors import ConfigError
 from divo.objectives.actor import ObservationNormalizer
 
@@ -47,8 +48,15 @@ def make(node: Any, what: str, *, keep_partial: bool = False, **sizes: int) -> A
     return obj
 
 
-def _opt(cfg: DictConfig, params, lr: float) -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=lr, **OmegaConf.to_container(cfg.optim.adam, resolve=True))
+def _opt(cfg: DictConfig, params, lr: float, device: torch.device | str) -> torch.optim.Optimizer:
+    """Adam over ``params``: fused (one kernel per step on CPU and CUDA; 3-4x faster than the
+    foreach path for our networks on a CPU core), capturable under ``compile=graph``; keyword
+    arguments in ``optim.adam`` win."""
+    options = {"fused": True, **optimizer_options(cfg.get("compile", "none"), torch.device(device))}
+    options.update(OmegaConf.to_container(cfg.optim.adam, resolve=True))
+    if options.get("foreach"):
+        options.pop("fused")
+    return torch.optim.Adam(params, lr=lr, **options)
 
 
 def build_agent(
@@ -149,13 +157,15 @@ def build_offline_agent(
         )
     agent.to(device)
     agent.optimizers = {
-        "critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr),
-        "actor": _opt(cfg, agent.actor.parameters(), cfg.actor.lr),
+        "critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr, device),
+        "actor": _opt(cfg, agent.actor.parameters(), cfg.actor.lr, device),
     }
     if agent.value is not None:
-        agent.optimizers["value"] = _opt(cfg, agent.value.parameters(), value_cfg.lr)
+        agent.optimizers["value"] = _opt(cfg, agent.value.parameters(), value_cfg.lr, device)
     if agent.behavior_model is not None:
-        agent.optimizers["behavior"] = _opt(cfg, agent.behavior_model.parameters(), cfg.behavior.lr)
+        agent.optimizers["behavior"] = _opt(
+            cfg, agent.behavior_model.parameters(), cfg.behavior.lr, device
+        )
     return agent
 
 
@@ -210,8 +220,8 @@ def build_diffusion_ql_agent(
     )
     agent.to(device)
     agent.optimizers = {
-        "critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr),
-        "actor": _opt(cfg, agent.actor.parameters(), dql.lr),
+        "critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr, device),
+        "actor": _opt(cfg, agent.actor.parameters(), dql.lr, device),
     }
     return agent
 

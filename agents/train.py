@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tensordict import TensorDictBase
 from torchrl.data import ReplayBuffer
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -36,6 +37,7 @@ from divo.agents.runtime import (
     seed_everything,
     set_rng_state,
 )
+from divo.agents.step import DeviceSampler, TrainStep
 from divo.errors import CheckpointError, ConfigError, DatasetError, DivoError
 
 CHECKPOINT_FORMAT = "divo-checkpoint-v1"
@@ -230,8 +232,8 @@ def train(
         )
     elif replay_buffer is None:
         raise ConfigError("dataset.id is null and no replay buffer was given; set dataset.id")
-    if replay_buffer is None:
-        buffer = data.replay_buffer(cfg.train.batch_size)
+    if replay_buffer is None:  # the dataset stays on the device, indices are drawn there
+        buffer = DeviceSampler(data.data, cfg.train.batch_size)
     else:
         buffer = replay_buffer
     probe = buffer.sample()
@@ -252,6 +254,12 @@ def train(
     agent = build_agent(
         cfg, observation_dim=obs_dim, action_dim=act_dim, obs_mean=mean, obs_std=std, device=device
     )
+
+    def sample() -> TensorDictBase:
+        batch = buffer.sample()
+        return batch if batch.device == device else batch.to(device)
+
+    train_step = TrainStep(agent, sample, cfg.get("compile", "none"), device)
     checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints)
     acc = MetricAccumulator()
     start_step, last_eval, elapsed_before = 0, None, 0.0
@@ -306,10 +314,7 @@ def train(
     redirect = logging_redirect_tqdm() if cfg.train.progress else contextlib.nullcontext()
     with bar, redirect:
         for step in range(start_step + 1, steps + 1):
-            batch = buffer.sample()
-            if batch.device != device:
-                batch = batch.to(device)
-            acc.add(agent.update(batch))
+            acc.add(train_step())
             bar.update(1)
             row: dict[str, Any] = {}
             if step % cfg.train.log_every == 0 or step == steps:

@@ -8,9 +8,49 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+
+class _MishFunction(torch.autograd.Function):
+    """mish(x) = x tanh(softplus(x)) with one exp: tanh(softplus(x)) = n / (n + 2),
+    n = e^x (e^x + 2). Same values and gradients as ``torch.nn.functional.mish`` (to float32
+    rounding; tested), at about half its forward cost on CPUs, where torch's kernel evaluates
+    softplus and tanh separately. Works under vmap and torch.compile."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        e = x.clamp(max=20.0).exp_()  # tanh(softplus(20)) is 1 in float32 and float64
+        n = (e + 2.0).mul_(e)
+        t = n.div_(n + 2.0)
+        return x * t, t
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.mark_non_differentiable(output[1])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, _grad_t: torch.Tensor) -> torch.Tensor:
+        x, t = ctx.saved_tensors
+        # d/dx [x tanh(softplus x)] = t + x (1 - t^2) sigmoid(x)
+        return grad * torch.addcmul(t, x * torch.sigmoid(x), 1.0 - t * t)
+
+
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """Mish activation, x tanh(softplus(x)) (see :class:`_MishFunction`)."""
+    return _MishFunction.apply(x)[0]
+
+
+class Mish(nn.Module):
+    """Mish as a module (the behaviour models' default activation)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return mish(x)
+
+
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
-    "mish": nn.Mish,
+    "mish": Mish,
     "tanh": nn.Tanh,
     "elu": nn.ELU,
     "gelu": nn.GELU,
@@ -74,6 +114,19 @@ class EnsembleLinear(nn.Module):
         y = torch.baddbmm(self.bias, x, self.weight)
         return y.reshape(*shape[:-1], self.out_features)
 
+    def member(self, index: int, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        """Member ``index`` alone, as a plain linear layer: [*B, in] -> [*B, out].
+
+        ``detach_params``: no gradient reaches the weights (gradients still flow to ``x``), so
+        a backward pass skips the weight gradients nobody will use.
+        """
+        weight, bias = self.weight[index], self.bias[index, 0]
+        if detach_params:
+            weight, bias = weight.detach(), bias.detach()
+        return torch.addmm(bias, x.reshape(-1, self.in_features), weight).reshape(
+            *x.shape[:-1], self.out_features
+        )
+
 
 class EnsembleMLP(nn.Module):
     """``E`` independent MLPs evaluated in one batched call.
@@ -103,6 +156,16 @@ class EnsembleMLP(nn.Module):
         if shared:
             x = x.unsqueeze(0).expand(self.num_members, *x.shape)
         return self.net(x)
+
+    def member(self, index: int, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        """Member ``index`` alone on [*B, in] -> [*B, out]: 1/E of the arithmetic of
+        ``forward``. ``detach_params`` stops gradients at the weights (not at ``x``)."""
+        for layer in self.net:
+            if isinstance(layer, EnsembleLinear):
+                x = layer.member(index, x, detach_params)
+            else:
+                x = layer(x)
+        return x
 
 
 class SinusoidalTimeEmbedding(nn.Module):

@@ -76,7 +76,7 @@ class TD3BCActorLoss(nn.Module):
         critic: TwinQ,
     ) -> dict[str, torch.Tensor]:
         pi = actor(observation)
-        q = critic.q1(observation, pi)
+        q = critic.q1(observation, pi, detach_params=True)  # only dQ/da is needed
         lmbda = td3bc_lambda(q, self.alpha)
         bc = (mask.detach() * (pi - target.detach()).pow(2).mean(-1, keepdim=True)).mean()
         loss = -lmbda * q.mean() + self.bc_weight * bc

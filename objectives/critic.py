@@ -34,9 +34,18 @@ class TwinQ(nn.Module):
             observation = observation.expand(*action.shape[:-1], observation.shape[-1])
         return self.net(torch.cat([observation, action], dim=-1))
 
-    def q1(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
-        """The first head only, [*B, 1] (TD3+BC's actor loss uses Q1)."""
-        return self(observation, action)[0]
+    def q1(
+        self, observation: torch.Tensor, action: torch.Tensor, detach_params: bool = False
+    ) -> torch.Tensor:
+        """The first head only, [*B, 1], at the cost of one head (TD3+BC's actor loss uses Q1).
+
+        ``detach_params``: gradients flow to the inputs but not to the critic's weights (the
+        actor loss needs dQ/da only; skipping the weight gradients saves a third of its
+        backward pass).
+        """
+        if observation.shape[:-1] != action.shape[:-1]:
+            observation = observation.expand(*action.shape[:-1], observation.shape[-1])
+        return self.net.member(0, torch.cat([observation, action], dim=-1), detach_params)
 
     def min_q(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
         """min over heads, [*B, 1]."""

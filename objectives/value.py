@@ -89,12 +89,20 @@ class Advantage(nn.Module):
 
     @torch.no_grad()
     def forward(
-        self, observation: torch.Tensor, action: torch.Tensor, critic: TwinQ, value: StateValue
+        self,
+        observation: torch.Tensor,
+        action: torch.Tensor,
+        critic: TwinQ,
+        value: StateValue,
+        state_value: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        v = value(observation)
+        """``state_value``: V(observation) [*B, 1] when the caller already has it (saves a pass)."""
+        v = value(observation) if state_value is None else state_value
         if action.dim() == observation.dim() + 1:  # candidates [*B, N, A]
             observation = observation.unsqueeze(-2).expand(*action.shape[:-1], -1)
             v = v.unsqueeze(-2)
-        q = critic(observation, action)
-        q = q[0] if self.q_head == "q1" else q.min(dim=0).values
+        if self.q_head == "q1":
+            q = critic.q1(observation, action)  # one head's arithmetic, not both
+        else:
+            q = critic(observation, action).min(dim=0).values
         return q - v

@@ -1,0 +1,189 @@
+"""The training step as the recipe's ``compile`` option runs it: sample a batch, update.
+
+* ``none``: plain PyTorch, stage by stage (the reference the other modes are tested against).
+* ``default``: every stage of :meth:`OfflineAgent.run_update` goes through ``torch.compile``
+  (fused element-wise work, e.g. the behaviour model's Mish layers); backward passes and
+  optimiser steps stay eager. CPU or CUDA. The first steps pay the compilation (tens of
+  seconds on a CPU).
+* ``graph`` (CUDA only): the whole step, batch sampling included, is captured once as CUDA
+  graphs (one for a critic-only step, one for a step with the actor update) and replayed: no
+  Python, no host work and no host sync per step. The optimisers become capturable; the first
+  ``warmup`` steps run eagerly (they are ordinary training steps).
+
+Batches come from a :class:`DeviceSampler` when training on a dataset: the transitions stay on
+the training device and indices are drawn there, so nothing crosses the host per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from tensordict import TensorDictBase
+
+from divo.errors import ConfigError
+
+COMPILE_MODES = ("none", "default", "graph")
+
+
+class DeviceSampler:
+    """Uniform minibatches with replacement, drawn where the data live.
+
+    ``sample()`` -> a TED TensorDict of ``batch_size`` transitions (``[num_seeds, batch_size]``
+    when ``num_seeds`` is set: an independent draw per seed). Indices come from ``torch.randint``
+    on the data's device with ``generator`` (default: that device's global generator, whose
+    state the training checkpoints save), so a CUDA graph can capture the sampling.
+    """
+
+    def __init__(
+        self,
+        data: TensorDictBase,
+        batch_size: int,
+        num_seeds: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if data.batch_dims != 1 or data.batch_size[0] == 0:
+            raise ValueError(f"DeviceSampler needs a non-empty 1-d TensorDict, got {data.shape}")
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.num_seeds = num_seeds
+        self.generator = generator
+        self._shape = (batch_size,) if num_seeds is None else (num_seeds, batch_size)
+
+    def __len__(self) -> int:
+        return self.data.batch_size[0]
+
+    def sample(self) -> TensorDictBase:
+        index = torch.randint(
+            len(self), self._shape, device=self.data.device, generator=self.generator
+        )
+        return self.data[index]
+
+
+def check_compile_mode(mode: str, device: torch.device) -> None:
+    if mode not in COMPILE_MODES:
+        raise ConfigError(
+            f"compile={mode!r} is not a mode; choose one of {', '.join(COMPILE_MODES)}"
+        )
+    if mode == "graph" and device.type != "cuda":
+        raise ConfigError(
+            f"compile=graph captures CUDA graphs but the device is {device}; use compile=default "
+            "(torch.compile) or compile=none on a CPU"
+        )
+
+
+def optimizer_options(mode: str, device: torch.device) -> dict:
+    """Adam keyword arguments the compile mode needs on ``device`` (user settings win)."""
+    if device.type != "cuda":
+        return {}
+    # one fused kernel per parameter group; capturable keeps the step count on the device
+    return {"fused": True, "capturable": mode == "graph"}
+
+
+class TrainStep:
+    """``step()`` -> the metrics of one training step (detached tensors on the device).
+
+    Args:
+        agent: an agent with ``update(batch)`` (and, for ``default``/``graph``, ``run_update``).
+        sample: returns the next batch (a :class:`DeviceSampler`'s ``sample`` or a TorchRL
+            replay buffer's).
+        mode: one of :data:`COMPILE_MODES`.
+        warmup: eager steps before capturing the CUDA graphs (``graph`` only; at least one
+            actor update happens in them so every optimiser state exists before capture).
+    """
+
+    def __init__(
+        self,
+        agent,
+        sample: Callable[[], TensorDictBase],
+        mode: str = "none",
+        device: torch.device | str = "cpu",
+        warmup: int = 4,
+    ) -> None:
+        device = torch.device(device)
+        check_compile_mode(mode, device)
+        self.agent = agent
+        self.sample = sample
+        self.mode = mode
+        self.device = device
+        self._stages = None
+        if mode != "none":
+            if not hasattr(agent, "run_update"):
+                raise ConfigError(
+                    f"compile={mode} needs an agent built from stages (OfflineAgent); "
+                    f"{type(agent).__name__} runs with compile=none"
+                )
+            from divo.agents.agent import EagerStages
+
+            wrap = _compile if mode == "default" else None
+            self._stages = EagerStages(agent, wrap=wrap)
+        if mode == "graph":
+            model = getattr(agent, "behavior_model", None)
+            if model is not None and hasattr(model, "set_training_step"):
+                raise ConfigError(
+                    f"compile=graph cannot capture {type(model).__name__}: its schedule changes "
+                    "with the step on the host; use compile=default or none"
+                )
+            delay = int(getattr(agent, "policy_delay", 1))
+            self.warmup = max(int(warmup), 2 * delay)
+            self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
+            self._outputs: dict[bool, dict[str, torch.Tensor]] = {}
+
+    def __call__(self) -> dict[str, torch.Tensor]:
+        if self.mode == "none":
+            return self.agent.update(self.sample())
+        if self.mode == "default":
+            return self.agent.run_update(self.sample(), self._stages)
+        return self._graph_step()
+
+    # ------------------------------------------------------------------ CUDA graphs
+    def _eager(self) -> dict[str, torch.Tensor]:
+        return self.agent.run_update(self.sample(), self._stages)
+
+    def _graph_step(self) -> dict[str, torch.Tensor]:
+        if not self._graphs:
+            if self.warmup > 0:  # eager steps on a side stream, as CUDA graph capture asks
+                self.warmup -= 1
+                stream = torch.cuda.Stream(self.device)
+                stream.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(stream):
+                    out = self._eager()
+                torch.cuda.current_stream(self.device).wait_stream(stream)
+                return out
+            self._capture()
+        agent = self.agent
+        with_actor = (agent.num_updates + 1) % agent.policy_delay == 0
+        self._graphs[with_actor].replay()
+        agent.num_updates += 1
+        return self._outputs[with_actor]
+
+    def _capture(self) -> None:
+        """Record a critic-only step and an actor step (Python state restored after each)."""
+        agent = self.agent
+        done = agent.num_updates
+        delay = agent.policy_delay
+        kinds = (True,) if delay == 1 else (False, True)
+        torch.cuda.synchronize(self.device)
+        for with_actor in kinds:
+            # the update increments num_updates first and runs the actor when it hits a
+            # multiple of policy_delay: set it so the recorded step is the wanted kind
+            agent.num_updates = delay - 1 if with_actor else delay
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph):
+                    self._outputs[with_actor] = self._eager()
+            except RuntimeError as exc:
+                raise ConfigError(
+                    f"compile=graph could not capture the training step ({exc}); a part of the "
+                    "recipe syncs with the host. Use compile=default or none"
+                ) from exc
+            finally:
+                agent.num_updates = done
+            self._graphs[with_actor] = graph
+        torch.cuda.synchronize(self.device)
+
+
+def _compile(fn: Callable) -> Callable:
+    return torch.compile(fn, dynamic=False)

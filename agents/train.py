@@ -54,6 +54,12 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"train.{key}={value!r} must be a positive integer; fix the override")
     if not isinstance(t.eval_episodes, int) or t.eval_episodes < 0:
         raise ConfigError(f"train.eval_episodes={t.eval_episodes!r} must be an integer >= 0")
+    num_seeds = t.get("num_seeds", 1)
+    if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds <= 0:
+        raise ConfigError(
+            f"train.num_seeds={num_seeds!r} must be a positive integer (1: one seed; N: seeds "
+            "seed..seed+N-1 in one process)"
+        )
 
 
 def _spec_json(data: OfflineData | None) -> str | None:
@@ -171,6 +177,104 @@ def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
     return result
 
 
+def _load_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | None, float | None]:
+    """The recipe's dataset on ``device`` (None with ``dataset.id=null``) and the normalised
+    score of its behaviour policy."""
+    data, behavior_score = None, None
+    if cfg.dataset.get("id") is not None:
+        data = load_offline_data(
+            cfg.dataset.id,
+            device=device,
+            batch_size=cfg.train.batch_size,
+            reward_scale=cfg.dataset.reward_scale,
+            reward_shift=cfg.dataset.reward_shift,
+            download=cfg.dataset.get("download", True),
+            action_bounds=cfg.dataset.get("action_bounds", "rescale"),
+        )
+        behavior_score = normalized_score(
+            data.behavior_return, data.ref_min_score, data.ref_max_score
+        )
+        _log.info(
+            "data %s: %d transitions in %d episodes; behaviour: mean episode return %.1f%s",
+            data.dataset_id,
+            data.num_transitions,
+            data.num_episodes,
+            data.behavior_return,
+            f" (normalized score {behavior_score:.1f})" if behavior_score is not None else "",
+        )
+    return data, behavior_score
+
+
+def _check_finite(row: dict[str, float], step: int, checkpoint_dir: Path) -> None:
+    bad = [k for k, v in row.items() if not math.isfinite(v)]
+    if bad:
+        raise DivoError(
+            f"non-finite {', '.join(bad)} at step {step}; lower the learning rates or "
+            f"check the data (last good checkpoint in {checkpoint_dir})"
+        )
+
+
+def _evaluate_into_row(
+    agent, data, cfg, device, step: int, row: dict[str, Any], log: logging.Logger = _log
+) -> dict[str, Any] | None:
+    """Evaluate (a failure is a warning and ``eval_failed`` in the row), add the scores to the
+    metrics row and log them; returns the evaluation (None when none ran)."""
+    try:
+        last_eval = _evaluate(agent, data, cfg, device)
+    except Exception as exc:  # noqa: BLE001 - never lose training to an eval failure
+        warnings.warn(
+            f"evaluation at step {step} failed ({type(exc).__name__}: {exc}); training goes on",
+            stacklevel=2,
+        )
+        row["eval_failed"] = 1.0
+        return None
+    if last_eval is not None:
+        row["eval_return_mean"] = last_eval["return_mean"]
+        row["eval_return_std"] = last_eval["return_std"]
+        row["normalized_score"] = last_eval["normalized_score"]
+        score = last_eval["normalized_score"]
+        log.info(
+            "step %d: normalized score %s (return %.2f +- %.2f over %d episodes)",
+            step,
+            f"{score:.1f}" if score is not None else "n/a",
+            last_eval["return_mean"],
+            last_eval["return_std"],
+            last_eval["episodes"],
+        )
+    return last_eval
+
+
+def _result(
+    cfg: DictConfig,
+    data: OfflineData | None,
+    behavior_score: float | None,
+    last_eval: dict[str, Any] | None,
+    wall_clock_s: float,
+    device: torch.device,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """The run's ``result.json`` contents."""
+    return {
+        "recipe": cfg.get("recipe"),
+        "dataset_id": data.dataset_id if data is not None else None,
+        "seed": int(cfg.seed),
+        "steps": int(cfg.train.steps),
+        "return_mean": last_eval["return_mean"] if last_eval else None,
+        "return_std": last_eval["return_std"] if last_eval else None,
+        "normalized_score": last_eval["normalized_score"] if last_eval else None,
+        "episodes": last_eval["episodes"] if last_eval else 0,
+        "behavior_return": data.behavior_return if data is not None else None,
+        "behavior_normalized_score": behavior_score,
+        "wall_clock_s": round(wall_clock_s, 3),
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "run_dir": str(run_dir),
+    }
+
+
 def train(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -196,10 +300,20 @@ def train(
             evaluation environment still come from ``cfg.dataset.id`` when it is set; with
             ``dataset.id=null`` pass ``obs_stats=(mean, std)`` (else no normalisation) and no
             evaluation runs.
+    With ``train.num_seeds=N > 1`` the seeds ``seed .. seed+N-1`` train together in this
+    process with stacked weights (:func:`divo.agents.vectorized.train_vectorized`), one complete
+    run directory per seed in ``run_dir/seed<k>``; the return value then summarises the seeds.
+
     Returns:
         The result dictionary also written to ``result.json``.
     """
     _validate(cfg)
+    if cfg.train.get("num_seeds", 1) > 1:
+        from divo.agents.vectorized import train_vectorized
+
+        return train_vectorized(
+            cfg, run_dir, replay_buffer=replay_buffer, obs_stats=obs_stats, resume=resume
+        )
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
@@ -208,29 +322,8 @@ def train(
     seed_everything(int(cfg.seed))
     start = time.perf_counter()
 
-    data, behavior_score = None, None
-    if cfg.dataset.get("id") is not None:
-        data = load_offline_data(
-            cfg.dataset.id,
-            device=device,
-            batch_size=cfg.train.batch_size,
-            reward_scale=cfg.dataset.reward_scale,
-            reward_shift=cfg.dataset.reward_shift,
-            download=cfg.dataset.get("download", True),
-            action_bounds=cfg.dataset.get("action_bounds", "rescale"),
-        )
-        behavior_score = normalized_score(
-            data.behavior_return, data.ref_min_score, data.ref_max_score
-        )
-        _log.info(
-            "data %s: %d transitions in %d episodes; behaviour: mean episode return %.1f%s",
-            data.dataset_id,
-            data.num_transitions,
-            data.num_episodes,
-            data.behavior_return,
-            f" (normalized score {behavior_score:.1f})" if behavior_score is not None else "",
-        )
-    elif replay_buffer is None:
+    data, behavior_score = _load_data(cfg, device)
+    if data is None and replay_buffer is None:
         raise ConfigError("dataset.id is null and no replay buffer was given; set dataset.id")
     if replay_buffer is None:  # the dataset stays on the device, indices are drawn there
         buffer = DeviceSampler(data.data, cfg.train.batch_size)
@@ -319,36 +412,12 @@ def train(
             row: dict[str, Any] = {}
             if step % cfg.train.log_every == 0 or step == steps:
                 row.update(acc.mean())
-                bad = [k for k, v in row.items() if not math.isfinite(v)]
-                if bad:
-                    raise DivoError(
-                        f"non-finite {', '.join(bad)} at step {step}; lower the learning rates or "
-                        f"check the data (last good checkpoint in {checkpointer.dir})"
-                    )
+                _check_finite(row, step, checkpointer.dir)
             if step % cfg.train.eval_every == 0 or step == steps:
-                try:
-                    last_eval = _evaluate(agent, data, cfg, device)
-                except Exception as exc:  # noqa: BLE001 - never lose training to an eval failure
-                    warnings.warn(
-                        f"evaluation at step {step} failed ({type(exc).__name__}: {exc}); "
-                        "training goes on",
-                        stacklevel=2,
-                    )
-                    last_eval, row["eval_failed"] = None, 1.0
+                last_eval = _evaluate_into_row(agent, data, cfg, device, step, row)
                 agent.train()
                 if last_eval is not None:
-                    row["eval_return_mean"] = last_eval["return_mean"]
-                    row["eval_return_std"] = last_eval["return_std"]
-                    row["normalized_score"] = last_eval["normalized_score"]
                     score = last_eval["normalized_score"]
-                    _log.info(
-                        "step %d: normalized score %s (return %.2f +- %.2f over %d episodes)",
-                        step,
-                        f"{score:.1f}" if score is not None else "n/a",
-                        last_eval["return_mean"],
-                        last_eval["return_std"],
-                        last_eval["episodes"],
-                    )
                     bar.set_postfix(
                         score=f"{score:.1f}" if score is not None else "n/a",
                         ret=f"{last_eval['return_mean']:.2f}",
@@ -359,24 +428,7 @@ def train(
                 checkpoint(step)
 
     atomic_save(policy_payload(agent, cfg, data, steps), run_dir / "policy.pt")
-    result = {
-        "recipe": cfg.get("recipe"),
-        "dataset_id": data.dataset_id if data is not None else None,
-        "seed": int(cfg.seed),
-        "steps": steps,
-        "return_mean": last_eval["return_mean"] if last_eval else None,
-        "return_std": last_eval["return_std"] if last_eval else None,
-        "normalized_score": last_eval["normalized_score"] if last_eval else None,
-        "episodes": last_eval["episodes"] if last_eval else 0,
-        "behavior_return": data.behavior_return if data is not None else None,
-        "behavior_normalized_score": behavior_score,
-        "wall_clock_s": round(elapsed_before + time.perf_counter() - start, 3),
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
-        "torch": torch.__version__,
-        "run_dir": str(run_dir),
-    }
+    wall_clock_s = elapsed_before + time.perf_counter() - start
+    result = _result(cfg, data, behavior_score, last_eval, wall_clock_s, device, run_dir)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result

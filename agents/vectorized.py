@@ -19,14 +19,32 @@ checkpoint and ``policy.pt`` are exactly those of a single run.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import json
+import logging
+import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tensordict import TensorDict, TensorDictBase
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from divo.agents.agent import OfflineAgent, Stages, split_loss
+from divo.agents.data import check_batch_keys
+from divo.agents.logging import MetricAccumulator, MetricsLogger
+from divo.agents.runtime import (
+    atomic_save,
+    resolve_device,
+    seed_everything,
+    set_rng_state,
+)
+from divo.agents.step import DeviceSampler
 from divo.errors import ConfigError
 
 MULTIRUN_HINT = "use train.num_seeds=1 (or a multirun: `divo train <recipe> -m seed=0,1,2`)"
@@ -284,3 +302,329 @@ def build_vectorized_agent(
             )
         )
     return VectorizedAgent(agents, recipe=cfg.get("recipe"))
+
+
+# ---------------------------------------------------------------------------------- training
+class SeedMetricAccumulator(MetricAccumulator):
+    """A :class:`MetricAccumulator` of per-seed metrics ``[N]``: means and checkpoint states
+    per seed."""
+
+    def mean_per_seed(self, num_seeds: int) -> list[dict[str, float]]:
+        """Each seed's means since the last call (one device -> host transfer), then reset."""
+        if not self._sums:
+            return [{} for _ in range(num_seeds)]
+        names = list(self._sums)
+        values = torch.stack([self._sums[n] for n in names]).cpu().tolist()  # [metrics][seeds]
+        out = [
+            {n: values[j][i] / self._counts[n] for j, n in enumerate(names)}
+            for i in range(num_seeds)
+        ]
+        self._sums.clear()
+        self._counts.clear()
+        return out
+
+    def seed_state_dict(self, index: int) -> dict:
+        """Seed ``index``'s partial sums, as a single run's accumulator saves them."""
+        return {
+            "sums": {k: v[index].detach().cpu() for k, v in self._sums.items()},
+            "counts": dict(self._counts),
+        }
+
+    def load_seed_states(self, states: Sequence[Mapping], device: torch.device | str) -> None:
+        sums = [s.get("sums", {}) for s in states]
+        self._sums = {k: torch.stack([s[k] for s in sums]).to(device) for k in sums[0]}
+        self._counts = dict(states[0].get("counts", {}))
+
+
+def _seed_config(cfg: DictConfig, seed: int) -> DictConfig:
+    """Seed ``seed``'s config: the recipe as a single run with that seed would have it."""
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.seed = seed
+        out.train.num_seeds = 1
+    return out
+
+
+def _checkpoint_steps(checkpointer) -> set[int]:
+    return {int(p.stem.split("_")[1]) for p in checkpointer.files()}
+
+
+def _load_common_checkpoints(checkpointers, cfg_format: str) -> tuple[int, list[dict]] | None:
+    """The newest step every seed has a readable checkpoint of, and those checkpoints. Files of
+    a newer step (a save round cut short) are removed with a warning."""
+    from divo.agents.runtime import load_file
+    from divo.errors import CheckpointError
+
+    steps = [_checkpoint_steps(c) for c in checkpointers]
+    if not any(steps):
+        return None
+    common = sorted(set.intersection(*steps), reverse=True)
+    found = None
+    for step in common:
+        try:
+            payloads = [load_file(c.dir / f"step_{step:09d}.pt") for c in checkpointers]
+            if any(not isinstance(p, dict) or p.get("format") != cfg_format for p in payloads):
+                raise CheckpointError(f"a checkpoint of step {step} is not a divo checkpoint")
+        except CheckpointError as exc:
+            warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=3)
+            continue
+        found = step, payloads
+        break
+    newest = found[0] if found else 0
+    for c, have in zip(checkpointers, steps, strict=True):
+        for step in sorted(have):
+            if step > newest:
+                warnings.warn(
+                    f"removing {c.dir}/step_{step:09d}.pt: not every seed reached step {step}",
+                    stacklevel=3,
+                )
+                (c.dir / f"step_{step:09d}.pt").unlink()
+    if found is None and any(common or steps):
+        warnings.warn(
+            "no step that every seed checkpointed is readable; training starts from step 0",
+            stacklevel=3,
+        )
+    return found
+
+
+class _SeedLogs:
+    """``<seed dir>/train.log`` for each seed, in the format of Hydra's job log: shared lines
+    (the data) go to every seed's file, ``loggers[i]`` lines to seed ``i``'s only (and, like
+    every ``divo.train`` line, to the console and the parent's ``train.log``)."""
+
+    FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+
+    def __init__(self, seed_dirs: Sequence[Path], seeds: Sequence[int]) -> None:
+        self.shared = logging.getLogger("divo.train")
+        self.loggers = [logging.getLogger(f"divo.train.seed{s}") for s in seeds]
+        self.handlers = []
+        for d in seed_dirs:
+            d.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(d / "train.log")
+            handler.setFormatter(logging.Formatter(self.FORMAT))
+            handler.setLevel(logging.INFO)
+            self.handlers.append(handler)
+        for h in self.handlers:
+            self.shared.addHandler(h)
+        self._level = self.shared.level
+        if self.shared.getEffectiveLevel() > logging.INFO:  # e.g. outside Hydra's logging setup
+            self.shared.setLevel(logging.INFO)
+
+    def per_seed(self) -> None:
+        for log, h in zip(self.loggers, self.handlers, strict=True):
+            self.shared.removeHandler(h)
+            log.addHandler(h)
+
+    def close(self) -> None:
+        for log, h in zip(self.loggers, self.handlers, strict=True):
+            self.shared.removeHandler(h)
+            log.removeHandler(h)
+            h.close()
+        self.shared.setLevel(self._level)
+
+
+def train_vectorized(
+    cfg: DictConfig,
+    run_dir: str | Path,
+    *,
+    replay_buffer=None,
+    obs_stats=None,
+    resume: bool = True,
+) -> dict[str, Any]:
+    """``train.num_seeds=N``: seeds ``seed .. seed+N-1`` trained together with stacked weights.
+
+    ``run_dir`` gets the recipe's ``config.yaml`` (with ``train.num_seeds=N``: ``divo train
+    <run_dir>`` resumes every seed) and one run directory per seed, ``run_dir/seed<k>``, holding
+    exactly what a single run with ``seed=k`` writes (its ``config.yaml`` has ``seed=k`` and
+    ``num_seeds=1``, so ``divo evaluate`` and ``divo train <run_dir>/seed<k>`` work on it alone).
+    Seed ``k``'s initial weights equal those of a single run with ``seed=k``; its batches, noise
+    and diffusion draws come from one shared process stream (different from a single run's, the
+    same in distribution). Evaluation uses seed ``k + 100`` as a single run does.
+
+    Returns a summary: ``results`` (each seed's result.json), ``seeds``, and the mean over seeds
+    of ``return_mean``/``normalized_score`` (``return_std``: their spread over seeds).
+    """
+    from divo.agents import train as single
+
+    n = int(cfg.train.num_seeds)
+    if replay_buffer is not None or obs_stats is not None:
+        raise ConfigError(
+            f"train.num_seeds={n} samples the dataset of dataset.id per seed; an external replay "
+            f"buffer trains one seed at a time: {MULTIRUN_HINT}"
+        )
+    mode = cfg.get("compile", "none")
+    if mode != "none":
+        raise ConfigError(
+            f"train.num_seeds={n} runs the stages vmapped eagerly; compile={mode} is not supported "
+            "with it: use compile=none, or train.num_seeds=1 with compile"
+        )
+    if (cfg.get("algorithm") or "offline") != "offline":
+        raise ConfigError(
+            f"train.num_seeds > 1 vectorises OfflineAgent recipes; recipe {cfg.get('recipe')!r} "
+            f"(algorithm={cfg.get('algorithm')}) is not one: {MULTIRUN_HINT}"
+        )
+    if cfg.dataset.get("id") is None:
+        raise ConfigError(f"dataset.id is null; train.num_seeds={n} trains on a dataset: set it")
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if device.type == "cpu" and cfg.train.threads:
+        torch.set_num_threads(int(cfg.train.threads))
+    seeds = [int(cfg.seed) + i for i in range(n)]
+    seed_dirs = [run_dir / f"seed{s}" for s in seeds]
+    cfgs = [_seed_config(cfg, s) for s in seeds]
+    logs = _SeedLogs(seed_dirs, seeds)
+    try:
+        return _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, single)
+    finally:
+        logs.close()
+
+
+def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, single):
+    n = len(seeds)
+    start = time.perf_counter()
+    seed_everything(seeds[0])
+    data, behavior_score = single._load_data(cfg, device)
+    logs.per_seed()
+    batch_size = int(cfg.train.batch_size)
+    obs_dim, act_dim = data.observation_dim, data.action_dim
+
+    def before_build(seed: int) -> None:
+        # what a single run with this seed draws before building its agent: seeding, then the
+        # probe batch (so the initial weights are that run's)
+        seed_everything(seed)
+        check_batch_keys(DeviceSampler(data.data, batch_size).sample())
+
+    vec = build_vectorized_agent(
+        cfg,
+        seeds,
+        observation_dim=obs_dim,
+        action_dim=act_dim,
+        obs_mean=data.obs_mean,
+        obs_std=data.obs_std,
+        device=device,
+        before_build=before_build,
+    )
+    seed_everything(seeds[0])  # the shared stream of every seed's batches and noise
+    sampler = DeviceSampler(data.data, batch_size, num_seeds=n)
+    checkpointers = [single._Checkpointer(d, cfg.train.keep_checkpoints) for d in seed_dirs]
+    acc = SeedMetricAccumulator()
+    start_step, last_evals, elapsed_before = 0, [None] * n, [0.0] * n
+    found = _load_common_checkpoints(checkpointers, single.CHECKPOINT_FORMAT) if resume else None
+    if found is not None:
+        start_step, ckpts = found
+        for c, seed_cfg, d in zip(ckpts, cfgs, seed_dirs, strict=True):
+            single._check_resumable(c, seed_cfg, obs_dim, act_dim, d)
+        for i, c in enumerate(ckpts):
+            vec.load_training_state(i, c["agent"])
+        acc.load_seed_states([c.get("metrics", {}) for c in ckpts], device)
+        last_evals = [c.get("last_eval") for c in ckpts]
+        elapsed_before = [float(c.get("wall_clock_s", 0.0)) for c in ckpts]
+        set_rng_state(ckpts[0]["rng"])  # last: nothing above may draw random numbers after it
+
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    loggers = []
+    for seed_cfg, d in zip(cfgs, seed_dirs, strict=True):
+        OmegaConf.save(seed_cfg, d / "config.yaml", resolve=True)
+        loggers.append(
+            MetricsLogger(
+                d,
+                cfg.logger.backend,
+                cfg.logger.project,
+                name=f"{cfg.get('recipe')}-s{seed_cfg.seed}",
+                resume_step=start_step if found is not None else None,
+            )
+        )
+
+    def checkpoint(step: int) -> None:
+        # every seed's file first, then the pruning: a cut-short round never leaves a seed
+        # without the previous common step
+        for i, c in enumerate(checkpointers):
+            extra = {
+                "observation_dim": obs_dim,
+                "action_dim": act_dim,
+                "sampler": None,
+                "metrics": acc.seed_state_dict(i),
+                "last_eval": last_evals[i],
+                "wall_clock_s": elapsed_before[i] + time.perf_counter() - start,
+            }
+            keep, c.keep = c.keep, c.keep + 1
+            try:
+                c.save(step, vec.seed_agent(i), cfgs[i], data, extra)
+            finally:
+                c.keep = keep
+        for c in checkpointers:
+            for old in c.files()[: -c.keep]:
+                old.unlink()
+
+    steps = int(cfg.train.steps)
+    if start_step > steps:
+        raise ConfigError(
+            f"{run_dir} is already at step {start_step} > train.steps={steps}; pass a larger "
+            "train.steps to extend it"
+        )
+    bar = tqdm(
+        initial=start_step,
+        total=steps,
+        disable=not cfg.train.progress,
+        desc=f"{cfg.get('recipe')} {data.dataset_id} x{n} seeds",
+        unit="step",
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
+    vec.train()
+    redirect = logging_redirect_tqdm() if cfg.train.progress else contextlib.nullcontext()
+    with bar, redirect:
+        for step in range(start_step + 1, steps + 1):
+            acc.add(vec.update(sampler.sample()))
+            bar.update(1)
+            rows: list[dict[str, Any]] = [{} for _ in seeds]
+            if step % cfg.train.log_every == 0 or step == steps:
+                for i, means in enumerate(acc.mean_per_seed(n)):
+                    rows[i].update(means)
+                    single._check_finite(rows[i], step, checkpointers[i].dir)
+            if step % cfg.train.eval_every == 0 or step == steps:
+                for i in range(n):
+                    last_evals[i] = single._evaluate_into_row(
+                        vec.seed_agent(i), data, cfgs[i], device, step, rows[i], logs.loggers[i]
+                    )
+                vec.train()
+                scores = [e["normalized_score"] for e in last_evals if e is not None]
+                if scores and all(s is not None for s in scores):
+                    bar.set_postfix(score=f"{sum(scores) / len(scores):.1f}")
+            for logger, row in zip(loggers, rows, strict=True):
+                if row:
+                    logger.log(step, row)
+            if step % cfg.train.checkpoint_every == 0 or step == steps:
+                checkpoint(step)
+
+    results = []
+    for i, d in enumerate(seed_dirs):
+        payload = single.policy_payload(vec.seed_agent(i), cfgs[i], data, steps)
+        atomic_save(payload, d / "policy.pt")
+        wall = elapsed_before[i] + time.perf_counter() - start
+        result = single._result(cfgs[i], data, behavior_score, last_evals[i], wall, device, d)
+        (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        results.append(result)
+    return _summary(cfg, results, run_dir)
+
+
+def _summary(cfg: DictConfig, results: list[dict], run_dir: Path) -> dict[str, Any]:
+    """One dictionary over the seeds, with the keys of a single run's result (means over
+    seeds; ``return_std`` is the spread of the seeds' mean returns)."""
+    returns = [r["return_mean"] for r in results if r["return_mean"] is not None]
+    scores = [r["normalized_score"] for r in results if r["normalized_score"] is not None]
+    seeds = [r["seed"] for r in results]
+    mean = sum(returns) / len(returns) if returns else None
+    return {
+        **results[0],
+        "seed": f"{seeds[0]}..{seeds[-1]}",
+        "seeds": seeds,
+        "return_mean": mean,
+        "return_std": float(torch.tensor(returns).std(unbiased=False)) if returns else None,
+        "normalized_score": sum(scores) / len(scores) if len(scores) == len(results) else None,
+        "episodes": sum(r["episodes"] for r in results),
+        "wall_clock_s": max(r["wall_clock_s"] for r in results),
+        "run_dir": str(run_dir),
+        "results": results,
+    }

@@ -1,14 +1,19 @@
 """Time the training step of each recipe, in one process and one run, and print ratios.
 
     python benchmarks/bench_step.py [--recipes divo soft_weight td3bc] [--device auto]
-                                    [--steps 300] [--warmup 50] [--json out.json]
+                                    [--modes none default graph] [--steps 300] [--warmup 50]
+                                    [--json out.json]
 
 Data: a synthetic Hopper-sized TED dataset (observation 11, action 3, 100k transitions) on the
-training device, sampled through the same TorchRL replay buffer as training uses, so the
-numbers measure the update and the sampling, not data loading. Reported:
-  * steps/s of each recipe and its step cost relative to td3bc (measured in the same run);
+training device, sampled by the same device-side sampler and run by the same ``TrainStep`` as
+training uses (one per ``compile`` mode), so the numbers measure the whole training step (batch
+sampling included), not data loading. Reported:
+  * steps/s of each recipe in each mode; its step cost relative to td3bc in the same mode and
+    run; each optimised mode's speed-up over the eager (``none``) path of the same recipe;
   * the deployable actor's inference latency against sampling the behaviour model once
     (DIVO's test-time advantage over a diffusion policy), batch 1.
+
+Modes a device cannot run (``graph`` without CUDA) are skipped with a note.
 """
 
 from __future__ import annotations
@@ -23,16 +28,16 @@ from pathlib import Path
 
 import torch
 from tensordict import TensorDict
-from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
 from divo.agents.builder import build_agent
 from divo.agents.runtime import resolve_device
+from divo.agents.step import COMPILE_MODES, DeviceSampler, TrainStep
 from divo.cli import available_recipes, compose_recipe
 
 OBS, ACT, N = 11, 3, 100_000
 
 
-def synthetic_data(device: torch.device, batch_size: int) -> TensorDictReplayBuffer:
+def synthetic_data(device: torch.device) -> TensorDict:
     g = torch.Generator().manual_seed(0)
     td = TensorDict(
         {
@@ -48,9 +53,7 @@ def synthetic_data(device: torch.device, batch_size: int) -> TensorDictReplayBuf
         },
         batch_size=[N],
     )
-    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(N, device=device), batch_size=batch_size)
-    rb.extend(td.to(device))
-    return rb
+    return td.to(device)
 
 
 def sync(device: torch.device) -> None:
@@ -58,15 +61,31 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_steps(agent, rb, device, steps: int, warmup: int) -> float:
+def time_steps(step, device, steps: int, warmup: int) -> float:
+    """steps/s of ``step()`` after ``warmup`` calls (compilation and graph capture happen
+    there); metrics are left on the device, as in training."""
     for _ in range(warmup):
-        agent.update(rb.sample())
+        step()
     sync(device)
     start = time.perf_counter()
     for _ in range(steps):
-        agent.update(rb.sample())
+        step()
     sync(device)
     return steps / (time.perf_counter() - start)
+
+
+def build(recipe: str, device: torch.device, mode: str = "none"):
+    torch.manual_seed(0)
+    cfg = compose_recipe(recipe, [f"compile={mode}"])
+    agent = build_agent(
+        cfg,
+        observation_dim=OBS,
+        action_dim=ACT,
+        obs_mean=torch.zeros(OBS),
+        obs_std=torch.ones(OBS),
+        device=device,
+    )
+    return cfg, agent
 
 
 def latency_ms(fn, device, repeats: int = 200) -> float:
@@ -86,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--recipes", nargs="+", default=None)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--modes", nargs="+", default=["none"], choices=COMPILE_MODES)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
@@ -99,38 +119,48 @@ def main(argv: list[str] | None = None) -> int:
     ]
     if "td3bc" not in recipes:
         recipes = ["td3bc", *recipes]
+    modes = [m for m in args.modes if m != "none"]
+    modes = ["none", *modes]
+    if "graph" in modes and device.type != "cuda":
+        print("skipping compile=graph: it needs CUDA", flush=True)
+        modes.remove("graph")
+    data = synthetic_data(device)
 
-    results: dict[str, dict] = {}
+    results: dict[str, dict[str, dict]] = {m: {} for m in modes}
     latency: dict[str, float] = {}
-    for recipe in recipes:
-        torch.manual_seed(0)
-        cfg = compose_recipe(recipe)
-        rb = synthetic_data(device, cfg.train.batch_size)
-        agent = build_agent(
-            cfg,
-            observation_dim=OBS,
-            action_dim=ACT,
-            obs_mean=torch.zeros(OBS),
-            obs_std=torch.ones(OBS),
-            device=device,
-        )
-        sps = time_steps(agent, rb, device, args.steps, args.warmup)
-        results[recipe] = {"steps_per_s": sps, "ms_per_step": 1e3 / sps}
-        print(f"{recipe:>14}: {sps:8.1f} steps/s  ({1e3 / sps:6.2f} ms/step)", flush=True)
-        obs1 = torch.zeros(1, OBS, device=device)
-        with torch.no_grad():
-            if "actor" not in latency:
-                latency["actor"] = latency_ms(partial(agent.policy.eval(), obs1), device)
-            model = agent.behavior_model
-            name = f"{type(model).__name__} sample"
-            if model is not None and name not in latency:
-                latency[name] = latency_ms(partial(model.sample, obs1), device)
+    for mode in modes:
+        for recipe in recipes:
+            cfg, agent = build(recipe, device, mode)
+            sampler = DeviceSampler(data, cfg.train.batch_size)
+            step = TrainStep(agent, sampler.sample, mode, device)
+            sps = time_steps(step, device, args.steps, args.warmup)
+            results[mode][recipe] = {"steps_per_s": sps, "ms_per_step": 1e3 / sps}
+            print(
+                f"{recipe:>14} [{mode:>7}]: {sps:8.1f} steps/s  ({1e3 / sps:6.2f} ms/step)",
+                flush=True,
+            )
+            if mode != "none":
+                continue
+            obs1 = torch.zeros(1, OBS, device=device)
+            with torch.no_grad():
+                if "actor" not in latency:
+                    latency["actor"] = latency_ms(partial(agent.policy.eval(), obs1), device)
+                model = agent.behavior_model
+                name = f"{type(model).__name__} sample"
+                if model is not None and name not in latency:
+                    latency[name] = latency_ms(partial(model.sample, obs1), device)
 
-    base = results["td3bc"]["ms_per_step"]
-    print("\nstep cost relative to td3bc (same run):")
-    for recipe, r in results.items():
-        r["cost_vs_td3bc"] = r["ms_per_step"] / base
-        print(f"{recipe:>14}: {r['cost_vs_td3bc']:.2f}x")
+    for mode in modes:
+        base = results[mode]["td3bc"]["ms_per_step"]
+        print(f"\nstep cost relative to td3bc [{mode}] (same run):")
+        for recipe, r in results[mode].items():
+            r["cost_vs_td3bc"] = r["ms_per_step"] / base
+            print(f"{recipe:>14}: {r['cost_vs_td3bc']:.2f}x")
+    for mode in modes[1:]:
+        print(f"\nspeed-up of compile={mode} over the eager path of the same recipe:")
+        for recipe, r in results[mode].items():
+            r["speedup_vs_eager"] = r["steps_per_s"] / results["none"][recipe]["steps_per_s"]
+            print(f"{recipe:>14}: {r['speedup_vs_eager']:.2f}x")
     print("\ninference latency, batch 1:")
     for name, ms in latency.items():
         print(f"{name:>14}: {ms:.3f} ms")
@@ -147,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(),
         "steps": args.steps,
         "warmup": args.warmup,
-        "recipes": results,
+        "modes": results,
         "latency_ms": latency,
     }
     if args.json:

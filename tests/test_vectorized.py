@@ -1,0 +1,259 @@
+"""train.num_seeds: N seeds with stacked weights equal N separate agents where nothing random
+remains, start from a single run's weights, write one complete run directory per seed, resume,
+and still learn the bandit."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tensordict import TensorDict
+
+from divo.agents.agent import EagerStages
+from divo.agents.builder import build_agent
+from divo.agents.policy_io import load_policy
+from divo.agents.train import train
+from divo.agents.vectorized import VectorizedAgent, build_vectorized_agent
+from divo.cli import compose_recipe, main
+from divo.errors import ConfigError
+
+torch.set_num_threads(1)
+
+OBS, A, B, N = 3, 2, 16, 3
+SMALL = [
+    "dataset=bandit",
+    "critic.network.hidden=[32,32]",
+    "actor.network.hidden=[32,32]",
+    "critic.loss.policy_noise=0",  # TD3's target smoothing is the only noise of td3bc
+]
+SIZES = {
+    "observation_dim": OBS,
+    "action_dim": A,
+    "obs_mean": torch.zeros(OBS),
+    "obs_std": torch.ones(OBS),
+}
+SHORT = [
+    "dataset=bandit",
+    "train.steps=6",
+    "train.eval_every=3",
+    "train.log_every=2",
+    "train.checkpoint_every=2",
+    "train.eval_episodes=1",
+    "train.batch_size=32",
+    "train.progress=false",
+]
+RUN_FILES = {"config.yaml", "metrics.csv", "policy.pt", "result.json", "train.log", "checkpoints"}
+
+
+def ted(shape: tuple[int, ...], seed: int) -> TensorDict:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDict(
+        {
+            "observation": torch.randn(*shape, OBS, generator=g),
+            "action": torch.rand(*shape, A, generator=g) * 2 - 1,
+            "next": {
+                "observation": torch.randn(*shape, OBS, generator=g),
+                "reward": torch.randn(*shape, 1, generator=g),
+                "terminated": torch.rand(*shape, 1, generator=g) < 0.1,
+            },
+        },
+        batch_size=shape,
+    )
+
+
+def separate_and_stacked(recipe: str, overrides=()):
+    cfg = compose_recipe(recipe, [*SMALL, *overrides])
+    singles = []
+    for seed in range(N):
+        torch.manual_seed(seed)
+        singles.append(build_agent(cfg, **SIZES))
+    return singles, build_vectorized_agent(cfg, range(N), **SIZES)
+
+
+def assert_close_state(vec: VectorizedAgent, singles, atol=1e-6) -> None:
+    for i, agent in enumerate(singles):
+        got, want = vec.training_state(i), agent.training_state()
+        assert got["num_updates"] == want["num_updates"]
+        for name, tensor in want["modules"].items():
+            torch.testing.assert_close(got["modules"][name], tensor, atol=atol, rtol=1e-5)
+        for part, opt in want["optimizers"].items():
+            assert set(got["optimizers"][part]["state"]) == set(opt["state"]), part
+            for pid, state in opt["state"].items():
+                for key, value in state.items():
+                    torch.testing.assert_close(
+                        got["optimizers"][part]["state"][pid][key], value, atol=atol, rtol=1e-5
+                    )
+
+
+def test_initial_weights_of_seed_i_equal_a_build_with_that_seed():
+    cfg = compose_recipe("divo", SMALL)
+    vec = build_vectorized_agent(cfg, [5, 6, 7], **SIZES)
+    for i, seed in enumerate([5, 6, 7]):
+        torch.manual_seed(seed)
+        want = build_agent(cfg, **SIZES).state_dict()
+        got = vec.seed_agent(i).state_dict()
+        assert all(torch.equal(got[k], v) for k, v in want.items())
+    assert not torch.equal(
+        vec.tensors["actor.net.0.weight"][0], vec.tensors["actor.net.0.weight"][1]
+    )
+
+
+def test_deterministic_stages_match_separate_agents():
+    """Critic (no target noise), value and advantage stages with their optimiser steps: the
+    stacked losses, metrics and updated parameters are each agent's own, to float32 rounding."""
+    singles, vec = separate_and_stacked("divo")
+    batch = ted((N, B), seed=1)
+    k = vec.agent.keys
+    args = [batch.get(key) for key in (k.observation, k.next_observation, k.action)]
+    args += [batch.get(k.reward), batch.get(k.terminated)]
+    stacked = vec.stages.run(vec.agent.critic_stage, "critic", *args)
+    obs, y = stacked["observation"], stacked["td_target"]
+    value = vec.stages.run(vec.agent.value_stage, "value", obs, batch.get(k.action), y)
+    adv = vec.stages.run(vec.agent.advantage_stage, None, obs, batch.get(k.action))
+    for i, agent in enumerate(singles):
+        stages = EagerStages(agent)
+        one = stages.run(agent.critic_stage, "critic", *(a[i] for a in args))
+        for name, v in one.items():
+            torch.testing.assert_close(stacked[name][i], v, atol=1e-6, rtol=1e-5)
+        one_value = stages.run(agent.value_stage, "value", obs[i], batch.get(k.action)[i], y[i])
+        for name, v in one_value.items():
+            torch.testing.assert_close(value[name][i], v, atol=1e-6, rtol=1e-5)
+        one_adv = stages.run(agent.advantage_stage, None, obs[i], batch.get(k.action)[i])
+        for name, v in one_adv.items():
+            torch.testing.assert_close(adv[name][i], v, atol=1e-6, rtol=1e-5)
+    assert_close_state(vec, singles)
+
+
+def test_td3bc_updates_match_separate_agents_when_nothing_is_random():
+    singles, vec = separate_and_stacked("td3bc")
+    for step in range(6):
+        batch = ted((N, B), seed=step)
+        metrics = vec.update(batch)
+        for i, agent in enumerate(singles):
+            for name, v in agent.update(batch[i]).items():
+                torch.testing.assert_close(metrics[name][i], v, atol=1e-6, rtol=1e-5)
+    assert vec.num_updates == 6
+    assert_close_state(vec, singles)
+
+
+@pytest.mark.parametrize("recipe", ["divo", "soft_weight", "a2pr", "consistency", "resampling"])
+def test_every_offline_recipe_runs_vectorised_with_per_seed_metrics(recipe):
+    vec = build_vectorized_agent(compose_recipe(recipe, SMALL), range(2), **SIZES)
+    for step in range(2):  # the second step updates the actor too
+        metrics = vec.update(ted((2, B), seed=step))
+    assert "loss_actor" in metrics
+    assert all(v.shape == (2,) and torch.isfinite(v).all() for v in metrics.values())
+    # seed 1's state loads into seed 0 and back out unchanged
+    state = vec.training_state(1)
+    vec.load_training_state(0, state)
+    again = vec.training_state(0)
+    for name, value in state["modules"].items():  # tensors, and a model's extra state
+        same = torch.equal(again["modules"][name], value) if torch.is_tensor(value) else None
+        assert same or (same is None and again["modules"][name] == value), name
+
+
+def test_unsupported_settings_are_refused_in_one_line(tmp_path):
+    with pytest.raises(ConfigError, match="num_seeds=1"):
+        build_vectorized_agent(
+            compose_recipe("diffusion_ql", ["dataset=bandit"]), range(2), **SIZES
+        )
+    for extra, match in [
+        (["train.num_seeds=0"], "positive integer"),
+        (["train.num_seeds=2", "compile=default"], "compile=default"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            train(compose_recipe("td3bc", [*SHORT, *extra]), tmp_path / "run")
+    with pytest.raises(ConfigError, match="replay buffer"):
+        cfg = compose_recipe("td3bc", [*SHORT, "train.num_seeds=2"])
+        train(cfg, tmp_path / "run", replay_buffer=object())
+
+
+def test_train_writes_one_complete_run_directory_per_seed(tmp_path):
+    run = tmp_path / "run"
+    summary = train(compose_recipe("divo", [*SHORT, "seed=3", "train.num_seeds=2"]), run)
+    assert summary["seeds"] == [3, 4] and len(summary["results"]) == 2
+    assert (run / "config.yaml").is_file()
+    policies = []
+    for seed in (3, 4):
+        d = run / f"seed{seed}"
+        assert RUN_FILES <= {p.name for p in d.iterdir()}
+        result = json.loads((d / "result.json").read_text())
+        assert result["seed"] == seed and result["steps"] == 6 and result["run_dir"] == str(d)
+        assert result["normalized_score"] is not None
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(d / "config.yaml")
+        assert cfg.seed == seed and cfg.train.num_seeds == 1
+        assert "step 6: normalized score" in (d / "train.log").read_text()
+        ckpt = torch.load(sorted((d / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+        assert ckpt["step"] == 6 and ckpt["agent"]["num_updates"] == 6
+        assert ckpt["config"]["seed"] == seed
+        policy, _ = load_policy(d)
+        policies.append(policy.state_dict())
+    assert any(not torch.equal(v, policies[1][k]) for k, v in policies[0].items())
+    # `divo evaluate` reads a seed's directory like a single run's
+    assert main(["evaluate", str(run / "seed4"), "--episodes", "1"]) == 0
+
+
+def test_seed_k_starts_from_the_weights_of_a_single_run_with_seed_k(tmp_path):
+    """With every learning rate 0 nothing moves, so the final policies are the initial ones."""
+    frozen = [*SHORT, "critic.lr=0", "actor.lr=0", "train.eval_episodes=0"]
+    train(compose_recipe("td3bc", [*frozen, "train.num_seeds=2"]), tmp_path / "vec")
+    train(compose_recipe("td3bc", [*frozen, "seed=1"]), tmp_path / "single")
+    got = torch.load(tmp_path / "vec" / "seed1" / "policy.pt", weights_only=False)["state_dict"]
+    want = torch.load(tmp_path / "single" / "policy.pt", weights_only=False)["state_dict"]
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def final_checkpoint(run_dir: Path) -> dict:
+    return torch.load(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
+
+
+def test_resume_continues_every_seed_exactly(tmp_path):
+    cfg = [*SHORT, "train.num_seeds=2", "train.steps=8", "train.eval_every=4"]
+    train(compose_recipe("divo", cfg), tmp_path / "whole")
+    part = tmp_path / "part"
+    train(compose_recipe("divo", [*cfg, "train.steps=4"]), part)
+    # a save round cut short: seed 1 lacks step 4, so both resume from step 2
+    (part / "seed1" / "checkpoints" / "step_000000004.pt").unlink()
+    with pytest.warns(UserWarning, match="not every seed reached step 4"):
+        assert main(["train", str(part), "train.steps=8", "--quiet"]) == 0
+    for seed in (0, 1):
+        a, b = (
+            final_checkpoint(tmp_path / "whole" / f"seed{seed}"),
+            final_checkpoint(part / f"seed{seed}"),
+        )
+        assert a["step"] == b["step"] == 8
+        for name, tensor in a["agent"]["modules"].items():
+            assert torch.equal(tensor, b["agent"]["modules"][name]), (seed, name)
+        rows = (part / f"seed{seed}" / "metrics.csv").read_text().splitlines()
+        assert rows == (tmp_path / "whole" / f"seed{seed}" / "metrics.csv").read_text().splitlines()
+
+
+@pytest.mark.slow
+def test_vectorised_divo_settles_on_the_best_paying_bandit_mode_and_td3bc_does_not(tmp_path):
+    """The bandit learning test of tests/test_train.py, with the three seeds in one process."""
+    from divo.envs.bandit import best_action
+
+    best = torch.as_tensor(best_action())
+    scores: dict[str, list[float]] = {}
+    hits = []
+    for recipe in ("divo", "td3bc"):
+        cfg = compose_recipe(
+            recipe,
+            ["seed=0", "train.num_seeds=3", "dataset=bandit", "train.steps=1500",
+             "train.eval_every=1500", "train.progress=false", "train.checkpoint_every=1500"],
+        )  # fmt: skip
+        summary = train(cfg, tmp_path / recipe)
+        scores[recipe] = [r["normalized_score"] for r in summary["results"]]
+        if recipe == "divo":
+            for r in summary["results"]:
+                pi, _ = load_policy(Path(r["run_dir"]))
+                with torch.no_grad():
+                    action = pi(torch.zeros(1, 1)).squeeze(0)
+                hits.append(bool((action - best).norm() < 0.25))
+    assert sum(hits) >= 2, (hits, scores)
+    mean = {k: sum(v) / len(v) for k, v in scores.items()}
+    assert mean["divo"] > 80 and mean["divo"] - mean["td3bc"] > 50, scores

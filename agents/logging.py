@@ -22,14 +22,18 @@ class MetricAccumulator:
         self._counts: dict[str, int] = {}
 
     def add(self, metrics: Mapping[str, torch.Tensor]) -> None:
+        sums, values = [], []
         for name, value in metrics.items():
             value = value.detach().float()
             if name in self._sums:
-                self._sums[name] += value
+                sums.append(self._sums[name])
+                values.append(value)
                 self._counts[name] += 1
             else:
                 self._sums[name] = value.clone()
                 self._counts[name] = 1
+        if sums:  # one fused launch for every metric, not one per metric
+            torch._foreach_add_(sums, values)
 
     def state_dict(self) -> dict:
         return {

@@ -405,15 +405,18 @@ def train(
     agent.train()
     # with a progress bar, log lines (evaluations) go above it instead of through it
     redirect = logging_redirect_tqdm() if cfg.train.progress else contextlib.nullcontext()
+    # plain ints: an OmegaConf lookup per step costs more than a CUDA-graph replay
+    log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
+    checkpoint_every = int(cfg.train.checkpoint_every)
     with bar, redirect:
         for step in range(start_step + 1, steps + 1):
             acc.add(train_step())
             bar.update(1)
             row: dict[str, Any] = {}
-            if step % cfg.train.log_every == 0 or step == steps:
+            if step % log_every == 0 or step == steps:
                 row.update(acc.mean())
                 _check_finite(row, step, checkpointer.dir)
-            if step % cfg.train.eval_every == 0 or step == steps:
+            if step % eval_every == 0 or step == steps:
                 last_eval = _evaluate_into_row(agent, data, cfg, device, step, row)
                 agent.train()
                 if last_eval is not None:
@@ -424,7 +427,7 @@ def train(
                     )
             if row:
                 logger.log(step, row)
-            if step % cfg.train.checkpoint_every == 0 or step == steps:
+            if step % checkpoint_every == 0 or step == steps:
                 checkpoint(step)
 
     atomic_save(policy_payload(agent, cfg, data, steps), run_dir / "policy.pt")

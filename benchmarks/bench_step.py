@@ -2,7 +2,7 @@
 
     python benchmarks/bench_step.py [--recipes divo soft_weight td3bc] [--device auto]
                                     [--modes none default graph] [--steps 300] [--warmup 50]
-                                    [--json out.json]
+                                    [--seeds N] [--json out.json]
 
 Data: a synthetic Hopper-sized TED dataset (observation 11, action 3, 100k transitions) on the
 training device, sampled by the same device-side sampler and run by the same ``TrainStep`` as
@@ -12,6 +12,10 @@ sampling included), not data loading. Reported:
     run; each optimised mode's speed-up over the eager (``none``) path of the same recipe;
   * the deployable actor's inference latency against sampling the behaviour model once
     (DIVO's test-time advantage over a diffusion policy), batch 1.
+
+``--seeds N`` also times N seeds trained as one agent with stacked weights
+(``train.num_seeds=N``, :mod:`divo.agents.vectorized`): seed-steps/s (N x steps/s) and the ratio
+against one seed of the same recipe on the eager path.
 
 Modes a device cannot run (``graph`` without CUDA) are skipped with a note.
 """
@@ -88,6 +92,39 @@ def build(recipe: str, device: torch.device, mode: str = "none"):
     return cfg, agent
 
 
+def time_vectorized(
+    recipes: list[str], data, device, num_seeds: int, steps: int, warmup: int, single: dict
+) -> dict[str, dict]:
+    """Seed-steps/s of ``num_seeds`` seeds stacked in one agent (eager), per recipe, and the
+    ratio against one seed's steps/s (``single``: the eager results of the same run)."""
+    from divo.agents.vectorized import build_vectorized_agent
+
+    out: dict[str, dict] = {}
+    print(f"\n{num_seeds} seeds with stacked weights (train.num_seeds={num_seeds}, eager):")
+    for recipe in recipes:
+        cfg = compose_recipe(recipe, [])
+        vec = build_vectorized_agent(
+            cfg,
+            range(num_seeds),
+            observation_dim=OBS,
+            action_dim=ACT,
+            obs_mean=torch.zeros(OBS),
+            obs_std=torch.ones(OBS),
+            device=device,
+        )
+        sampler = DeviceSampler(data, cfg.train.batch_size, num_seeds=num_seeds)
+        sps = time_steps(lambda v=vec, s=sampler: v.update(s.sample()), device, steps, warmup)
+        seed_sps = num_seeds * sps
+        ratio = seed_sps / single[recipe]["steps_per_s"]
+        out[recipe] = {"steps_per_s": sps, "seed_steps_per_s": seed_sps, "vs_one_seed": ratio}
+        print(
+            f"{recipe:>14}: {seed_sps:8.1f} seed-steps/s  ({sps:6.1f} steps/s of all seeds; "
+            f"{ratio:.2f}x one seed)",
+            flush=True,
+        )
+    return out
+
+
 def latency_ms(fn, device, repeats: int = 200) -> float:
     for _ in range(10):
         fn()
@@ -110,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=50)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--seeds", type=int, default=0, help="also time N stacked seeds")
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -168,6 +206,12 @@ def main(argv: list[str] | None = None) -> int:
         if name != "actor":
             print(f"{name} / actor: {ms / latency['actor']:.1f}x")
 
+    vectorized = None
+    if args.seeds > 1:
+        vectorized = time_vectorized(
+            recipes, data, device, args.seeds, args.steps, args.warmup, results["none"]
+        )
+
     report = {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
@@ -180,6 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         "modes": results,
         "latency_ms": latency,
     }
+    if vectorized is not None:
+        report["vectorized"] = {"num_seeds": args.seeds, "recipes": vectorized}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

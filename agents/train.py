@@ -275,6 +275,28 @@ def _result(
     }
 
 
+def _progress(cfg: DictConfig, start_step: int, run_dir: Path, what: str):
+    """The progress bar over ``train.steps`` (refusing a run already past them) and the
+    context that sends log lines above it instead of through it."""
+    steps = int(cfg.train.steps)
+    if start_step > steps:
+        raise ConfigError(
+            f"{run_dir} is already at step {start_step} > train.steps={steps}; pass a larger "
+            "train.steps to extend it"
+        )
+    bar = tqdm(
+        initial=start_step,
+        total=steps,
+        disable=not cfg.train.progress,
+        desc=f"{cfg.get('recipe')} {what}".strip(),
+        unit="step",
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
+    redirect = logging_redirect_tqdm() if cfg.train.progress else contextlib.nullcontext()
+    return bar, redirect
+
+
 def train(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -388,23 +410,8 @@ def train(
         checkpointer.save(step, agent, cfg, data, extra)
 
     steps = int(cfg.train.steps)
-    if start_step > steps:
-        raise ConfigError(
-            f"{run_dir} is already at step {start_step} > train.steps={steps}; pass a larger "
-            "train.steps to extend it"
-        )
-    bar = tqdm(
-        initial=start_step,
-        total=steps,
-        disable=not cfg.train.progress,
-        desc=f"{cfg.get('recipe')} {data.dataset_id if data else ''}".strip(),
-        unit="step",
-        mininterval=1.0,
-        dynamic_ncols=True,
-    )
+    bar, redirect = _progress(cfg, start_step, run_dir, data.dataset_id if data else "")
     agent.train()
-    # with a progress bar, log lines (evaluations) go above it instead of through it
-    redirect = logging_redirect_tqdm() if cfg.train.progress else contextlib.nullcontext()
     # plain ints: an OmegaConf lookup per step costs more than a CUDA-graph replay
     log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
     checkpoint_every = int(cfg.train.checkpoint_every)

@@ -19,7 +19,6 @@ checkpoint and ``policy.pt`` are exactly those of a single run.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import logging
@@ -32,8 +31,6 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensordict import TensorDict, TensorDictBase
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
 from divo.agents.agent import OfflineAgent, Stages, split_loss
 from divo.agents.data import check_batch_keys
@@ -558,32 +555,20 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
                 old.unlink()
 
     steps = int(cfg.train.steps)
-    if start_step > steps:
-        raise ConfigError(
-            f"{run_dir} is already at step {start_step} > train.steps={steps}; pass a larger "
-            "train.steps to extend it"
-        )
-    bar = tqdm(
-        initial=start_step,
-        total=steps,
-        disable=not cfg.train.progress,
-        desc=f"{cfg.get('recipe')} {data.dataset_id} x{n} seeds",
-        unit="step",
-        mininterval=1.0,
-        dynamic_ncols=True,
-    )
+    bar, redirect = single._progress(cfg, start_step, run_dir, f"{data.dataset_id} x{n} seeds")
     vec.train()
-    redirect = logging_redirect_tqdm() if cfg.train.progress else contextlib.nullcontext()
+    log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
+    checkpoint_every = int(cfg.train.checkpoint_every)
     with bar, redirect:
         for step in range(start_step + 1, steps + 1):
             acc.add(vec.update(sampler.sample()))
             bar.update(1)
             rows: list[dict[str, Any]] = [{} for _ in seeds]
-            if step % cfg.train.log_every == 0 or step == steps:
+            if step % log_every == 0 or step == steps:
                 for i, means in enumerate(acc.mean_per_seed(n)):
                     rows[i].update(means)
                     single._check_finite(rows[i], step, checkpointers[i].dir)
-            if step % cfg.train.eval_every == 0 or step == steps:
+            if step % eval_every == 0 or step == steps:
                 for i in range(n):
                     last_evals[i] = single._evaluate_into_row(
                         vec.seed_agent(i), data, cfgs[i], device, step, rows[i], logs.loggers[i]
@@ -595,7 +580,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
             for logger, row in zip(loggers, rows, strict=True):
                 if row:
                     logger.log(step, row)
-            if step % cfg.train.checkpoint_every == 0 or step == steps:
+            if step % checkpoint_every == 0 or step == steps:
                 checkpoint(step)
 
     results = []

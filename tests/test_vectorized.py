@@ -233,27 +233,24 @@ def test_resume_continues_every_seed_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_vectorised_divo_settles_on_the_best_paying_bandit_mode_and_td3bc_does_not(tmp_path):
-    """The bandit learning test of tests/test_train.py, with the three seeds in one process."""
+def test_vectorised_divo_settles_on_the_best_paying_bandit_mode(tmp_path):
+    """The learning test of tests/test_train.py with its three seeds in one process (DIVO only:
+    TD3+BC's failure on the same seeds is the single-seed test's, and costs CI time)."""
     from divo.envs.bandit import best_action
 
     best = torch.as_tensor(best_action())
-    scores: dict[str, list[float]] = {}
+    cfg = compose_recipe(
+        "divo",
+        ["seed=0", "train.num_seeds=3", "dataset=bandit", "train.steps=1500",
+         "train.eval_every=1500", "train.progress=false", "train.checkpoint_every=1500"],
+    )  # fmt: skip
+    summary = train(cfg, tmp_path / "divo")
+    scores = [r["normalized_score"] for r in summary["results"]]
     hits = []
-    for recipe in ("divo", "td3bc"):
-        cfg = compose_recipe(
-            recipe,
-            ["seed=0", "train.num_seeds=3", "dataset=bandit", "train.steps=1500",
-             "train.eval_every=1500", "train.progress=false", "train.checkpoint_every=1500"],
-        )  # fmt: skip
-        summary = train(cfg, tmp_path / recipe)
-        scores[recipe] = [r["normalized_score"] for r in summary["results"]]
-        if recipe == "divo":
-            for r in summary["results"]:
-                pi, _ = load_policy(Path(r["run_dir"]))
-                with torch.no_grad():
-                    action = pi(torch.zeros(1, 1)).squeeze(0)
-                hits.append(bool((action - best).norm() < 0.25))
+    for r in summary["results"]:
+        pi, _ = load_policy(Path(r["run_dir"]))
+        with torch.no_grad():
+            action = pi(torch.zeros(1, 1)).squeeze(0)
+        hits.append(bool((action - best).norm() < 0.25))
     assert sum(hits) >= 2, (hits, scores)
-    mean = {k: sum(v) / len(v) for k, v in scores.items()}
-    assert mean["divo"] > 80 and mean["divo"] - mean["td3bc"] > 50, scores
+    assert sum(scores) / len(scores) > 80, scores

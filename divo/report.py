@@ -33,6 +33,7 @@ import csv
 import json
 import math
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -204,10 +205,15 @@ def read_run(path: Path) -> Run:
     return run
 
 
+_SEED_DIR = re.compile(r"seed\d+")
+
+
 def _is_run_dir(path: Path, files: Iterable[str], dirs: Iterable[str]) -> bool:
     names = set(files)
     if names & {"result.json", "metrics.csv"}:
         return True
+    if any(_SEED_DIR.fullmatch(d) for d in dirs):  # a train.num_seeds run: its seeds are runs
+        return False
     if "config.yaml" in names and path.name not in SKIP_DIRS:
         return True
     # Hydra made the folder and the job stopped before training wrote anything

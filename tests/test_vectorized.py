@@ -195,6 +195,10 @@ def test_train_writes_one_complete_run_directory_per_seed(tmp_path):
     assert any(not torch.equal(v, policies[1][k]) for k, v in policies[0].items())
     # `divo evaluate` reads a seed's directory like a single run's
     assert main(["evaluate", str(run / "seed4"), "--episodes", "1"]) == 0
+    # `divo report` on the parent finds the seeds' runs, not the parent
+    from divo.report import find_runs
+
+    assert [r.shown_path for r in find_runs([run])] == [str(run / "seed3"), str(run / "seed4")]
 
 
 def test_seed_k_starts_from_the_weights_of_a_single_run_with_seed_k(tmp_path):

@@ -86,7 +86,8 @@ class TrainStep:
     """``step()`` -> the metrics of one training step (detached tensors on the device).
 
     Args:
-        agent: an agent with ``update(batch)`` (and, for ``default``/``graph``, ``run_update``).
+        agent: an agent with ``update(batch)``, ``num_updates`` and ``policy_delay``
+            (``default`` also needs ``run_update``: an :class:`OfflineAgent`).
         sample: returns the next batch (a :class:`DeviceSampler`'s ``sample`` or a TorchRL
             replay buffer's).
         mode: one of :data:`COMPILE_MODES`.
@@ -109,17 +110,16 @@ class TrainStep:
         self.mode = mode
         self.device = device
         self._stages = None
-        if mode != "none":
+        if mode == "default":
             if not hasattr(agent, "run_update"):
                 raise ConfigError(
-                    f"compile={mode} needs an agent built from stages (OfflineAgent); "
-                    f"{type(agent).__name__} runs with compile=none"
+                    f"compile=default needs an agent built from stages (OfflineAgent); "
+                    f"{type(agent).__name__} runs with compile=none or graph"
                 )
             from divo.agents.agent import EagerStages
 
-            wrap = _compile if mode == "default" else None
-            self._stages = EagerStages(agent, wrap=wrap)
-        if mode == "graph":
+            self._stages = EagerStages(agent, wrap=_compile)
+        if mode == "graph":  # any agent whose update is free of host work (stacked seeds too)
             model = getattr(agent, "behavior_model", None)
             if model is not None and hasattr(model, "set_training_step"):
                 raise ConfigError(
@@ -140,7 +140,7 @@ class TrainStep:
 
     # ------------------------------------------------------------------ CUDA graphs
     def _eager(self) -> dict[str, torch.Tensor]:
-        return self.agent.run_update(self.sample(), self._stages)
+        return self.agent.update(self.sample())
 
     def _graph_step(self) -> dict[str, torch.Tensor]:
         if not self._graphs:

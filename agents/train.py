@@ -37,7 +37,7 @@ from divo.agents.runtime import (
     seed_everything,
     set_rng_state,
 )
-from divo.agents.step import DeviceSampler, TrainStep
+from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode
 from divo.errors import CheckpointError, ConfigError, DatasetError, DivoError
 
 CHECKPOINT_FORMAT = "divo-checkpoint-v1"
@@ -339,6 +339,7 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    check_compile_mode(cfg.get("compile", "none"), device)
     if device.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     seed_everything(int(cfg.seed))

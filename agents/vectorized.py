@@ -41,7 +41,7 @@ from divo.agents.runtime import (
     seed_everything,
     set_rng_state,
 )
-from divo.agents.step import DeviceSampler
+from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode
 from divo.errors import ConfigError
 
 MULTIRUN_HINT = "use train.num_seeds=1 (or a multirun: `divo train <recipe> -m seed=0,1,2`)"
@@ -167,6 +167,11 @@ class VectorizedAgent:
     @property
     def policy_delay(self) -> int:
         return self.agent.policy_delay
+
+    @property
+    def behavior_model(self) -> torch.nn.Module | None:
+        """The template's behaviour model (its structure; the weights are the stacked ones)."""
+        return self.agent.behavior_model
 
     def update(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """One training step of every seed on a ``[N, B]`` batch; per-seed metrics ``[N]``."""
@@ -450,10 +455,10 @@ def train_vectorized(
             f"buffer trains one seed at a time: {MULTIRUN_HINT}"
         )
     mode = cfg.get("compile", "none")
-    if mode != "none":
+    if mode == "default":
         raise ConfigError(
-            f"train.num_seeds={n} runs the stages vmapped eagerly; compile={mode} is not supported "
-            "with it: use compile=none, or train.num_seeds=1 with compile"
+            f"train.num_seeds={n} runs the stages vmapped, which compile=default (torch.compile) "
+            "does not take: use compile=none, compile=graph (CUDA), or train.num_seeds=1"
         )
     if (cfg.get("algorithm") or "offline") != "offline":
         raise ConfigError(
@@ -465,6 +470,7 @@ def train_vectorized(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
+    check_compile_mode(mode, device)
     if device.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     seeds = [int(cfg.seed) + i for i in range(n)]
@@ -554,6 +560,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
             for old in c.files()[: -c.keep]:
                 old.unlink()
 
+    train_step = TrainStep(vec, sampler.sample, cfg.get("compile", "none"), device)
     steps = int(cfg.train.steps)
     bar, redirect = single._progress(cfg, start_step, run_dir, f"{data.dataset_id} x{n} seeds")
     vec.train()
@@ -561,7 +568,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
     checkpoint_every = int(cfg.train.checkpoint_every)
     with bar, redirect:
         for step in range(start_step + 1, steps + 1):
-            acc.add(vec.update(sampler.sample()))
+            acc.add(train_step())
             bar.update(1)
             rows: list[dict[str, Any]] = [{} for _ in seeds]
             if step % log_every == 0 or step == steps:

@@ -151,6 +151,7 @@ def test_compiled_step_matches_eager_for_a_hundred_steps(recipe):
     assert_same_training(eager, fast, m_eager, m_fast, rtol=1e-3, atol=1e-4)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("recipe", ["divo", "td3bc"])
 def test_cuda_graph_step_matches_eager_for_a_hundred_steps(recipe):
@@ -159,3 +160,33 @@ def test_cuda_graph_step_matches_eager_for_a_hundred_steps(recipe):
     eager, m_eager = run_steps(recipe, "none", 100, "cuda")
     fast, m_fast = run_steps(recipe, "graph", 100, "cuda")
     assert_same_training(eager, fast, m_eager, m_fast, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_step_of_stacked_seeds_matches_eager():
+    from divo.agents.vectorized import VectorizedAgent
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    finals = []
+    for mode in ("none", "graph"):
+        vec = VectorizedAgent([small_agent("divo", "cuda") for _ in range(3)], "divo")
+        torch.manual_seed(1)
+        sampler = DeviceSampler(ted().to("cuda"), 32, num_seeds=3)
+        step = TrainStep(vec, sampler.sample, mode, "cuda")
+        metrics = [step()["loss_critic"].clone() for _ in range(60)]
+        assert metrics[-1].shape == (3,)
+        finals.append(({k: v.detach().cpu() for k, v in vec.tensors.items()}, metrics))
+    (eager, m_eager), (graph, m_graph) = finals
+    for name, value in eager.items():
+        torch.testing.assert_close(graph[name], value, rtol=1e-3, atol=1e-4, msg=name)
+    torch.testing.assert_close(torch.stack(m_graph), torch.stack(m_eager), rtol=1e-3, atol=1e-4)
+
+
+def test_graph_mode_is_refused_before_training_starts_on_a_cpu(tmp_path):
+    from divo.agents.train import train
+
+    cfg = compose_recipe("td3bc", ["dataset=bandit", "compile=graph", "device=cpu"])
+    with pytest.raises(ConfigError, match="compile=graph captures CUDA graphs"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -93,35 +93,49 @@ def build(recipe: str, device: torch.device, mode: str = "none"):
 
 
 def time_vectorized(
-    recipes: list[str], data, device, num_seeds: int, steps: int, warmup: int, single: dict
-) -> dict[str, dict]:
-    """Seed-steps/s of ``num_seeds`` seeds stacked in one agent (eager), per recipe, and the
-    ratio against one seed's steps/s (``single``: the eager results of the same run)."""
+    recipes: list[str],
+    data,
+    device,
+    num_seeds: int,
+    steps: int,
+    warmup: int,
+    results: dict[str, dict[str, dict]],
+) -> dict[str, dict[str, dict]]:
+    """Seed-steps/s of ``num_seeds`` seeds stacked in one agent, per recipe and per mode that
+    stacked seeds run in (``none``, ``graph``), and the ratio against one seed's steps/s in the
+    same mode and run (``results``)."""
     from divo.agents.vectorized import build_vectorized_agent
 
-    out: dict[str, dict] = {}
-    print(f"\n{num_seeds} seeds with stacked weights (train.num_seeds={num_seeds}, eager):")
-    for recipe in recipes:
-        cfg = compose_recipe(recipe, [])
-        vec = build_vectorized_agent(
-            cfg,
-            range(num_seeds),
-            observation_dim=OBS,
-            action_dim=ACT,
-            obs_mean=torch.zeros(OBS),
-            obs_std=torch.ones(OBS),
-            device=device,
-        )
-        sampler = DeviceSampler(data, cfg.train.batch_size, num_seeds=num_seeds)
-        sps = time_steps(lambda v=vec, s=sampler: v.update(s.sample()), device, steps, warmup)
-        seed_sps = num_seeds * sps
-        ratio = seed_sps / single[recipe]["steps_per_s"]
-        out[recipe] = {"steps_per_s": sps, "seed_steps_per_s": seed_sps, "vs_one_seed": ratio}
-        print(
-            f"{recipe:>14}: {seed_sps:8.1f} seed-steps/s  ({sps:6.1f} steps/s of all seeds; "
-            f"{ratio:.2f}x one seed)",
-            flush=True,
-        )
+    out: dict[str, dict[str, dict]] = {}
+    for mode in (m for m in results if m != "default"):
+        out[mode] = {}
+        print(f"\n{num_seeds} seeds with stacked weights (train.num_seeds={num_seeds}) [{mode}]:")
+        for recipe in recipes:
+            cfg = compose_recipe(recipe, [f"compile={mode}"])
+            vec = build_vectorized_agent(
+                cfg,
+                range(num_seeds),
+                observation_dim=OBS,
+                action_dim=ACT,
+                obs_mean=torch.zeros(OBS),
+                obs_std=torch.ones(OBS),
+                device=device,
+            )
+            sampler = DeviceSampler(data, cfg.train.batch_size, num_seeds=num_seeds)
+            step = TrainStep(vec, sampler.sample, mode, device)
+            sps = time_steps(step, device, steps, warmup)
+            seed_sps = num_seeds * sps
+            ratio = seed_sps / results[mode][recipe]["steps_per_s"]
+            out[mode][recipe] = {
+                "steps_per_s": sps,
+                "seed_steps_per_s": seed_sps,
+                "vs_one_seed": ratio,
+            }
+            print(
+                f"{recipe:>14}: {seed_sps:8.1f} seed-steps/s  ({sps:6.1f} steps/s of all seeds; "
+                f"{ratio:.2f}x one seed)",
+                flush=True,
+            )
     return out
 
 
@@ -209,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     vectorized = None
     if args.seeds > 1:
         vectorized = time_vectorized(
-            recipes, data, device, args.seeds, args.steps, args.warmup, results["none"]
+            recipes, data, device, args.seeds, args.steps, args.warmup, results
         )
 
     report = {

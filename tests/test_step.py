@@ -190,3 +190,20 @@ def test_graph_mode_is_refused_before_training_starts_on_a_cpu(tmp_path):
     with pytest.raises(ConfigError, match="compile=graph captures CUDA graphs"):
         train(cfg, tmp_path / "run")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("recipe", ["divo", "td3bc"])
+def test_eager_cuda_step_never_syncs_with_the_host(recipe):
+    agent = small_agent(recipe, "cuda")
+    sampler = DeviceSampler(ted().to("cuda"), 32)
+    step = TrainStep(agent, sampler.sample, "none", "cuda")
+    step()  # first step: optimiser states are created
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host sync raises
+    try:
+        for _ in range(4):  # critic-only and actor steps
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

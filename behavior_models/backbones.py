@@ -38,6 +38,8 @@ class _MishFunction(torch.autograd.Function):
 
 def mish(x: torch.Tensor) -> torch.Tensor:
     """Mish activation, x tanh(softplus(x)) (see :class:`_MishFunction`)."""
+    if not (torch.is_grad_enabled() and x.requires_grad):  # sampling: skip autograd's wrapper
+        return _MishFunction.forward(x)[0]
     return _MishFunction.apply(x)[0]
 
 
@@ -210,5 +212,9 @@ class NoiseNetwork(nn.Module):
         self.net = mlp(action_dim + time_dim + observation_dim, action_dim, hidden, act)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
-        """x [B, A], t [B], observation [B, O] -> [B, A]."""
-        return self.net(torch.cat([x, self.time_mlp(t), observation], dim=-1))
+        """x [B, A], t [B] (or [1]: one time for every row, embedded once), observation [B, O]
+        -> [B, A]."""
+        embedding = self.time_mlp(t)
+        if embedding.shape[0] != x.shape[0]:
+            embedding = embedding.expand(x.shape[0], -1)
+        return self.net(torch.cat([x, embedding, observation], dim=-1))

@@ -79,7 +79,7 @@ class DDPM(BehaviorModel):
     ) -> torch.Tensor:
         """One DDPM reverse step x_{k+1} -> x_k at 0-based index ``k`` ([B, A], [B, O])."""
         s = self.schedule
-        kk = torch.full((x.shape[0],), k, device=x.device, dtype=torch.long)
+        kk = torch.full((1,), k, device=x.device, dtype=torch.long)  # same k for every row
         eps = self.network(x, kk, observation)
         x0 = s.sqrt_recip_alphas_cumprod[k] * x - s.sqrt_recipm1_alphas_cumprod[k] * eps
         if self.clip_denoised:

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import math
-import platform
 import time
 import warnings
 from pathlib import Path
@@ -31,6 +30,7 @@ from divo.agents.logging import MetricAccumulator, MetricsLogger
 from divo.agents.policy_io import POLICY_FORMAT
 from divo.agents.runtime import (
     atomic_save,
+    device_name,
     load_file,
     resolve_device,
     rng_state,
@@ -267,9 +267,7 @@ def _result(
         "behavior_normalized_score": behavior_score,
         "wall_clock_s": round(wall_clock_s, 3),
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "torch": torch.__version__,
         "run_dir": str(run_dir),
     }

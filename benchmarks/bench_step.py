@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from functools import partial
@@ -34,7 +33,7 @@ import torch
 from tensordict import TensorDict
 
 from divo.agents.builder import build_agent
-from divo.agents.runtime import resolve_device
+from divo.agents.runtime import device_name, resolve_device
 from divo.agents.step import COMPILE_MODES, DeviceSampler, TrainStep
 from divo.cli import available_recipes, compose_recipe
 
@@ -228,9 +227,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "steps": args.steps,

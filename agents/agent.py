@@ -23,6 +23,9 @@ from divo.objectives.selectors import TargetSelector
 from divo.objectives.value import Advantage, StateValue, ValueLoss
 from divo.objectives.weighting import WeightingScheme
 
+# Optimiser settings that say how a step runs, not what it computes: a checkpoint never sets them.
+EXECUTION_OPTIONS = ("foreach", "fused", "capturable", "differentiable")
+
 
 def frozen_copy(module: nn.Module) -> nn.Module:
     """A deep copy with gradients off: a target or EMA network."""
@@ -55,10 +58,22 @@ class TrainableAgent(nn.Module):
         }
 
     def load_training_state(self, state: Mapping) -> None:
+        """Restore :meth:`training_state`. The optimisers keep how they run (fused, foreach,
+        capturable: this run's choices, e.g. a CPU checkpoint resumed under ``compile=graph``);
+        only their state is loaded."""
         self.load_state_dict(state["modules"])
         self.num_updates = int(state["num_updates"])
         for name, opt in self.optimizers.items():
+            how = [{k: g.get(k) for k in EXECUTION_OPTIONS if k in g} for g in opt.param_groups]
             opt.load_state_dict(state["optimizers"][name])
+            for group, options in zip(opt.param_groups, how, strict=True):
+                group.update(options)
+                on_device = bool(group.get("fused") or group.get("capturable"))
+                for p in group["params"]:
+                    step = opt.state.get(p, {}).get("step")
+                    if torch.is_tensor(step):  # fused/capturable Adam counts on the device
+                        device = p.device if on_device else torch.device("cpu")
+                        opt.state[p]["step"] = step.to(device=device, dtype=torch.float32)
 
 
 class OfflineAgent(TrainableAgent):

@@ -53,10 +53,14 @@ def _opt(cfg: DictConfig, params, lr: float, device: torch.device | str) -> torc
     foreach path for our networks on a CPU core), capturable under ``compile=graph``; keyword
     arguments in ``optim.adam`` win."""
     options = {"fused": True, **optimizer_options(cfg.get("compile", "none"), torch.device(device))}
-    options.update(OmegaConf.to_container(cfg.optim.adam, resolve=True))
-    if options.get("foreach"):
-        options.pop("fused")
-    return torch.optim.Adam(params, lr=lr, **options)
+    chosen = OmegaConf.to_container(cfg.optim.adam, resolve=True)
+    options.update({k: v for k, v in chosen.items() if v is not None})
+    if options.get("foreach") and chosen.get("fused") is None:
+        options.pop("fused")  # foreach asked for: not fused
+    try:
+        return torch.optim.Adam(params, lr=lr, **options)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"cannot build Adam with {options} ({exc}); check optim.adam") from None
 
 
 def build_agent(

@@ -207,3 +207,33 @@ def test_eager_cuda_step_never_syncs_with_the_host(recipe):
             step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_a_checkpoint_keeps_how_the_resuming_optimisers_run():
+    """A foreach-Adam checkpoint resumed by fused-Adam agent (or the reverse) loads the state
+    and keeps the resuming run's execution options, and training goes on."""
+    sampler = DeviceSampler(ted(), 32)
+    saved = small_agent("td3bc", **{"optim.adam.foreach": "true"})
+    for _ in range(3):
+        saved.update(sampler.sample())
+    state = saved.training_state()
+    agent = small_agent("td3bc")
+    assert agent.optimizers["critic"].param_groups[0]["fused"]
+    agent.load_training_state(state)
+    for name, opt in agent.optimizers.items():
+        group = opt.param_groups[0]
+        assert group["fused"] and not group.get("foreach"), name
+        p = group["params"][0]
+        torch.testing.assert_close(
+            opt.state[p]["exp_avg"],
+            saved.optimizers[name].state[saved_param(saved, name)]["exp_avg"],
+        )
+    agent.update(sampler.sample())
+    back = small_agent("td3bc", **{"optim.adam.foreach": "true"})
+    back.load_training_state(agent.training_state())
+    assert back.optimizers["actor"].param_groups[0]["foreach"]
+    back.update(sampler.sample())
+
+
+def saved_param(agent, name):
+    return agent.optimizers[name].param_groups[0]["params"][0]

@@ -16,6 +16,8 @@ the training device and indices are drawn there, so nothing crosses the host per
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable
 
 import torch
@@ -24,6 +26,8 @@ from tensordict import TensorDictBase
 from divo.errors import ConfigError
 
 COMPILE_MODES = ("none", "default", "graph")
+
+_log = logging.getLogger("divo.train")
 
 
 class DeviceSampler:
@@ -135,8 +139,20 @@ class TrainStep:
         if self.mode == "none":
             return self.agent.update(self.sample())
         if self.mode == "default":
-            return self.agent.run_update(self.sample(), self._stages)
+            if self._stages._wrapped:
+                return self.agent.run_update(self.sample(), self._stages)
+            return self._first_compiled_step()
         return self._graph_step()
+
+    def _first_compiled_step(self) -> dict[str, torch.Tensor]:
+        _log.info("compile=default: compiling the update stages (a minute or so on a CPU)")
+        start = time.perf_counter()
+        out = self.agent.run_update(self.sample(), self._stages)
+        _log.info(
+            "first step compiled and run in %.1f s (the actor stage compiles at its first update)",
+            time.perf_counter() - start,
+        )
+        return out
 
     # ------------------------------------------------------------------ CUDA graphs
     def _eager(self) -> dict[str, torch.Tensor]:
@@ -161,6 +177,7 @@ class TrainStep:
 
     def _capture(self) -> None:
         """Record a critic-only step and an actor step (Python state restored after each)."""
+        _log.info("compile=graph: capturing the training step as CUDA graphs")
         agent = self.agent
         done = agent.num_updates
         delay = agent.policy_delay

@@ -200,7 +200,16 @@ class OfflineAgent(TrainableAgent):
         metrics: dict[str, torch.Tensor] = {}
 
         # 1. Critic: TD3 target with target-policy smoothing, true terminals only.
-        out = stages.run(self.critic_stage, "critic", obs, next_obs, action, reward, terminated)
+        out = stages.run(
+            self.critic_stage,
+            "critic",
+            obs,
+            next_obs,
+            action,
+            reward,
+            terminated,
+            generator=generator,
+        )
         obs, y = out.pop("observation"), out.pop("td_target")
         metrics.update(out)
 

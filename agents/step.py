@@ -160,14 +160,9 @@ class TrainStep:
 
     def _graph_step(self) -> dict[str, torch.Tensor]:
         if not self._graphs:
-            if self.warmup > 0:  # eager steps on a side stream, as CUDA graph capture asks
+            if self.warmup > 0:
                 self.warmup -= 1
-                stream = torch.cuda.Stream(self.device)
-                stream.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(stream):
-                    out = self._eager()
-                torch.cuda.current_stream(self.device).wait_stream(stream)
-                return out
+                return self._warmup_step()
             self._capture()
         agent = self.agent
         with_actor = (agent.num_updates + 1) % agent.policy_delay == 0
@@ -182,15 +177,12 @@ class TrainStep:
         done = agent.num_updates
         delay = agent.policy_delay
         kinds = (True,) if delay == 1 else (False, True)
-        torch.cuda.synchronize(self.device)
         for with_actor in kinds:
             # the update increments num_updates first and runs the actor when it hits a
             # multiple of policy_delay: set it so the recorded step is the wanted kind
             agent.num_updates = delay - 1 if with_actor else delay
-            graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph):
-                    self._outputs[with_actor] = self._eager()
+                self._graphs[with_actor], self._outputs[with_actor] = self._record(self._eager)
             except RuntimeError as exc:
                 raise ConfigError(
                     f"compile=graph could not capture the training step ({exc}); a part of the "
@@ -198,8 +190,25 @@ class TrainStep:
                 ) from exc
             finally:
                 agent.num_updates = done
-            self._graphs[with_actor] = graph
+
+    # The CUDA calls, one method each (tests replace them to check the logic above on a CPU).
+    def _warmup_step(self) -> dict[str, torch.Tensor]:
+        """An eager step on a side stream, as CUDA graph capture asks of the steps before it."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            out = self._eager()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        return out
+
+    def _record(self, step: Callable[[], dict]) -> tuple[torch.cuda.CUDAGraph, dict]:
+        """Capture ``step()`` (its kernels are recorded, not run) and its static outputs."""
         torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            outputs = step()
+        torch.cuda.synchronize(self.device)
+        return graph, outputs
 
 
 def _compile(fn: Callable) -> Callable:

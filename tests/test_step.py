@@ -253,3 +253,74 @@ def test_an_explicit_generator_drives_every_random_draw_of_the_update(recipe):
         states.append(agent.state_dict())
     for name, value in states[0].items():
         torch.testing.assert_close(states[1][name], value, msg=name)
+
+
+class _ReplayedStep:
+    """Stands in for a CUDA graph on a CPU: replay() runs the recorded kind of step again (the
+    Python step counter as it was at capture, then put back: a replay runs no Python) and
+    writes its results into the tensors the capture returned (a graph's static outputs)."""
+
+    def __init__(self, agent, step, outputs):
+        self.agent, self.step, self.outputs = agent, step, outputs
+        self.counter_at_capture = agent.num_updates
+
+    def replay(self):
+        counter = self.agent.num_updates
+        self.agent.num_updates = self.counter_at_capture
+        for name, value in self.step().items():
+            self.outputs[name].copy_(value)
+        self.agent.num_updates = counter
+
+
+class _CPUGraphStep(TrainStep):
+    """TrainStep's graph mode with its three CUDA calls replaced: what remains is the logic
+    (warm-up count, which graph a step replays, the step counter, the static outputs)."""
+
+    def _warmup_step(self):
+        return self._eager()
+
+    def _record(self, step):
+        import copy
+
+        # a capture records kernels without running them: run the step, then undo it
+        agent = self.agent
+        tensors = getattr(agent, "tensors", None) or dict(agent.state_dict(keep_vars=True))
+        saved = {name: value.detach().clone() for name, value in tensors.items()}
+        optimizers = {n: copy.deepcopy(o.state_dict()) for n, o in agent.optimizers.items()}
+        rng = torch.get_rng_state()
+        graph = _ReplayedStep(agent, step, {})
+        graph.outputs = {name: value.clone() for name, value in step().items()}
+        with torch.no_grad():
+            for name, value in tensors.items():
+                value.copy_(saved[name])
+        for name, opt in agent.optimizers.items():
+            opt.load_state_dict(optimizers[name])
+        torch.set_rng_state(rng)
+        return graph, graph.outputs
+
+
+@pytest.mark.parametrize("recipe", ["divo", "td3bc"])
+@pytest.mark.parametrize("stacked", [False, True])
+def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
+    from divo.agents.vectorized import VectorizedAgent
+
+    runs = []
+    for step_class, mode in ((TrainStep, "none"), (_CPUGraphStep, "graph")):
+        agent = small_agent(recipe)
+        if stacked:
+            agent = VectorizedAgent([agent, small_agent(recipe)], recipe)
+        torch.manual_seed(1)
+        sampler = DeviceSampler(ted(), 32, num_seeds=2 if stacked else None)
+        # the device only has to say "cuda" to pass the mode check; the calls are replaced
+        step = step_class(agent, sampler.sample, mode, "cuda" if mode == "graph" else "cpu")
+        metrics = [{k: v.clone() for k, v in step().items()} for _ in range(11)]
+        state = agent.tensors if stacked else agent.state_dict()
+        runs.append((agent.num_updates, metrics, {k: v.clone() for k, v in state.items()}))
+    (n_eager, m_eager, s_eager), (n_graph, m_graph, s_graph) = runs
+    assert n_eager == n_graph == 11
+    assert [m.keys() for m in m_eager] == [m.keys() for m in m_graph]  # actor every 2nd step
+    for a, b in zip(m_eager, m_graph, strict=True):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    for name, value in s_eager.items():
+        torch.testing.assert_close(s_graph[name], value, rtol=0, atol=0, msg=name)

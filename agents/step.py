@@ -114,6 +114,7 @@ class TrainStep:
         self.mode = mode
         self.device = device
         self._stages = None
+        self._compiled = False
         if mode == "default":
             if not hasattr(agent, "run_update"):
                 raise ConfigError(
@@ -139,7 +140,7 @@ class TrainStep:
         if self.mode == "none":
             return self.agent.update(self.sample())
         if self.mode == "default":
-            if self._stages._wrapped:
+            if self._compiled:
                 return self.agent.run_update(self.sample(), self._stages)
             return self._first_compiled_step()
         return self._graph_step()
@@ -148,6 +149,7 @@ class TrainStep:
         _log.info("compile=default: compiling the update stages (a minute or so on a CPU)")
         start = time.perf_counter()
         out = self.agent.run_update(self.sample(), self._stages)
+        self._compiled = True
         _log.info(
             "first step compiled and run in %.1f s (the actor stage compiles at its first update)",
             time.perf_counter() - start,

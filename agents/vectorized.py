@@ -266,6 +266,14 @@ def _per_seed(value, stacked: torch.Tensor) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape == stacked.shape
 
 
+def _check_stackable(cfg: DictConfig) -> None:
+    if (cfg.get("algorithm") or "offline") != "offline":
+        raise ConfigError(
+            f"train.num_seeds > 1 vectorises OfflineAgent recipes; recipe {cfg.get('recipe')!r} "
+            f"(algorithm={cfg.get('algorithm')}) is not one: {MULTIRUN_HINT}"
+        )
+
+
 def build_vectorized_agent(
     cfg: DictConfig,
     seeds: Sequence[int],
@@ -282,11 +290,7 @@ def build_vectorized_agent(
     with that seed, and stack them."""
     from divo.agents.builder import build_agent
 
-    if (cfg.get("algorithm") or "offline") != "offline":
-        raise ConfigError(
-            f"train.num_seeds > 1 vectorises OfflineAgent recipes; recipe {cfg.get('recipe')!r} "
-            f"(algorithm={cfg.get('algorithm')}) is not one: {MULTIRUN_HINT}"
-        )
+    _check_stackable(cfg)
     agents = []
     for seed in seeds:
         if before_build is None:
@@ -460,11 +464,7 @@ def train_vectorized(
             f"train.num_seeds={n} runs the stages vmapped, which compile=default (torch.compile) "
             "does not take: use compile=none, compile=graph (CUDA), or train.num_seeds=1"
         )
-    if (cfg.get("algorithm") or "offline") != "offline":
-        raise ConfigError(
-            f"train.num_seeds > 1 vectorises OfflineAgent recipes; recipe {cfg.get('recipe')!r} "
-            f"(algorithm={cfg.get('algorithm')}) is not one: {MULTIRUN_HINT}"
-        )
+    _check_stackable(cfg)
     if cfg.dataset.get("id") is None:
         raise ConfigError(f"dataset.id is null; train.num_seeds={n} trains on a dataset: set it")
     run_dir = Path(run_dir)

@@ -2,7 +2,7 @@
 
 One class serves DIVO, its ablations and TD3+BC: which parts exist is decided by the recipe
 (see :mod:`divo.agents.builder`). The update order is written out, top to bottom, in
-:meth:`OfflineAgent.update`.
+:meth:`OfflineAgent.run_update`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,38 @@ class TrainableAgent(nn.Module):
 
     optimizers: dict[str, torch.optim.Optimizer]
     num_updates: int
+    _generator: torch.Generator | None = None  # the running update's generator, for its stages
+
+    def update(
+        self, batch: TensorDictBase, generator: torch.Generator | None = None
+    ) -> dict[str, torch.Tensor]:
+        """One training step on a TED batch, each stage run eagerly; returns detached metrics
+        (no host sync)."""
+        return self.run_update(batch, EagerStages(self), generator)
+
+    def run_update(
+        self,
+        batch: TensorDictBase,
+        stages: Stages,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The update, top to bottom, with each stage executed by ``stages``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def _step(self, name: str, loss: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Backward and the step of optimiser ``name``; may return extra metrics."""
+        opt = self.optimizers[name]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return None
+
+    def update_kind(self) -> bool:
+        """Which host-side branch the next update takes: here, whether it updates the actor
+        (every ``policy_delay`` updates). ``compile=graph`` records one CUDA graph per kind and
+        replays the one each step needs, so an agent whose update branches on the host on
+        anything else must return it here (any hashable value)."""
+        return (self.num_updates + 1) % int(getattr(self, "policy_delay", 1)) == 0
 
     def non_finite_parameters(self) -> list[str]:
         """Names of parameters holding NaN/inf (one device sync; call it rarely)."""
@@ -127,7 +159,6 @@ class OfflineAgent(TrainableAgent):
         self.keys = keys
         self.optimizers: dict[str, torch.optim.Optimizer] = dict(optimizers or {})
         self.num_updates = 0  # a Python int: reading it never syncs with the device
-        self._generator: torch.Generator | None = None  # the update's generator, for its stages
         # Hydra config that rebuilds ``self.policy`` from its state_dict (set by the builder)
         self.policy_config: dict | None = None
         # Optional: builds the deployable policy from the agent's parts instead of normaliser +
@@ -164,32 +195,20 @@ class OfflineAgent(TrainableAgent):
             return self.policy_factory(self)
         return NormalizedPolicy(self.normalizer, self.actor)
 
-    def _step(self, name: str, loss: torch.Tensor) -> None:
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
     # ------------------------------------------------------------------ the update, top to bottom
-    def update(
-        self, batch: TensorDictBase, generator: torch.Generator | None = None
-    ) -> dict[str, torch.Tensor]:
-        """One training step on a TED batch; returns detached metrics (no host sync).
-
-        Order: critic -> value -> advantages of dataset actions -> behaviour model ->
-        (every ``policy_delay`` steps) candidates -> target selection -> actor -> Polyak targets.
-        """
-        return self.run_update(batch, EagerStages(self), generator)
-
     def run_update(
         self,
         batch: TensorDictBase,
         stages: Stages,
         generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The update with each stage executed by ``stages``: eagerly (:class:`EagerStages`),
-        compiled, or vectorised over stacked seeds (:mod:`divo.agents.vectorized`). Every stage
-        is a method of this class whose arguments and results are tensors only."""
+        """One training step on a TED batch; returns detached metrics (no host sync).
+
+        Order: critic -> value -> advantages of dataset actions -> behaviour model ->
+        (every ``policy_delay`` steps) candidates -> target selection -> actor -> Polyak targets.
+        Each stage is executed by ``stages``: eagerly (:class:`EagerStages`, what ``update``
+        uses), compiled, or vectorised over stacked seeds (:mod:`divo.agents.vectorized`). Every
+        stage is a method of this class whose arguments and results are tensors only."""
         k = self.keys
         obs = batch.get(k.observation)
         next_obs = batch.get(k.next_observation)
@@ -341,5 +360,5 @@ class EagerStages(Stages):
         finally:
             self.agent._generator = None
         if optimizer is not None:
-            self.agent._step(optimizer, loss)
+            out.update(self.agent._step(optimizer, loss) or {})
         return out

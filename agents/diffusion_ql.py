@@ -1,7 +1,7 @@
 """Diffusion-QL (Wang et al., ICLR 2023) as an agent with OfflineAgent's interface.
 
 The generative model (any behaviour-model-protocol module; a DDPM by default) IS the policy. Its
-update order, top to bottom in :meth:`DiffusionQLAgent.update`, follows the reference code:
+update order, top to bottom in :meth:`DiffusionQLAgent.run_update`, follows the reference code:
 critic (target actions from an EMA copy of the policy) -> policy (diffusion loss + eta * the
 normalised Q term through the full reverse chain) -> EMA of the policy (every ``ema_every``
 updates once ``ema_start`` updates are done) -> Polyak critic target (every update). Gradient
@@ -20,11 +20,10 @@ import torch
 from tensordict import TensorDictBase
 from torch import nn
 
-from divo.agents.agent import TrainableAgent, frozen_copy
+from divo.agents.agent import Stages, TrainableAgent, frozen_copy
 from divo.objectives.actor import ObservationNormalizer
 from divo.objectives.critic import TwinQ
 from divo.objectives.diffusion_ql import DiffusionQLActorLoss, DiffusionQLCriticLoss
-from divo.objectives.functional import polyak_update
 from divo.objectives.keys import DEFAULT_KEYS, Keys
 from divo.objectives.selectors import ResamplingPolicy
 
@@ -96,6 +95,7 @@ class DiffusionQLAgent(TrainableAgent):
         self.policy_config: dict | None = None
         self._ema_pairs = (list(self.actor_ema.parameters()), list(self.actor.parameters()))
         self._critic_pairs = (list(self.critic_target.parameters()), list(self.critic.parameters()))
+        self._clipped = {"critic": self._critic_pairs[1], "actor": self._ema_pairs[1]}
 
     @property
     def policy(self) -> ResamplingPolicy:
@@ -104,53 +104,79 @@ class DiffusionQLAgent(TrainableAgent):
             self.normalizer, self.actor, self.critic_target, **self.eval_settings
         )
 
-    def _step(self, name: str, loss: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    def _step(self, name: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
         """Backward, optional grad-norm clipping, optimiser step; returns the gradient norm."""
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         max_norm = self.grad_norm if self.grad_norm > 0 else float("inf")
-        norm = nn.utils.clip_grad_norm_(params, max_norm=max_norm)
+        norm = nn.utils.clip_grad_norm_(self._clipped[name], max_norm=max_norm)
         opt.step()
-        return norm.detach()
+        return {f"{name}_grad_norm": norm.detach()}
 
-    def update(
-        self, batch: TensorDictBase, generator: torch.Generator | None = None
+    def update_kind(self) -> bool:
+        """Whether the next update refreshes the EMA policy (``compile=graph`` replays a
+        recorded step of the same kind)."""
+        step = self.num_updates
+        return step % self.ema_every == 0 and step >= self.ema_start
+
+    def run_update(
+        self,
+        batch: TensorDictBase,
+        stages: Stages,
+        generator: torch.Generator | None = None,
     ) -> dict[str, torch.Tensor]:
-        """One Diffusion-QL step on a TED batch; returns detached metrics (no host sync)."""
+        """One Diffusion-QL step on a TED batch; returns detached metrics (no host sync).
+        ``stages`` executes the two stages (eagerly for ``update``, or compiled)."""
         k = self.keys
-        obs = self.normalizer(batch.get(k.observation))
-        next_obs = self.normalizer(batch.get(k.next_observation))
-        action = batch.get(k.action)
-        reward = batch.get(k.reward).to(obs.dtype)
-        terminated = batch.get(k.terminated)
+        ema = self.update_kind()  # read before the counter moves
         step = self.num_updates  # updates done before this one (the reference's `self.step`)
         self.num_updates += 1
         metrics: dict[str, torch.Tensor] = {}
 
         # 1. Critic: y = r + gamma (1 - d) min_i Q_i'(s', a'), a' from the EMA policy
         #    (max-Q backup over several a' when configured).
-        y = self.critic_loss.target(
-            reward, terminated, next_obs, self.critic_target, self.actor_ema, generator
+        out = stages.run(
+            self.critic_stage,
+            "critic",
+            batch.get(k.observation),
+            batch.get(k.next_observation),
+            batch.get(k.action),
+            batch.get(k.reward),
+            batch.get(k.terminated),
+            generator=generator,
         )
-        out = self.critic_loss(obs, action, y, self.critic)
-        metrics["critic_grad_norm"] = self._step(
-            "critic", out["loss_critic"], list(self.critic.parameters())
-        )
+        obs = out.pop("observation")
         metrics.update(out)
 
         # 2. Policy: diffusion loss + eta * normalised Q of a fresh sample (gradients through
         #    the whole reverse chain). A behaviour model with a noise curriculum is told the step.
         if hasattr(self.actor, "set_training_step"):
             self.actor.set_training_step(step)
-        out = self.actor_loss(obs, action, self.actor, self.critic, generator)
-        metrics["actor_grad_norm"] = self._step(
-            "actor", out["loss_actor"], list(self.actor.parameters())
+        metrics.update(
+            stages.run(self.actor_stage, "actor", obs, batch.get(k.action), generator=generator)
         )
-        metrics.update(out)
 
         # 3. EMA policy (for critic targets), then the Polyak critic target.
-        if step % self.ema_every == 0 and step >= self.ema_start:
-            polyak_update(self._ema_pairs[0], self._ema_pairs[1], 1.0 - self.ema_decay)
-        polyak_update(self._critic_pairs[0], self._critic_pairs[1], self.tau)
-        return {name: v.detach() for name, v in metrics.items()}
+        if ema:
+            stages.polyak(self._ema_pairs[0], self._ema_pairs[1], 1.0 - self.ema_decay)
+        stages.polyak(self._critic_pairs[0], self._critic_pairs[1], self.tau)
+        return metrics
+
+    # ------------------------------------------------------------------ stages (tensors in/out)
+    def critic_stage(self, observation, next_observation, action, reward, terminated):
+        """Normalise the states, compute the TD target from the EMA policy and the critic loss."""
+        obs = self.normalizer(observation)
+        next_obs = self.normalizer(next_observation)
+        y = self.critic_loss.target(
+            reward.to(obs.dtype),
+            terminated,
+            next_obs,
+            self.critic_target,
+            self.actor_ema,
+            self._generator,
+        )
+        return {"observation": obs, **self.critic_loss(obs, action, y, self.critic)}
+
+    def actor_stage(self, obs, action):
+        return self.actor_loss(obs, action, self.actor, self.critic, self._generator)

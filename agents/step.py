@@ -1,14 +1,16 @@
 """The training step as the recipe's ``compile`` option runs it: sample a batch, update.
 
 * ``none``: plain PyTorch, stage by stage (the reference the other modes are tested against).
-* ``default``: every stage of :meth:`OfflineAgent.run_update` goes through ``torch.compile``
+* ``default``: every stage of the agent's ``run_update`` goes through ``torch.compile``
   (fused element-wise work, e.g. the behaviour model's Mish layers); backward passes and
   optimiser steps stay eager. CPU or CUDA. The first steps pay the compilation (tens of
   seconds on a CPU).
-* ``graph`` (CUDA only): the whole step, batch sampling included, is captured once as CUDA
-  graphs (one for a critic-only step, one for a step with the actor update) and replayed: no
-  Python, no host work and no host sync per step. The optimisers become capturable; the first
-  ``warmup`` steps run eagerly (they are ordinary training steps).
+* ``graph`` (CUDA only): the whole step, batch sampling included, is captured as a CUDA graph
+  per kind of update (the agent's ``update_kind()``: a critic-only step or one with the actor
+  update; for Diffusion-QL, a step with or without the EMA refresh), each recorded the first
+  time it is needed, and replayed: no Python, no host work and no host sync per step. The
+  optimisers become capturable; the first ``warmup`` steps run eagerly (they are ordinary
+  training steps).
 
 Batches come from a :class:`DeviceSampler` when training on a dataset: the transitions stay on
 the training device and indices are drawn there, so nothing crosses the host per step.
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 
 import torch
 from tensordict import TensorDictBase
@@ -90,8 +92,9 @@ class TrainStep:
     """``step()`` -> the metrics of one training step (detached tensors on the device).
 
     Args:
-        agent: an agent with ``update(batch)``, ``num_updates`` and ``policy_delay``
-            (``default`` also needs ``run_update``: an :class:`OfflineAgent`).
+        agent: an agent with ``update(batch)`` and ``num_updates``; ``default`` also needs
+            ``run_update`` and ``graph`` ``update_kind`` (every :class:`TrainableAgent` has
+            both; stacked seeds have ``update_kind``).
         sample: returns the next batch (a :class:`DeviceSampler`'s ``sample`` or a TorchRL
             replay buffer's).
         mode: one of :data:`COMPILE_MODES`.
@@ -118,7 +121,7 @@ class TrainStep:
         if mode == "default":
             if not hasattr(agent, "run_update"):
                 raise ConfigError(
-                    f"compile=default needs an agent built from stages (OfflineAgent); "
+                    f"compile=default needs an agent built from stages (run_update); "
                     f"{type(agent).__name__} runs with compile=none or graph"
                 )
             from divo.agents.agent import EagerStages
@@ -131,10 +134,15 @@ class TrainStep:
                     f"compile=graph cannot capture {type(model).__name__}: its schedule changes "
                     "with the step on the host; use compile=default or none"
                 )
+            if not hasattr(agent, "update_kind"):
+                raise ConfigError(
+                    f"compile=graph needs the agent's update_kind() (which host-side branch the "
+                    f"next update takes); {type(agent).__name__} has none: use compile=none"
+                )
             delay = int(getattr(agent, "policy_delay", 1))
             self.warmup = max(int(warmup), 2 * delay)
-            self._graphs: dict[bool, torch.cuda.CUDAGraph] = {}
-            self._outputs: dict[bool, dict[str, torch.Tensor]] = {}
+            self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
+            self._outputs: dict[Hashable, dict[str, torch.Tensor]] = {}
 
     def __call__(self) -> dict[str, torch.Tensor]:
         if self.mode == "none":
@@ -151,7 +159,8 @@ class TrainStep:
         out = self.agent.run_update(self.sample(), self._stages)
         self._compiled = True
         _log.info(
-            "first step compiled and run in %.1f s (the actor stage compiles at its first update)",
+            "first step compiled and run in %.1f s (a stage first used later, e.g. the delayed "
+            "actor, compiles then)",
             time.perf_counter() - start,
         )
         return out
@@ -161,37 +170,31 @@ class TrainStep:
         return self.agent.update(self.sample())
 
     def _graph_step(self) -> dict[str, torch.Tensor]:
-        if not self._graphs:
-            if self.warmup > 0:
-                self.warmup -= 1
-                return self._warmup_step()
-            self._capture()
+        if self.warmup > 0:
+            self.warmup -= 1
+            return self._warmup_step()
         agent = self.agent
-        with_actor = (agent.num_updates + 1) % agent.policy_delay == 0
-        self._graphs[with_actor].replay()
+        kind = agent.update_kind()
+        if kind not in self._graphs:
+            self._capture(kind)
+        self._graphs[kind].replay()
         agent.num_updates += 1
-        return self._outputs[with_actor]
+        return self._outputs[kind]
 
-    def _capture(self) -> None:
-        """Record a critic-only step and an actor step (Python state restored after each)."""
-        _log.info("compile=graph: capturing the training step as CUDA graphs")
-        agent = self.agent
-        done = agent.num_updates
-        delay = agent.policy_delay
-        kinds = (True,) if delay == 1 else (False, True)
-        for with_actor in kinds:
-            # the update increments num_updates first and runs the actor when it hits a
-            # multiple of policy_delay: set it so the recorded step is the wanted kind
-            agent.num_updates = delay - 1 if with_actor else delay
-            try:
-                self._graphs[with_actor], self._outputs[with_actor] = self._record(self._eager)
-            except RuntimeError as exc:
-                raise ConfigError(
-                    f"compile=graph could not capture the training step ({exc}); a part of the "
-                    "recipe syncs with the host. Use compile=default or none"
-                ) from exc
-            finally:
-                agent.num_updates = done
+    def _capture(self, kind) -> None:
+        """Record the next update (of kind ``kind``) as a CUDA graph; a capture runs nothing,
+        so the Python step counter is put back afterwards."""
+        _log.info("compile=graph: capturing the training step (kind %r) as a CUDA graph", kind)
+        done = self.agent.num_updates
+        try:
+            self._graphs[kind], self._outputs[kind] = self._record(self._eager)
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"compile=graph could not capture the training step ({exc}); a part of the "
+                "recipe syncs with the host. Use compile=default or none"
+            ) from exc
+        finally:
+            self.agent.num_updates = done
 
     # The CUDA calls, one method each (tests replace them to check the logic above on a CPU).
     def _warmup_step(self) -> dict[str, torch.Tensor]:

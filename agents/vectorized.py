@@ -168,6 +168,10 @@ class VectorizedAgent:
     def policy_delay(self) -> int:
         return self.agent.policy_delay
 
+    def update_kind(self) -> bool:
+        """The next update's kind (every seed's: they share the step counter)."""
+        return self.agent.update_kind()
+
     @property
     def behavior_model(self) -> torch.nn.Module | None:
         """The template's behaviour model (its structure; the weights are the stacked ones)."""

@@ -1,6 +1,6 @@
 """Time the training step of each recipe, in one process and one run, and print ratios.
 
-    python benchmarks/bench_step.py [--recipes divo soft_weight td3bc] [--device auto]
+    python benchmarks/bench_step.py [--recipes divo soft_weight diffusion_ql] [--device auto]
                                     [--modes none default graph] [--steps 300] [--warmup 50]
                                     [--seeds N] [--json out.json]
 
@@ -10,12 +10,14 @@ training uses (one per ``compile`` mode), so the numbers measure the whole train
 sampling included), not data loading. Reported:
   * steps/s of each recipe in each mode; its step cost relative to td3bc in the same mode and
     run; each optimised mode's speed-up over the eager (``none``) path of the same recipe;
-  * the deployable actor's inference latency against sampling the behaviour model once
-    (DIVO's test-time advantage over a diffusion policy), batch 1.
+  * inference latency at batch 1 of each deployable policy (DIVO's actor; Diffusion-QL's
+    50 samples scored by the critic) and of one behaviour-model sample: DIVO's test-time
+    advantage over a diffusion policy.
 
 ``--seeds N`` also times N seeds trained as one agent with stacked weights
 (``train.num_seeds=N``, :mod:`divo.agents.vectorized`): seed-steps/s (N x steps/s) and the ratio
-against one seed of the same recipe on the eager path.
+against one seed of the same recipe in the same mode (recipes that cannot stack, e.g.
+Diffusion-QL, are skipped with a note).
 
 Modes a device cannot run (``graph`` without CUDA) are skipped with a note.
 """
@@ -36,6 +38,8 @@ from divo.agents.builder import build_agent
 from divo.agents.runtime import device_name, resolve_device
 from divo.agents.step import COMPILE_MODES, DeviceSampler, TrainStep
 from divo.cli import available_recipes, compose_recipe
+from divo.errors import ConfigError
+from divo.objectives.actor import NormalizedPolicy
 
 OBS, ACT, N = 11, 3, 100_000
 
@@ -111,15 +115,19 @@ def time_vectorized(
         print(f"\n{num_seeds} seeds with stacked weights (train.num_seeds={num_seeds}) [{mode}]:")
         for recipe in recipes:
             cfg = compose_recipe(recipe, [f"compile={mode}"])
-            vec = build_vectorized_agent(
-                cfg,
-                range(num_seeds),
-                observation_dim=OBS,
-                action_dim=ACT,
-                obs_mean=torch.zeros(OBS),
-                obs_std=torch.ones(OBS),
-                device=device,
-            )
+            try:
+                vec = build_vectorized_agent(
+                    cfg,
+                    range(num_seeds),
+                    observation_dim=OBS,
+                    action_dim=ACT,
+                    obs_mean=torch.zeros(OBS),
+                    obs_std=torch.ones(OBS),
+                    device=device,
+                )
+            except ConfigError as exc:  # e.g. Diffusion-QL: not an OfflineAgent recipe
+                print(f"{recipe:>14}: skipped ({str(exc).split(':')[0]})", flush=True)
+                continue
             sampler = DeviceSampler(data, cfg.train.batch_size, num_seeds=num_seeds)
             step = TrainStep(vec, sampler.sample, mode, device)
             sps = time_steps(step, device, steps, warmup)
@@ -166,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
     recipes = args.recipes or [
-        r for r in ("td3bc", "divo", "soft_weight") if r in available_recipes()
+        r for r in ("td3bc", "divo", "soft_weight", "diffusion_ql") if r in available_recipes()
     ]
     if "td3bc" not in recipes:
         recipes = ["td3bc", *recipes]
@@ -194,9 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             obs1 = torch.zeros(1, OBS, device=device)
             with torch.no_grad():
-                if "actor" not in latency:
-                    latency["actor"] = latency_ms(partial(agent.policy.eval(), obs1), device)
-                model = agent.behavior_model
+                policy = agent.policy.eval()
+                name = "actor" if isinstance(policy, NormalizedPolicy) else f"{recipe} policy"
+                if name not in latency:
+                    latency[name] = latency_ms(partial(policy, obs1), device)
+                model = getattr(agent, "behavior_model", None)  # Diffusion-QL: the policy
                 name = f"{type(model).__name__} sample"
                 if model is not None and name not in latency:
                     latency[name] = latency_ms(partial(model.sample, obs1), device)
@@ -214,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{recipe:>14}: {r['speedup_vs_eager']:.2f}x")
     print("\ninference latency, batch 1:")
     for name, ms in latency.items():
-        print(f"{name:>14}: {ms:.3f} ms")
+        print(f"{name:>20}: {ms:.3f} ms")
     for name, ms in latency.items():
         if name != "actor":
             print(f"{name} / actor: {ms / latency['actor']:.1f}x")

@@ -36,12 +36,16 @@ def ted(n: int = N, seed: int = 0) -> TensorDict:
     )
 
 
+# Diffusion-QL with its EMA refreshed every 3rd update from update 2, so that a few steps see
+# both kinds of its update (with and without the EMA refresh)
+DQL_EMA = {"diffusion_ql.ema.start": 2, "diffusion_ql.ema.every": 3}
+
+
 def small_agent(recipe: str, device="cpu", **overrides):
     extra = [f"{k}={v}" for k, v in overrides.items()]
-    cfg = compose_recipe(
-        recipe,
-        ["dataset=bandit", "critic.network.hidden=[32,32]", "actor.network.hidden=[32,32]", *extra],
-    )
+    if recipe != "diffusion_ql":
+        extra.append("actor.network.hidden=[32,32]")
+    cfg = compose_recipe(recipe, ["dataset=bandit", "critic.network.hidden=[32,32]", *extra])
     if cfg.get("value") is not None:
         cfg.value.network.hidden = [32, 32]
     if cfg.get("behavior_model") is not None and "hidden" in cfg.behavior_model:
@@ -133,18 +137,19 @@ def assert_same_training(eager, fast, metrics_eager, metrics_fast, rtol, atol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["divo", "td3bc"])
+@pytest.mark.parametrize("recipe", ["divo", "td3bc", "diffusion_ql"])
 def test_compiled_step_matches_eager_for_a_hundred_steps(recipe):
     import torch._inductor.config as inductor_config
     from torch._dynamo.utils import counters
 
+    overrides = DQL_EMA if recipe == "diffusion_ql" else {}
     torch._dynamo.reset()
     counters.clear()
-    eager, m_eager = run_steps(recipe, "none", 100)
+    eager, m_eager = run_steps(recipe, "none", 100, **overrides)
     assert not counters["frames"]  # the reference really is eager
     # inductor draws its own random numbers unless told to use eager's: same stream here
     with inductor_config.patch(fallback_random=True):
-        fast, m_fast = run_steps(recipe, "default", 100)
+        fast, m_fast = run_steps(recipe, "default", 100, **overrides)
     # every stage compiled whole: one graph each, no graph breaks
     stages = 5 if recipe == "divo" else 2
     assert counters["stats"]["unique_graphs"] == stages and not counters["graph_break"]
@@ -153,12 +158,13 @@ def test_compiled_step_matches_eager_for_a_hundred_steps(recipe):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("recipe", ["divo", "td3bc"])
+@pytest.mark.parametrize("recipe", ["divo", "td3bc", "diffusion_ql"])
 def test_cuda_graph_step_matches_eager_for_a_hundred_steps(recipe):
     # same kernels, replayed: the only differences are the order of float reductions
     torch.backends.cuda.matmul.allow_tf32 = False
-    eager, m_eager = run_steps(recipe, "none", 100, "cuda")
-    fast, m_fast = run_steps(recipe, "graph", 100, "cuda")
+    overrides = DQL_EMA if recipe == "diffusion_ql" else {}
+    eager, m_eager = run_steps(recipe, "none", 100, "cuda", **overrides)
+    fast, m_fast = run_steps(recipe, "graph", 100, "cuda", **overrides)
     assert_same_training(eager, fast, m_eager, m_fast, rtol=1e-3, atol=1e-4)
 
 
@@ -194,9 +200,9 @@ def test_graph_mode_is_refused_before_training_starts_on_a_cpu(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("recipe", ["divo", "td3bc"])
+@pytest.mark.parametrize("recipe", ["divo", "td3bc", "diffusion_ql"])
 def test_eager_cuda_step_never_syncs_with_the_host(recipe):
-    agent = small_agent(recipe, "cuda")
+    agent = small_agent(recipe, "cuda", **(DQL_EMA if recipe == "diffusion_ql" else {}))
     sampler = DeviceSampler(ted().to("cuda"), 32)
     step = TrainStep(agent, sampler.sample, "none", "cuda")
     step()  # first step: optimiser states are created
@@ -299,14 +305,17 @@ class _CPUGraphStep(TrainStep):
         return graph, graph.outputs
 
 
-@pytest.mark.parametrize("recipe", ["divo", "td3bc"])
-@pytest.mark.parametrize("stacked", [False, True])
+@pytest.mark.parametrize(
+    "recipe, stacked",
+    [("divo", False), ("td3bc", False), ("diffusion_ql", False), ("divo", True), ("td3bc", True)],
+)
 def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
     from divo.agents.vectorized import VectorizedAgent
 
+    overrides = DQL_EMA if recipe == "diffusion_ql" else {}
     runs = []
     for step_class, mode in ((TrainStep, "none"), (_CPUGraphStep, "graph")):
-        agent = small_agent(recipe)
+        agent = small_agent(recipe, **overrides)
         if stacked:
             agent = VectorizedAgent([agent, small_agent(recipe)], recipe)
         torch.manual_seed(1)
@@ -316,6 +325,8 @@ def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
         metrics = [{k: v.clone() for k, v in step().items()} for _ in range(11)]
         state = agent.tensors if stacked else agent.state_dict()
         runs.append((agent.num_updates, metrics, {k: v.clone() for k, v in state.items()}))
+    # one recorded step per kind: critic-only / with actor (Diffusion-QL: without / with EMA)
+    assert set(step._graphs) == {False, True}
     (n_eager, m_eager, s_eager), (n_graph, m_graph, s_graph) = runs
     assert n_eager == n_graph == 11
     assert [m.keys() for m in m_eager] == [m.keys() for m in m_graph]  # actor every 2nd step

@@ -233,14 +233,19 @@ class OfflineAgent(TrainableAgent):
         metrics.update(out)
 
         # 2. State value V(s): expectile of min Q_target(s, a), or A2PR's bootstrap target.
+        v = None
         if self.value is not None:
-            metrics.update(stages.run(self.value_stage, "value", obs, action, y))
+            out = stages.run(self.value_stage, "value", obs, action, y)
+            v = out.pop("state_value")  # this pass's V(s), before the value's optimiser step
+            metrics.update(out)
 
-        # 3. Advantage of the dataset actions, A(s, a) = Q(s, a) - V(s), detached (with the
-        #    critic and value just updated); V(s) is kept for the candidates' advantages.
-        adv = v = None
+        # 3. Advantage of the dataset actions, A(s, a) = Q(s, a) - V(s), detached, with the
+        #    critic just updated and V(s) from the value step (A2PR) or evaluated again
+        #    (``v_from: updated``); V(s) is kept for the candidates' advantages.
+        adv = None
         if self._needs_advantage:
-            out = stages.run(self.advantage_stage, None, obs, action)
+            reuse = (v,) if self.advantage.v_from == "value_step" else ()
+            out = stages.run(self.advantage_stage, None, obs, action, *reuse)
             adv, v = out.pop("advantage"), out.pop("state_value")
             metrics.update(out)
 
@@ -284,8 +289,8 @@ class OfflineAgent(TrainableAgent):
         )
 
     @torch.no_grad()
-    def advantage_stage(self, obs, action):
-        v = self.value(obs)
+    def advantage_stage(self, obs, action, state_value=None):
+        v = self.value(obs) if state_value is None else state_value
         adv = self.advantage(obs, action, self.critic, self.value, state_value=v)
         return {
             "advantage": adv,

@@ -13,6 +13,7 @@ from divo.objectives.functional import expectile_loss
 
 VALUE_OBJECTIVES = ("expectile", "bootstrap")
 Q_HEADS = ("q1", "min")
+V_SOURCES = ("value_step", "updated")
 
 
 class StateValue(nn.Module):
@@ -56,7 +57,8 @@ class ValueLoss(nn.Module):
         critic_target: TwinQ | None = None,
         td_target: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """``loss_value`` and the diagnostic ``v_mean``.
+        """``loss_value``, the diagnostic ``v_mean`` and ``state_value``: this forward pass's
+        V(s) [*B, 1], detached (A2PR's advantages use it: see :class:`Advantage`).
 
         expectile needs ``action`` and ``critic_target``; bootstrap needs ``td_target``.
         """
@@ -71,21 +73,28 @@ class ValueLoss(nn.Module):
             if td_target is None:
                 raise ValueError("the bootstrap value loss needs td_target")
             loss = (v - td_target.detach()).pow(2).mean()
-        return {"loss_value": loss, "v_mean": v.detach().mean()}
+        return {"loss_value": loss, "v_mean": v.detach().mean(), "state_value": v.detach()}
 
 
 class Advantage(nn.Module):
     """A(s, x) = Q(s, x) - V(s), detached.
 
     ``q_head``: ``q1`` (A2PR) or ``min`` (min over the twin heads).
+    ``v_from``: which V(s) the agent's update uses: ``value_step`` (A2PR's code: the value
+    step's own forward pass, before its optimiser step; no extra pass) or ``updated`` (V(s)
+    evaluated again after the value update: one more pass of V per step). Q(s, x) is always the
+    critic just updated, as in A2PR.
     forward(observation [*B, O], action [*B, A] or candidates [*B, N, A]) -> [*B, 1] / [*B, N, 1].
     """
 
-    def __init__(self, q_head: str = "q1") -> None:
+    def __init__(self, q_head: str = "q1", v_from: str = "value_step") -> None:
         super().__init__()
         if q_head not in Q_HEADS:
             raise ValueError(f"advantage q_head must be one of {Q_HEADS}, got {q_head!r}")
+        if v_from not in V_SOURCES:
+            raise ValueError(f"advantage v_from must be one of {V_SOURCES}, got {v_from!r}")
         self.q_head = q_head
+        self.v_from = v_from
 
     @torch.no_grad()
     def forward(

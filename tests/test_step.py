@@ -335,3 +335,23 @@ def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
     for name, value in s_eager.items():
         torch.testing.assert_close(s_graph[name], value, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("v_from", ["value_step", "updated"])
+def test_advantages_use_the_updated_critic_and_the_chosen_state_value(v_from):
+    """A(s, a) = Q1(s, a) - V(s): Q1 of the critic this step updated; V(s) of the value step's
+    own forward pass (A2PR's code) or evaluated again after the value's update."""
+    import copy
+
+    agent = small_agent("divo", **{"value.advantage.v_from": v_from})
+    batch = DeviceSampler(ted(), 64).sample()
+    value_before = copy.deepcopy(agent.value)
+    metrics = agent.update(batch)  # update 1: critic, value, behaviour model (no actor yet)
+    with torch.no_grad():
+        obs = agent.normalizer(batch["observation"])
+        q1 = agent.critic.q1(obs, batch["action"])
+        v_before, v_after = value_before(obs), agent.value(obs)
+    assert not torch.allclose(v_before, v_after)  # the value step moved V
+    v = v_before if v_from == "value_step" else v_after
+    torch.testing.assert_close(metrics["advantage_mean"], (q1 - v).mean())
+    torch.testing.assert_close(metrics["advantage_pos_frac"], (q1 > v).float().mean())

@@ -59,13 +59,26 @@ class TrainableAgent(nn.Module):
         """The update, top to bottom, with each stage executed by ``stages``."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def measured_grads(self, name: str) -> tuple[list[torch.Tensor], float] | None:
+        """The parameters whose gradient norm the step of optimiser ``name`` reports (metric
+        ``<name>_grad_norm``) and clips to the returned max norm (0: no clipping), or None:
+        neither (the default)."""
+        return None
+
     def _step(self, name: str, loss: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """Backward and the step of optimiser ``name``; may return extra metrics."""
+        """Backward, the gradient norm (clipped) where :meth:`measured_grads` asks for it, and
+        the step of optimiser ``name``; returns the norm as a metric, if any."""
         opt = self.optimizers[name]
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        measured = self.measured_grads(name)
+        extra = None
+        if measured is not None:
+            params, max_norm = measured
+            norm = nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+            extra = {f"{name}_grad_norm": norm.detach()}
         opt.step()
-        return None
+        return extra
 
     def update_kind(self) -> bool:
         """Which host-side branch the next update takes: here, whether it updates the actor
@@ -325,7 +338,7 @@ class OfflineAgent(TrainableAgent):
 
 
 class Stages:
-    """How :meth:`OfflineAgent.run_update` executes its stages. ``run(stage, optimizer, *args)``
+    """How an agent's ``run_update`` executes its stages. ``run(stage, optimizer, *args)``
     calls ``stage(*args)`` (a dict of tensors), takes an optimiser step on its ``loss_*`` entry
     when ``optimizer`` names one, and returns the other entries detached."""
 

@@ -104,15 +104,9 @@ class DiffusionQLAgent(TrainableAgent):
             self.normalizer, self.actor, self.critic_target, **self.eval_settings
         )
 
-    def _step(self, name: str, loss: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Backward, optional grad-norm clipping, optimiser step; returns the gradient norm."""
-        opt = self.optimizers[name]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        max_norm = self.grad_norm if self.grad_norm > 0 else float("inf")
-        norm = nn.utils.clip_grad_norm_(self._clipped[name], max_norm=max_norm)
-        opt.step()
-        return {f"{name}_grad_norm": norm.detach()}
+    def measured_grads(self, name: str) -> tuple[list[torch.Tensor], float]:
+        """Both optimisers report their gradient norm and clip it to ``grad_norm`` (0: off)."""
+        return self._clipped[name], self.grad_norm
 
     def update_kind(self) -> bool:
         """Whether the next update refreshes the EMA policy (``compile=graph`` replays a

@@ -2,15 +2,17 @@
 
 Every parameter and buffer of the N agents is stacked along a leading seed dimension (a
 :class:`tensordict.TensorDict` of ``[N, ...]`` tensors). :class:`VectorizedStages` runs each stage
-of :meth:`OfflineAgent.run_update` through ``torch.func.vmap(..., randomness="different")`` with
-seed ``i``'s slice swapped into one template :class:`OfflineAgent` (``params.to_module``): one
+of the agent's ``run_update`` (:class:`OfflineAgent`: DIVO, its ablations, TD3+BC;
+:class:`DiffusionQLAgent`) through ``torch.func.vmap(..., randomness="different")`` with
+seed ``i``'s slice swapped into one template agent (``params.to_module``): one
 batched call per stage for all seeds, each seed drawing its own random numbers.
 
 Gradients: the stage's loss is summed over seeds and backpropagated once. Seeds share no
 parameters, so each seed's slice receives exactly its own gradient. One Adam per part over the
 stacked tensors is N independent Adams (Adam is element-wise, and every seed has taken the same
-number of steps). Polyak updates act on the stacked target/online tensors. Metrics come back per
-seed, shape ``[N]``.
+number of steps). Gradient-norm clipping (Diffusion-QL's ``grad_norm``) is per seed, as in a
+single run. Polyak updates act on the stacked target/online tensors. Metrics come back per seed,
+shape ``[N]``.
 
 Checkpoints and policies are per seed: :meth:`VectorizedAgent.seed_agent` writes seed ``i``'s
 slice (parameters, buffers, optimiser states) into the template agent and returns it, so a seed's
@@ -32,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensordict import TensorDict, TensorDictBase
 
-from divo.agents.agent import OfflineAgent, Stages, split_loss
+from divo.agents.agent import Stages, TrainableAgent, split_loss
 from divo.agents.data import check_batch_keys
 from divo.agents.logging import MetricAccumulator, MetricsLogger
 from divo.agents.runtime import (
@@ -79,6 +81,11 @@ class VectorizedStages(Stages):
             opt = vec.optimizers[optimizer]
             opt.zero_grad(set_to_none=True)
             loss.sum().backward()  # seeds share nothing: each slice gets its own gradient
+            measured = agent.measured_grads(optimizer)
+            if measured is not None:  # e.g. Diffusion-QL: each seed's norm, clipped per seed
+                params, max_norm = measured
+                grads = [vec.tensors[vec._name_of[id(p)]].grad for p in params]
+                out[f"{optimizer}_grad_norm"] = clip_grad_norm_per_seed(grads, max_norm)
             opt.step()
         return out
 
@@ -90,8 +97,23 @@ class VectorizedStages(Stages):
         )
 
 
+@torch.no_grad()
+def clip_grad_norm_per_seed(grads: Sequence[torch.Tensor | None], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` for each seed of stacked gradients ``[N, ...]``: the
+    norm over every tensor of seed ``i``'s slices, and those slices scaled by
+    ``min(1, max_norm / (norm + 1e-6))`` when ``max_norm`` > 0. Returns the norms ``[N]``."""
+    grads = [g for g in grads if g is not None]
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads]).norm(dim=0)
+    if max_norm > 0:
+        coef = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef.view(-1, *([1] * (g.dim() - 1))))
+    return norms
+
+
 class VectorizedAgent:
-    """N :class:`OfflineAgent` s of the same recipe, trained together with stacked weights.
+    """N agents of the same recipe (:class:`OfflineAgent` or :class:`DiffusionQLAgent`), trained
+    together with stacked weights.
 
     Args:
         agents: N agents built from the same recipe (same parts and sizes), e.g. by
@@ -103,14 +125,14 @@ class VectorizedAgent:
     per-seed metrics ``[N]``.
     """
 
-    def __init__(self, agents: Sequence[OfflineAgent], recipe: str | None = None) -> None:
+    def __init__(self, agents: Sequence[TrainableAgent], recipe: str | None = None) -> None:
         if not agents:
             raise ValueError("VectorizedAgent needs at least one agent")
         for a in agents:
-            if not isinstance(a, OfflineAgent):
+            if not isinstance(a, TrainableAgent) or type(a).run_update is TrainableAgent.run_update:
                 raise ConfigError(
-                    f"train.num_seeds > 1 stacks OfflineAgent recipes; recipe {recipe!r} builds "
-                    f"{type(a).__name__}: {MULTIRUN_HINT}"
+                    f"train.num_seeds > 1 stacks agents whose update runs as stages (run_update); "
+                    f"recipe {recipe!r} builds {type(a).__name__}: {MULTIRUN_HINT}"
                 )
         self.recipe = recipe
         self.num_seeds = len(agents)
@@ -166,7 +188,7 @@ class VectorizedAgent:
 
     @property
     def policy_delay(self) -> int:
-        return self.agent.policy_delay
+        return int(getattr(self.agent, "policy_delay", 1))
 
     def update_kind(self) -> bool:
         """The next update's kind (every seed's: they share the step counter)."""
@@ -175,7 +197,7 @@ class VectorizedAgent:
     @property
     def behavior_model(self) -> torch.nn.Module | None:
         """The template's behaviour model (its structure; the weights are the stacked ones)."""
-        return self.agent.behavior_model
+        return getattr(self.agent, "behavior_model", None)
 
     def update(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """One training step of every seed on a ``[N, B]`` batch; per-seed metrics ``[N]``."""
@@ -202,7 +224,7 @@ class VectorizedAgent:
 
     # ------------------------------------------------------------------ per-seed views
     @torch.no_grad()
-    def seed_agent(self, index: int) -> OfflineAgent:
+    def seed_agent(self, index: int) -> TrainableAgent:
         """The template agent holding seed ``index``'s parameters, buffers, optimiser states and
         step counter: take its ``policy``, ``training_state()`` or checkpoint it. It is shared by
         all seeds: valid until the next ``seed_agent`` call or update."""
@@ -228,7 +250,7 @@ class VectorizedAgent:
         return self.seed_agent(index).policy
 
     def training_state(self, index: int) -> dict:
-        """Seed ``index``'s training state, in the format of ``OfflineAgent.training_state``."""
+        """Seed ``index``'s training state, in the format of a single agent's ``training_state``."""
         return copy.deepcopy(self.seed_agent(index).training_state())
 
     def load_training_state(self, index: int, state: Mapping) -> None:
@@ -242,7 +264,7 @@ class VectorizedAgent:
         self._read_optimizers(agent, index)
 
     @torch.no_grad()
-    def _read_optimizers(self, agent: OfflineAgent, index: int) -> None:
+    def _read_optimizers(self, agent: TrainableAgent, index: int) -> None:
         for part, opt in self.optimizers.items():
             single = agent.optimizers[part]
             for p_single, name in zip(_params(single), self._opt_names[part], strict=True):
@@ -270,11 +292,14 @@ def _per_seed(value, stacked: torch.Tensor) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape == stacked.shape
 
 
+STACKABLE_ALGORITHMS = ("offline", "diffusion_ql")
+
+
 def _check_stackable(cfg: DictConfig) -> None:
-    if (cfg.get("algorithm") or "offline") != "offline":
+    if (cfg.get("algorithm") or "offline") not in STACKABLE_ALGORITHMS:
         raise ConfigError(
-            f"train.num_seeds > 1 vectorises OfflineAgent recipes; recipe {cfg.get('recipe')!r} "
-            f"(algorithm={cfg.get('algorithm')}) is not one: {MULTIRUN_HINT}"
+            f"train.num_seeds > 1 vectorises the algorithms {STACKABLE_ALGORITHMS}; recipe "
+            f"{cfg.get('recipe')!r} has algorithm={cfg.get('algorithm')}: {MULTIRUN_HINT}"
         )
 
 

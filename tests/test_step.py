@@ -170,13 +170,16 @@ def test_cuda_graph_step_matches_eager_for_a_hundred_steps(recipe):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_graph_step_of_stacked_seeds_matches_eager():
+@pytest.mark.parametrize("recipe", ["divo", "diffusion_ql"])
+def test_cuda_graph_step_of_stacked_seeds_matches_eager(recipe):
     from divo.agents.vectorized import VectorizedAgent
 
     torch.backends.cuda.matmul.allow_tf32 = False
+    overrides = DQL_EMA if recipe == "diffusion_ql" else {}
     finals = []
     for mode in ("none", "graph"):
-        vec = VectorizedAgent([small_agent("divo", "cuda") for _ in range(3)], "divo")
+        agents = [small_agent(recipe, "cuda", **overrides) for _ in range(3)]
+        vec = VectorizedAgent(agents, recipe)
         torch.manual_seed(1)
         sampler = DeviceSampler(ted().to("cuda"), 32, num_seeds=3)
         step = TrainStep(vec, sampler.sample, mode, "cuda")
@@ -307,7 +310,7 @@ class _CPUGraphStep(TrainStep):
 
 @pytest.mark.parametrize(
     "recipe, stacked",
-    [("divo", False), ("td3bc", False), ("diffusion_ql", False), ("divo", True), ("td3bc", True)],
+    [(r, stacked) for stacked in (False, True) for r in ("divo", "td3bc", "diffusion_ql")],
 )
 def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
     from divo.agents.vectorized import VectorizedAgent
@@ -317,7 +320,7 @@ def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
     for step_class, mode in ((TrainStep, "none"), (_CPUGraphStep, "graph")):
         agent = small_agent(recipe, **overrides)
         if stacked:
-            agent = VectorizedAgent([agent, small_agent(recipe)], recipe)
+            agent = VectorizedAgent([agent, small_agent(recipe, **overrides)], recipe)
         torch.manual_seed(1)
         sampler = DeviceSampler(ted(), 32, num_seeds=2 if stacked else None)
         # the device only has to say "cuda" to pass the mode check; the calls are replaced

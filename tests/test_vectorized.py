@@ -15,7 +15,11 @@ from divo.agents.agent import EagerStages
 from divo.agents.builder import build_agent
 from divo.agents.policy_io import load_policy
 from divo.agents.train import train
-from divo.agents.vectorized import VectorizedAgent, build_vectorized_agent
+from divo.agents.vectorized import (
+    VectorizedAgent,
+    build_vectorized_agent,
+    clip_grad_norm_per_seed,
+)
 from divo.cli import compose_recipe, main
 from divo.errors import ConfigError
 
@@ -154,11 +158,50 @@ def test_every_offline_recipe_runs_vectorised_with_per_seed_metrics(recipe):
         assert same or (same is None and again["modules"][name] == value), name
 
 
+DQL_SMALL = [
+    "dataset=bandit",
+    "critic.network.hidden=[32,32]",
+    "behavior_model.hidden=[32,32]",
+    "diffusion_ql.ema.start=1",  # both kinds of update (with and without the EMA refresh)
+    "diffusion_ql.ema.every=2",
+]
+
+
+@pytest.mark.parametrize("max_norm", [0.0, 0.5])
+def test_per_seed_gradient_clipping_is_torchs_clipping_of_each_seed(max_norm):
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(N, 4, 3, generator=g), torch.randn(N, 5, generator=g) * 3, None]
+    stacked = [None if t is None else t.clone() for t in grads]
+    norms = clip_grad_norm_per_seed(stacked, max_norm)
+    assert norms.shape == (N,)
+    for i in range(N):
+        params = [torch.zeros_like(t[i], requires_grad=True) for t in grads if t is not None]
+        for p, t in zip(params, [t for t in grads if t is not None], strict=True):
+            p.grad = t[i].clone()
+        want = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        torch.testing.assert_close(norms[i], want)
+        for p, t in zip(params, [t for t in stacked if t is not None], strict=True):
+            torch.testing.assert_close(t[i], p.grad)
+    if max_norm:
+        assert (norms > max_norm).any()  # the case where clipping acts is covered
+
+
+def test_diffusion_ql_runs_vectorised_with_per_seed_metrics_and_clipping():
+    cfg = compose_recipe("diffusion_ql", [*DQL_SMALL, "diffusion_ql.grad_norm=0.1"])
+    vec = build_vectorized_agent(cfg, range(2), **SIZES)
+    ema_before = vec.tensors["actor_ema.network.net.0.weight"].clone()
+    for step in range(3):
+        metrics = vec.update(ted((2, B), seed=step))
+    assert {"loss_critic", "loss_actor", "critic_grad_norm", "actor_grad_norm"} <= set(metrics)
+    assert all(v.shape == (2,) and torch.isfinite(v).all() for v in metrics.values())
+    assert not torch.equal(vec.tensors["actor_ema.network.net.0.weight"], ema_before)
+    state = vec.training_state(1)
+    assert state["num_updates"] == 3
+    policy = vec.policy(0)
+    assert policy(torch.zeros(4, OBS)).shape == (4, A)
+
+
 def test_unsupported_settings_are_refused_in_one_line(tmp_path):
-    with pytest.raises(ConfigError, match="num_seeds=1"):
-        build_vectorized_agent(
-            compose_recipe("diffusion_ql", ["dataset=bandit"]), range(2), **SIZES
-        )
     for extra, match in [
         (["train.num_seeds=0"], "positive integer"),
         (["train.num_seeds=2", "compile=default"], "compile=default"),
@@ -215,11 +258,14 @@ def final_checkpoint(run_dir: Path) -> dict:
     return torch.load(sorted((run_dir / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
 
 
-def test_resume_continues_every_seed_exactly(tmp_path):
+@pytest.mark.parametrize("recipe", ["divo", "diffusion_ql"])
+def test_resume_continues_every_seed_exactly(tmp_path, recipe):
     cfg = [*SHORT, "train.num_seeds=2", "train.steps=8", "train.eval_every=4"]
-    train(compose_recipe("divo", cfg), tmp_path / "whole")
+    if recipe == "diffusion_ql":
+        cfg += ["diffusion_ql.ema.start=2", "diffusion_ql.ema.every=3", "diffusion_ql.grad_norm=1"]
+    train(compose_recipe(recipe, cfg), tmp_path / "whole")
     part = tmp_path / "part"
-    train(compose_recipe("divo", [*cfg, "train.steps=4"]), part)
+    train(compose_recipe(recipe, [*cfg, "train.steps=4"]), part)
     # a save round cut short: seed 1 lacks step 4, so both resume from step 2
     (part / "seed1" / "checkpoints" / "step_000000004.pt").unlink()
     with pytest.warns(UserWarning, match="not every seed reached step 4"):

@@ -69,6 +69,18 @@ def flatten_batch(x: torch.Tensor, event_dims: int = 1) -> tuple[torch.Tensor, t
     return x.reshape(-1, *x.shape[x.dim() - event_dims :]), batch_shape
 
 
+def draw_indices(
+    weights: torch.Tensor, n: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """``n`` indices drawn with replacement, index k with probability weights[k] / sum(weights)
+    ([K] -> [n], long): the inverse CDF of one uniform draw each. Unlike ``torch.multinomial``
+    it never checks its input on the host, so it neither syncs with a GPU nor breaks a CUDA
+    graph, and it runs under ``torch.func.vmap``."""
+    cdf = weights.cumsum(0)
+    u = torch.rand(n, device=weights.device, dtype=weights.dtype, generator=generator) * cdf[-1]
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=weights.shape[0] - 1)
+
+
 def repeat_for_samples(
     observation: torch.Tensor, num_samples: int
 ) -> tuple[torch.Tensor, torch.Size]:

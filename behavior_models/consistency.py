@@ -43,7 +43,12 @@ from collections.abc import Sequence
 import torch
 
 from divo.behavior_models.backbones import NoiseNetwork
-from divo.behavior_models.base import BehaviorModel, flatten_batch, repeat_for_samples
+from divo.behavior_models.base import (
+    BehaviorModel,
+    draw_indices,
+    flatten_batch,
+    repeat_for_samples,
+)
 
 NOISE_SAMPLING = ("lognormal", "uniform")
 
@@ -206,7 +211,7 @@ class ConsistencyModel(BehaviorModel):
         a, batch_shape = flatten_batch(action)
         obs, _ = flatten_batch(observation)
         sigmas, probs = self.noise_levels(a.device, a.dtype)
-        i = torch.multinomial(probs, a.shape[0], replacement=True, generator=generator)
+        i = draw_indices(probs, a.shape[0], generator)
         z = torch.randn(a.shape, device=a.device, dtype=a.dtype, generator=generator)
         sig_lo, sig_hi = sigmas[i], sigmas[i + 1]
         pred = self.denoise(a + sig_hi.unsqueeze(-1) * z, sig_hi, obs)

@@ -98,15 +98,18 @@ def resample_index(
     """Pick one of N candidates per row: scores [*B, N] -> index [*B] (long).
 
     ``temperature`` > 0 draws i with probability softmax(scores / temperature)_i; 0 takes the
-    argmax (greedy).
+    argmax (greedy). The draw is the Gumbel-max trick, argmax_i(scores_i / temperature + G_i)
+    with G_i standard Gumbel: the same distribution as ``torch.multinomial`` of the softmax,
+    without its check of the probabilities on the host (a device sync per call on a GPU, which
+    a CUDA graph cannot capture).
     """
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return scores.argmax(dim=-1)
-    probs = torch.softmax(scores.reshape(-1, scores.shape[-1]) / temperature, dim=-1)
-    idx = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-    return idx.reshape(scores.shape[:-1])
+    u = torch.rand(scores.shape, device=scores.device, dtype=scores.dtype, generator=generator)
+    gumbel = -torch.log(-torch.log(u))  # u = 0 gives -inf: that candidate is never drawn
+    return (scores / temperature + gumbel).argmax(dim=-1)
 
 
 def gather_candidate(candidates: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

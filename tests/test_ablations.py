@@ -70,6 +70,11 @@ def test_resample_index_greedy_and_softmax_frequencies():
     idx = resample_index(scores.expand(40_000, 3), 0.5, g)
     freq = torch.bincount(idx, minlength=3).float() / idx.numel()
     torch.testing.assert_close(freq, torch.softmax(scores[0] / 0.5, -1), atol=0.01, rtol=0)
+    # any batch shape; a very unlikely candidate stays (almost) never drawn
+    skewed = torch.tensor([0.0, 0.0, -30.0]).expand(2, 20_000, 3)
+    idx = resample_index(skewed, 1.0, g)
+    assert idx.shape == (2, 20_000) and not (idx == 2).any()
+    assert abs((idx == 0).float().mean().item() - 0.5) < 0.02
     with pytest.raises(ValueError, match="temperature"):
         resample_index(scores, -1.0)
 

@@ -14,6 +14,7 @@ from divo.behavior_models import (
     as_policy_module,
     as_sampler_module,
 )
+from divo.behavior_models.base import draw_indices
 from divo.behavior_models.schedules import DiffusionSchedule, vp_betas
 
 O, A = 3, 2  # noqa: E741 - observation and action sizes, as in the docstrings
@@ -231,6 +232,16 @@ def test_karras_levels_and_ict_curriculum_by_hand():
     ]
 
 
+def test_draw_indices_follows_the_weights():
+    g = torch.Generator().manual_seed(0)
+    weights = torch.tensor([1.0, 0.0, 3.0, 4.0])
+    idx = draw_indices(weights, 80_000, g)
+    assert idx.dtype == torch.long and idx.shape == (80_000,)
+    freq = torch.bincount(idx, minlength=4).float() / idx.numel()
+    torch.testing.assert_close(freq, weights / weights.sum(), atol=0.01, rtol=0)
+    assert not (idx == 1).any()  # a zero weight is never drawn
+
+
 def test_consistency_loss_by_hand_and_teacher_gets_no_gradient():
     """l = (1 / (s_hi - s_lo)) * pseudo_huber(f(a + s_hi z), sg[f(a + s_lo z)]) per sample."""
     m = ConsistencyModel(O, A, hidden=(16,), noise_sampling="uniform")
@@ -238,7 +249,7 @@ def test_consistency_loss_by_hand_and_teacher_gets_no_gradient():
     loss = m.per_sample_loss(act, obs, generator=torch.Generator().manual_seed(1))
     g = torch.Generator().manual_seed(1)
     sig, probs = m.noise_levels()
-    i = torch.multinomial(probs, 5, replacement=True, generator=g)
+    i = draw_indices(probs, 5, g)
     z = torch.randn(5, A, generator=g)
     lo, hi = sig[i], sig[i + 1]
     pred = m.denoise(act + hi[:, None] * z, hi, obs)

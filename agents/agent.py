@@ -59,6 +59,23 @@ class TrainableAgent(nn.Module):
         """The update, top to bottom, with each stage executed by ``stages``."""
         raise NotImplementedError  # pragma: no cover - abstract
 
+    def _critic_losses(
+        self, observation, next_observation, action, reward, terminated, target_policy
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Normalise the states, compute the TD target y (next actions from ``target_policy``)
+        and the critic loss: (normalised observation, y, the loss's outputs)."""
+        obs = self.normalizer(observation)
+        next_obs = self.normalizer(next_observation)
+        y = self.critic_loss.target(
+            reward.to(obs.dtype),
+            terminated,
+            next_obs,
+            self.critic_target,
+            target_policy,
+            self._generator,
+        )
+        return obs, y, self.critic_loss(obs, action, y, self.critic)
+
     def measured_grads(self, name: str) -> tuple[list[torch.Tensor], float] | None:
         """The parameters whose gradient norm the step of optimiser ``name`` reports (metric
         ``<name>_grad_norm``) and clips to the returned max norm (0: no clipping), or None:
@@ -283,17 +300,9 @@ class OfflineAgent(TrainableAgent):
     # ------------------------------------------------------------------ stages (tensors in/out)
     def critic_stage(self, observation, next_observation, action, reward, terminated):
         """Normalise the states, compute the TD target y and the critic loss."""
-        obs = self.normalizer(observation)
-        next_obs = self.normalizer(next_observation)
-        y = self.critic_loss.target(
-            reward.to(obs.dtype),
-            terminated,
-            next_obs,
-            self.critic_target,
-            self.actor_target,
-            self._generator,
+        obs, y, out = self._critic_losses(
+            observation, next_observation, action, reward, terminated, self.actor_target
         )
-        out = self.critic_loss(obs, action, y, self.critic)
         return {"observation": obs, "td_target": y, **out}
 
     def value_stage(self, obs, action, td_target):

@@ -160,17 +160,10 @@ class DiffusionQLAgent(TrainableAgent):
     # ------------------------------------------------------------------ stages (tensors in/out)
     def critic_stage(self, observation, next_observation, action, reward, terminated):
         """Normalise the states, compute the TD target from the EMA policy and the critic loss."""
-        obs = self.normalizer(observation)
-        next_obs = self.normalizer(next_observation)
-        y = self.critic_loss.target(
-            reward.to(obs.dtype),
-            terminated,
-            next_obs,
-            self.critic_target,
-            self.actor_ema,
-            self._generator,
+        obs, _, out = self._critic_losses(
+            observation, next_observation, action, reward, terminated, self.actor_ema
         )
-        return {"observation": obs, **self.critic_loss(obs, action, y, self.critic)}
+        return {"observation": obs, **out}
 
     def actor_stage(self, obs, action):
         return self.actor_loss(obs, action, self.actor, self.critic, self._generator)

@@ -368,24 +368,48 @@ def split_loss(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, dict[
 
 
 class EagerStages(Stages):
-    """Plain PyTorch: each stage runs as written, then backward and the optimiser step."""
+    """Plain PyTorch: each stage runs as written, then backward and the optimiser step.
 
-    def __init__(self, agent: OfflineAgent, wrap: Callable | None = None) -> None:
+    ``wrap`` (e.g. ``torch.compile``) is applied once per stage. ``on_wrap_error(name, exc)``:
+    when set, a stage whose wrapped form fails on its first call (where ``torch.compile``
+    compiles) is reported to it and runs unwrapped from then on; without it the error propagates.
+    """
+
+    def __init__(
+        self,
+        agent: TrainableAgent,
+        wrap: Callable | None = None,
+        on_wrap_error: Callable[[str, Exception], None] | None = None,
+    ) -> None:
         self.agent = agent
-        self.wrap = wrap  # e.g. torch.compile, applied once per stage
+        self.wrap = wrap
+        self.on_wrap_error = on_wrap_error
         self._wrapped: dict[str, Callable] = {}
+        self._proven: set[str] = set()  # stages whose wrapped form has run once
 
     def run(self, stage, optimizer, *args, generator=None):
-        if self.wrap is not None:
-            name = stage.__name__
-            if name not in self._wrapped:
-                self._wrapped[name] = self.wrap(stage)
-            stage = self._wrapped[name]
         self.agent._generator = generator
         try:
-            loss, out = split_loss(stage(*args))
+            loss, out = split_loss(self._call(stage, args))
         finally:
             self.agent._generator = None
         if optimizer is not None:
             out.update(self.agent._step(optimizer, loss) or {})
+        return out
+
+    def _call(self, stage, args):
+        if self.wrap is None:
+            return stage(*args)
+        name = stage.__name__
+        if name not in self._wrapped:
+            self._wrapped[name] = self.wrap(stage)
+        if name in self._proven or self.on_wrap_error is None:
+            return self._wrapped[name](*args)
+        try:
+            out = self._wrapped[name](*args)
+        except Exception as exc:  # the first call compiles; stages are pure, so retrying is safe
+            self.on_wrap_error(name, exc)
+            self._wrapped[name] = stage
+            out = stage(*args)
+        self._proven.add(name)
         return out

@@ -337,7 +337,7 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    check_compile_mode(cfg.get("compile", "none"), device)
+    check_compile_mode(cfg.get("compile", "none"), device, cfg.get("graph_stages", "compiled"))
     if device.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     seed_everything(int(cfg.seed))
@@ -373,7 +373,13 @@ def train(
         batch = buffer.sample()
         return batch if batch.device == device else batch.to(device)
 
-    train_step = TrainStep(agent, sample, cfg.get("compile", "none"), device)
+    train_step = TrainStep(
+        agent,
+        sample,
+        cfg.get("compile", "none"),
+        device,
+        graph_stages=cfg.get("graph_stages", "compiled"),
+    )
     checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints)
     acc = MetricAccumulator()
     start_step, last_eval, elapsed_before = 0, None, 0.0

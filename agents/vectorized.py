@@ -499,7 +499,7 @@ def train_vectorized(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    check_compile_mode(mode, device)
+    check_compile_mode(mode, device, cfg.get("graph_stages", "compiled"))
     if device.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     seeds = [int(cfg.seed) + i for i in range(n)]

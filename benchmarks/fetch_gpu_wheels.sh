@@ -1,13 +1,10 @@
 #!/usr/bin/env bash
 # Fetch, on a machine with PyPI, the wheels the package needs beyond what a GPU machine
 # without network already holds (torch, numpy, h5py, tqdm, cloudpickle, ...), into .wheels/
-# (git-ignored), for Python 3.12 (the GPU image's; PYVER=3.11 for another) on x86-64 Linux. Then, on the GPU machine, from the repo root:
-#   pip install --no-index --no-deps --no-build-isolation .wheels/* \
-#     && pip install --no-deps --no-build-isolation -e . \
-#     && python -m pytest -q -m gpu tests/test_step.py \
-#     && python benchmarks/bench_step.py --device cuda --modes none default graph --seeds 8 \
-#          --steps 2000 --warmup 100 --json benchmarks/results/gpu.json
-# (with the lab's device tool: carry .wheels; write the JSON under $OUT to get it back).
+# (git-ignored), for Python 3.12 (the GPU image's; PYVER=3.11 for another) on x86-64 Linux. Then,
+# on the GPU machine (with the lab's device tool: carry .wheels), from the repo root:
+#   bash benchmarks/gpu_run.sh tests    (and divo, recipes, default: see that script)
+# which installs them offline and runs one part of the GPU checks per call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dest="${WHEELS_DIR:-.wheels}"

@@ -31,7 +31,7 @@ def test_bench_step_reports_every_recipe_mode_and_ratio(tmp_path, capsys):
         "--json",
         str(out),
     ]
-    args += ["--modes", "none", "graph", "--device", "cpu"]
+    args += ["--modes", "none", "graph", "graph-eager", "--device", "cpu"]
     assert bench.main(args) == 0
     report = json.loads(out.read_text())
     printed = capsys.readouterr().out

@@ -116,11 +116,13 @@ def test_graph_mode_needs_cuda_and_unknown_modes_are_refused():
         TrainStep(agent, sampler.sample, "fast", "cpu")
 
 
-def run_steps(recipe: str, mode: str, steps: int, device="cpu", **overrides):
+def run_steps(
+    recipe: str, mode: str, steps: int, device="cpu", graph_stages="compiled", **overrides
+):
     agent = small_agent(recipe, device, **overrides)
     torch.manual_seed(1)
     sampler = DeviceSampler(ted().to(device), 32)
-    step = TrainStep(agent, sampler.sample, mode, device)
+    step = TrainStep(agent, sampler.sample, mode, device, graph_stages=graph_stages)
     metrics = [step() for _ in range(steps)]
     return agent, metrics
 
@@ -161,13 +163,22 @@ def test_compiled_step_matches_eager_for_a_hundred_steps(recipe):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("recipe", GRAPH_RECIPES)
-def test_cuda_graph_step_matches_eager_for_a_hundred_steps(recipe):
-    # same kernels, replayed: the only differences are the order of float reductions
+@pytest.mark.parametrize(
+    "recipe, graph_stages",
+    [(r, "eager") for r in GRAPH_RECIPES]
+    + [(r, "compiled") for r in ("divo", "td3bc", "diffusion_ql")],
+)
+def test_cuda_graph_step_matches_eager_for_a_hundred_steps(recipe, graph_stages):
+    # eager: the same kernels, replayed; compiled: inductor's fused kernels (drawing eager's
+    # random numbers), replayed: float rounding differs
+    import torch._inductor.config as inductor_config
+
     torch.backends.cuda.matmul.allow_tf32 = False
+    torch._dynamo.reset()
     overrides = DQL_EMA if recipe == "diffusion_ql" else {}
     eager, m_eager = run_steps(recipe, "none", 100, "cuda", **overrides)
-    fast, m_fast = run_steps(recipe, "graph", 100, "cuda", **overrides)
+    with inductor_config.patch(fallback_random=True):
+        fast, m_fast = run_steps(recipe, "graph", 100, "cuda", graph_stages, **overrides)
     assert_same_training(eager, fast, m_eager, m_fast, rtol=1e-3, atol=1e-4)
 
 
@@ -327,7 +338,8 @@ def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
         torch.manual_seed(1)
         sampler = DeviceSampler(ted(), 32, num_seeds=2 if stacked else None)
         # the device only has to say "cuda" to pass the mode check; the calls are replaced
-        step = step_class(agent, sampler.sample, mode, "cuda" if mode == "graph" else "cpu")
+        device = "cuda" if mode == "graph" else "cpu"
+        step = step_class(agent, sampler.sample, mode, device, graph_stages="eager")
         metrics = [{k: v.clone() for k, v in step().items()} for _ in range(11)]
         state = agent.tensors if stacked else agent.state_dict()
         runs.append((agent.num_updates, metrics, {k: v.clone() for k, v in state.items()}))
@@ -361,3 +373,77 @@ def test_advantages_use_the_updated_critic_and_the_chosen_state_value(v_from):
     v = v_before if v_from == "value_step" else v_after
     torch.testing.assert_close(metrics["advantage_mean"], (q1 - v).mean())
     torch.testing.assert_close(metrics["advantage_pos_frac"], (q1 > v).float().mean())
+
+
+def test_a_stage_that_fails_to_compile_runs_eagerly_after_a_warning():
+    """compile=graph's fallback: the first call of a wrapped stage fails -> reported once, and
+    that stage runs as written from then on (the update equals the eager one)."""
+    from divo.agents.agent import EagerStages
+
+    def broken_compile(stage):
+        def compiled(*args):
+            raise RuntimeError("inductor: no C++ compiler\nmore detail")
+
+        return compiled
+
+    reported = []
+    runs = []
+    for stages_of in (EagerStages, None):
+        agent = small_agent("divo")
+        torch.manual_seed(1)
+        sampler = DeviceSampler(ted(), 32)
+        if stages_of is None:
+            metrics = [agent.update(sampler.sample()) for _ in range(4)]
+        else:
+            stages = stages_of(
+                agent, wrap=broken_compile, on_wrap_error=lambda n, e: reported.append(n)
+            )
+            metrics = [agent.run_update(sampler.sample(), stages) for _ in range(4)]
+        runs.append((metrics, agent.state_dict()))
+    # each stage reported once, at its first call (the actor's at update 2)
+    stage_names = ["critic_stage", "value_stage", "advantage_stage", "behavior_stage"]
+    assert reported == [*stage_names, "actor_stage"]
+    (m_wrapped, s_wrapped), (m_eager, s_eager) = runs
+    for a, b in zip(m_eager, m_wrapped, strict=True):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    for name, value in s_eager.items():
+        torch.testing.assert_close(s_wrapped[name], value, rtol=0, atol=0, msg=name)
+    # without a handler, the error is the caller's
+    agent = small_agent("td3bc")
+    with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
+        agent.run_update(DeviceSampler(ted(), 32).sample(), EagerStages(agent, broken_compile))
+
+
+def test_bad_graph_stages_are_refused():
+    agent = small_agent("td3bc")
+    with pytest.raises(ConfigError, match="graph_stages='fused' .* compiled, eager"):
+        TrainStep(agent, DeviceSampler(ted(), 32).sample, "graph", "cuda", graph_stages="fused")
+
+
+@pytest.mark.slow
+def test_graph_mode_captures_the_compiled_stages():
+    """graph_stages=compiled: the steps recorded (CUDA calls replaced, as in the logic test
+    above) run the torch.compile'd stages, equal bit for bit to compile=default's steps."""
+    import torch._inductor.config as inductor_config
+
+    runs = []
+    with inductor_config.patch(fallback_random=True):
+        for step_class, mode in ((TrainStep, "default"), (_CPUGraphStep, "graph")):
+            torch._dynamo.reset()
+            agent = small_agent("td3bc")
+            torch.manual_seed(1)
+            sampler = DeviceSampler(ted(), 32)
+            device = "cuda" if mode == "graph" else "cpu"
+            step = step_class(agent, sampler.sample, mode, device, graph_stages="compiled")
+            metrics = [{k: v.clone() for k, v in step().items()} for _ in range(9)]
+            runs.append((metrics, {k: v.clone() for k, v in agent.state_dict().items()}))
+            if mode == "graph":
+                assert step._stages is not None and set(step._graphs) == {False, True}
+                assert step._stages._proven == {"critic_stage", "actor_stage"}
+    (m_default, s_default), (m_graph, s_graph) = runs
+    for a, b in zip(m_default, m_graph, strict=True):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    for name, value in s_default.items():
+        torch.testing.assert_close(s_graph[name], value, rtol=0, atol=0, msg=name)

@@ -18,7 +18,9 @@ if ! python -c "import divo, torchrl, minari, hydra" 2>/dev/null; then
     pip install -q --no-index --no-deps --no-build-isolation .wheels/*
     pip install -q --no-deps --no-build-isolation -e .
 fi
-python -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
+python -c "import torch, sys; print('torch', torch.__version__); sys.exit(not torch.cuda.is_available())" \
+    || { echo "gpu_run.sh: no CUDA device on this machine" >&2; exit 1; }
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 
 case "$part" in
     tests)

@@ -76,6 +76,15 @@ class TrainableAgent(nn.Module):
         )
         return obs, y, self.critic_loss(obs, action, y, self.critic)
 
+    def make_stages(
+        self,
+        wrap: Callable | None = None,
+        on_wrap_error: Callable[[str, Exception], None] | None = None,
+    ) -> Stages:
+        """The executor of this agent's stages, each wrapped by ``wrap`` (e.g. torch.compile;
+        see :class:`StageCalls`)."""
+        return EagerStages(self, wrap, on_wrap_error)
+
     def measured_grads(self, name: str) -> tuple[list[torch.Tensor], float] | None:
         """The parameters whose gradient norm the step of optimiser ``name`` reports (metric
         ``<name>_grad_norm``) and clips to the returned max norm (0: no clipping), or None:
@@ -367,13 +376,48 @@ def split_loss(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, dict[
     return loss, {name: v.detach() for name, v in out.items()}
 
 
-class EagerStages(Stages):
-    """Plain PyTorch: each stage runs as written, then backward and the optimiser step.
+class StageCalls:
+    """Calls stage functions, each wrapped once by ``wrap`` (e.g. ``torch.compile``) when set.
 
-    ``wrap`` (e.g. ``torch.compile``) is applied once per stage. ``on_wrap_error(name, exc)``:
-    when set, a stage whose wrapped form fails on its first call (where ``torch.compile``
-    compiles) is reported to it and runs unwrapped from then on; without it the error propagates.
+    ``on_wrap_error(name, exc)``: when set, a stage whose wrapped form fails on its first call
+    (where ``torch.compile`` compiles) is reported to it and runs unwrapped from then on (stages
+    are pure functions of their tensors, so calling one again is safe); without it the error
+    propagates. ``compiled``: the stages whose wrapped form has run; ``unwrapped``: those that
+    fell back.
     """
+
+    def __init__(
+        self,
+        wrap: Callable | None = None,
+        on_wrap_error: Callable[[str, Exception], None] | None = None,
+    ) -> None:
+        self.wrap = wrap
+        self.on_wrap_error = on_wrap_error
+        self._wrapped: dict[str, Callable] = {}
+        self.compiled: set[str] = set()
+        self.unwrapped: set[str] = set()
+
+    def __call__(self, name: str, fn: Callable, args: tuple):
+        if self.wrap is None or name in self.unwrapped:
+            return fn(*args)
+        if name not in self._wrapped:
+            self._wrapped[name] = self.wrap(fn)
+        if name in self.compiled or self.on_wrap_error is None:
+            out = self._wrapped[name](*args)
+        else:
+            try:
+                out = self._wrapped[name](*args)
+            except Exception as exc:
+                self.on_wrap_error(name, exc)
+                self.unwrapped.add(name)
+                return fn(*args)
+        self.compiled.add(name)
+        return out
+
+
+class EagerStages(Stages):
+    """Plain PyTorch: each stage runs as written (or as ``wrap`` makes it, see
+    :class:`StageCalls`), then backward and the optimiser step."""
 
     def __init__(
         self,
@@ -382,34 +426,14 @@ class EagerStages(Stages):
         on_wrap_error: Callable[[str, Exception], None] | None = None,
     ) -> None:
         self.agent = agent
-        self.wrap = wrap
-        self.on_wrap_error = on_wrap_error
-        self._wrapped: dict[str, Callable] = {}
-        self._proven: set[str] = set()  # stages whose wrapped form has run once
+        self.calls = StageCalls(wrap, on_wrap_error)
 
     def run(self, stage, optimizer, *args, generator=None):
         self.agent._generator = generator
         try:
-            loss, out = split_loss(self._call(stage, args))
+            loss, out = split_loss(self.calls(stage.__name__, stage, args))
         finally:
             self.agent._generator = None
         if optimizer is not None:
             out.update(self.agent._step(optimizer, loss) or {})
-        return out
-
-    def _call(self, stage, args):
-        if self.wrap is None:
-            return stage(*args)
-        name = stage.__name__
-        if name not in self._wrapped:
-            self._wrapped[name] = self.wrap(stage)
-        if name in self._proven or self.on_wrap_error is None:
-            return self._wrapped[name](*args)
-        try:
-            out = self._wrapped[name](*args)
-        except Exception as exc:  # the first call compiles; stages are pure, so retrying is safe
-            self.on_wrap_error(name, exc)
-            self._wrapped[name] = stage
-            out = stage(*args)
-        self._proven.add(name)
         return out

@@ -14,7 +14,7 @@
   through ``torch.compile`` first, so the graph replays inductor's fused kernels: far fewer
   kernels per step than the eager ones, which is what bounds a small network's step on a GPU. A
   stage that fails to compile, or a capture of compiled stages that fails, falls back to the
-  eager kernels with a warning. Stacked seeds always capture the eager (vmapped) kernels.
+  eager kernels with a warning. Stacked seeds compile their vmapped stages the same way.
 
 Batches come from a :class:`DeviceSampler` when training on a dataset: the transitions stay on
 the training device and indices are drawn there, so nothing crosses the host per step.
@@ -103,8 +103,8 @@ class TrainStep:
 
     Args:
         agent: an agent with ``update(batch)`` and ``num_updates``; ``default`` also needs
-            ``run_update`` and ``graph`` ``update_kind`` (every :class:`TrainableAgent` has
-            both; stacked seeds have ``update_kind``).
+            ``make_stages`` and ``run_update``, ``graph`` ``update_kind`` (every
+            :class:`TrainableAgent` and stacked seeds' :class:`VectorizedAgent` have them).
         sample: returns the next batch (a :class:`DeviceSampler`'s ``sample`` or a TorchRL
             replay buffer's).
         mode: one of :data:`COMPILE_MODES`.
@@ -133,14 +133,12 @@ class TrainStep:
         self._stages = None
         self._compiled = False
         if mode == "default":
-            if not hasattr(agent, "run_update"):
+            if not hasattr(agent, "make_stages"):
                 raise ConfigError(
-                    f"compile=default needs an agent built from stages (run_update); "
-                    f"{type(agent).__name__} runs with compile=none or graph"
+                    f"compile=default needs an agent built from stages (make_stages, "
+                    f"run_update); {type(agent).__name__} runs with compile=none or graph"
                 )
-            from divo.agents.agent import EagerStages
-
-            self._stages = EagerStages(agent, wrap=_compile)
+            self._stages = agent.make_stages(wrap=_compile)
         if mode == "graph":  # any agent whose update is free of host work (stacked seeds too)
             model = getattr(agent, "behavior_model", None)
             if model is not None and hasattr(model, "set_training_step"):
@@ -153,10 +151,8 @@ class TrainStep:
                     f"compile=graph needs the agent's update_kind() (which host-side branch the "
                     f"next update takes); {type(agent).__name__} has none: use compile=none"
                 )
-            if graph_stages == "compiled" and hasattr(agent, "run_update"):
-                from divo.agents.agent import EagerStages
-
-                self._stages = EagerStages(agent, wrap=_compile, on_wrap_error=_eager_instead)
+            if graph_stages == "compiled" and hasattr(agent, "make_stages"):
+                self._stages = agent.make_stages(wrap=_compile, on_wrap_error=_eager_instead)
             delay = int(getattr(agent, "policy_delay", 1))
             self.warmup = max(int(warmup), 2 * delay)
             self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}

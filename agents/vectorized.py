@@ -25,6 +25,7 @@ import copy
 import json
 import logging
 import time
+import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -34,7 +35,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensordict import TensorDict, TensorDictBase
 
-from divo.agents.agent import Stages, TrainableAgent, split_loss
+from divo.agents.agent import StageCalls, Stages, TrainableAgent, split_loss
 from divo.agents.data import check_batch_keys
 from divo.agents.logging import MetricAccumulator, MetricsLogger
 from divo.agents.runtime import (
@@ -50,23 +51,29 @@ MULTIRUN_HINT = "use train.num_seeds=1 (or a multirun: `divo train <recipe> -m s
 
 
 class VectorizedStages(Stages):
-    """Runs each stage vmapped over the seeds of a :class:`VectorizedAgent`."""
+    """Runs each stage vmapped over the seeds of a :class:`VectorizedAgent`; ``wrap`` (e.g.
+    torch.compile) wraps the vmapped stage (see :class:`divo.agents.agent.StageCalls`)."""
 
-    def __init__(self, vec: VectorizedAgent) -> None:
+    def __init__(
+        self,
+        vec: VectorizedAgent,
+        wrap: Callable | None = None,
+        on_wrap_error: Callable[[str, Exception], None] | None = None,
+    ) -> None:
         self.vec = vec
+        self.calls = StageCalls(wrap, on_wrap_error)
+        self._vmapped: dict[str, Callable] = {}
 
     def run(self, stage, optimizer, *args, generator=None) -> dict[str, torch.Tensor]:
         if generator is not None:
             raise ConfigError(f"vectorised seeds draw from the global generator; {MULTIRUN_HINT}")
         vec = self.vec
         agent = vec.agent
-
-        def call(state: TensorDictBase, *stage_args):
-            with state.to_module(agent):
-                return stage(*stage_args)
-
+        name = stage.__name__
+        if name not in self._vmapped:
+            self._vmapped[name] = _vmapped_stage(stage, agent)
         try:
-            out = torch.func.vmap(call, randomness="different")(vec.state, *args)
+            out = self.calls(name, self._vmapped[name], (vec.state, *args))
         except RuntimeError as exc:
             text = str(exc)
             if "vmap" not in text.lower() and "batch" not in text.lower():
@@ -95,6 +102,23 @@ class VectorizedStages(Stages):
         super().polyak(
             [flat[names[id(t)]] for t in target], [flat[names[id(o)]] for o in online], tau
         )
+
+
+def _vmapped_stage(stage: Callable, agent: TrainableAgent) -> Callable:
+    """``stage`` vmapped over the seeds: (stacked state, *args) -> stacked outputs, each seed's
+    slice swapped into the template ``agent``. The function gets a code object of its own:
+    torch.compile keeps its compiled graphs per code object, so each stage has its own cache
+    (and recompilation budget) instead of every stage sharing vmap's."""
+
+    def call(state: TensorDictBase, *stage_args):
+        with state.to_module(agent):
+            return stage(*stage_args)
+
+    def vmapped(state: TensorDictBase, *args):
+        return torch.func.vmap(call, randomness="different")(state, *args)
+
+    code = vmapped.__code__.replace(co_name=f"vmapped_{stage.__name__}")
+    return types.FunctionType(code, vmapped.__globals__, code.co_name, None, vmapped.__closure__)
 
 
 @torch.no_grad()
@@ -141,6 +165,9 @@ class VectorizedAgent:
         names = [n for n, _ in template.named_parameters()]
         buffer_names = [n for n, _ in template.named_buffers()]
         self._trainable = {n for n, p in template.named_parameters() if p.requires_grad}
+        # the stacked tensors train, not the template's own (swapping seeds in and out leaves
+        # them without gradient anyway; set once, so compiled stages see one state throughout)
+        template.requires_grad_(False)
         self._template_tensors: dict[str, torch.Tensor] = {
             **dict(template.named_parameters()),
             **dict(template.named_buffers()),
@@ -201,11 +228,23 @@ class VectorizedAgent:
 
     def update(self, batch: TensorDictBase) -> dict[str, torch.Tensor]:
         """One training step of every seed on a ``[N, B]`` batch; per-seed metrics ``[N]``."""
+        return self.run_update(batch, self.stages)
+
+    def run_update(self, batch: TensorDictBase, stages: Stages) -> dict[str, torch.Tensor]:
+        """:meth:`update` with the stages of :meth:`make_stages` (e.g. compiled ones)."""
         if batch.batch_dims != 2 or batch.batch_size[0] != self.num_seeds:
             raise ValueError(
                 f"a vectorised update needs a [{self.num_seeds}, B] batch, got {batch.batch_size}"
             )
-        return self.agent.run_update(batch, self.stages)
+        return self.agent.run_update(batch, stages)
+
+    def make_stages(
+        self,
+        wrap: Callable | None = None,
+        on_wrap_error: Callable[[str, Exception], None] | None = None,
+    ) -> VectorizedStages:
+        """Vmapped stages, each vmapped stage wrapped by ``wrap`` (e.g. torch.compile)."""
+        return VectorizedStages(self, wrap, on_wrap_error)
 
     def train(self, mode: bool = True) -> VectorizedAgent:
         self.agent.train(mode)
@@ -488,11 +527,6 @@ def train_vectorized(
             f"buffer trains one seed at a time: {MULTIRUN_HINT}"
         )
     mode = cfg.get("compile", "none")
-    if mode == "default":
-        raise ConfigError(
-            f"train.num_seeds={n} runs the stages vmapped, which compile=default (torch.compile) "
-            "does not take: use compile=none, compile=graph (CUDA), or train.num_seeds=1"
-        )
     _check_stackable(cfg)
     if cfg.dataset.get("id") is None:
         raise ConfigError(f"dataset.id is null; train.num_seeds={n} trains on a dataset: set it")
@@ -589,7 +623,13 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
             for old in c.files()[: -c.keep]:
                 old.unlink()
 
-    train_step = TrainStep(vec, sampler.sample, cfg.get("compile", "none"), device)
+    train_step = TrainStep(
+        vec,
+        sampler.sample,
+        cfg.get("compile", "none"),
+        device,
+        graph_stages=cfg.get("graph_stages", "compiled"),
+    )
     steps = int(cfg.train.steps)
     bar, redirect = single._progress(cfg, start_step, run_dir, f"{data.dataset_id} x{n} seeds")
     vec.train()

@@ -109,17 +109,17 @@ def time_vectorized(
     warmup: int,
     results: dict[str, dict[str, dict]],
 ) -> dict[str, dict[str, dict]]:
-    """Seed-steps/s of ``num_seeds`` seeds stacked in one agent, per recipe and per mode that
-    stacked seeds run in (``none``, ``graph``), and the ratio against one seed's steps/s in the
-    same mode and run (``results``)."""
+    """Seed-steps/s of ``num_seeds`` seeds stacked in one agent, per recipe and mode, and the
+    ratio against one seed's steps/s in the same mode and run (``results``)."""
     from divo.agents.vectorized import build_vectorized_agent
 
     out: dict[str, dict[str, dict]] = {}
-    for mode in (m for m in results if m in ("none", "graph")):  # what stacked seeds run
+    for mode in results:
         out[mode] = {}
         print(f"\n{num_seeds} seeds with stacked weights (train.num_seeds={num_seeds}) [{mode}]:")
         for recipe in recipes:
-            cfg = compose_recipe(recipe, [f"compile={mode}"])
+            compile_mode, graph_stages = MODES[mode]
+            cfg = compose_recipe(recipe, [f"compile={compile_mode}"])
             try:
                 vec = build_vectorized_agent(
                     cfg,
@@ -134,7 +134,7 @@ def time_vectorized(
                 print(f"{recipe:>14}: skipped ({str(exc).split(':')[0]})", flush=True)
                 continue
             sampler = DeviceSampler(data, cfg.train.batch_size, num_seeds=num_seeds)
-            step = TrainStep(vec, sampler.sample, mode, device)
+            step = TrainStep(vec, sampler.sample, compile_mode, device, graph_stages=graph_stages)
             sps = time_steps(step, device, steps, warmup)
             seed_sps = num_seeds * sps
             ratio = seed_sps / results[mode][recipe]["steps_per_s"]

@@ -440,7 +440,7 @@ def test_graph_mode_captures_the_compiled_stages():
             runs.append((metrics, {k: v.clone() for k, v in agent.state_dict().items()}))
             if mode == "graph":
                 assert step._stages is not None and set(step._graphs) == {False, True}
-                assert step._stages._proven == {"critic_stage", "actor_stage"}
+                assert step._stages.calls.compiled == {"critic_stage", "actor_stage"}
     (m_default, s_default), (m_graph, s_graph) = runs
     for a, b in zip(m_default, m_graph, strict=True):
         for name in a:

@@ -8,6 +8,7 @@ One class serves DIVO, its ablations and TD3+BC: which parts exist is decided by
 from __future__ import annotations
 
 import copy
+import types
 from collections.abc import Callable, Mapping
 
 import torch
@@ -376,6 +377,19 @@ def split_loss(out: dict[str, torch.Tensor]) -> tuple[torch.Tensor | None, dict[
     return loss, {name: v.detach() for name, v in out.items()}
 
 
+def _own_code(fn: Callable, name: str) -> Callable:
+    """A function calling ``fn``, with a code object of its own. torch.compile keeps compiled
+    graphs (and their recompilation budget, 8 by default) per code object: without this, every
+    agent's ``critic_stage`` would share one cache, and the ninth agent compiled in a process
+    (a Hydra multirun, the benchmark) would silently run eagerly."""
+
+    def stage(*args):
+        return fn(*args)
+
+    code = stage.__code__.replace(co_name=name)
+    return types.FunctionType(code, stage.__globals__, name, None, stage.__closure__)
+
+
 class StageCalls:
     """Calls stage functions, each wrapped once by ``wrap`` (e.g. ``torch.compile``) when set.
 
@@ -401,7 +415,7 @@ class StageCalls:
         if self.wrap is None or name in self.unwrapped:
             return fn(*args)
         if name not in self._wrapped:
-            self._wrapped[name] = self.wrap(fn)
+            self._wrapped[name] = self.wrap(_own_code(fn, name))
         if name in self.compiled or self.on_wrap_error is None:
             out = self._wrapped[name](*args)
         else:

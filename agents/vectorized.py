@@ -25,7 +25,6 @@ import copy
 import json
 import logging
 import time
-import types
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -106,19 +105,13 @@ class VectorizedStages(Stages):
 
 def _vmapped_stage(stage: Callable, agent: TrainableAgent) -> Callable:
     """``stage`` vmapped over the seeds: (stacked state, *args) -> stacked outputs, each seed's
-    slice swapped into the template ``agent``. The function gets a code object of its own:
-    torch.compile keeps its compiled graphs per code object, so each stage has its own cache
-    (and recompilation budget) instead of every stage sharing vmap's."""
+    slice swapped into the template ``agent``."""
 
     def call(state: TensorDictBase, *stage_args):
         with state.to_module(agent):
             return stage(*stage_args)
 
-    def vmapped(state: TensorDictBase, *args):
-        return torch.func.vmap(call, randomness="different")(state, *args)
-
-    code = vmapped.__code__.replace(co_name=f"vmapped_{stage.__name__}")
-    return types.FunctionType(code, vmapped.__globals__, code.co_name, None, vmapped.__closure__)
+    return torch.func.vmap(call, randomness="different")
 
 
 @torch.no_grad()

@@ -447,3 +447,22 @@ def test_graph_mode_captures_the_compiled_stages():
             torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
     for name, value in s_default.items():
         torch.testing.assert_close(s_graph[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_each_executor_compiles_its_own_copy_of_a_stage():
+    """torch.compile caches per code object (8 entries by default): each executor's stages get
+    their own, so many agents compiled in one process (a multirun) never share one budget."""
+    from divo.agents.agent import EagerStages
+
+    codes = []
+
+    def record(fn):
+        codes.append(fn.__code__)
+        return fn
+
+    batch = DeviceSampler(ted(), 32).sample()
+    for _ in range(2):
+        agent = small_agent("td3bc")
+        agent.run_update(batch, EagerStages(agent, wrap=record))
+    assert len(codes) == 2 and codes[0] is not codes[1]
+    assert codes[0].co_name == "critic_stage"

@@ -466,3 +466,33 @@ def test_each_executor_compiles_its_own_copy_of_a_stage():
         agent.run_update(batch, EagerStages(agent, wrap=record))
     assert len(codes) == 2 and codes[0] is not codes[1]
     assert codes[0].co_name == "critic_stage"
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """Tensor methods that read values on the host (a device sync on a GPU) raise: the CPU
+    stand-in for the GPU test that runs the eager CUDA step under sync debug mode (it catches
+    Python-level reads; syncs inside ATen, e.g. torch.multinomial's check, only a GPU shows)."""
+
+    def refuse(name):
+        def method(self, *args, **kwargs):
+            raise AssertionError(f"the update read a tensor on the host: Tensor.{name}")
+
+        return method
+
+    def apply():
+        for name in ("item", "tolist", "numpy", "cpu", "nonzero", "__bool__", "__int__",
+                     "__float__", "__index__"):  # fmt: skip
+            monkeypatch.setattr(torch.Tensor, name, refuse(name))
+
+    return apply
+
+
+@pytest.mark.parametrize("recipe", available_recipes())
+def test_no_update_reads_a_tensor_on_the_host(recipe, no_host_reads):
+    agent = small_agent(recipe, **(DQL_EMA if recipe == "diffusion_ql" else {}))
+    step = TrainStep(agent, DeviceSampler(ted(), 32).sample, "none", "cpu")
+    step()  # first step: optimiser states (and the consistency model's level cache) are made
+    no_host_reads()
+    for _ in range(4):  # critic-only and actor steps (Diffusion-QL: with and without EMA)
+        step()

@@ -141,6 +141,17 @@ def assert_same_training(eager, fast, metrics_eager, metrics_fast, rtol, atol):
             )
 
 
+def assert_identical_runs(reference, other) -> None:
+    """Two runs' (per-step metrics, final tensors) equal bit for bit."""
+    (m_ref, s_ref), (m_other, s_other) = reference, other
+    assert [m.keys() for m in m_ref] == [m.keys() for m in m_other]
+    for a, b in zip(m_ref, m_other, strict=True):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
+    for name, value in s_ref.items():
+        torch.testing.assert_close(s_other[name], value, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("recipe", ["divo", "td3bc", "diffusion_ql"])
 def test_compiled_step_matches_eager_for_a_hundred_steps(recipe):
@@ -345,14 +356,9 @@ def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
         runs.append((agent.num_updates, metrics, {k: v.clone() for k, v in state.items()}))
     # one recorded step per kind: critic-only / with actor (Diffusion-QL: without / with EMA)
     assert set(step._graphs) == {False, True}
-    (n_eager, m_eager, s_eager), (n_graph, m_graph, s_graph) = runs
+    (n_eager, *eager), (n_graph, *graph) = runs
     assert n_eager == n_graph == 11
-    assert [m.keys() for m in m_eager] == [m.keys() for m in m_graph]  # actor every 2nd step
-    for a, b in zip(m_eager, m_graph, strict=True):
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
-    for name, value in s_eager.items():
-        torch.testing.assert_close(s_graph[name], value, rtol=0, atol=0, msg=name)
+    assert_identical_runs(eager, graph)  # metric keys too: the actor every 2nd step
 
 
 @pytest.mark.parametrize("v_from", ["value_step", "updated"])
@@ -403,12 +409,7 @@ def test_a_stage_that_fails_to_compile_runs_eagerly_after_a_warning():
     # each stage reported once, at its first call (the actor's at update 2)
     stage_names = ["critic_stage", "value_stage", "advantage_stage", "behavior_stage"]
     assert reported == [*stage_names, "actor_stage"]
-    (m_wrapped, s_wrapped), (m_eager, s_eager) = runs
-    for a, b in zip(m_eager, m_wrapped, strict=True):
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
-    for name, value in s_eager.items():
-        torch.testing.assert_close(s_wrapped[name], value, rtol=0, atol=0, msg=name)
+    assert_identical_runs(runs[1], runs[0])
     # without a handler, the error is the caller's
     agent = small_agent("td3bc")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
@@ -441,12 +442,7 @@ def test_graph_mode_captures_the_compiled_stages():
             if mode == "graph":
                 assert step._stages is not None and set(step._graphs) == {False, True}
                 assert step._stages.calls.compiled == {"critic_stage", "actor_stage"}
-    (m_default, s_default), (m_graph, s_graph) = runs
-    for a, b in zip(m_default, m_graph, strict=True):
-        for name in a:
-            torch.testing.assert_close(b[name], a[name], rtol=0, atol=0, msg=name)
-    for name, value in s_default.items():
-        torch.testing.assert_close(s_graph[name], value, rtol=0, atol=0, msg=name)
+    assert_identical_runs(*runs)
 
 
 def test_each_executor_compiles_its_own_copy_of_a_stage():

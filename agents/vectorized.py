@@ -135,7 +135,8 @@ class VectorizedAgent:
     Args:
         agents: N agents built from the same recipe (same parts and sizes), e.g. by
             :func:`build_vectorized_agent`. Their current parameters, buffers and optimiser
-            settings become the N slices; ``agents[0]`` is kept as the template the stages run in.
+            settings become the N slices; ``agents[0]`` is kept as the template the stages run in
+            (its own parameters stop requiring grad: train it through this object only).
         recipe: the recipe's name, for error messages.
 
     ``update(batch)`` takes a ``[N, B]`` batch (seed ``i`` trains on ``batch[i]``) and returns

@@ -158,6 +158,17 @@ class TrainStep:
             self._graphs: dict[Hashable, torch.cuda.CUDAGraph] = {}
             self._outputs: dict[Hashable, dict[str, torch.Tensor]] = {}
 
+    @property
+    def compiled_stages(self) -> list[str]:
+        """The stages that have run compiled so far (none under ``compile=none``, or after
+        ``graph`` fell back to the eager kernels); see also :attr:`uncompiled_stages`."""
+        return sorted(self._stages.calls.compiled) if self._stages is not None else []
+
+    @property
+    def uncompiled_stages(self) -> list[str]:
+        """The stages that failed to compile and run eagerly (``graph`` only)."""
+        return sorted(self._stages.calls.unwrapped) if self._stages is not None else []
+
     def __call__(self) -> dict[str, torch.Tensor]:
         if self.mode == "none":
             return self.agent.update(self.sample())

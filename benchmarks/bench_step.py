@@ -142,6 +142,8 @@ def time_vectorized(
                 "steps_per_s": sps,
                 "seed_steps_per_s": seed_sps,
                 "vs_one_seed": ratio,
+                "compiled_stages": step.compiled_stages,
+                "uncompiled_stages": step.uncompiled_stages,
             }
             print(
                 f"{recipe:>14}: {seed_sps:8.1f} seed-steps/s  ({sps:6.1f} steps/s of all seeds; "
@@ -200,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             step = TrainStep(agent, sampler.sample, compile_mode, device, graph_stages=graph_stages)
             sps = time_steps(step, device, args.steps, args.warmup)
             results[mode][recipe] = {"steps_per_s": sps, "ms_per_step": 1e3 / sps}
+            if mode != "none":  # what ran compiled: a failed compile falls back under graph
+                results[mode][recipe]["compiled_stages"] = step.compiled_stages
+                results[mode][recipe]["uncompiled_stages"] = step.uncompiled_stages
+                if step.uncompiled_stages:
+                    print(f"    (ran eagerly: {', '.join(step.uncompiled_stages)})")
             print(
                 f"{recipe:>14} [{mode:>11}]: {sps:8.1f} steps/s  ({1e3 / sps:6.2f} ms/step)",
                 flush=True,

@@ -410,6 +410,10 @@ def test_a_stage_that_fails_to_compile_runs_eagerly_after_a_warning():
     stage_names = ["critic_stage", "value_stage", "advantage_stage", "behavior_stage"]
     assert reported == [*stage_names, "actor_stage"]
     assert_identical_runs(runs[1], runs[0])
+    # what a TrainStep reports: nothing compiled on the eager path
+    eager_step = TrainStep(small_agent("td3bc"), DeviceSampler(ted(), 32).sample, "none")
+    eager_step()
+    assert eager_step.compiled_stages == eager_step.uncompiled_stages == []
     # without a handler, the error is the caller's
     agent = small_agent("td3bc")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
@@ -441,7 +445,8 @@ def test_graph_mode_captures_the_compiled_stages():
             runs.append((metrics, {k: v.clone() for k, v in agent.state_dict().items()}))
             if mode == "graph":
                 assert step._stages is not None and set(step._graphs) == {False, True}
-                assert step._stages.calls.compiled == {"critic_stage", "actor_stage"}
+                assert step.compiled_stages == ["actor_stage", "critic_stage"]
+                assert step.uncompiled_stages == []
     assert_identical_runs(*runs)
 
 
@@ -492,3 +497,34 @@ def test_no_update_reads_a_tensor_on_the_host(recipe, no_host_reads):
     no_host_reads()
     for _ in range(4):  # critic-only and actor steps (Diffusion-QL: with and without EMA)
         step()
+
+
+def test_graph_mode_falls_back_to_eager_kernels_where_compiling_fails(monkeypatch, caplog):
+    """Through TrainStep (CUDA calls replaced): every stage fails to compile -> one warning per
+    stage, the graphs record the eager stages, and training equals the eager path."""
+    import divo.agents.step as step_module
+
+    def broken_compile(stage):
+        def compiled(*args):
+            raise RuntimeError("BackendCompilerFailed: no working C++ compiler")
+
+        return compiled
+
+    monkeypatch.setattr(step_module, "_compile", broken_compile)
+    runs = []
+    for step_class, mode in ((TrainStep, "none"), (_CPUGraphStep, "graph")):
+        agent = small_agent("divo")
+        torch.manual_seed(1)
+        sampler = DeviceSampler(ted(), 32)
+        device = "cuda" if mode == "graph" else "cpu"
+        step = step_class(agent, sampler.sample, mode, device)  # graph_stages: compiled
+        with caplog.at_level("WARNING", logger="divo.train"):
+            metrics = [{k: v.clone() for k, v in step().items()} for _ in range(7)]
+        runs.append((metrics, {k: v.clone() for k, v in agent.state_dict().items()}))
+    assert step.compiled_stages == []
+    assert step.uncompiled_stages == sorted(
+        ["critic_stage", "value_stage", "advantage_stage", "behavior_stage", "actor_stage"]
+    )
+    warned = [r.getMessage() for r in caplog.records if "could not be compiled" in r.getMessage()]
+    assert len(warned) == 5 and "no working C++ compiler" in warned[0]
+    assert_identical_runs(*runs)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Callable, Hashable
 
 import torch
@@ -254,6 +255,11 @@ class TrainStep:
 
 
 def _compile(fn: Callable) -> Callable:
+    # tensordict (to_module, under stacked seeds) reads a dynamo flag that torch deprecated:
+    # its FutureWarning says nothing to a user of divo
+    warnings.filterwarnings(
+        "ignore", message=".*inline_inbuilt_nn_modules is deprecated", category=FutureWarning
+    )
     return torch.compile(fn, dynamic=False)
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Hashable
 import torch
 from tensordict import TensorDictBase
 
-from divo.errors import ConfigError
+from divo.errors import ConfigError, first_line
 
 COMPILE_MODES = ("none", "default", "graph")
 GRAPH_STAGES = ("compiled", "eager")  # what compile=graph captures
@@ -72,6 +72,12 @@ class DeviceSampler:
             len(self), self._shape, device=self.data.device, generator=self.generator
         )
         return self.data[index]
+
+
+def compile_options(cfg) -> dict[str, str]:
+    """The recipe's ``compile`` and ``graph_stages`` as keyword arguments of
+    :func:`check_compile_mode` and :class:`TrainStep`."""
+    return {"mode": cfg.get("compile", "none"), "graph_stages": cfg.get("graph_stages", "compiled")}
 
 
 def check_compile_mode(mode: str, device: torch.device, graph_stages: str = "compiled") -> None:
@@ -226,7 +232,7 @@ class TrainStep:
             _log.warning(
                 "compile=graph: capturing the compiled stages failed (%s); capturing the eager "
                 "kernels instead (graph_stages=eager)",
-                _first_line(exc),
+                first_line(exc),
             )
             self._stages = None
             self.agent.num_updates = done
@@ -263,14 +269,9 @@ def _compile(fn: Callable) -> Callable:
     return torch.compile(fn, dynamic=False)
 
 
-def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
 def _eager_instead(stage: str, exc: Exception) -> None:
     _log.warning(
         "compile=graph: stage %s could not be compiled (%s); its eager kernels are captured",
         stage,
-        _first_line(exc),
+        first_line(exc),
     )

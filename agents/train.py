@@ -37,7 +37,7 @@ from divo.agents.runtime import (
     seed_everything,
     set_rng_state,
 )
-from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode
+from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
 from divo.errors import CheckpointError, ConfigError, DatasetError, DivoError
 
 CHECKPOINT_FORMAT = "divo-checkpoint-v1"
@@ -337,7 +337,7 @@ def train(
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    check_compile_mode(cfg.get("compile", "none"), device, cfg.get("graph_stages", "compiled"))
+    check_compile_mode(device=device, **compile_options(cfg))
     if device.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     seed_everything(int(cfg.seed))
@@ -373,13 +373,7 @@ def train(
         batch = buffer.sample()
         return batch if batch.device == device else batch.to(device)
 
-    train_step = TrainStep(
-        agent,
-        sample,
-        cfg.get("compile", "none"),
-        device,
-        graph_stages=cfg.get("graph_stages", "compiled"),
-    )
+    train_step = TrainStep(agent, sample, device=device, **compile_options(cfg))
     checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints)
     acc = MetricAccumulator()
     start_step, last_eval, elapsed_before = 0, None, 0.0

@@ -43,8 +43,8 @@ from divo.agents.runtime import (
     seed_everything,
     set_rng_state,
 )
-from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode
-from divo.errors import ConfigError
+from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
+from divo.errors import ConfigError, first_line
 
 MULTIRUN_HINT = "use train.num_seeds=1 (or a multirun: `divo train <recipe> -m seed=0,1,2`)"
 
@@ -77,10 +77,10 @@ class VectorizedStages(Stages):
             text = str(exc)
             if "vmap" not in text.lower() and "batch" not in text.lower():
                 raise
-            first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
             raise ConfigError(
                 f"train.num_seeds={vec.num_seeds}: {stage.__name__} of recipe "
-                f"{vec.recipe!r} cannot run under torch.func.vmap ({first}); {MULTIRUN_HINT}"
+                f"{vec.recipe!r} cannot run under torch.func.vmap ({first_line(exc)}); "
+                f"{MULTIRUN_HINT}"
             ) from exc
         loss, out = split_loss(out)
         if optimizer is not None:
@@ -520,14 +520,13 @@ def train_vectorized(
             f"train.num_seeds={n} samples the dataset of dataset.id per seed; an external replay "
             f"buffer trains one seed at a time: {MULTIRUN_HINT}"
         )
-    mode = cfg.get("compile", "none")
     _check_stackable(cfg)
     if cfg.dataset.get("id") is None:
         raise ConfigError(f"dataset.id is null; train.num_seeds={n} trains on a dataset: set it")
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
-    check_compile_mode(mode, device, cfg.get("graph_stages", "compiled"))
+    check_compile_mode(device=device, **compile_options(cfg))
     if device.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
     seeds = [int(cfg.seed) + i for i in range(n)]
@@ -617,13 +616,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
             for old in c.files()[: -c.keep]:
                 old.unlink()
 
-    train_step = TrainStep(
-        vec,
-        sampler.sample,
-        cfg.get("compile", "none"),
-        device,
-        graph_stages=cfg.get("graph_stages", "compiled"),
-    )
+    train_step = TrainStep(vec, sampler.sample, device=device, **compile_options(cfg))
     steps = int(cfg.train.steps)
     bar, redirect = single._progress(cfg, start_step, run_dir, f"{data.dataset_id} x{n} seeds")
     vec.train()

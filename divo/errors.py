@@ -25,3 +25,10 @@ class DatasetError(DivoError):
 
 class CheckpointError(DivoError):
     """A checkpoint cannot be read or does not match this run."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type name when the message is empty),
+    for one-line errors that wrap another."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

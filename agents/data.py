@@ -37,9 +37,9 @@ from divo.datasets import (
     BUILTIN_DATASETS,
     ensure_builtin,
     is_local,
+    make_env,
     minari_root,
     read_transitions,
-    remove_maze_xml,
 )
 from divo.errors import DatasetError
 
@@ -127,9 +127,7 @@ class OfflineData:
                 "there is nothing to evaluate in; install the environment's package, or train "
                 "with evaluation disabled"
             )
-        env = gym.make(self.eval_env_spec, **kwargs)
-        remove_maze_xml(env)  # maze envs leave a model file in the temp folder per env
-        return env
+        return make_env(self.eval_env_spec, **kwargs)
 
 
 def load_offline_data(
@@ -381,9 +379,7 @@ def _check_finite(dataset_id: str, raw: dict[str, np.ndarray]) -> None:
 def _make_env(spec: EnvSpec) -> gym.Env:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        env = gym.make(spec)
-    remove_maze_xml(env)
-    return env
+        return make_env(spec)
 
 
 def _check_environment(

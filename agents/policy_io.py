@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 
 from divo.agents.evaluate import evaluate_policy
 from divo.agents.runtime import load_file, resolve_device
-from divo.datasets import remove_maze_xml
+from divo.datasets import make_env
 from divo.errors import CheckpointError
 
 POLICY_FORMAT = "divo-policy-v1"
@@ -72,14 +72,9 @@ def evaluate_saved_policy(
         )
     spec = gym.envs.registration.EnvSpec.from_json(meta["env_spec"])
 
-    def make_env() -> gym.Env:
-        env = gym.make(spec)
-        remove_maze_xml(env)  # maze envs leave a model file in the temp folder per env
-        return env
-
     result = evaluate_policy(
         policy,
-        make_env,
+        lambda: make_env(spec),
         episodes=episodes,
         seed=seed,
         device=dev,

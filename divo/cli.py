@@ -7,6 +7,7 @@ divo evaluate <run dir | checkpoint> [--episodes N]  re-evaluate a saved policy
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib.resources
 import json
@@ -15,6 +16,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -276,6 +278,37 @@ COMMANDS = {
 }
 
 
+def _package_roots() -> tuple[str, ...]:
+    """The folders of divo's own packages (they install from separate top-level folders)."""
+    import divo.agents
+    import divo.behavior_models
+    import divo.objectives
+
+    modules = (sys.modules["divo"], divo.agents, divo.behavior_models, divo.objectives)
+    return tuple(str(Path(m.__file__).resolve().parent) + os.sep for m in modules)
+
+
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Print divo's own warnings as ``divo: warning: <message>`` (no source line echoed).
+
+    Warnings raised by other libraries keep Python's format, with their location.
+    """
+    roots = _package_roots()
+    default = warnings.formatwarning
+
+    def format_warning(message, category, filename, lineno, line=None):  # noqa: ANN001
+        if str(Path(filename).resolve()).startswith(roots):
+            return f"divo: warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = default
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -285,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if command not in COMMANDS:
             raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
-        return COMMANDS[command](rest)
+        with _one_line_warnings():
+            return COMMANDS[command](rest)
     except DivoError as exc:
         print(f"divo: error: {exc}", file=sys.stderr, flush=True)
         return 2

@@ -96,6 +96,21 @@ def _episode_buffer(index: int, episode: dict[str, np.ndarray]) -> EpisodeBuffer
     )
 
 
+def make_env(spec: EnvSpec | str, **kwargs: Any) -> gym.Env:
+    """``gym.make(spec, **kwargs)`` for evaluation, without the noise of its wrappers.
+
+    gymnasium's ``RescaleAction`` (which divo adds to the spec of data whose actions are not in
+    [-1, 1]) builds float64 bounds for a float32 space and warns about the cast on every
+    environment made; the cast is exact for [-1, 1], so that warning is dropped. Maze envs' model
+    files are removed (``remove_maze_xml``).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+        env = gym.make(spec, **kwargs)
+    remove_maze_xml(env)
+    return env
+
+
 def remove_maze_xml(env: gym.Env) -> None:
     """Delete the MJCF file a gymnasium-robotics maze env leaves in the temp folder.
 
@@ -609,6 +624,7 @@ __all__ = [
     "episodes_to_transitions",
     "float32_box",
     "is_local",
+    "make_env",
     "minari_root",
     "read_transitions",
     "remove_local",

@@ -114,3 +114,21 @@ def test_bad_input_is_refused_in_one_line(case, existing_run, tmp_path, capsys, 
     assert snapshot(existing_run) == before
     # a run that failed on its input leaves no half-made run directory behind
     assert not (tmp_path / "new-run").exists()
+
+
+def test_cli_prints_divo_warnings_in_one_line():
+    """divo's own warnings print as one ``divo: warning:`` line; others keep their location."""
+    import warnings
+
+    import gymnasium
+
+    import divo.agents.train as train_module
+    from divo.cli import _one_line_warnings
+
+    default = warnings.formatwarning
+    with _one_line_warnings():
+        ours = warnings.formatwarning("data rescaled", UserWarning, train_module.__file__, 185)
+        theirs = warnings.formatwarning("cast", UserWarning, gymnasium.__file__, 3)
+    assert ours == "divo: warning: data rescaled\n"
+    assert gymnasium.__file__ in theirs and "cast" in theirs
+    assert warnings.formatwarning is default

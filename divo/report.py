@@ -6,7 +6,9 @@ the output folder (default ``<first dir>/report``):
 
 - ``report.md``: the tables below and the figures, in Markdown;
 - ``scores.csv``: per (recipe, dataset) the final normalised score, mean and sample standard
-  deviation over seeds, with the seed count and the training steps;
+  deviation over seeds, with the seed count and the training steps; a dataset without reference
+  scores (no ``ref_min_score`` / ``ref_max_score``, no D4RL fallback) is reported by its final
+  return instead (``score_kind`` says which) and left out of the aggregate;
 - ``aggregate.csv``: across datasets, the mean, median, interquartile mean (IQM) and optimality
   gap with 95% stratified-bootstrap confidence intervals (``rliable``, the protocol of Agarwal
   et al. 2021 that the DIVO paper follows);
@@ -14,8 +16,8 @@ the output folder (default ``<first dir>/report``):
   paired by seed;
 - ``runs.csv``: every run found, with its status (runs still in progress, failed or without a
   score are listed and left out of the numbers);
-- ``learning_curves.png`` (normalised score over training steps per dataset: mean over seeds
-  and a 95% bootstrap band, one line per recipe) and ``aggregate_intervals.png``.
+- ``learning_curves.png`` (normalised score, or return, over training steps per dataset: mean over
+  seeds and a 95% bootstrap band, one line per recipe) and ``aggregate_intervals.png``.
 
 Runs whose configs differ in anything but the seed and bookkeeping settings (say a sweep over
 ``actor.loss.alpha``) are told apart: their label is the recipe followed by the differing
@@ -85,10 +87,13 @@ class Run:
     seed: int | None = None
     steps: int | None = None  # trained steps (complete runs) or the planned train.steps
     last_step: int | None = None  # last step logged in metrics.csv
-    score: float | None = None  # final normalised score (result.json)
+    normalized: float | None = None  # final normalised score (result.json)
+    return_mean: float | None = None  # final mean evaluation return (result.json)
+    score: float | None = None  # what the report uses: normalized, or return_mean (score_kind)
+    score_kind: str = ""  # "normalized" | "return" (a dataset without reference scores)
     note: str = ""
     config: dict[str, Any] = field(default_factory=dict)  # flattened, dotted keys
-    curve: list[tuple[int, float]] = field(default_factory=list)  # (step, normalised score)
+    curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # kind -> curve
     label: str = ""
     mtime: float = 0.0
     shown_path: str = ""
@@ -112,9 +117,24 @@ def _load_config(path: Path) -> dict[str, Any]:
     return _flatten(OmegaConf.to_container(cfg, resolve=False))
 
 
-def _read_curve(path: Path) -> tuple[list[tuple[int, float]], int | None]:
-    """(step, normalised score) at each evaluation, and the last logged step."""
-    curve, last = [], None
+CURVE_COLUMNS = {"normalized": "normalized_score", "return": "eval_return_mean"}
+
+
+def _finite(value: Any) -> float | None:
+    """``value`` as a float when it is a finite number (or a string of one), else None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _read_curves(path: Path) -> tuple[dict[str, list[tuple[int, float]]], int | None]:
+    """Per kind (normalised score, return): (step, value) at each evaluation; the last step."""
+    curves: dict[str, list[tuple[int, float]]] = {kind: [] for kind in CURVE_COLUMNS}
+    last = None
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             try:
@@ -122,15 +142,11 @@ def _read_curve(path: Path) -> tuple[list[tuple[int, float]], int | None]:
             except (KeyError, TypeError, ValueError):
                 continue
             last = step if last is None else max(last, step)
-            value = (row.get("normalized_score") or "").strip()
-            if value:
-                try:
-                    score = float(value)
-                except ValueError:
-                    continue
-                if math.isfinite(score):
-                    curve.append((step, score))
-    return curve, last
+            for kind, column in CURVE_COLUMNS.items():
+                value = _finite((row.get(column) or "").strip() or None)
+                if value is not None:
+                    curves[kind].append((step, value))
+    return curves, last
 
 
 def _as_int(value: Any) -> int | None:
@@ -160,7 +176,7 @@ def read_run(path: Path) -> Run:
     metrics = path / "metrics.csv"
     if metrics.is_file():
         try:
-            run.curve, run.last_step = _read_curve(metrics)
+            run.curves, run.last_step = _read_curves(metrics)
         except Exception as exc:  # noqa: BLE001
             notes.append(f"unreadable metrics.csv ({type(exc).__name__})")
 
@@ -179,15 +195,17 @@ def read_run(path: Path) -> Run:
             run.dataset = result.get("dataset_id", run.dataset)
             run.seed = _as_int(result.get("seed", run.seed))
             run.steps = _as_int(result.get("steps", run.steps))
-            score = result.get("normalized_score")
-            if isinstance(score, int | float) and math.isfinite(score):
+            run.normalized = _finite(result.get("normalized_score"))
+            run.return_mean = _finite(result.get("return_mean"))
+            if run.normalized is not None or run.return_mean is not None:
                 run.status = "complete"
-                run.score = float(score)
+                if run.normalized is None:
+                    notes.append("no reference scores for its dataset: reported by its return")
             else:
                 run.status = "no score"
                 notes.append(
-                    "result.json has no normalised score (no evaluation: train.eval_episodes=0, "
-                    "no evaluation environment, or no reference scores)"
+                    "result.json has no final evaluation (train.eval_episodes=0, or no "
+                    "evaluation environment)"
                 )
     else:
         run.mtime = max((p.stat().st_mtime for p in path.iterdir()), default=0.0)
@@ -206,6 +224,28 @@ def read_run(path: Path) -> Run:
 
 
 _SEED_DIR = re.compile(r"seed\d+")
+
+
+def choose_score_kinds(runs: list[Run]) -> None:
+    """Set each complete run's ``score``: its normalised score, or, on a dataset where no run
+    has one (no reference scores), its final return. On a dataset with normalised scores, a run
+    without one is left out."""
+    by_dataset: dict[str | None, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.status == "complete":
+            by_dataset[run.dataset].append(run)
+    for group in by_dataset.values():
+        kind = "normalized" if any(r.normalized is not None for r in group) else "return"
+        for run in group:
+            if kind == "normalized" and run.normalized is None:
+                run.status = "no score"
+                run.note = (
+                    "result.json has no normalised score, while other runs on its dataset have "
+                    "one (evaluated without the dataset's reference scores?)"
+                )
+                continue
+            run.score_kind = kind
+            run.score = run.normalized if kind == "normalized" else run.return_mean
 
 
 def _is_run_dir(path: Path, files: Iterable[str], dirs: Iterable[str]) -> bool:
@@ -325,6 +365,10 @@ class Cell:
         return np.array([r.score for r in self.runs], dtype=float)
 
     @property
+    def kind(self) -> str:
+        return self.runs[0].score_kind
+
+    @property
     def steps(self) -> str:
         values = sorted({r.steps for r in self.runs if r.steps is not None})
         if not values:
@@ -339,6 +383,7 @@ class Cell:
             "seeds": len(s),
             "seed_list": " ".join(str(x) for x in self.seeds),
             "steps": self.steps,
+            "score_kind": self.kind,
             "score_mean": float(s.mean()),
             "score_std": float(s.std(ddof=1)) if len(s) > 1 else float("nan"),
             "score_min": float(s.min()),
@@ -411,9 +456,18 @@ def compute_aggregate(
 ) -> Aggregate | None:
     from rliable import library
 
+    notes = []
+    raw = sorted({d for (_, d), cell in cells.items() if cell.kind != "normalized"})
+    if raw:
+        notes.append(
+            "left out of the aggregate (no reference scores: reported by their returns): "
+            + ", ".join(raw)
+        )
+        cells = {key: cell for key, cell in cells.items() if cell.kind == "normalized"}
+        if not cells:
+            return None
     labels = sorted({label for label, _ in cells})
     datasets = sorted({d for _, d in cells})
-    notes = []
     covered = [lb for lb in labels if all((lb, d) in cells for d in datasets)]
     if covered != labels:
         if covered:
@@ -577,7 +631,10 @@ def plot_learning_curves(
 ) -> bool:
     from matplotlib.figure import Figure
 
-    datasets = sorted({r.dataset for r in runs if r.status == "complete" and r.curve})
+    def curve(run: Run) -> list[tuple[int, float]]:
+        return run.curves.get(run.score_kind, []) if run.status == "complete" else []
+
+    datasets = sorted({r.dataset for r in runs if curve(r)})
     if not datasets:
         return False
     colors = _colors(labels)
@@ -587,11 +644,8 @@ def plot_learning_curves(
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, dataset in zip(axes, datasets, strict=False):
         for label in labels:
-            curves = [
-                r.curve
-                for r in runs
-                if r.status == "complete" and r.label == label and r.dataset == dataset and r.curve
-            ]
+            curves = [curve(r) for r in runs if r.label == label and r.dataset == dataset]
+            curves = [c for c in curves if c]
             if not curves:
                 continue
             steps, mean, low, high = curve_band(curves, reps=reps, seed=seed)
@@ -606,12 +660,13 @@ def plot_learning_curves(
             ax.fill_between(steps, low, high, color=colors[label], alpha=0.2, linewidth=0)
         ax.set_title(dataset, fontsize="medium")
         ax.set_xlabel("training step")
-        ax.set_ylabel("normalised score")
+        kinds = {r.score_kind for r in runs if r.dataset == dataset and curve(r)}
+        ax.set_ylabel("normalised score" if kinds == {"normalized"} else "return")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     for ax in axes[len(datasets) :]:
         ax.set_visible(False)
-    fig.suptitle("Normalised score during training: mean over seeds, 95% bootstrap CI")
+    fig.suptitle("Evaluation score during training: mean over seeds, 95% bootstrap CI")
     fig.savefig(path, dpi=90)
     return True
 
@@ -711,12 +766,17 @@ def make_report(
         )
     assign_labels(runs)
     drop_duplicates(runs)
+    choose_score_kinds(runs)
     cells = build_cells(runs)
     compare_labels = resolve_compare(compare, runs) if compare else []
     if not cells:
+        counts = defaultdict(int)
+        for r in runs:
+            counts[r.status] += 1
+        status_txt = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
         raise ConfigError(
             f"none of the {len(runs)} runs under {', '.join(map(str, dirs))} has finished with a "
-            "normalised score (see runs.csv); wait for them or check their logs"
+            f"final evaluation ({status_txt}); wait for them, or check their train.log"
         )
     out = Path(out_dir) if out_dir is not None else Path(dirs[0]) / "report"
     out.mkdir(parents=True, exist_ok=True)
@@ -733,6 +793,7 @@ def make_report(
             "seeds",
             "seed_list",
             "steps",
+            "score_kind",
             "score_mean",
             "score_std",
             "score_min",
@@ -750,7 +811,8 @@ def make_report(
             "seed": r.seed,
             "steps": r.steps,
             "last_logged_step": r.last_step,
-            "normalized_score": r.score,
+            "normalized_score": r.normalized,
+            "return_mean": r.return_mean,
             "note": r.note,
         }
         for r in runs
@@ -832,12 +894,19 @@ def make_report(
         "(`result.json`), mean +- sample standard deviation over seeds.",
         "",
     ]
+    if any(s["score_kind"] == "return" for s in summaries):
+        md += [
+            "A dataset marked *(return)* has no reference scores (R_min, R_max): its runs are "
+            "compared by their final mean return R instead, and it is left out of the "
+            "aggregate.",
+            "",
+        ]
     md += _md_table(
         ["recipe", "dataset", "seeds", "steps", "score (mean +- std)", "min", "max"],
         [
             [
                 s["recipe"],
-                s["dataset"],
+                s["dataset"] + (" *(return)*" if s["score_kind"] == "return" else ""),
                 s["seeds"],
                 s["steps"],
                 f"{_num(s['score_mean'])} +- {_num(s['score_std'])}",
@@ -849,7 +918,10 @@ def make_report(
     )
     md += ["", "## Aggregate over datasets", ""]
     if agg is None:
-        md += ["No aggregate: the recipes share no dataset.", ""]
+        md += [
+            "No aggregate: the recipes share no dataset with reference scores.",
+            "",
+        ]
     else:
         seeds_txt = ", ".join(f"{lb}: {n}" for lb, n in agg.seeds_per_dataset.items())
         md += [
@@ -878,8 +950,9 @@ def make_report(
         md += [
             "## Paired differences",
             "",
-            "Final normalised score of the first recipe minus the other's, on the same seeds "
-            "(mean +- sample std over the seed pairs).",
+            "Final normalised score (or return, on datasets marked *(return)* above) of the first "
+            "recipe minus the other's, on the same seeds (mean +- sample std over the seed "
+            "pairs).",
             "",
         ]
         md += _md_table(

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip(
@@ -38,6 +39,7 @@ def write_run(
     alpha: float = 2.5,
     result: bool = True,
     name: str | None = None,
+    ret: float = 2.0,
 ) -> Path:
     """A run directory as `divo train` leaves it (config.yaml, metrics.csv, result.json)."""
     run = root / recipe / dataset.replace("/", "-") / (name or f"seed{seed}")
@@ -52,7 +54,8 @@ def write_run(
     half = 0.5 * score if score is not None else ""
     (run / "metrics.csv").write_text(
         "step,loss_critic,eval_return_mean,eval_return_std,normalized_score\n"
-        f"{steps // 4},1.0,,,\n{steps // 2},0.5,1.0,0.0,{half}\n{steps},0.25,2.0,0.0,{final}\n"
+        f"{steps // 4},1.0,,,\n{steps // 2},0.5,{ret / 2},0.0,{half}\n"
+        f"{steps},0.25,{ret},0.0,{final}\n"
     )
     if result:
         (run / "result.json").write_text(
@@ -62,7 +65,7 @@ def write_run(
                     "dataset_id": dataset,
                     "seed": seed,
                     "steps": steps,
-                    "return_mean": 2.0,
+                    "return_mean": ret,
                     "return_std": 0.0,
                     "normalized_score": score,
                     "episodes": 10,
@@ -194,6 +197,42 @@ def test_incomplete_failed_and_unscored_runs_are_listed(tmp_path, capsys):
     assert not (out / "learning_curves.png").exists()
 
 
+def test_dataset_without_reference_scores_is_reported_by_returns(tmp_path, capsys):
+    """A dataset with no reference scores (say a Pendulum dataset of one's own) is compared by
+    final returns, marked as such, and kept out of the normalised aggregate."""
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    for seed, (a, b) in enumerate([(-150.0, -400.0), (-170.0, -380.0)]):
+        write_run(runs, "divo", "own/pendulum-v0", seed, None, ret=a)
+        write_run(runs, "td3bc", "own/pendulum-v0", seed, None, ret=b)
+    out = tmp_path / "rep"
+    code, stdout, err = report(
+        [str(runs), "--out", str(out), *REPS, "--compare", "divo", "td3bc"], capsys
+    )
+    assert code == 0, err
+    assert "22 runs (22 complete)" in stdout
+    scores = {(r["recipe"], r["dataset"]): r for r in read_csv(out / "scores.csv")}
+    own = scores[("divo", "own/pendulum-v0")]
+    assert own["score_kind"] == "return" and float(own["score_mean"]) == pytest.approx(-160.0)
+    assert scores[("divo", "env/a-v0")]["score_kind"] == "normalized"
+    # the aggregate is over the three normalised datasets only, with the same numbers as without
+    agg = {(r["recipe"], r["metric"]): r for r in read_csv(out / "aggregate.csv")}
+    assert agg[("divo", "mean")]["datasets"] == "3"
+    means = [np.mean(v) for v in DIVO.values()]
+    assert float(agg[("divo", "mean")]["estimate"]) == pytest.approx(np.mean(means))
+    pairs = {r["dataset"]: r for r in read_csv(out / "paired.csv")}
+    assert pairs["own/pendulum-v0"]["diffs"] == "250 210"
+    md = (out / "report.md").read_text()
+    assert "own/pendulum-v0 *(return)*" in md and "no reference scores" in md
+    assert (out / "learning_curves.png").is_file()
+    # a run without a normalised score on a dataset that has them is left out, not mixed in
+    write_run(runs, "td3bc", "env/a-v0", 3, None, ret=5.0)
+    code, stdout, err = report([str(runs), "--out", str(out), *REPS, "--no-figures"], capsys)
+    assert code == 0 and "1 left out" in stdout
+    status = {(r["recipe"], r["dataset"], r["seed"]): r for r in read_csv(out / "runs.csv")}
+    assert status[("td3bc", "env/a-v0", "3")]["status"] == "no score"
+
+
 def test_variants_and_duplicates(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed in (0, 1):
@@ -241,4 +280,5 @@ def test_bad_input_gives_one_line(tmp_path, capsys):
     assert "--reps" in _one_line_error([str(runs), "--reps", "many"], capsys)
     pending = tmp_path / "pending"
     write_run(pending, "divo", "env/a-v0", 0, 1.0, result=False)
-    assert "has finished with a normalised score" in _one_line_error([str(pending)], capsys)
+    line = _one_line_error([str(pending)], capsys)
+    assert "has finished with a final evaluation (1 incomplete)" in line

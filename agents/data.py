@@ -272,6 +272,30 @@ def check_batch_keys(td: TensorDictBase) -> None:
 # Finding the dataset
 
 
+def buffer_observation_stats(
+    buffer: Any, chunk: int = 262_144
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Mean and std (plus ``OBS_STD_EPS``, as for a dataset) of the observations a TorchRL
+    replay buffer holds, read from its storage in chunks; None when its storage cannot be read
+    by index (then there is nothing to normalise with)."""
+    try:
+        n = len(buffer)
+        total = total_sq = None
+        for start in range(0, n, chunk):
+            obs = buffer[start : min(start + chunk, n)]["observation"].detach()
+            obs = obs.to("cpu", torch.float64).reshape(-1, obs.shape[-1])
+            part, part_sq = obs.sum(0), (obs * obs).sum(0)
+            total = part if total is None else total + part
+            total_sq = part_sq if total_sq is None else total_sq + part_sq
+    except Exception:  # noqa: BLE001 - any storage that cannot be read whole: no statistics
+        return None
+    if not n or total is None:
+        return None
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(0.0).sqrt()
+    return mean.float(), (std + OBS_STD_EPS).float()
+
+
 def available_datasets() -> list[str]:
     """Ids of the datasets in the local Minari root."""
     with warnings.catch_warnings():
@@ -462,6 +486,7 @@ def _reference_scores(
 
 
 __all__ = [
+    "buffer_observation_stats",
     "ACTION_BOUNDS",
     "D4RL_REFERENCE_SCORES",
     "OBS_STD_EPS",

@@ -24,7 +24,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from divo.agents.agent import OfflineAgent
 from divo.agents.builder import build_agent
-from divo.agents.data import OfflineData, check_batch_keys, load_offline_data
+from divo.agents.data import (
+    OfflineData,
+    buffer_observation_stats,
+    check_batch_keys,
+    load_offline_data,
+)
 from divo.agents.evaluate import evaluate_policy, normalized_score
 from divo.agents.logging import MetricAccumulator, MetricsLogger
 from divo.agents.policy_io import POLICY_FORMAT
@@ -318,8 +323,8 @@ def train(
             of the dataset's own; its samples must carry the TED keys (observation, action,
             next/observation, next/reward, next/terminated). Normalisation statistics and the
             evaluation environment still come from ``cfg.dataset.id`` when it is set; with
-            ``dataset.id=null`` pass ``obs_stats=(mean, std)`` (else no normalisation) and no
-            evaluation runs.
+            ``dataset.id=null`` no evaluation runs, and the statistics are ``obs_stats=(mean,
+            std)`` when given, else computed from the observations the buffer holds.
     With ``train.num_seeds=N > 1`` the seeds ``seed .. seed+N-1`` train together in this
     process with stacked weights (:func:`divo.agents.vectorized.train_vectorized`), one complete
     run directory per seed in ``run_dir/seed<k>``; the return value then summarises the seeds.
@@ -364,7 +369,20 @@ def train(
     elif obs_stats is not None:
         mean, std = obs_stats
     else:
-        mean, std = torch.zeros(obs_dim), torch.ones(obs_dim)
+        stats = buffer_observation_stats(buffer)
+        if stats is None:
+            warnings.warn(
+                "dataset.id is null, no obs_stats were given and the replay buffer's storage "
+                "cannot be read by index: observations are not normalised; pass "
+                "obs_stats=(mean, std)",
+                stacklevel=2,
+            )
+            stats = torch.zeros(obs_dim), torch.ones(obs_dim)
+        else:
+            _log.info(
+                "observation statistics computed from the replay buffer's %d rows", len(buffer)
+            )
+        mean, std = stats
     agent = build_agent(
         cfg, observation_dim=obs_dim, action_dim=act_dim, obs_mean=mean, obs_std=std, device=device
     )

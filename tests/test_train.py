@@ -11,7 +11,7 @@ import pytest
 import torch
 from torchrl.data import LazyMemmapStorage, TensorDictReplayBuffer
 
-from divo.agents.data import load_offline_data
+from divo.agents.data import buffer_observation_stats, load_offline_data
 from divo.agents.train import train
 from divo.cli import compose_recipe, main
 from divo.errors import ConfigError, DatasetError, DivoError
@@ -106,6 +106,11 @@ def test_multirun_runs_every_job(tmp_path, capsys):
     assert {json.loads(p.read_text())["seed"] for p in results} == {0, 1}
 
 
+def cfg_overrides() -> list[str]:
+    """FAST as Python-API overrides (no --quiet flag)."""
+    return [*[o for o in FAST if o != "--quiet"], "train.progress=false"]
+
+
 def test_user_replay_buffer_through_the_python_api(hopper_dataset, tmp_path):
     data = load_offline_data(hopper_dataset)
     rb = TensorDictReplayBuffer(
@@ -114,16 +119,20 @@ def test_user_replay_buffer_through_the_python_api(hopper_dataset, tmp_path):
     )
     rb.extend(data.data)
     cfg = compose_recipe(
-        "divo",
-        [
-            *[o for o in FAST if o != "--quiet"],
-            "train.progress=false",
-            "dataset=minari",
-            f"dataset.id={hopper_dataset}",
-        ],
+        "divo", [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}"]
     )
     result = train(cfg, tmp_path / "run", replay_buffer=rb)
     assert result["steps"] == 6 and result["normalized_score"] is not None
+    # without a dataset id, the observation statistics come from the buffer's contents
+    stats = buffer_observation_stats(rb)
+    torch.testing.assert_close(stats[0], data.obs_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats[1], data.obs_std, rtol=1e-5, atol=1e-5)
+    no_id = compose_recipe("divo", [*cfg_overrides(), "dataset=minari", "dataset.id=null"])
+    result = train(no_id, tmp_path / "no-id", replay_buffer=rb)
+    assert result["steps"] == 6 and result["normalized_score"] is None
+    saved = torch.load(tmp_path / "no-id" / "policy.pt", weights_only=False)["state_dict"]
+    torch.testing.assert_close(saved["normalizer.mean"], stats[0])
+    torch.testing.assert_close(saved["normalizer.std"], stats[1])
     # a buffer whose samples lack TED keys is refused with the missing key named
     bad = TensorDictReplayBuffer(storage=LazyMemmapStorage(100), batch_size=8)
     bad.extend(data.data[:100].exclude(("next", "reward")))

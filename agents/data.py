@@ -13,6 +13,8 @@ TED layout (batch size ``[N]``)::
 The next observation is the state the dataset stored after the step, also when an episode was
 cut by a time limit: such a step is ``truncated`` and NOT ``terminated``, so the TD target
 bootstraps from the real next state (TorchRL's D4RL loader zeroes it by default; we do not).
+Dict observations (Minari's D4RL maze datasets) are flattened, keys in gymnasium's order, and
+the environments are wrapped to flatten theirs the same way (``observation_keys``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +42,7 @@ from divo.datasets import (
     is_local,
     make_env,
     minari_root,
+    observation_key_order,
     read_transitions,
 )
 from divo.errors import DatasetError
@@ -139,6 +143,7 @@ def load_offline_data(
     reward_shift: float = 0.0,
     download: bool = True,
     action_bounds: str = "rescale",
+    observation_keys: Sequence[str] | None = None,
 ) -> OfflineData:
     """Read, check and convert a Minari dataset.
 
@@ -154,6 +159,11 @@ def load_offline_data(
             linearly onto [-1, 1] (the evaluation environment is wrapped with
             ``RescaleAction`` to match) and stray values outside the space are clipped, each
             with a warning stating it; ``refuse``: either case is a DatasetError.
+        observation_keys: for a dataset with a Dict observation space (Minari's D4RL AntMaze
+            and PointMaze: ``observation``, ``achieved_goal``, ``desired_goal``), the keys kept;
+            default all. Their arrays are flattened and concatenated in gymnasium's order
+            (sorted by key; ``observation_key_order``), and the environments are wrapped with
+            ``FilterObservation`` + ``FlattenObservation``, so evaluation sees the same layout.
 
     Raises:
         DatasetError: the dataset cannot be found, is empty, holds NaN/inf, uses non-Box spaces,
@@ -162,12 +172,12 @@ def load_offline_data(
     device = torch.device(device)
     dataset = _open_dataset(dataset_id, download=download)
     obs_space, act_space = dataset.observation_space, dataset.action_space
-    for name, space in (("observation", obs_space), ("action", act_space)):
-        if not isinstance(space, gym.spaces.Box) or len(space.shape) != 1:
-            raise DatasetError(
-                f"dataset {dataset_id!r} has a {name} space {space}, which divo does not "
-                f"support; it needs flat continuous (1-D Box) {name}s"
-            )
+    keys, obs_size = _observation_layout(dataset_id, obs_space, observation_keys)
+    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+        raise DatasetError(
+            f"dataset {dataset_id!r} has an action space {act_space}, which divo does not "
+            "support; it needs flat continuous (1-D Box) actions"
+        )
     if action_bounds not in ACTION_BOUNDS:
         raise DatasetError(
             f"action_bounds={action_bounds!r} is unknown; use one of {', '.join(ACTION_BOUNDS)}"
@@ -179,18 +189,18 @@ def load_offline_data(
             "another dataset"
         )
 
-    raw = read_transitions(dataset)
-    for name, key, space in (
-        ("observation", "observation", obs_space),
-        ("action", "action", act_space),
+    raw = read_transitions(dataset, observation_keys=keys)
+    for name, key, space, size in (
+        ("observation", "observation", obs_space, obs_size),
+        ("action", "action", act_space, act_space.shape[0]),
     ):
-        if raw[key].shape[1] != space.shape[0]:
+        if raw[key].shape[1] != size:
             raise DatasetError(
                 f"dataset {dataset_id!r} stores {name}s of size {raw[key].shape[1]} but declares "
                 f"a {name} space {space}; the dataset is inconsistent: write it again"
             )
     _check_finite(dataset_id, raw)
-    env_spec, eval_env_spec = _check_environment(dataset, dataset_id, raw)
+    env_spec, eval_env_spec = _check_environment(dataset, dataset_id, raw, keys)
     action = raw["action"]
     if rescale:
         low, high = act_space.low.astype(np.float64), act_space.high.astype(np.float64)
@@ -231,7 +241,7 @@ def load_offline_data(
     return OfflineData(
         dataset_id=dataset_id,
         data=data,
-        observation_dim=int(obs_space.shape[0]),
+        observation_dim=obs_size,
         action_dim=int(act_space.shape[0]),
         obs_mean=obs_mean,
         obs_std=obs_std,
@@ -372,6 +382,66 @@ def _check_action_bounds(dataset_id: str, space: gym.spaces.Box, policy: str) ->
     return True
 
 
+def _observation_layout(
+    dataset_id: str, space: gym.Space, keys: Sequence[str] | None
+) -> tuple[list[str] | None, int]:
+    """(the Dict keys kept, in order, or None for a flat Box; the flat observation size)."""
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        if keys is not None:
+            raise DatasetError(
+                f"dataset {dataset_id!r} has flat observations ({space}), but observation_keys "
+                f"{list(keys)} were given; they choose keys of a Dict observation space: drop "
+                "dataset.observation_keys"
+            )
+        return None, int(space.shape[0])
+    if isinstance(space, gym.spaces.Dict):
+        if keys is not None:
+            if isinstance(keys, str) or not len(keys):
+                raise DatasetError(
+                    f"observation_keys={keys!r} must be a non-empty list of keys of dataset "
+                    f"{dataset_id!r} (its keys: {', '.join(space.spaces)}), e.g. "
+                    f"dataset.observation_keys=[{next(iter(space.spaces))}]"
+                )
+            unknown = [key for key in keys if key not in space.spaces]
+            if unknown:
+                raise DatasetError(
+                    f"dataset {dataset_id!r} has no observation key(s) "
+                    f"{', '.join(map(repr, unknown))}; its keys are "
+                    f"{', '.join(space.spaces)}: fix dataset.observation_keys"
+                )
+        order = observation_key_order(space, keys)
+        not_box = [key for key in order if not isinstance(space[key], gym.spaces.Box)]
+        if not not_box:
+            return order, sum(int(np.prod(space[key].shape)) for key in order)
+        raise DatasetError(
+            f"dataset {dataset_id!r} has a Dict observation space whose key(s) "
+            f"{', '.join(not_box)} are not continuous (Box) arrays; leave them out with "
+            "dataset.observation_keys=[...] (its keys: " + ", ".join(space.spaces) + ")"
+        )
+    raise DatasetError(
+        f"dataset {dataset_id!r} has an observation space {space}, which divo does not support; "
+        "it needs continuous observations: a 1-D Box, or a Dict of Boxes (flattened)"
+    )
+
+
+def _with_flat_observations(spec: EnvSpec, keys: Sequence[str]) -> EnvSpec:
+    """The same env spec with FilterObservation(keys) + FlattenObservation wrappers, which give
+    the layout of the loaded data (kept by EnvSpec.to_json, so saved policies evaluate too)."""
+    wrappers = (
+        WrapperSpec(
+            name="FilterObservation",
+            entry_point="gymnasium.wrappers:FilterObservation",
+            kwargs={"filter_keys": list(keys)},
+        ),
+        WrapperSpec(
+            name="FlattenObservation",
+            entry_point="gymnasium.wrappers:FlattenObservation",
+            kwargs={},
+        ),
+    )
+    return dataclasses.replace(spec, additional_wrappers=(*spec.additional_wrappers, *wrappers))
+
+
 def _with_rescaled_actions(spec: EnvSpec) -> EnvSpec:
     """The same env spec with a RescaleAction(-1, 1) wrapper (kept by EnvSpec.to_json)."""
     wrapper = WrapperSpec(
@@ -407,9 +477,13 @@ def _make_env(spec: EnvSpec) -> gym.Env:
 
 
 def _check_environment(
-    dataset: minari.MinariDataset, dataset_id: str, raw: dict[str, np.ndarray]
+    dataset: minari.MinariDataset,
+    dataset_id: str,
+    raw: dict[str, np.ndarray],
+    observation_keys: Sequence[str] | None = None,
 ) -> tuple[EnvSpec | None, EnvSpec | None]:
-    """Make the dataset's environments; refuse data whose sizes do not fit them."""
+    """Make the dataset's environments (wrapped to flatten Dict observations when
+    ``observation_keys`` are given); refuse data whose sizes do not fit them."""
     env_spec = dataset.env_spec
     if env_spec is None:
         warnings.warn(
@@ -419,6 +493,10 @@ def _check_environment(
         )
         return None, None
     eval_spec = getattr(dataset, "_eval_env_spec", None) or env_spec
+    if observation_keys is not None:
+        same = eval_spec is env_spec
+        env_spec = _with_flat_observations(env_spec, observation_keys)
+        eval_spec = env_spec if same else _with_flat_observations(eval_spec, observation_keys)
     made: dict[str, EnvSpec | None] = {}
     for role, spec in (("environment", env_spec), ("evaluation environment", eval_spec)):
         if role == "evaluation environment" and spec is env_spec:

@@ -195,6 +195,7 @@ def _load_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | Non
             reward_shift=cfg.dataset.reward_shift,
             download=cfg.dataset.get("download", True),
             action_bounds=cfg.dataset.get("action_bounds", "rescale"),
+            observation_keys=_observation_keys(cfg),
         )
         behavior_score = normalized_score(
             data.behavior_return, data.ref_min_score, data.ref_max_score
@@ -208,6 +209,14 @@ def _load_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | Non
             f" (normalized score {behavior_score:.1f})" if behavior_score is not None else "",
         )
     return data, behavior_score
+
+
+def _observation_keys(cfg: DictConfig) -> list[str] | None:
+    """``dataset.observation_keys`` as a list (a single key may be given bare), or None."""
+    keys = cfg.dataset.get("observation_keys")
+    if keys is None:
+        return None
+    return [str(keys)] if isinstance(keys, str) else [str(key) for key in keys]
 
 
 def _check_finite(row: dict[str, float], step: int, checkpoint_dir: Path) -> None:

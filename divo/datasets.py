@@ -306,17 +306,51 @@ CACHE_DIR = ".divo-cache"
 CACHE_FILE = "transitions-v1.npz"
 
 
-def transitions_cache_path(dataset_id: str) -> Path:
-    """Where the flat transitions of ``dataset_id`` are cached (under the current Minari root)."""
-    return minari_root() / CACHE_DIR / dataset_id / CACHE_FILE
+def transitions_cache_path(dataset_id: str, observation_keys: Sequence[str] | None = None) -> Path:
+    """Where the flat transitions of ``dataset_id`` are cached (under the current Minari root);
+    with ``observation_keys`` (a Dict observation space), one file per choice of keys."""
+    name = CACHE_FILE
+    if observation_keys is not None:
+        name = CACHE_FILE.replace(".npz", f"-obs-{'+'.join(observation_keys)}.npz")
+    return minari_root() / CACHE_DIR / dataset_id / name
 
 
-def episodes_to_transitions(episodes: Iterable[Mapping[str, Any]]) -> dict[str, np.ndarray]:
+def observation_key_order(space: gym.spaces.Dict, keys: Sequence[str] | None = None) -> list[str]:
+    """The keys of a Dict observation space that divo keeps (default: all), in the order in
+    which gymnasium's ``FilterObservation`` + ``FlattenObservation`` concatenate them.
+
+    ``FilterObservation`` builds its Dict from a plain dict, which gymnasium sorts by key, so
+    the order is the sorted one whatever the order of ``keys``; building the same Dict here keeps
+    the data's columns and the evaluation environment's observations in step.
+    """
+    chosen = list(space.spaces) if keys is None else list(keys)
+    return list(gym.spaces.Dict({key: space[key] for key in chosen}).spaces)
+
+
+def flatten_observations(observations: Any, keys: Sequence[str] | None) -> np.ndarray:
+    """``[T, O]`` observations; a dict of per-key arrays becomes ``[T, sum of sizes]`` with the
+    keys concatenated in the order given (see ``observation_key_order``)."""
+    if not isinstance(observations, Mapping):
+        return np.asarray(observations)
+    if keys is None:
+        raise DatasetError(
+            "the episodes hold dict observations but no observation keys were given; pass "
+            f"observation_keys (the dataset's keys: {', '.join(observations)})"
+        )
+    parts = [np.asarray(observations[key]) for key in keys]
+    return np.concatenate([part.reshape(len(part), -1) for part in parts], axis=1)
+
+
+def episodes_to_transitions(
+    episodes: Iterable[Mapping[str, Any]], observation_keys: Sequence[str] | None = None
+) -> dict[str, np.ndarray]:
     """Flatten whole episodes into per-transition arrays, values as stored.
 
     Args:
         episodes: mappings with ``observations [T+1, O]``, ``actions [T, A]``, ``rewards [T]``,
             ``terminations [T]``, ``truncations [T]`` (Minari's episode layout).
+        observation_keys: for dict observations (a Dict observation space), the keys whose
+            arrays are concatenated, in this order (see ``observation_key_order``).
 
     Returns:
         ``observation [N, O]`` and ``next_observation [N, O]`` (float32; the next one is the
@@ -337,7 +371,7 @@ def episodes_to_transitions(episodes: Iterable[Mapping[str, Any]]) -> dict[str, 
     }
     lengths = []
     for index, episode in enumerate(episodes):
-        observations = np.asarray(episode["observations"])
+        observations = flatten_observations(episode["observations"], observation_keys)
         actions = np.asarray(episode["actions"])
         steps = len(episode["rewards"])
         if observations.ndim != 2 or actions.ndim != 2:
@@ -375,8 +409,13 @@ def _data_fingerprint(data_path: Path) -> str:
     return json.dumps(entries)
 
 
-def _write_cache(dataset_id: str, data_path: Path, transitions: dict[str, np.ndarray]) -> None:
-    cache = transitions_cache_path(dataset_id)
+def _write_cache(
+    dataset_id: str,
+    data_path: Path,
+    transitions: dict[str, np.ndarray],
+    observation_keys: Sequence[str] | None = None,
+) -> None:
+    cache = transitions_cache_path(dataset_id, observation_keys)
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         fd, scratch = tempfile.mkstemp(dir=cache.parent, suffix=".npz")
@@ -391,8 +430,10 @@ def _write_cache(dataset_id: str, data_path: Path, transitions: dict[str, np.nda
             os.unlink(scratch)
 
 
-def _read_cache(dataset_id: str, data_path: Path) -> dict[str, np.ndarray] | None:
-    cache = transitions_cache_path(dataset_id)
+def _read_cache(
+    dataset_id: str, data_path: Path, observation_keys: Sequence[str] | None = None
+) -> dict[str, np.ndarray] | None:
+    cache = transitions_cache_path(dataset_id, observation_keys)
     if not cache.is_file():
         return None
     try:
@@ -404,17 +445,25 @@ def _read_cache(dataset_id: str, data_path: Path) -> dict[str, np.ndarray] | Non
         return None
 
 
-def read_transitions(dataset: minari.MinariDataset, *, use_cache: bool = True) -> dict[str, Any]:
-    """All transitions of a Minari dataset as flat arrays (see ``episodes_to_transitions``)."""
+def read_transitions(
+    dataset: minari.MinariDataset,
+    *,
+    use_cache: bool = True,
+    observation_keys: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """All transitions of a Minari dataset as flat arrays (see ``episodes_to_transitions``;
+    ``observation_keys``: which keys of dict observations, in order)."""
     data_path = Path(dataset.storage.data_path)
     whole = len(dataset.episode_indices) == dataset.storage.total_episodes
     if use_cache and whole:
-        cached = _read_cache(dataset.id, data_path)
+        cached = _read_cache(dataset.id, data_path, observation_keys)
         if cached is not None:
             return cached
-    transitions = episodes_to_transitions(dataset.storage.get_episodes(dataset.episode_indices))
+    transitions = episodes_to_transitions(
+        dataset.storage.get_episodes(dataset.episode_indices), observation_keys
+    )
     if use_cache and whole:
-        _write_cache(dataset.id, data_path, transitions)
+        _write_cache(dataset.id, data_path, transitions, observation_keys)
     return transitions
 
 
@@ -623,9 +672,11 @@ __all__ = [
     "ensure_builtin",
     "episodes_to_transitions",
     "float32_box",
+    "flatten_observations",
     "is_local",
     "make_env",
     "minari_root",
+    "observation_key_order",
     "read_transitions",
     "remove_local",
     "remove_maze_xml",

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import gymnasium as gym
 import minari
@@ -341,3 +342,126 @@ def test_data_pointmaze_command_writes_the_dataset(capsys):
     assert main(["data", "pointmaze", "large", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown maze 'large'" in err[0]
+
+
+# --------------------------------------------------------------------------------------------
+# Dict observations, as Minari's D4RL maze datasets store them
+
+
+DICT_DATASET_ID = "test/dictmaze/umaze-v0"
+
+
+@pytest.fixture(scope="module")
+def dict_dataset(minari_root) -> str:
+    """Random-action PointMaze episodes stored with the env's Dict observation space, the way
+    Minari's D4RL/pointmaze and D4RL/antmaze datasets are (keys achieved_goal, desired_goal,
+    observation)."""
+    if importlib.util.find_spec("gymnasium_robotics") is None:
+        pytest.skip("gymnasium-robotics is not installed")
+    from minari.data_collector import EpisodeBuffer
+
+    make_pointmaze_env("umaze")  # registers gymnasium-robotics' envs
+    env = gym.make("PointMaze_UMaze-v3", max_episode_steps=25)
+    rng = np.random.default_rng(0)
+    buffers = []
+    for index in range(3):
+        obs, _ = env.reset(seed=index)
+        observations = {key: [value] for key, value in obs.items()}
+        steps = {"actions": [], "rewards": [], "terminations": [], "truncations": []}
+        done = False
+        while not done:
+            action = rng.uniform(-1.0, 1.0, 2)
+            obs, reward, terminated, truncated, _ = env.step(action)
+            for key, value in obs.items():
+                observations[key].append(value)
+            for name, value in zip(steps, (action, reward, terminated, truncated), strict=True):
+                steps[name].append(value)
+            done = terminated or truncated
+        buffers.append(
+            EpisodeBuffer(
+                id=index,
+                observations={key: np.asarray(value) for key, value in observations.items()},
+                **{name: np.asarray(value) for name, value in steps.items()},
+            )
+        )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        minari.create_dataset_from_buffers(
+            DICT_DATASET_ID, buffers, env=env, algorithm_name="random"
+        )
+    env.close()
+    return DICT_DATASET_ID
+
+
+@needs_robotics
+def test_dict_observations_are_flattened_in_the_evaluation_envs_order(dict_dataset):
+    from divo.agents.data import load_offline_data
+
+    episode = next(iter(minari.load_dataset(dict_dataset).iterate_episodes()))
+    first = episode.observations
+    data = load_offline_data(dict_dataset)  # every key, in gymnasium's (sorted) order
+    assert data.observation_dim == 8
+    expected = np.concatenate(
+        [first[k][0] for k in ("achieved_goal", "desired_goal", "observation")]
+    )
+    np.testing.assert_allclose(data.data["observation"][0].numpy(), expected, rtol=1e-6)
+    # the chosen keys, in any order given, come out in the order the wrapped env flattens them
+    picked = load_offline_data(dict_dataset, observation_keys=["observation", "desired_goal"])
+    assert picked.observation_dim == 6
+    expected = np.concatenate([first["desired_goal"][0], first["observation"][0]])
+    np.testing.assert_allclose(picked.data["observation"][0].numpy(), expected, rtol=1e-6)
+    raw_env = gym.make(picked.env_spec.id, max_episode_steps=25)
+    for loaded in (data, picked):
+        env = loaded.make_env()
+        try:
+            flat, _ = env.reset(seed=7)
+            raw, _ = raw_env.reset(seed=7)
+            keys = ["achieved_goal", "desired_goal", "observation"]
+            keys = keys if loaded is data else ["desired_goal", "observation"]
+            np.testing.assert_allclose(flat, np.concatenate([raw[k] for k in keys]))
+            assert flat.shape == (loaded.observation_dim,)
+        finally:
+            env.close()
+    raw_env.close()
+
+
+@needs_robotics
+def test_bad_observation_keys_are_one_clear_error(dict_dataset, hopper_dataset):
+    from divo.agents.data import load_offline_data
+
+    with pytest.raises(DatasetError, match=r"no observation key\(s\) 'goal'.*achieved_goal"):
+        load_offline_data(dict_dataset, observation_keys=["goal"])
+    with pytest.raises(DatasetError, match="non-empty list"):
+        load_offline_data(dict_dataset, observation_keys="observation")
+    with pytest.raises(DatasetError, match="flat observations.*drop dataset.observation_keys"):
+        load_offline_data(hopper_dataset, observation_keys=["observation"])
+
+
+@needs_robotics
+def test_train_and_evaluate_on_dict_observations_from_the_command_line(
+    dict_dataset, tmp_path, capsys
+):
+    from divo.cli import main
+
+    run = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "td3bc",
+            "dataset=minari",
+            f"dataset.id={dict_dataset}",
+            "dataset.observation_keys=[observation,desired_goal]",
+            "train.steps=4",
+            "train.batch_size=8",
+            "train.eval_every=4",
+            "train.eval_episodes=1",
+            "--quiet",
+            f"hydra.run.dir={run}",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    capsys.readouterr()
+    # the saved policy carries the flattening wrappers: evaluation needs nothing else
+    assert main(["evaluate", str(run), "--episodes", "1", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["episodes"] == 1 and np.isfinite(result["return_mean"])

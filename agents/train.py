@@ -89,7 +89,12 @@ def policy_payload(agent: OfflineAgent, cfg: DictConfig, data: OfflineData | Non
         "recipe": cfg.get("recipe"),
         "step": step,
         "policy_config": agent.policy_config,
-        "state_dict": {k: v.detach().cpu() for k, v in agent.policy.state_dict().items()},
+        "state_dict": {
+            # tensors to the CPU; a module's extra state (e.g. the consistency model's
+            # curriculum position) is kept as it is
+            k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+            for k, v in agent.policy.state_dict().items()
+        },
         "dataset_id": data.dataset_id if data is not None else None,
         "env_spec": _spec_json(data),
         "ref_min_score": data.ref_min_score if data is not None else None,

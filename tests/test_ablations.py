@@ -300,6 +300,26 @@ def test_saved_policy_rebuilds_from_its_config_and_state_dict_alone(recipe):
         assert "normalizer.mean" in policy.state_dict()
 
 
+@pytest.mark.parametrize("recipe", ["resampling", "diffusion_ql"])
+def test_deployed_consistency_model_saves_with_its_extra_state(recipe, tmp_path):
+    """A deployed sampler over the consistency model carries non-tensor extra state (its
+    curriculum position): policy.pt keeps it and `divo evaluate`'s loader rebuilds the policy."""
+    from divo.agents.policy_io import load_policy
+    from divo.agents.runtime import atomic_save
+    from divo.agents.train import policy_payload
+
+    agent = make_agent(recipe, "behavior_model=consistency")
+    agent.update(random_batch())
+    cfg = compose_recipe(recipe, ["behavior_model=consistency"])
+    atomic_save(policy_payload(agent, cfg, None, 1), tmp_path / "policy.pt")
+    policy, _ = load_policy(tmp_path / "policy.pt", torch.device("cpu"))
+    obs = torch.randn(6, O)
+    torch.manual_seed(1)
+    expected = agent.policy(obs)
+    torch.manual_seed(1)
+    torch.testing.assert_close(policy(obs), expected)
+
+
 def test_resampling_recipe_deploys_the_picker_and_can_deploy_the_actor():
     agent = make_agent("resampling")
     assert isinstance(agent.policy, ResamplingPolicy)

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from divo.agents.agent import OfflineAgent
 from divo.agents.diffusion_ql import DiffusionQLAgent
 from divo.agents.step import optimizer_options
+from divo.behavior_models.base import BehaviorModelError, check_behavior_model
 from divo.errors import ConfigError
 from divo.objectives.actor import ObservationNormalizer
 
@@ -46,6 +47,22 @@ def make(node: Any, what: str, *, keep_partial: bool = False, **sizes: int) -> A
             f"the '{what}' settings of the recipe"
         ) from None
     return obj
+
+
+def _behavior_model(cfg: DictConfig, observation_dim: int, action_dim: int) -> Any:
+    """The recipe's behaviour model (None without one), checked against the protocol."""
+    model = make(
+        cfg.get("behavior_model"),
+        "behavior_model",
+        observation_dim=observation_dim,
+        action_dim=action_dim,
+    )
+    if model is not None:
+        try:
+            check_behavior_model(model, observation_dim, action_dim)
+        except BehaviorModelError as exc:
+            raise ConfigError(str(exc)) from None
+    return model
 
 
 def _opt(cfg: DictConfig, params, lr: float, device: torch.device | str) -> torch.optim.Optimizer:
@@ -110,7 +127,7 @@ def build_offline_agent(
         value = make(value_cfg.network, "value.network", observation_dim=observation_dim)
         value_loss = make(value_cfg.loss, "value.loss")
         advantage = make(value_cfg.advantage, "value.advantage")
-    behavior_model = make(cfg.get("behavior_model"), "behavior_model", **sizes)
+    behavior_model = _behavior_model(cfg, **sizes)
     weighting = make(cfg.get("weighting"), "weighting") if behavior_model is not None else None
     behavior_loss = make(cfg.behavior.loss, "behavior.loss") if behavior_model is not None else None
     selector = make(cfg.selector, "selector")
@@ -191,7 +208,7 @@ def build_diffusion_ql_agent(
     """Diffusion-QL: ``behavior_model`` is the policy; ``diffusion_ql`` holds its settings."""
     sizes = {"observation_dim": observation_dim, "action_dim": action_dim}
     dql = cfg.diffusion_ql
-    policy = make(cfg.get("behavior_model"), "behavior_model", **sizes)
+    policy = _behavior_model(cfg, **sizes)
     if policy is None:
         raise ConfigError(
             "diffusion_ql needs a behavior_model (the policy); e.g. behavior_model=ddpm"

@@ -1,6 +1,12 @@
 """Behaviour models: the protocol and its implementations."""
 
-from divo.behavior_models.base import BehaviorModel, as_policy_module, as_sampler_module
+from divo.behavior_models.base import (
+    BehaviorModel,
+    BehaviorModelError,
+    as_policy_module,
+    as_sampler_module,
+    check_behavior_model,
+)
 from divo.behavior_models.consistency import ConsistencyModel
 from divo.behavior_models.cvae import CVAE
 from divo.behavior_models.ddpm import DDPM
@@ -10,8 +16,10 @@ __all__ = [
     "CVAE",
     "DDPM",
     "BehaviorModel",
+    "BehaviorModelError",
     "ConsistencyModel",
     "GaussianBehavior",
     "as_policy_module",
     "as_sampler_module",
+    "check_behavior_model",
 ]

@@ -5,22 +5,26 @@ It holds no optimiser, no EMA copy and no hidden step counter: the agent owns th
 
 Shapes: ``*B`` any leading batch dims, ``N`` samples per state, ``A`` action dim, ``O`` obs dim.
 
-* ``per_sample_loss(action [*B, A], observation [*B, O]) -> [*B]``: the model's training loss
-  per transition, NEVER averaged over the batch, so any weighting scheme applies to it.
-* ``sample(observation [*B, O], num_samples=N) -> [*B, N, A]``: always stochastic; takes an
-  optional ``torch.Generator``. It is differentiable unless the caller disables gradients
+* ``per_sample_loss(action [*B, A], observation [*B, O], generator=None) -> [*B]``: the
+  model's training loss per transition, NEVER averaged over the batch, so any weighting scheme
+  applies to it; ``generator`` (a ``torch.Generator`` or None) is for its random draws.
+* ``sample(observation [*B, O], num_samples=N, generator=None) -> [*B, N, A]``: always
+  stochastic. It is differentiable unless the caller disables gradients
   (Diffusion-QL backpropagates through it; DIVO calls it under ``torch.no_grad()``).
 * ``forward(observation [*B, O]) -> [*B, A]``: the policy view, one sample per state.
 
 A new model plugs in by subclassing :class:`BehaviorModel` (or just implementing the three
 methods) and accepting ``observation_dim`` and ``action_dim`` keyword arguments, which the
 builder fills in from the dataset. Select it from the command line with
-``behavior_model._target_=my_module.MyModel``.
+``behavior_model._target_=my_module.MyModel``. The builder checks every model it builds with
+:func:`check_behavior_model` (methods, the ``generator`` keyword, output shapes on a probe batch)
+and stops with one line naming what is wrong.
 """
 
 from __future__ import annotations
 
 import abc
+import inspect
 
 import torch
 from tensordict.nn import TensorDictModule
@@ -61,6 +65,80 @@ class BehaviorModel(nn.Module, abc.ABC):
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         """Policy view: one sampled action per state, [*B, O] -> [*B, A]."""
         return self.sample(observation, num_samples=1).squeeze(-2)
+
+
+class BehaviorModelError(TypeError):
+    """A behaviour model that does not follow the protocol (see the module docstring)."""
+
+
+def _accepts_generator(method) -> bool:
+    try:
+        params = inspect.signature(method).parameters.values()
+    except (TypeError, ValueError):  # no signature to read (a C function...): trust it
+        return True
+    return any(p.name == "generator" or p.kind is p.VAR_KEYWORD for p in params)
+
+
+def check_behavior_model(model: object, observation_dim: int, action_dim: int) -> None:
+    """Check ``model`` against the protocol on a probe batch; raise :class:`BehaviorModelError`
+    naming the first thing wrong.
+
+    Checks: an ``nn.Module`` with ``per_sample_loss`` and ``sample`` that take a ``generator``
+    keyword; ``per_sample_loss`` of 2 transitions returns 2 losses (not their mean);
+    ``sample`` of 2 states and 3 samples returns ``[2, 3, A]``. The probe runs without
+    gradients, in eval mode, on the model's device, and leaves no trace: the global random
+    state, the module's training flags and its parameters are as before.
+    """
+    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    guide = "see docs/plugin_guide.md"
+    if not isinstance(model, nn.Module):
+        raise BehaviorModelError(f"behaviour model {name} is not a torch.nn.Module; {guide}")
+    for method in ("per_sample_loss", "sample"):
+        if not callable(getattr(model, method, None)):
+            raise BehaviorModelError(
+                f"behaviour model {name} has no {method}() method; the protocol needs "
+                f"per_sample_loss(action, observation, generator=None) and sample(observation, "
+                f"num_samples=1, generator=None); {guide}"
+            )
+        if not _accepts_generator(getattr(model, method)):
+            raise BehaviorModelError(
+                f"behaviour model {name}: {method}() takes no generator keyword; add "
+                f"generator=None (the agent passes its torch.Generator for the random draws); "
+                f"{guide}"
+            )
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    batch = 2
+    flags = {module: module.training for module in model.modules()}
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        model.eval()
+        observation = torch.zeros(batch, observation_dim, device=device)
+        action = torch.zeros(batch, action_dim, device=device)
+        try:
+            loss = model.per_sample_loss(action, observation, generator=None)
+            samples = model.sample(observation, num_samples=3, generator=None)
+        except Exception as exc:
+            raise BehaviorModelError(
+                f"behaviour model {name} failed on a probe batch (action [{batch}, {action_dim}], "
+                f"observation [{batch}, {observation_dim}]): {type(exc).__name__}: {exc}"
+            ) from exc
+        finally:
+            for module, training in flags.items():
+                module.train(training)
+    if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (batch,):
+        got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise BehaviorModelError(
+            f"behaviour model {name}: per_sample_loss of {batch} transitions returned {got}, "
+            f"not shape ({batch},); return one loss per transition, never averaged over the "
+            f"batch (the weighting scheme multiplies each); {guide}"
+        )
+    if not isinstance(samples, torch.Tensor) or tuple(samples.shape) != (batch, 3, action_dim):
+        got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__
+        raise BehaviorModelError(
+            f"behaviour model {name}: sample(observation [{batch}, {observation_dim}], "
+            f"num_samples=3) returned {got}, not ({batch}, 3, {action_dim}); {guide}"
+        )
 
 
 def flatten_batch(x: torch.Tensor, event_dims: int = 1) -> tuple[torch.Tensor, torch.Size]:

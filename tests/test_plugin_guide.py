@@ -135,3 +135,83 @@ def test_without_a_target_the_custom_slot_says_what_to_set():
 
     with pytest.raises(ConfigError, match="behavior_model._target_"):
         compose_recipe("divo", ["behavior_model=custom"])
+
+
+# --- models that break the protocol are refused when the agent is built ----------------------
+class _Linear(nn.Module):
+    def __init__(self, observation_dim, action_dim):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(observation_dim, action_dim), nn.Dropout(0.5))
+
+    def sample(self, observation, num_samples=1, generator=None):
+        out = self.net(observation) + torch.randn(observation.shape[0], 1)
+        return out.unsqueeze(-2).expand(*observation.shape[:-1], num_samples, -1)
+
+    def per_sample_loss(self, action, observation, generator=None):
+        return ((self.net(observation) - action) ** 2).mean(-1)
+
+
+class NoLoss(_Linear):
+    per_sample_loss = None
+
+
+class NoGenerator(_Linear):
+    def per_sample_loss(self, action, observation):
+        return super().per_sample_loss(action, observation)
+
+
+class BatchMean(_Linear):
+    def per_sample_loss(self, action, observation, generator=None):
+        return super().per_sample_loss(action, observation).mean()
+
+
+class OneSample(_Linear):
+    def sample(self, observation, num_samples=1, generator=None):
+        return self.net(observation)
+
+
+class Crashes(_Linear):
+    def sample(self, observation, num_samples=1, generator=None):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ("NoLoss", "has no per_sample_loss\\(\\) method"),
+        ("NoGenerator", "per_sample_loss\\(\\) takes no generator keyword; add generator=None"),
+        ("BatchMean", "returned \\(\\), not shape \\(2,\\); return one loss per transition"),
+        ("OneSample", "num_samples=3\\) returned \\(2, 3\\), not \\(2, 3, 3\\)"),
+        ("Crashes", "failed on a probe batch .*RuntimeError: boom"),
+    ],
+)
+@pytest.mark.parametrize("recipe", ["divo", "diffusion_ql"])
+def test_models_breaking_the_protocol_are_refused_by_name(recipe, model, message):
+    from divo.errors import ConfigError
+
+    cfg = compose_recipe(
+        recipe, ["behavior_model=custom", f"behavior_model._target_={__name__}.{model}"]
+    )
+    with pytest.raises(ConfigError, match=f"test_plugin_guide.{model}.*{message}"):
+        build_agent(cfg, observation_dim=11, action_dim=3, obs_mean=torch.zeros(11),
+                    obs_std=torch.ones(11))  # fmt: skip
+
+
+def test_the_protocol_check_leaves_no_trace():
+    """The probe draws no random numbers from the global stream and leaves the training flags
+    and parameters as they were."""
+    from divo.behavior_models import check_behavior_model
+
+    model = _Linear(11, 3)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    check_behavior_model(model, 11, 3)
+    torch.testing.assert_close(torch.rand(3), expected)
+    assert all(m.training for m in model.modules())
+    model.eval()
+    check_behavior_model(model, 11, 3)
+    assert not any(m.training for m in model.modules())
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, before[key])

@@ -410,9 +410,9 @@ def _observation_layout(
                     f"{', '.join(space.spaces)}: fix dataset.observation_keys"
                 )
         order = observation_key_order(space, keys)
-        not_box = [key for key in order if not isinstance(space[key], gym.spaces.Box)]
+        not_box = [key for key in order if not _only_boxes(space[key])]
         if not not_box:
-            return order, sum(int(np.prod(space[key].shape)) for key in order)
+            return order, sum(int(gym.spaces.flatdim(space[key])) for key in order)
         raise DatasetError(
             f"dataset {dataset_id!r} has a Dict observation space whose key(s) "
             f"{', '.join(not_box)} are not continuous (Box) arrays; leave them out with "
@@ -422,6 +422,13 @@ def _observation_layout(
         f"dataset {dataset_id!r} has an observation space {space}, which divo does not support; "
         "it needs continuous observations: a 1-D Box, or a Dict of Boxes (flattened)"
     )
+
+
+def _only_boxes(space: gym.Space) -> bool:
+    """A Box, or a (nested) Dict whose every leaf is a Box."""
+    if isinstance(space, gym.spaces.Dict):
+        return all(_only_boxes(sub) for sub in space.spaces.values())
+    return isinstance(space, gym.spaces.Box)
 
 
 def _with_flat_observations(spec: EnvSpec, keys: Sequence[str]) -> EnvSpec:

@@ -337,8 +337,17 @@ def flatten_observations(observations: Any, keys: Sequence[str] | None) -> np.nd
             "the episodes hold dict observations but no observation keys were given; pass "
             f"observation_keys (the dataset's keys: {', '.join(observations)})"
         )
-    parts = [np.asarray(observations[key]) for key in keys]
-    return np.concatenate([part.reshape(len(part), -1) for part in parts], axis=1)
+    return np.concatenate([_flat_columns(observations[key]) for key in keys], axis=1)
+
+
+def _flat_columns(value: Any) -> np.ndarray:
+    """``[T, ...]`` -> ``[T, size]``; a nested dict (a Dict inside the Dict, e.g. Minari's
+    Kitchen goals) is flattened by sorted key, the order of gymnasium's Dict built from a dict,
+    which ``FlattenObservation`` follows."""
+    if isinstance(value, Mapping):
+        return np.concatenate([_flat_columns(value[key]) for key in sorted(value)], axis=1)
+    value = np.asarray(value)
+    return value.reshape(len(value), -1)
 
 
 def episodes_to_transitions(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import warnings
 
@@ -317,3 +318,25 @@ def test_unmakeable_environment_warns_and_disables_evaluation():
     assert data.num_transitions == 5
     with pytest.raises(DatasetError, match="evaluat"):
         data.make_env()
+
+
+def test_nested_dict_observations_flatten_as_gymnasium_flattens_them():
+    """Dict observations (nested, as Minari's Kitchen goals) become the columns gymnasium's
+    FilterObservation + FlattenObservation give, step for step."""
+    from divo.datasets import flatten_observations, observation_key_order
+
+    box = functools.partial(gym.spaces.Box, -1.0, 1.0, dtype=np.float32)
+    space = gym.spaces.Dict(
+        {"observation": box((3,)), "goal": gym.spaces.Dict({"z": box((1,)), "b": box((2, 2))})}
+    )
+    space.seed(0)
+    samples = [space.sample() for _ in range(4)]
+    stacked = {
+        "observation": np.stack([o["observation"] for o in samples]),
+        "goal": {k: np.stack([o["goal"][k] for o in samples]) for k in ("z", "b")},
+    }
+    keys = observation_key_order(space)
+    assert keys == ["goal", "observation"]
+    expected = np.stack([gym.spaces.flatten(space, o) for o in samples])
+    np.testing.assert_array_equal(flatten_observations(stacked, keys), expected)
+    assert expected.shape == (4, 8)

@@ -66,6 +66,24 @@ def test_every_recipe_composes_instantiates_and_updates(recipe):
     assert any(not torch.equal(a, b) for a, b in zip(before, after, strict=True))
 
 
+@pytest.mark.parametrize("group", [["dataset=minari"], []])
+def test_antmaze_ids_get_the_sparse_navigation_settings_of_method_md(group):
+    """gamma 0.995, expectile 0.9, r - 1 and 100 evaluation episodes for Minari's D4RL AntMaze
+    ids (with either dataset group); explicit overrides win; locomotion keeps its values."""
+    ant = [*group, "dataset.id=D4RL/antmaze/medium-diverse-v1"]
+    cfg = compose_recipe("divo", ant)
+    assert cfg.critic.loss.gamma == 0.995 and cfg.value.loss.expectile == 0.9
+    assert cfg.dataset.reward_shift == -1.0 and cfg.train.eval_episodes == 100
+    cfg = compose_recipe("divo", [*ant, "critic.loss.gamma=0.99", "dataset.reward_shift=0"])
+    assert cfg.critic.loss.gamma == 0.99 and cfg.dataset.reward_shift == 0.0
+    cfg = compose_recipe("divo", [*group, "dataset.id=mujoco/hopper/medium-v0"])
+    assert cfg.critic.loss.gamma == 0.99 and cfg.value.loss.expectile == 0.7
+    assert cfg.dataset.reward_shift == 0.0 and cfg.train.eval_episodes == 10
+    # Diffusion-QL keeps its own gamma (0.99 on every task) and takes its Table 3 row
+    dql = compose_recipe("diffusion_ql", ant)
+    assert dql.critic.loss.gamma == 0.99 and dql.diffusion_ql.actor_loss.eta == 3.0
+
+
 def test_divo_defaults_follow_method_md():
     assert compose_recipe("divo").dataset.id == "divo/hopper/medium-replay-v0"  # the default
     assert compose_recipe("divo").actor.loss.alpha == 2.5

@@ -25,8 +25,9 @@ from omegaconf import DictConfig, OmegaConf
 from divo.agents.agent import OfflineAgent
 from divo.agents.diffusion_ql import DiffusionQLAgent
 from divo.agents.step import optimizer_options
-from divo.behavior_models.base import BehaviorModelError, check_behavior_model
+from divo.behavior_models.base import check_behavior_model
 from divo.errors import ConfigError
+from divo.objectives import check_selector, check_weighting
 from divo.objectives.actor import ObservationNormalizer
 
 
@@ -58,10 +59,7 @@ def _behavior_model(cfg: DictConfig, observation_dim: int, action_dim: int) -> A
         action_dim=action_dim,
     )
     if model is not None:
-        try:
-            check_behavior_model(model, observation_dim, action_dim)
-        except BehaviorModelError as exc:
-            raise ConfigError(str(exc)) from None
+        check_behavior_model(model, observation_dim, action_dim)
     return model
 
 
@@ -129,8 +127,11 @@ def build_offline_agent(
         advantage = make(value_cfg.advantage, "value.advantage")
     behavior_model = _behavior_model(cfg, **sizes)
     weighting = make(cfg.get("weighting"), "weighting") if behavior_model is not None else None
+    if weighting is not None:
+        check_weighting(weighting)
     behavior_loss = make(cfg.behavior.loss, "behavior.loss") if behavior_model is not None else None
     selector = make(cfg.selector, "selector")
+    check_selector(selector, action_dim)
 
     try:
         agent = OfflineAgent(

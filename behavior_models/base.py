@@ -30,6 +30,8 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
 
+from divo.errors import ProtocolError
+
 
 class BehaviorModel(nn.Module, abc.ABC):
     """Base class of behaviour models (see the module docstring for the contract)."""
@@ -67,7 +69,7 @@ class BehaviorModel(nn.Module, abc.ABC):
         return self.sample(observation, num_samples=1).squeeze(-2)
 
 
-class BehaviorModelError(TypeError):
+class BehaviorModelError(ProtocolError):
     """A behaviour model that does not follow the protocol (see the module docstring)."""
 
 

@@ -19,6 +19,11 @@ class ConfigError(DivoError):
     """A recipe, override or config value is wrong."""
 
 
+class ProtocolError(ConfigError, TypeError):
+    """A plugged-in part (behaviour model, weighting scheme, target selector) does not follow
+    its protocol; raised when the agent is built, before any training."""
+
+
 class DatasetError(DivoError):
     """A dataset cannot be found, read, or used with this recipe/environment."""
 

@@ -17,9 +17,16 @@ from divo.objectives.selectors import (
     ResamplingPolicy,
     ResamplingSelector,
     TargetSelector,
+    check_selector,
 )
 from divo.objectives.value import Advantage, StateValue, ValueLoss
-from divo.objectives.weighting import BinaryWeight, ExpAWRWeight, UniformWeight, WeightingScheme
+from divo.objectives.weighting import (
+    BinaryWeight,
+    ExpAWRWeight,
+    UniformWeight,
+    WeightingScheme,
+    check_weighting,
+)
 
 __all__ = [
     "DEFAULT_KEYS",
@@ -45,4 +52,6 @@ __all__ = [
     "ValueLoss",
     "WeightedBehaviorLoss",
     "WeightingScheme",
+    "check_selector",
+    "check_weighting",
 ]

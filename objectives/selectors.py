@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from divo.errors import ProtocolError
+
 ADPO_RULES = ("compare", "positive")
 ADPO_MASKS = ("plain", "three_level")
 
@@ -198,3 +200,52 @@ class ResamplingPolicy(nn.Module):
         q = self.critic(obs.unsqueeze(-2).expand(*candidates.shape[:-1], -1), candidates)
         q = q[0] if self.q_head == "q1" else q.min(dim=0).values  # [*B, N, 1]
         return gather_candidate(candidates, resample_index(q.squeeze(-1), self.temperature))
+
+
+def check_selector(selector: object, action_dim: int) -> None:
+    """Check a target selector against the protocol on a probe batch; raise
+    :class:`divo.errors.ProtocolError` naming the first thing wrong: the ``num_candidates``
+    (int >= 0) and ``needs_advantage`` attributes (subclass :class:`TargetSelector`), and
+    ``(target [2, A], mask [2, 1])`` back, ``mask >= 0``."""
+    name = f"{type(selector).__module__}.{type(selector).__qualname__}"
+    n = getattr(selector, "num_candidates", None)
+    needs = getattr(selector, "needs_advantage", None)
+    if (
+        not callable(selector)
+        or not isinstance(n, int)
+        or isinstance(n, bool)
+        or n < 0
+        or not isinstance(needs, bool)
+    ):
+        raise ProtocolError(
+            f"target selector {name} must be callable and say what the agent precomputes for "
+            f"it: num_candidates (int >= 0; got {n!r}) and needs_advantage (bool; got "
+            f"{needs!r}); subclass divo.objectives.TargetSelector"
+        )
+    generator = torch.Generator().manual_seed(0)
+    action = torch.rand(2, action_dim, generator=generator) * 2 - 1
+    candidates = cand_adv = None
+    if n:
+        candidates = torch.rand(2, n, action_dim, generator=generator) * 2 - 1
+        cand_adv = torch.randn(2, n, 1, generator=generator) if needs else None
+    act_adv = torch.randn(2, 1, generator=generator) if needs else None
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # the probe leaves no trace
+            out = selector(candidates, cand_adv, action, act_adv)
+    except Exception as exc:
+        raise ProtocolError(
+            f"target selector {name} failed on a probe batch (candidates [2, {n}, "
+            f"{action_dim}], action [2, {action_dim}]): {type(exc).__name__}: {exc}"
+        ) from exc
+    shapes = (
+        tuple(tuple(t.shape) for t in out)
+        if isinstance(out, tuple) and all(isinstance(t, torch.Tensor) for t in out)
+        else type(out).__name__
+    )
+    if shapes != ((2, action_dim), (2, 1)):
+        raise ProtocolError(
+            f"target selector {name} returned {shapes} for 2 states; it must return "
+            f"(target [2, {action_dim}], mask [2, 1])"
+        )
+    if bool((out[1] < 0).any()):
+        raise ProtocolError(f"target selector {name} returned a negative BC mask; masks are >= 0")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from divo.errors import ProtocolError
+
 
 class WeightingScheme(nn.Module):
     """Base class: ``forward(advantage [*B, 1]) -> weight [*B, 1]`` (>= 0, no gradient)."""
@@ -61,3 +63,37 @@ class UniformWeight(WeightingScheme):
     @torch.no_grad()
     def forward(self, advantage: torch.Tensor) -> torch.Tensor:
         return torch.ones_like(advantage)
+
+
+def check_weighting(scheme: object) -> None:
+    """Check a weighting scheme against the protocol on a probe batch of advantages; raise
+    :class:`divo.errors.ProtocolError` naming the first thing wrong: a ``needs_advantage``
+    flag (subclass :class:`WeightingScheme`), and ``[4, 1]`` advantages -> ``[4, 1]`` finite,
+    non-negative weights."""
+    name = f"{type(scheme).__module__}.{type(scheme).__qualname__}"
+    if not callable(scheme) or not isinstance(getattr(scheme, "needs_advantage", None), bool):
+        raise ProtocolError(
+            f"weighting scheme {name} must be callable (advantage [*B, 1] -> weight [*B, 1]) "
+            "and say whether it reads advantages (needs_advantage: bool); subclass "
+            "divo.objectives.WeightingScheme"
+        )
+    advantage = torch.tensor([[-1.0], [0.0], [0.5], [2.0]])
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # the probe leaves no trace
+            weight = scheme(advantage)
+    except Exception as exc:
+        raise ProtocolError(
+            f"weighting scheme {name} failed on advantages of shape [4, 1]: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (4, 1):
+        got = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ProtocolError(
+            f"weighting scheme {name} turned advantages of shape (4, 1) into {got}; it must "
+            "return one weight per transition, of the advantage's shape"
+        )
+    if not bool(torch.isfinite(weight).all()) or bool((weight < 0).any()):
+        raise ProtocolError(
+            f"weighting scheme {name} gave weights {weight.flatten().tolist()} for advantages "
+            "[-1, 0, 0.5, 2]; weights must be finite and non-negative (clip them)"
+        )

@@ -133,8 +133,9 @@ def test_the_outside_model_trains_inside_divo(tmp_path, capsys):
 def test_without_a_target_the_custom_slot_says_what_to_set():
     from divo.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="behavior_model._target_"):
-        compose_recipe("divo", ["behavior_model=custom"])
+    for group in ("behavior_model", "weighting", "selector"):
+        with pytest.raises(ConfigError, match=f"{group}._target_"):
+            compose_recipe("divo", [f"{group}=custom"])
 
 
 # --- models that break the protocol are refused when the agent is built ----------------------
@@ -215,3 +216,102 @@ def test_the_protocol_check_leaves_no_trace():
     assert not any(m.training for m in model.modules())
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key])
+
+
+# --- weighting schemes and target selectors plug in the same way -----------------------------
+from divo.objectives import TargetSelector, WeightingScheme  # noqa: E402
+
+
+class ClippedLinearWeight(WeightingScheme):
+    """w = clip(1 + scale * A, 0, 2): a soft ramp between PAD's step and AWR's exponential."""
+
+    def __init__(self, scale=1.0):
+        super().__init__()
+        self.scale = scale
+
+    @torch.no_grad()
+    def forward(self, advantage):
+        return (1.0 + self.scale * advantage).clamp(0.0, 2.0)
+
+
+class MeanOfCandidates(TargetSelector):
+    """Target = the mean of the candidates with positive advantage, else the dataset action."""
+
+    needs_advantage = True
+
+    def __init__(self, num_candidates=4):
+        super().__init__()
+        self.num_candidates = num_candidates
+
+    def forward(self, candidates, candidate_advantage, action, action_advantage=None):
+        good = (candidate_advantage > 0).to(candidates.dtype)  # [*B, N, 1]
+        count = good.sum(-2)  # [*B, 1]
+        mean = (good * candidates).sum(-2) / count.clamp_min(1.0)
+        return torch.where(count > 0, mean, action), torch.ones_like(action[..., :1])
+
+
+class NegativeWeight(ClippedLinearWeight):
+    def forward(self, advantage):
+        return advantage
+
+
+class NoFlags:
+    def __call__(self, candidates, candidate_advantage, action, action_advantage=None):
+        return action, torch.ones_like(action[..., :1])
+
+
+class TargetOnly(MeanOfCandidates):
+    def forward(self, candidates, candidate_advantage, action, action_advantage=None):
+        return super().forward(candidates, candidate_advantage, action)[0]
+
+
+def test_custom_weighting_and_selector_train_from_the_command_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = [
+        "train",
+        "divo",
+        "weighting=custom",
+        f"weighting._target_={__name__}.ClippedLinearWeight",
+        "+weighting.scale=0.5",
+        "selector=custom",
+        f"selector._target_={__name__}.MeanOfCandidates",
+        "+selector.num_candidates=3",
+        "dataset=bandit",
+        "train.steps=20",
+        "train.eval_every=20",
+        "train.eval_episodes=2",
+        "train.batch_size=32",
+        "--quiet",
+        f"hydra.run.dir={run}",
+    ]
+    assert main(args) == 0, capsys.readouterr().err
+    with (run / "metrics.csv").open() as f:
+        last = f.read().splitlines()[-1]
+    assert last.startswith("20,")
+    assert json.loads((run / "result.json").read_text())["steps"] == 20
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (
+            ["weighting=custom", f"weighting._target_={__name__}.NegativeWeight"],
+            "NegativeWeight gave weights .* must be finite and non-negative",
+        ),
+        (
+            ["selector=custom", f"selector._target_={__name__}.NoFlags"],
+            "NoFlags must be callable and say .* num_candidates",
+        ),
+        (
+            ["selector=custom", f"selector._target_={__name__}.TargetOnly"],
+            "TargetOnly returned .* must return \\(target \\[2, 3\\], mask \\[2, 1\\]\\)",
+        ),
+    ],
+)
+def test_weightings_and_selectors_breaking_the_protocol_are_refused(override, message):
+    from divo.errors import ConfigError
+
+    cfg = compose_recipe("divo", override)
+    with pytest.raises(ConfigError, match=message):
+        build_agent(cfg, observation_dim=11, action_dim=3, obs_mean=torch.zeros(11),
+                    obs_std=torch.ones(11))  # fmt: skip

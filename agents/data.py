@@ -276,6 +276,46 @@ def check_batch_keys(td: TensorDictBase) -> None:
             "action, next/observation, next/reward and next/terminated (TorchRL's TED layout, "
             "as written by torchrl.data.datasets loaders or load_offline_data)"
         )
+    if td.batch_dims != 1:
+        raise DatasetError(
+            f"replay-buffer samples have batch size {tuple(td.batch_size)}; divo trains on "
+            "a flat batch of transitions [B]: flatten the stored data (e.g. td.reshape(-1))"
+        )
+    (size,) = td.batch_size
+    obs, action = td["observation"], td["action"]
+    expected = {
+        "observation": (size, obs.shape[-1]),
+        "next/observation": (size, obs.shape[-1]),
+        "action": (size, action.shape[-1]),
+        "next/reward": (size, 1),
+        "next/terminated": (size, 1),
+    }
+    for name, shape in expected.items():
+        got = tuple(td[tuple(name.split("/"))].shape)
+        if got != shape:
+            raise DatasetError(
+                f"replay-buffer samples hold {name} of shape {got} in a batch of {size}; "
+                f"divo needs {shape} (TorchRL's TED shapes: [B, O], [B, A], and [B, 1] for "
+                "rewards and flags): reshape the stored data"
+            )
+
+
+TED_FLAG_KEYS = (
+    ("next", "reward"),
+    ("next", "terminated"),
+    ("next", "truncated"),
+    ("next", "done"),
+)
+
+
+def conform_batch(td: TensorDictBase) -> TensorDictBase:
+    """Give per-transition rewards and flags stored as ``[B]`` TorchRL's TED shape ``[B, 1]``
+    (in place; other shapes are left for ``check_batch_keys`` to judge). Returns ``td``."""
+    for key in TED_FLAG_KEYS:
+        value = td.get(key, None)
+        if value is not None and value.dim() == td.batch_dims:
+            td.set(key, value.unsqueeze(-1))
+    return td
 
 
 # --------------------------------------------------------------------------------------------
@@ -572,6 +612,7 @@ def _reference_scores(
 
 __all__ = [
     "buffer_observation_stats",
+    "conform_batch",
     "ACTION_BOUNDS",
     "D4RL_REFERENCE_SCORES",
     "OBS_STD_EPS",

@@ -28,6 +28,7 @@ from divo.agents.data import (
     OfflineData,
     buffer_observation_stats,
     check_batch_keys,
+    conform_batch,
     load_offline_data,
 )
 from divo.agents.evaluate import evaluate_policy, normalized_score
@@ -370,7 +371,7 @@ def train(
     else:
         buffer = replay_buffer
     probe = buffer.sample()
-    check_batch_keys(probe)
+    check_batch_keys(conform_batch(probe) if replay_buffer is not None else probe)
     obs_dim, act_dim = probe["observation"].shape[-1], probe["action"].shape[-1]
     if data is not None:
         if (obs_dim, act_dim) != (data.observation_dim, data.action_dim):
@@ -403,6 +404,8 @@ def train(
 
     def sample() -> TensorDictBase:
         batch = buffer.sample()
+        if replay_buffer is not None:  # a user's buffer: [B] rewards/flags -> [B, 1]
+            batch = conform_batch(batch)
         return batch if batch.device == device else batch.to(device)
 
     train_step = TrainStep(agent, sample, device=device, **compile_options(cfg))

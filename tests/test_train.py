@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from torchrl.data import LazyMemmapStorage, TensorDictReplayBuffer
+from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 
 from divo.agents.data import buffer_observation_stats, load_offline_data
 from divo.agents.train import train
@@ -138,6 +138,33 @@ def test_user_replay_buffer_through_the_python_api(hopper_dataset, tmp_path):
     bad.extend(data.data[:100].exclude(("next", "reward")))
     with pytest.raises(DatasetError, match="reward"):
         train(cfg, tmp_path / "bad", replay_buffer=bad)
+    # ... and one with observations of another shape, naming the shape expected
+    odd = TensorDictReplayBuffer(storage=LazyMemmapStorage(100), batch_size=8)
+    flat = data.data[:100].clone()
+    flat.set(("next", "observation"), flat["next", "observation"][:, :-1])
+    odd.extend(flat)
+    with pytest.raises(DatasetError, match=r"next/observation of shape \(8, 10\).*\(8, 11\)"):
+        train(cfg, tmp_path / "odd", replay_buffer=odd)
+
+
+def test_user_replay_buffer_with_flat_rewards_and_flags_trains_as_ted(hopper_dataset, tmp_path):
+    """Rewards and flags stored as [N] (not TED's [N, 1]) train exactly as [N, 1] ones: they
+    used to broadcast the TD error to [B, B] without a word."""
+    data = load_offline_data(hopper_dataset)
+    flat = data.data.clone()
+    for key in (("next", k) for k in ("reward", "terminated", "truncated", "done")):
+        flat.set(key, flat[key].squeeze(-1))
+    cfg = compose_recipe(
+        "td3bc", [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}"]
+    )
+    saved = {}
+    for name, content in (("ted", data.data), ("flat", flat)):
+        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(len(content)), batch_size=32)
+        rb.extend(content)
+        train(cfg, tmp_path / name, replay_buffer=rb)
+        saved[name] = torch.load(tmp_path / name / "policy.pt", weights_only=False)["state_dict"]
+    for key, value in saved["ted"].items():
+        torch.testing.assert_close(saved["flat"][key], value, rtol=0, atol=0)
 
 
 def _one_line_error(args, capsys) -> str:

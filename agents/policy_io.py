@@ -30,6 +30,12 @@ def find_policy_file(path: str | Path) -> Path:
         ckpts = sorted((path / "checkpoints").glob("step_*.pt"))
         if ckpts:
             return ckpts[-1]
+        seeds = sorted(p.parent.name for p in path.glob("seed*/policy.pt"))
+        if seeds:  # the top folder of a train.num_seeds run
+            raise CheckpointError(
+                f"{path} is a run of {len(seeds)} stacked seeds ({', '.join(seeds)}); evaluate "
+                f"one of them, e.g. divo evaluate {path / seeds[0]}"
+            )
         raise CheckpointError(
             f"{path} holds no policy.pt and no checkpoints/step_*.pt; is it a run directory?"
         )

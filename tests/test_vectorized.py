@@ -212,7 +212,7 @@ def test_unsupported_settings_are_refused_in_one_line(tmp_path):
         train(cfg, tmp_path / "run", replay_buffer=object())
 
 
-def test_train_writes_one_complete_run_directory_per_seed(tmp_path):
+def test_train_writes_one_complete_run_directory_per_seed(tmp_path, capsys):
     run = tmp_path / "run"
     summary = train(compose_recipe("divo", [*SHORT, "seed=3", "train.num_seeds=2"]), run)
     assert summary["seeds"] == [3, 4] and len(summary["results"]) == 2
@@ -237,6 +237,10 @@ def test_train_writes_one_complete_run_directory_per_seed(tmp_path):
     assert any(not torch.equal(v, policies[1][k]) for k, v in policies[0].items())
     # `divo evaluate` reads a seed's directory like a single run's
     assert main(["evaluate", str(run / "seed4"), "--episodes", "1"]) == 0
+    # ... and on the whole run, it says which folders to evaluate
+    capsys.readouterr()
+    assert main(["evaluate", str(run)]) == 2
+    assert "a run of 2 stacked seeds (seed3, seed4)" in capsys.readouterr().err
     # `divo report` on the parent finds the seeds' runs, not the parent
     from divo.report import find_runs
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -12,6 +13,18 @@ import torch
 from divo.errors import ConfigError
 
 BACKENDS = ("csv", "tensorboard", "wandb")
+
+
+def check_backend(backend: str) -> None:
+    """Refuse an unknown logger backend, or one whose package is missing, before a run writes
+    anything (one-line ConfigError naming the fix)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"logger.backend={backend!r} is unknown; choose one of {BACKENDS}")
+    if backend != "csv" and importlib.util.find_spec(backend) is None:
+        raise ConfigError(
+            f"logger.backend={backend} needs the {backend} package, which is not installed; "
+            f"pip install 'divo[{backend}]' or use logger.backend=csv"
+        )
 
 
 class MetricAccumulator:
@@ -72,8 +85,7 @@ class MetricsLogger:
         name: str = "run",
         resume_step: int | None = None,
     ) -> None:
-        if backend not in BACKENDS:
-            raise ConfigError(f"logger.backend={backend!r} is unknown; choose one of {BACKENDS}")
+        check_backend(backend)
         self.path = Path(run_dir) / "metrics.csv"
         self.columns: list[str] = ["step"]
         self._rows: list[dict[str, float]] = []

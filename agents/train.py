@@ -32,7 +32,7 @@ from divo.agents.data import (
     load_offline_data,
 )
 from divo.agents.evaluate import evaluate_policy, normalized_score
-from divo.agents.logging import MetricAccumulator, MetricsLogger
+from divo.agents.logging import MetricAccumulator, MetricsLogger, check_backend
 from divo.agents.policy_io import POLICY_FORMAT
 from divo.agents.runtime import (
     atomic_save,
@@ -60,6 +60,7 @@ def _validate(cfg: DictConfig) -> None:
             raise ConfigError(f"train.{key}={value!r} must be a positive integer; fix the override")
     if not isinstance(t.eval_episodes, int) or t.eval_episodes < 0:
         raise ConfigError(f"train.eval_episodes={t.eval_episodes!r} must be an integer >= 0")
+    check_backend(cfg.logger.backend)
     num_seeds = t.get("num_seeds", 1)
     if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds <= 0:
         raise ConfigError(

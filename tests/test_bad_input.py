@@ -4,6 +4,7 @@ and nothing already on disk altered (an existing run directory is compared byte 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,14 @@ BAD = {
         ],  # fmt: skip
         "is empty",
     ),
+    "unknown logger backend": (
+        lambda: ["train", "td3bc", *FAST, "logger.backend=mlflow"],
+        "logger.backend='mlflow' is unknown",
+    ),
+    "logger backend not installed": (
+        lambda: ["train", "td3bc", *FAST, "logger.backend=wandb"],
+        "pip install 'divo[wandb]'",
+    ),
     "unknown command": (lambda: ["trian", "divo"], "unknown command 'trian'"),
     "evaluate a folder with no policy": (lambda: ["evaluate", "."], "no policy.pt"),
 }
@@ -101,6 +110,8 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_input_is_refused_in_one_line(case, existing_run, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # default run dirs land here, never in the repository
+    if case == "logger backend not installed" and importlib.util.find_spec("wandb"):
+        pytest.skip("wandb is installed here")
     before = snapshot(existing_run)
     make_args, expected = BAD[case]
     args = make_args()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -308,13 +308,21 @@ TED_FLAG_KEYS = (
 )
 
 
-def conform_batch(td: TensorDictBase) -> TensorDictBase:
-    """Give per-transition rewards and flags stored as ``[B]`` TorchRL's TED shape ``[B, 1]``
-    (in place; other shapes are left for ``check_batch_keys`` to judge). Returns ``td``."""
-    for key in TED_FLAG_KEYS:
-        value = td.get(key, None)
-        if value is not None and value.dim() == td.batch_dims:
-            td.set(key, value.unsqueeze(-1))
+def flat_flag_keys(td: TensorDictBase) -> tuple[tuple[str, str], ...]:
+    """The rewards and flags a (replay-buffer) batch holds as ``[B]`` rather than TED's
+    ``[B, 1]``; read once from a probe batch, then given to ``conform_batch`` at every step."""
+    return tuple(
+        key
+        for key in TED_FLAG_KEYS
+        if (value := td.get(key, None)) is not None and value.dim() == td.batch_dims
+    )
+
+
+def conform_batch(td: TensorDictBase, keys: Iterable[tuple[str, str]]) -> TensorDictBase:
+    """Give the ``[B]`` entries ``keys`` (see ``flat_flag_keys``) TED's shape ``[B, 1]``, in
+    place; returns ``td``. Other shapes are left for ``check_batch_keys`` to judge."""
+    for key in keys:
+        td.set(key, td.get(key).unsqueeze(-1))
     return td
 
 
@@ -613,6 +621,7 @@ def _reference_scores(
 __all__ = [
     "buffer_observation_stats",
     "conform_batch",
+    "flat_flag_keys",
     "ACTION_BOUNDS",
     "D4RL_REFERENCE_SCORES",
     "OBS_STD_EPS",

@@ -29,6 +29,7 @@ from divo.agents.data import (
     buffer_observation_stats,
     check_batch_keys,
     conform_batch,
+    flat_flag_keys,
     load_offline_data,
 )
 from divo.agents.evaluate import evaluate_policy, normalized_score
@@ -372,7 +373,9 @@ def train(
     else:
         buffer = replay_buffer
     probe = buffer.sample()
-    check_batch_keys(conform_batch(probe) if replay_buffer is not None else probe)
+    # a user's buffer may store rewards/flags as [B]: found once here, reshaped at each step
+    flat_keys = flat_flag_keys(probe) if replay_buffer is not None else ()
+    check_batch_keys(conform_batch(probe, flat_keys))
     obs_dim, act_dim = probe["observation"].shape[-1], probe["action"].shape[-1]
     if data is not None:
         if (obs_dim, act_dim) != (data.observation_dim, data.action_dim):
@@ -405,8 +408,8 @@ def train(
 
     def sample() -> TensorDictBase:
         batch = buffer.sample()
-        if replay_buffer is not None:  # a user's buffer: [B] rewards/flags -> [B, 1]
-            batch = conform_batch(batch)
+        if flat_keys:
+            batch = conform_batch(batch, flat_keys)
         return batch if batch.device == device else batch.to(device)
 
     train_step = TrainStep(agent, sample, device=device, **compile_options(cfg))

@@ -30,7 +30,7 @@ import torch
 from tensordict.nn import TensorDictModule
 from torch import nn
 
-from divo.errors import ProtocolError
+from divo.errors import ProtocolError, type_name
 
 
 class BehaviorModel(nn.Module, abc.ABC):
@@ -91,7 +91,7 @@ def check_behavior_model(model: object, observation_dim: int, action_dim: int) -
     gradients, in eval mode, on the model's device, and leaves no trace: the global random
     state, the module's training flags and its parameters are as before.
     """
-    name = f"{type(model).__module__}.{type(model).__qualname__}"
+    name = type_name(model)
     guide = "see docs/plugin_guide.md"
     if not isinstance(model, nn.Module):
         raise BehaviorModelError(f"behaviour model {name} is not a torch.nn.Module; {guide}")

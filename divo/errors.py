@@ -32,6 +32,11 @@ class CheckpointError(DivoError):
     """A checkpoint cannot be read or does not match this run."""
 
 
+def type_name(obj: object) -> str:
+    """``module.Class`` of ``obj``'s type, to name a user's plugged-in part in an error."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
 def first_line(exc: BaseException) -> str:
     """The first line of an exception's message (its type name when the message is empty),
     for one-line errors that wrap another."""

@@ -143,7 +143,7 @@ def _read_curves(path: Path) -> tuple[dict[str, list[tuple[int, float]]], int | 
                 continue
             last = step if last is None else max(last, step)
             for kind, column in CURVE_COLUMNS.items():
-                value = _finite((row.get(column) or "").strip() or None)
+                value = _finite(row.get(column))
                 if value is not None:
                     curves[kind].append((step, value))
     return curves, last

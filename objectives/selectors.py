@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from divo.errors import ProtocolError
+from divo.errors import ProtocolError, type_name
 
 ADPO_RULES = ("compare", "positive")
 ADPO_MASKS = ("plain", "three_level")
@@ -207,7 +207,7 @@ def check_selector(selector: object, action_dim: int) -> None:
     :class:`divo.errors.ProtocolError` naming the first thing wrong: the ``num_candidates``
     (int >= 0) and ``needs_advantage`` attributes (subclass :class:`TargetSelector`), and
     ``(target [2, A], mask [2, 1])`` back, ``mask >= 0``."""
-    name = f"{type(selector).__module__}.{type(selector).__qualname__}"
+    name = type_name(selector)
     n = getattr(selector, "num_candidates", None)
     needs = getattr(selector, "needs_advantage", None)
     if (

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from divo.errors import ProtocolError
+from divo.errors import ProtocolError, type_name
 
 
 class WeightingScheme(nn.Module):
@@ -70,7 +70,7 @@ def check_weighting(scheme: object) -> None:
     :class:`divo.errors.ProtocolError` naming the first thing wrong: a ``needs_advantage``
     flag (subclass :class:`WeightingScheme`), and ``[4, 1]`` advantages -> ``[4, 1]`` finite,
     non-negative weights."""
-    name = f"{type(scheme).__module__}.{type(scheme).__qualname__}"
+    name = type_name(scheme)
     if not callable(scheme) or not isinstance(getattr(scheme, "needs_advantage", None), bool):
         raise ProtocolError(
             f"weighting scheme {name} must be callable (advantage [*B, 1] -> weight [*B, 1]) "

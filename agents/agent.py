@@ -226,6 +226,17 @@ class OfflineAgent(TrainableAgent):
         ):
             raise ValueError("a behaviour model needs a weighting scheme and a behaviour loss")
         self._needs_advantage = needs_adv
+        if self.advantage is not None and self.value_loss is not None:
+            self.advantage.pair_with(self.value_loss.objective)
+
+    @property
+    def advantage_critic(self) -> TwinQ:
+        """The critic advantages are computed with: the one V is fitted to (see
+        :class:`divo.objectives.value.Advantage`): the target critic for IQL's expectile V,
+        the online critic for A2PR's bootstrap V."""
+        if self.advantage is not None and self.advantage.uses_target_critic:
+            return self.critic_target
+        return self.critic
 
     @property
     def policy(self) -> nn.Module:
@@ -279,8 +290,9 @@ class OfflineAgent(TrainableAgent):
             v = out.pop("state_value")  # this pass's V(s), before the value's optimiser step
             metrics.update(out)
 
-        # 3. Advantage of the dataset actions, A(s, a) = Q(s, a) - V(s), detached, with the
-        #    critic just updated and V(s) from the value step (A2PR) or evaluated again
+        # 3. Advantage of the dataset actions, A(s, a) = Q(s, a) - V(s), detached, with Q from
+        #    the critic V is fitted to (expectile: min Q_target, as IQL; bootstrap: the online
+        #    Q1 just updated, as A2PR) and V(s) from the value step or evaluated again
         #    (``v_from: updated``); V(s) is kept for the candidates' advantages.
         adv = None
         if self._needs_advantage:
@@ -323,18 +335,23 @@ class OfflineAgent(TrainableAgent):
     @torch.no_grad()
     def advantage_stage(self, obs, action, state_value=None):
         v = self.value(obs) if state_value is None else state_value
-        adv = self.advantage(obs, action, self.critic, self.value, state_value=v)
+        adv = self.advantage(obs, action, self.advantage_critic, self.value, state_value=v)
         return {
             "advantage": adv,
             "state_value": v,
             "advantage_mean": adv.mean(),
+            "advantage_std": adv.std(),
             "advantage_pos_frac": (adv > 0).to(adv.dtype).mean(),
         }
 
     def behavior_stage(self, obs, action, advantage):
         weight = self.weighting(advantage)
         per_sample = self.behavior_model.per_sample_loss(action, obs, generator=self._generator)
-        return self.behavior_loss(per_sample, weight)
+        out = self.behavior_loss(per_sample, weight)
+        clip = getattr(self.weighting, "clip", None)
+        if clip is not None:  # e.g. exp_awr's w_max: how many weights saturate
+            out["weight_clip_frac"] = (weight >= clip).to(weight.dtype).mean()
+        return out
 
     def actor_stage(self, obs, action, advantage=None, state_value=None):
         metrics = {}
@@ -345,13 +362,19 @@ class OfflineAgent(TrainableAgent):
                     obs, self.selector.num_candidates, generator=self._generator
                 )
                 cand_adv = self.advantage(
-                    obs, candidates, self.critic, self.value, state_value=state_value
+                    obs, candidates, self.advantage_critic, self.value, state_value=state_value
                 )
             target, mask = self.selector(candidates, cand_adv, action, advantage)
             if candidates is not None:
+                # the share of BC targets that are model samples, not dataset actions
                 metrics["target_from_model_frac"] = (
                     (target != action).any(-1).to(action.dtype).mean()
                 )
+            if cand_adv is not None and advantage is not None:
+                # is the behaviour model better than its data? A of its samples minus A of
+                # the dataset actions, at the same states
+                metrics["sample_advantage_gap"] = cand_adv.mean() - advantage.mean()
+                metrics["bc_mask_mean"] = mask.mean()
         out = self.actor_loss(obs, target, mask, self.actor, self.critic)
         return {**out, **metrics}
 

@@ -193,7 +193,9 @@ def build_offline_agent(
 
 def _picker_over_behavior_model(picker: functools.partial, agent: OfflineAgent) -> torch.nn.Module:
     return picker(
-        normalizer=agent.normalizer, behavior_model=agent.behavior_model, critic=agent.critic
+        normalizer=agent.normalizer,
+        behavior_model=agent.behavior_model,
+        critic=agent.advantage_critic,  # the critic the advantages use (see Advantage)
     )
 
 

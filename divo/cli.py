@@ -38,6 +38,9 @@ commands:
   report <dir>... [--compare A B] [--out DIR]
                                             tables and figures over the runs under <dir>
   study bandit [key=value...] [--out PNG]   the 2-D bandit study figure (docs/bandit_study.png)
+  study locomotion [key=value...] [--jobs N]
+                                            DIVO vs its ablations and TD3+BC on MuJoCo data
+                                            (resumable; writes docs/results.md)
   data build <env id> [options]             train SAC, write D4RL-style Minari datasets
   data pointmaze <umaze|medium> [options]   sparse-reward maze data from a waypoint planner
 recipes: {recipes}
@@ -273,7 +276,9 @@ COMMANDS = {
     "train": _train,
     "evaluate": _evaluate,
     "report": lambda argv: importlib.import_module("divo.report").main(argv),
-    "study": lambda argv: importlib.import_module("divo.bandit_study").study_command(argv),
+    "study": lambda argv: importlib.import_module(
+        "divo.locomotion_study" if argv[:1] == ["locomotion"] else "divo.bandit_study"
+    ).study_command(argv[1:] if argv[:1] == ["locomotion"] else argv),
     "data": lambda argv: importlib.import_module("divo.factory.cli").data_command(argv),
 }
 

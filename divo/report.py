@@ -14,6 +14,10 @@ the output folder (default ``<first dir>/report``):
   et al. 2021 that the DIVO paper follows);
 - ``paired.csv`` (with ``--compare A B``): per dataset the difference A - B of the final scores,
   paired by seed;
+- ``diagnostics.csv``: per (recipe, dataset) the training diagnostics a researcher watches
+  (share of positive advantages, weights at the weighting's clip, the behaviour model's samples'
+  advantage over the data's, the share of actor targets taken from the model, Q and V scales),
+  each averaged over the last quarter of the logged steps, then over seeds;
 - ``runs.csv``: every run found, with its status (runs still in progress, failed or without a
   score are listed and left out of the numbers);
 - ``learning_curves.png`` (normalised score, or return, over training steps per dataset: mean over
@@ -92,6 +96,8 @@ class Run:
     score: float | None = None  # what the report uses: normalized, or return_mean (score_kind)
     score_kind: str = ""  # "normalized" | "return" (a dataset without reference scores)
     note: str = ""
+    behavior_score: float | None = None  # the data's behaviour policy, normalised (result.json)
+    diagnostics: dict[str, float] = field(default_factory=dict)  # late-training means
     config: dict[str, Any] = field(default_factory=dict)  # flattened, dotted keys
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # kind -> curve
     label: str = ""
@@ -118,6 +124,18 @@ def _load_config(path: Path) -> dict[str, Any]:
 
 
 CURVE_COLUMNS = {"normalized": "normalized_score", "return": "eval_return_mean"}
+# metrics.csv columns shown in the diagnostics table (those a run logs), with their titles
+DIAGNOSTICS = {
+    "advantage_pos_frac": "A(s,a) > 0",
+    "weight_nonzero_frac": "w > 0",
+    "weight_clip_frac": "w at clip",
+    "sample_advantage_gap": "A(sample) - A(data)",
+    "target_from_model_frac": "targets from model",
+    "advantage_std": "std A",
+    "q_mean": "Q",
+    "v_mean": "V",
+}
+DIAGNOSTIC_TAIL = 0.25  # diagnostics: mean over this last share of the logged rows
 
 
 def _finite(value: Any) -> float | None:
@@ -131,9 +149,13 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
-def _read_curves(path: Path) -> tuple[dict[str, list[tuple[int, float]]], int | None]:
-    """Per kind (normalised score, return): (step, value) at each evaluation; the last step."""
+def _read_curves(
+    path: Path,
+) -> tuple[dict[str, list[tuple[int, float]]], int | None, dict[str, float]]:
+    """Per kind (normalised score, return): (step, value) at each evaluation; the last step;
+    each diagnostic column's mean over the last :data:`DIAGNOSTIC_TAIL` of its logged rows."""
     curves: dict[str, list[tuple[int, float]]] = {kind: [] for kind in CURVE_COLUMNS}
+    series: dict[str, list[float]] = defaultdict(list)
     last = None
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
@@ -146,7 +168,15 @@ def _read_curves(path: Path) -> tuple[dict[str, list[tuple[int, float]]], int | 
                 value = _finite(row.get(column))
                 if value is not None:
                     curves[kind].append((step, value))
-    return curves, last
+            for column in DIAGNOSTICS:
+                value = _finite(row.get(column))
+                if value is not None:
+                    series[column].append(value)
+    diagnostics = {
+        column: float(np.mean(values[-max(1, math.ceil(DIAGNOSTIC_TAIL * len(values))) :]))
+        for column, values in series.items()
+    }
+    return curves, last, diagnostics
 
 
 def _as_int(value: Any) -> int | None:
@@ -176,7 +206,7 @@ def read_run(path: Path) -> Run:
     metrics = path / "metrics.csv"
     if metrics.is_file():
         try:
-            run.curves, run.last_step = _read_curves(metrics)
+            run.curves, run.last_step, run.diagnostics = _read_curves(metrics)
         except Exception as exc:  # noqa: BLE001
             notes.append(f"unreadable metrics.csv ({type(exc).__name__})")
 
@@ -197,6 +227,7 @@ def read_run(path: Path) -> Run:
             run.steps = _as_int(result.get("steps", run.steps))
             run.normalized = _finite(result.get("normalized_score"))
             run.return_mean = _finite(result.get("return_mean"))
+            run.behavior_score = _finite(result.get("behavior_normalized_score"))
             if run.normalized is not None or run.return_mean is not None:
                 run.status = "complete"
                 if run.normalized is None:
@@ -568,6 +599,51 @@ def paired_differences(cells: dict, a: str, b: str) -> list[dict[str, Any]]:
     return rows
 
 
+def mean_paired_difference(
+    cells: dict, a: str, b: str, *, reps: int, seed: int, ci: float = 0.95
+) -> dict[str, Any] | None:
+    """a - b over every dataset both were run on: the mean over datasets of the mean paired
+    (same-seed) difference, with a stratified percentile-bootstrap CI (seed pairs resampled
+    within each dataset). None when they share no dataset and seed."""
+    diffs = []
+    for row in paired_differences(cells, a, b):
+        diffs.append(np.array([float(d) for d in row["diffs"].split()]))
+    if not diffs:
+        return None
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(reps)
+    for d in diffs:
+        boot += d[rng.integers(0, len(d), size=(reps, len(d)))].mean(axis=1)
+    boot /= len(diffs)
+    return {
+        "a": a,
+        "b": b,
+        "datasets": len(diffs),
+        "pairs": int(sum(len(d) for d in diffs)),
+        "estimate": float(np.mean([d.mean() for d in diffs])),
+        "ci_low": float(np.quantile(boot, (1 - ci) / 2)),
+        "ci_high": float(np.quantile(boot, 1 - (1 - ci) / 2)),
+    }
+
+
+def diagnostics_rows(cells: dict) -> list[dict[str, Any]]:
+    """Per (label, dataset): each diagnostic's late-training mean, averaged over seeds (None
+    where no run logs it)."""
+    rows = []
+    for key in sorted(cells, key=lambda k: (k[1], k[0])):
+        cell = cells[key]
+        row: dict[str, Any] = {
+            "recipe": cell.label,
+            "dataset": cell.dataset,
+            "seeds": len(cell.runs),
+        }
+        for column in DIAGNOSTICS:
+            values = [r.diagnostics[column] for r in cell.runs if column in r.diagnostics]
+            row[column] = float(np.mean(values)) if values else None
+        rows.append(row)
+    return rows
+
+
 def probability_of_improvement(
     cells: dict, a: str, b: str, *, reps: int, seed: int, ci: float = 0.95
 ) -> tuple[float, float, float, int] | None:
@@ -658,6 +734,16 @@ def plot_learning_curves(
                 label=f"{label} ({len(curves)} seeds)",
             )
             ax.fill_between(steps, low, high, color=colors[label], alpha=0.2, linewidth=0)
+        behavior = [r.behavior_score for r in runs if r.dataset == dataset and curve(r)]
+        behavior = [b for b in behavior if b is not None]
+        if behavior and all(r.score_kind == "normalized" for r in runs if r.dataset == dataset):
+            ax.axhline(
+                float(np.mean(behavior)),
+                color="grey",
+                linestyle="--",
+                linewidth=1,
+                label="behaviour policy (data)",
+            )
         ax.set_title(dataset, fontsize="medium")
         ax.set_xlabel("training step")
         kinds = {r.score_kind for r in runs if r.dataset == dataset and curve(r)}
@@ -838,11 +924,25 @@ def make_report(
         write_csv(out / "aggregate.csv", agg_rows, list(agg_rows[0]))
         files.append(out / "aggregate.csv")
 
+    diag_rows = diagnostics_rows(cells)
+    diag_columns = [c for c in DIAGNOSTICS if any(r[c] is not None for r in diag_rows)]
+    if diag_columns:
+        write_csv(
+            out / "diagnostics.csv",
+            [{k: r[k] for k in ("recipe", "dataset", "seeds", *diag_columns)} for r in diag_rows],
+            ["recipe", "dataset", "seeds", *diag_columns],
+        )
+        files.append(out / "diagnostics.csv")
+
     pairs: list[dict[str, Any]] = []
+    overall: list[dict[str, Any]] = []
     improvements = []
     for other in compare_labels[1:]:
         a = compare_labels[0]
         pairs += paired_differences(cells, a, other)
+        mean_diff = mean_paired_difference(cells, a, other, reps=reps, seed=seed)
+        if mean_diff is not None:
+            overall.append(mean_diff)
         poi = probability_of_improvement(cells, a, other, reps=reps, seed=seed)
         if poi is not None:
             improvements.append((a, other, *poi))
@@ -972,6 +1072,26 @@ def make_report(
         )
         if not pairs:
             md += ["", "No dataset has runs of both with the same seed."]
+        if overall:
+            md += [
+                "",
+                "Over datasets: the mean over datasets of the per-dataset mean paired difference, "
+                f"with a 95% stratified-bootstrap CI ({reps} resamples of the seed pairs within "
+                "each dataset).",
+                "",
+            ]
+            md += _md_table(
+                ["difference", "datasets", "pairs", "estimate [95% CI]"],
+                [
+                    [
+                        f"{o['a']} - {o['b']}",
+                        o["datasets"],
+                        o["pairs"],
+                        _ci_text(o["estimate"], o["ci_low"], o["ci_high"]),
+                    ]
+                    for o in overall
+                ],
+            )
         for a, b, p, lo, hi, n in improvements:
             md += [
                 "",
@@ -981,6 +1101,27 @@ def make_report(
         md += [""]
     if curves_png:
         md += ["## Learning curves", "", f"![learning curves]({curves_png.name})", ""]
+    if diag_columns:
+        md += [
+            "## Training diagnostics",
+            "",
+            "From metrics.csv: each column's mean over the last "
+            f"{DIAGNOSTIC_TAIL:.0%} of the logged steps, then over seeds. "
+            + "; ".join(f"*{DIAGNOSTICS[c]}*: `{c}`" for c in diag_columns)
+            + ". A(sample) - A(data): the behaviour model's samples' mean advantage minus the "
+            "dataset actions' at the same states (> 0: the model is better than its data); "
+            "targets from model: the share of the actor's BC targets that are model samples.",
+            "",
+        ]
+        md += _md_table(
+            ["recipe", "dataset", "seeds", *[DIAGNOSTICS[c] for c in diag_columns]],
+            [
+                [r["recipe"], r["dataset"], r["seeds"]]
+                + ["" if r[c] is None else f"{r[c]:.3g}" for c in diag_columns]
+                for r in diag_rows
+            ],
+        )
+        md += [""]
     others = [r for r in runs if r.status != "complete"]
     md += ["## Runs left out", ""]
     if others:

@@ -14,6 +14,9 @@ from divo.objectives.functional import expectile_loss
 VALUE_OBJECTIVES = ("expectile", "bootstrap")
 Q_HEADS = ("q1", "min")
 V_SOURCES = ("value_step", "updated")
+ADVANTAGE_CRITICS = ("paired", "online", "target")
+# value objective -> (the critic V is fitted to, the Q head its reference code uses)
+PAIRINGS = {"expectile": ("target", "min"), "bootstrap": ("online", "q1")}
 
 
 class StateValue(nn.Module):
@@ -77,24 +80,74 @@ class ValueLoss(nn.Module):
 
 
 class Advantage(nn.Module):
-    """A(s, x) = Q(s, x) - V(s), detached.
+    """A(s, x) = Q(s, x) - V(s), detached, with Q from the critic V is fitted to.
 
-    ``q_head``: ``q1`` (A2PR) or ``min`` (min over the twin heads).
-    ``v_from``: which V(s) the agent's update uses: ``value_step`` (A2PR's code: the value
-    step's own forward pass, before its optimiser step; no extra pass) or ``updated`` (V(s)
-    evaluated again after the value update: one more pass of V per step). Q(s, x) is always the
-    critic just updated, as in A2PR.
+    ``critic``: ``paired`` (default) takes the critic that V's objective pairs it with:
+
+    * ``expectile`` (IQL): V is the expectile of min Q_target(s, a), so A uses the *target*
+      critic (and ``q_head: auto`` = ``min``, as IQL);
+    * ``bootstrap`` (A2PR): V regresses towards the TD target y that the *online* critic also
+      regresses to, so A uses the online critic just updated (``q_head: auto`` = ``q1``, as
+      A2PR).
+
+    ``online`` / ``target`` name the critic explicitly. A critic other than the paired one
+    builds the Polyak lag between the online critic and its target into every advantage (while
+    Q rises nearly every action looks positive; with negative rewards nearly none does), so it
+    is refused unless ``allow_mismatch: true`` says it is meant (an ablation of the pairing).
+    ``q_head``: ``auto``, ``q1`` or ``min`` (min over the twin heads).
+    ``v_from``: which V(s) the agent's update uses: ``value_step`` (the value step's own forward
+    pass, before its optimiser step, as A2PR's code; no extra pass) or ``updated`` (V(s)
+    evaluated again after the value update: one more pass of V per step).
     forward(observation [*B, O], action [*B, A] or candidates [*B, N, A]) -> [*B, 1] / [*B, N, 1].
+    The agent calls :meth:`pair_with` with its value objective before the first update.
     """
 
-    def __init__(self, q_head: str = "q1", v_from: str = "value_step") -> None:
+    def __init__(
+        self,
+        critic: str = "paired",
+        q_head: str = "auto",
+        v_from: str = "value_step",
+        allow_mismatch: bool = False,
+    ) -> None:
         super().__init__()
-        if q_head not in Q_HEADS:
-            raise ValueError(f"advantage q_head must be one of {Q_HEADS}, got {q_head!r}")
+        if critic not in ADVANTAGE_CRITICS:
+            raise ValueError(f"advantage critic must be one of {ADVANTAGE_CRITICS}, got {critic!r}")
+        if q_head not in ("auto", *Q_HEADS):
+            raise ValueError(
+                f"advantage q_head must be one of {('auto', *Q_HEADS)}, got {q_head!r}"
+            )
         if v_from not in V_SOURCES:
             raise ValueError(f"advantage v_from must be one of {V_SOURCES}, got {v_from!r}")
+        self.critic = critic
         self.q_head = q_head
         self.v_from = v_from
+        self.allow_mismatch = bool(allow_mismatch)
+        # resolved by pair_with (the value objective decides what ``paired``/``auto`` mean)
+        self.uses_target_critic: bool | None = None
+        self.head: str | None = None
+
+    def pair_with(self, objective: str) -> None:
+        """Resolve ``critic`` and ``q_head`` for V's ``objective``; refuse a mismatched critic
+        unless ``allow_mismatch``."""
+        if objective not in PAIRINGS:
+            raise ValueError(
+                f"value objective must be one of {VALUE_OBJECTIVES}, got {objective!r}"
+            )
+        paired_critic, paired_head = PAIRINGS[objective]
+        critic = paired_critic if self.critic == "paired" else self.critic
+        if critic != paired_critic and not self.allow_mismatch:
+            raise ValueError(
+                f"value.advantage.critic={critic} does not match value.loss.objective="
+                f"{objective}, whose V is fitted to the {paired_critic} critic: advantages "
+                "would carry the Polyak lag between the two critics; use "
+                "value.advantage.critic=paired, or set value.advantage.allow_mismatch=true "
+                "to study the mismatch on purpose"
+            )
+        self.uses_target_critic = critic == "target"
+        self.head = paired_head if self.q_head == "auto" else self.q_head
+
+    def extra_repr(self) -> str:
+        return f"critic={self.critic}, q_head={self.q_head}, v_from={self.v_from}"
 
     @torch.no_grad()
     def forward(
@@ -105,13 +158,16 @@ class Advantage(nn.Module):
         value: StateValue,
         state_value: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``state_value``: V(observation) [*B, 1] when the caller already has it (saves a pass)."""
+        """``critic``: the one :attr:`uses_target_critic` names (the agent passes it);
+        ``state_value``: V(observation) [*B, 1] when the caller already has it (saves a pass)."""
+        if self.head is None:
+            raise RuntimeError("Advantage.pair_with(objective) must be called before use")
         v = value(observation) if state_value is None else state_value
         if action.dim() == observation.dim() + 1:  # candidates [*B, N, A]
             observation = observation.unsqueeze(-2).expand(*action.shape[:-1], -1)
             v = v.unsqueeze(-2)
-        if self.q_head == "q1":
+        if self.head == "q1":
             q = critic.q1(observation, action)  # one head's arithmetic, not both
         else:
-            q = critic(observation, action).min(dim=0).values
+            q = critic.min_q(observation, action)
         return q - v

@@ -16,6 +16,8 @@ class WeightingScheme(nn.Module):
     """Base class: ``forward(advantage [*B, 1]) -> weight [*B, 1]`` (>= 0, no gradient)."""
 
     needs_advantage: bool = True
+    # the largest weight the scheme gives, when it clips (the agent logs the share at the clip)
+    clip: float | None = None
 
     def forward(self, advantage: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -49,6 +51,7 @@ class ExpAWRWeight(WeightingScheme):
             raise ValueError(f"exp_awr needs beta >= 0 and w_max > 0, got {beta}, {w_max}")
         self.beta = beta
         self.w_max = w_max
+        self.clip = w_max
 
     @torch.no_grad()
     def forward(self, advantage: torch.Tensor) -> torch.Tensor:

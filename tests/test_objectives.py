@@ -114,14 +114,35 @@ def test_value_losses_by_hand():
     assert out["loss_value"].item() == pytest.approx(1.0)
 
 
+def paired(objective: str = "expectile", **kwargs) -> Advantage:
+    adv = Advantage(**kwargs)
+    adv.pair_with(objective)
+    return adv
+
+
 def test_advantage_by_hand_for_actions_and_candidates():
     q, v = linear_twin_q(), const_value(2.0)
-    assert Advantage("q1")(OBS, ACT, q, v).item() == pytest.approx(0.5)
-    assert Advantage("min")(OBS, ACT, q, v).item() == pytest.approx(-0.5)
+    assert paired(q_head="q1")(OBS, ACT, q, v).item() == pytest.approx(0.5)
+    assert paired(q_head="min")(OBS, ACT, q, v).item() == pytest.approx(-0.5)
+    # auto: the pairing's head, min for IQL's expectile V, Q1 for A2PR's bootstrap V
+    assert paired("expectile")(OBS, ACT, q, v).item() == pytest.approx(-0.5)
+    assert paired("bootstrap")(OBS, ACT, q, v).item() == pytest.approx(0.5)
     cands = torch.tensor([[[0.0], [1.0], [-1.0]]])  # [B=1, N=3, A=1]
-    adv = Advantage("q1")(OBS, cands, q, v)
+    adv = paired(q_head="q1")(OBS, cands, q, v)
     assert adv.shape == (1, 3, 1)
     torch.testing.assert_close(adv.flatten(), torch.tensor([0.0, 1.0, -1.0]))
+
+
+def test_advantage_pairs_its_critic_with_the_value_objective():
+    assert paired("expectile").uses_target_critic is True
+    assert paired("bootstrap").uses_target_critic is False
+    with pytest.raises(ValueError, match="allow_mismatch"):
+        paired("expectile", critic="online")
+    with pytest.raises(ValueError, match="allow_mismatch"):
+        paired("bootstrap", critic="target")
+    assert paired("expectile", critic="online", allow_mismatch=True).uses_target_critic is False
+    with pytest.raises(RuntimeError, match="pair_with"):
+        Advantage()(OBS, ACT, linear_twin_q(), const_value(2.0))
 
 
 def test_binary_weight_is_zero_for_non_positive_advantage_by_default():

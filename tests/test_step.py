@@ -367,24 +367,46 @@ def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
     assert_identical_runs(eager, graph)  # metric keys too: the actor every 2nd step
 
 
-@pytest.mark.parametrize("v_from", ["value_step", "updated"])
-def test_advantages_use_the_updated_critic_and_the_chosen_state_value(v_from):
-    """A(s, a) = Q1(s, a) - V(s): Q1 of the critic this step updated; V(s) of the value step's
-    own forward pass (A2PR's code) or evaluated again after the value's update."""
+@pytest.mark.parametrize(
+    "value, v_from",
+    [("expectile", "value_step"), ("expectile", "updated"), ("bootstrap", "value_step")],
+)
+def test_advantages_use_the_critic_their_value_is_fitted_to(value, v_from):
+    """A(s, a) = Q(s, a) - V(s) with the critic V is fitted to: expectile V (IQL) -> min over
+    the TARGET critic's heads; bootstrap V (A2PR) -> Q1 of the online critic this step updated.
+    V(s) of the value step's own forward pass, or evaluated again after the value's update."""
     import copy
 
-    agent = small_agent("divo", **{"value.advantage.v_from": v_from})
+    agent = small_agent("divo", value=value, **{"value.advantage.v_from": v_from})
     batch = DeviceSampler(ted(), 64).sample()
     value_before = copy.deepcopy(agent.value)
     metrics = agent.update(batch)  # update 1: critic, value, behaviour model (no actor yet)
     with torch.no_grad():
         obs = agent.normalizer(batch["observation"])
-        q1 = agent.critic.q1(obs, batch["action"])
+        if value == "expectile":
+            q = agent.critic_target.min_q(obs, batch["action"])
+            assert not torch.allclose(q, agent.critic.min_q(obs, batch["action"]))
+        else:
+            q = agent.critic.q1(obs, batch["action"])
         v_before, v_after = value_before(obs), agent.value(obs)
     assert not torch.allclose(v_before, v_after)  # the value step moved V
     v = v_before if v_from == "value_step" else v_after
-    torch.testing.assert_close(metrics["advantage_mean"], (q1 - v).mean())
-    torch.testing.assert_close(metrics["advantage_pos_frac"], (q1 > v).float().mean())
+    torch.testing.assert_close(metrics["advantage_mean"], (q - v).mean())
+    torch.testing.assert_close(metrics["advantage_pos_frac"], (q > v).float().mean())
+
+
+@pytest.mark.parametrize("value, other", [("expectile", "online"), ("bootstrap", "target")])
+def test_a_mismatched_advantage_critic_is_refused_unless_asked_for(value, other):
+    """Online Q minus a V fitted to the target critic (or the reverse) builds the Polyak lag
+    into every advantage: refused with a one-line error; allowed by name as an ablation."""
+    with pytest.raises(ConfigError, match="allow_mismatch"):
+        small_agent("divo", value=value, **{"value.advantage.critic": other})
+    agent = small_agent(
+        "divo",
+        value=value,
+        **{"value.advantage.critic": other, "value.advantage.allow_mismatch": "true"},
+    )
+    assert agent.advantage_critic is (agent.critic if other == "online" else agent.critic_target)
 
 
 def test_a_stage_that_fails_to_compile_runs_eagerly_after_a_warning():

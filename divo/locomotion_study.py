@@ -1,0 +1,281 @@
+"""The locomotion study: DIVO against its ablations and TD3+BC on MuJoCo datasets, over seeds.
+
+``divo study locomotion [key=value ...] [--config FILE] [--jobs N] [--page-only] [--dry-run]``.
+Settings: ``recipes/study/locomotion.yaml`` (recipes, datasets, seeds, training steps, extra
+overrides), then a YAML file of a variant (``--config``), then ``key=value``.
+
+Every (recipe, dataset, seed) cell is one ordinary ``divo train`` run, in a subprocess of its
+own (one torch thread; ``--jobs`` of them side by side). The study is made to span sittings:
+
+- a cell is *done* when ``<results>/runs/<recipe>/<dataset>/seed<k>/result.json`` exists; its
+  small outputs (result.json, metrics.csv, config.yaml, train.log) are copied there when it
+  finishes, so they can be committed and a fresh clone skips the cell;
+- a cell whose full run directory (under ``work_dir``) holds a checkpoint resumes from it
+  (``divo train <run dir>``) instead of starting again; an interrupted study loses at most
+  ``checkpoint_every`` steps per running cell;
+- after every finished cell ``divo report`` is rerun over ``<results>/runs`` (tables, 95%
+  bootstrap CIs, paired differences, learning curves, training diagnostics) and the results
+  page is rewritten, with the hand-written notes file included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+STUDY_CONFIG = "study/locomotion.yaml"
+KEPT_FILES = ("result.json", "metrics.csv", "config.yaml", "train.log")
+
+
+def study_config(overrides: Sequence[str] = (), config: str | Path | None = None) -> Any:
+    """The study's settings: ``recipes/study/locomotion.yaml``, then the YAML file ``config``
+    (a variant of the study: other overrides, results folder, ...), then dot-list
+    ``overrides``. Unknown keys are refused."""
+    from omegaconf import OmegaConf
+
+    from divo.cli import recipes_dir
+    from divo.errors import ConfigError
+
+    cfg = OmegaConf.load(recipes_dir() / STUDY_CONFIG)
+    layers = []
+    if config is not None:
+        if not Path(config).is_file():
+            raise ConfigError(f"study config {config} does not exist")
+        layers.append((str(config), OmegaConf.load(config)))
+    layers.append(("key=value settings", OmegaConf.from_dotlist(list(overrides))))
+    for where, extra in layers:
+        unknown = sorted(set(extra) - set(cfg))
+        if unknown:
+            raise ConfigError(
+                f"unknown study setting(s) {', '.join(unknown)} in {where}; the settings are "
+                f"{', '.join(cfg)} (recipes/{STUDY_CONFIG})"
+            )
+        cfg = OmegaConf.merge(cfg, extra)
+    return cfg
+
+
+@dataclass(frozen=True)
+class Cell:
+    recipe: str
+    dataset: str
+    seed: int
+
+    @property
+    def rel(self) -> Path:
+        return Path(self.recipe) / self.dataset.replace("/", "-") / f"seed{self.seed}"
+
+    def __str__(self) -> str:
+        return f"{self.recipe} on {self.dataset} seed {self.seed}"
+
+
+def study_cells(cfg: Any) -> list[Cell]:
+    """Seed-major order: every recipe and dataset gets its first seed before any gets a second,
+    so a study stopped half-way still compares all of them."""
+    return [
+        Cell(str(recipe), str(dataset), int(seed))
+        for seed in cfg.seeds
+        for dataset in cfg.datasets
+        for recipe in cfg.recipes
+    ]
+
+
+def is_done(cell: Cell, cfg: Any) -> bool:
+    return (Path(cfg.results) / "runs" / cell.rel / "result.json").is_file()
+
+
+def cell_command(cell: Cell, cfg: Any) -> list[str]:
+    """The ``divo train`` command line of a cell: a resume when its run holds a checkpoint."""
+    run_dir = Path(cfg.work_dir) / cell.rel
+    divo = [sys.executable, "-m", "divo.cli", "train"]
+    if any((run_dir / "checkpoints").glob("*.pt")):
+        return [*divo, str(run_dir), "--quiet"]
+    return [
+        *divo,
+        cell.recipe,
+        f"dataset.id={cell.dataset}",
+        f"seed={cell.seed}",
+        f"train.steps={cfg.steps}",
+        f"train.eval_every={cfg.eval_every}",
+        f"train.checkpoint_every={cfg.checkpoint_every}",
+        "train.threads=1",
+        *[str(o) for o in cfg.overrides],
+        f"hydra.run.dir={run_dir}",
+        "--quiet",
+    ]
+
+
+def run_cell(cell: Cell, cfg: Any) -> tuple[bool, str]:
+    """Train (or resume) one cell; on success copy its small outputs into the results folder.
+    Returns (finished, a one-line account)."""
+    run_dir = Path(cfg.work_dir) / cell.rel
+    if run_dir.exists() and not any((run_dir / "checkpoints").glob("*.pt")):
+        shutil.rmtree(run_dir)  # stopped before its first checkpoint: nothing to resume
+    start = time.perf_counter()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cell_command(cell, cfg), capture_output=True, text=True, env=env)
+    minutes = (time.perf_counter() - start) / 60
+    if proc.returncode != 0 or not (run_dir / "result.json").is_file():
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        return False, f"{cell}: FAILED after {minutes:.1f} min: {lines[-1] if lines else '?'}"
+    kept = Path(cfg.results) / "runs" / cell.rel
+    kept.mkdir(parents=True, exist_ok=True)
+    for name in KEPT_FILES:
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, kept / name)
+    result = json.loads((run_dir / "result.json").read_text())
+    score = result.get("normalized_score")
+    score_txt = f"normalized score {score:.1f}" if score is not None else "no score"
+    return True, f"{cell}: {score_txt} after {result.get('steps')} steps ({minutes:.1f} min)"
+
+
+def write_page(cfg: Any, log=print) -> Path:
+    """Rerun ``divo report`` over the finished cells and write the results page."""
+    from divo.errors import ConfigError
+    from divo.report import make_report
+
+    results = Path(cfg.results)
+    page = Path(cfg.page)
+    cells = study_cells(cfg)
+    done = [c for c in cells if is_done(c, cfg)]
+    report_dir = results / "report"
+    rel_report = os.path.relpath(report_dir, page.parent)
+    body: list[str] = []
+    compare = [str(c) for c in cfg.compare] if len(cfg.compare) > 1 else []
+    if done:
+        try:
+            make_report(
+                [results / "runs"],
+                report_dir,
+                compare=compare or None,
+                command=f"divo report {results / 'runs'}"
+                + (f" --compare {' '.join(compare)}" if compare else "")
+                + f" --out {report_dir}",
+            )
+        except ConfigError as exc:
+            body = [f"No report yet: {exc}"]
+        else:
+            text = (report_dir / "report.md").read_text().splitlines()
+            for line in text[1:]:  # the report without its title, links into report/
+                if line.startswith("## "):
+                    line = "#" + line
+                body.append(_relink(line, rel_report))
+    else:
+        body = ["No cell has finished yet."]
+    notes = Path(cfg.notes)
+    lines = [
+        "# Results: what each part of DIVO buys on MuJoCo data",
+        "",
+        "Made by `divo study locomotion` (settings: `recipes/study/locomotion.yaml`); this page is "
+        "rewritten after every finished cell. Recipes "
+        + ", ".join(f"`{r}`" for r in cfg.recipes)
+        + f"; datasets {', '.join(f'`{d}`' for d in cfg.datasets)}; seeds "
+        f"{', '.join(str(s) for s in cfg.seeds)}; {cfg.steps:,} training steps per run, "
+        f"evaluated every {cfg.eval_every:,} steps (10 episodes)"
+        + (
+            f"; extra overrides {' '.join(f'`{o}`' for o in cfg.overrides)}"
+            if cfg.overrides
+            else ""
+        )
+        + ".",
+        "",
+        f"**Status: {len(done)} of {len(cells)} cells finished.** Each finished run's "
+        f"result.json, metrics.csv, config.yaml and train.log are under "
+        f"`{results / 'runs'}`; `divo study locomotion` runs the rest (`jobs=2` on two cores) "
+        "and skips what is there.",
+        "",
+    ]
+    if notes.is_file():
+        lines += [notes.read_text().strip(), ""]
+    lines += body
+    page.parent.mkdir(parents=True, exist_ok=True)
+    page.write_text("\n".join(lines).rstrip() + "\n")
+    log(f"divo study locomotion: {len(done)}/{len(cells)} cells finished -> {page}")
+    return page
+
+
+def _relink(line: str, prefix: str) -> str:
+    """Point the report's relative links (``](file)``) into its folder."""
+    out, rest = [], line
+    while "](" in rest:
+        head, tail = rest.split("](", 1)
+        out.append(head + "](")
+        if not tail.startswith(("http", "#", "/")):
+            out.append(prefix + "/")
+        rest = tail
+    out.append(rest)
+    return "".join(out)
+
+
+def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=print) -> int:
+    """Run every cell not yet done (``jobs`` at a time), rewriting the page after each.
+    Returns the number of cells that failed."""
+    cells = study_cells(cfg)
+    todo = [c for c in cells if not is_done(c, cfg)]
+    jobs = int(jobs or cfg.jobs)
+    log(
+        f"divo study locomotion: {len(cells) - len(todo)} of {len(cells)} cells done, "
+        f"{len(todo)} to run, {jobs} at a time"
+    )
+    if dry_run:
+        for cell in todo:
+            log("  " + " ".join(cell_command(cell, cfg)[2:]))
+        return 0
+    failed = 0
+    lock = threading.Lock()
+
+    def one(cell: Cell) -> None:
+        nonlocal failed
+        log(f"  started {cell}")
+        ok, message = run_cell(cell, cfg)
+        with lock:
+            log("  " + message)
+            if ok:
+                write_page(cfg, log)
+            else:
+                failed += 1
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, todo))
+    write_page(cfg, log)
+    return failed
+
+
+def study_command(argv: Sequence[str]) -> int:
+    """``divo study locomotion [key=value ...] [--config FILE] [--jobs N] [--page-only]
+    [--dry-run]``."""
+    from divo.errors import ConfigError
+
+    parser = argparse.ArgumentParser(
+        prog="divo study locomotion",
+        description="DIVO, TD3+BC and DIVO's ablations over MuJoCo datasets and seeds; "
+        "resumable, rewrites the results page after every cell.",
+    )
+    parser.add_argument("overrides", nargs="*", help="key=value (recipes/study/locomotion.yaml)")
+    parser.add_argument(
+        "--config", default=None, help="a YAML file of settings merged over the shipped ones"
+    )
+    parser.add_argument("--jobs", type=int, default=None, help="cells side by side")
+    parser.add_argument(
+        "--page-only", action="store_true", help="rewrite the page from finished cells only"
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the cells' commands")
+    ns = parser.parse_intermixed_args(list(argv))
+    bad = [o for o in ns.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"study settings are key=value pairs, got {' '.join(bad)}")
+    cfg = study_config(ns.overrides, ns.config)
+    if ns.page_only:
+        write_page(cfg)
+        return 0
+    return 1 if run_study(cfg, ns.jobs, ns.dry_run) else 0

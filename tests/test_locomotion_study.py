@@ -1,0 +1,72 @@
+"""`divo study locomotion`: cells run once, their small outputs are kept, an interrupted study
+resumes, and the results page is written from `divo report`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from divo.datasets import ensure_builtin
+from divo.errors import ConfigError
+from divo.locomotion_study import Cell, cell_command, study_command, study_config
+
+BANDIT = "divo/bandit/multimodal-v0"
+
+
+def settings(tmp_path) -> list[str]:
+    return [
+        f"results={tmp_path / 'results'}",
+        f"work_dir={tmp_path / 'work'}",
+        f"page={tmp_path / 'results.md'}",
+        f"notes={tmp_path / 'notes.md'}",
+        "recipes=[td3bc]",
+        "compare=[td3bc]",
+        f"datasets=[{BANDIT}]",
+        "seeds=[0,1]",
+        "steps=40",
+        "eval_every=20",
+        "checkpoint_every=20",
+        "overrides=[train.eval_episodes=2]",
+    ]
+
+
+def test_the_study_runs_each_cell_once_keeps_its_outputs_and_resumes(tmp_path):
+    ensure_builtin(BANDIT)  # the tests' small bandit, before the cells' subprocesses look
+    (tmp_path / "notes.md").write_text("Hand-written reading of the numbers.")
+    args = settings(tmp_path)
+    assert study_command(args) == 0
+    kept = tmp_path / "results" / "runs" / "td3bc" / "divo-bandit-multimodal-v0"
+    for seed in (0, 1):
+        files = sorted(p.name for p in (kept / f"seed{seed}").iterdir())
+        assert files == ["config.yaml", "metrics.csv", "result.json", "train.log"]
+        result = json.loads((kept / f"seed{seed}" / "result.json").read_text())
+        assert result["seed"] == seed and result["steps"] == 40
+    page = (tmp_path / "results.md").read_text()
+    assert "Status: 2 of 2 cells finished" in page
+    assert "Hand-written reading of the numbers." in page
+    assert "Final normalised score per recipe and dataset" in page  # the report's tables
+    assert (tmp_path / "results" / "report" / "scores.csv").is_file()
+
+    # a second call runs nothing: the kept result.json marks a cell done
+    stamp = (kept / "seed0" / "result.json").stat().st_mtime_ns
+    assert study_command(args) == 0
+    assert (kept / "seed0" / "result.json").stat().st_mtime_ns == stamp
+
+    # a cell whose kept outputs are gone but whose run holds a checkpoint is resumed
+    for p in (kept / "seed1").iterdir():
+        p.unlink()
+    cfg = study_config(args)
+    command = cell_command(Cell("td3bc", BANDIT, 1), cfg)
+    assert command[4] == str(tmp_path / "work" / "td3bc" / "divo-bandit-multimodal-v0" / "seed1")
+    assert study_command(args) == 0
+    assert (kept / "seed1" / "result.json").is_file()
+
+
+def test_unknown_study_settings_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown study setting"):
+        study_config(["stepz=10"])
+    bad = tmp_path / "variant.yaml"
+    bad.write_text("seedz: [0]\n")
+    with pytest.raises(ConfigError, match="variant.yaml"):
+        study_config([], bad)

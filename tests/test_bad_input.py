@@ -34,10 +34,10 @@ def existing_run(tmp_path_factory) -> Path:
     return run
 
 
-def nan_dataset() -> str:
+def nan_dataset(dataset_id: str = "bad/hopper/nan-v0") -> str:
     ep = hopper_like_episode(steps=6)
     ep["observations"][2, 3] = np.nan
-    return write_hopper_like("bad/hopper/nan-v0", [ep])
+    return write_hopper_like(dataset_id, [ep])
 
 
 def wrong_size_dataset() -> str:
@@ -155,7 +155,10 @@ REFUSED_IN_DEFAULT_DIRS = {
         ["dataset=minari", "dataset.id=mujoco/hoper/medium-v0", "dataset.download=false"],
         "not found",
     ),
-    "NaN data": (lambda: ["dataset=minari", f"dataset.id={nan_dataset()}"], "non-finite"),
+    "NaN data": (
+        lambda: ["dataset=minari", f"dataset.id={nan_dataset('bad/hopper/nan-folders-v0')}"],
+        "non-finite",
+    ),
     "plug-in that fails to build": (failing_plugin, "cannot build behavior_model"),
 }
 

@@ -220,7 +220,10 @@ def _train(argv: list[str]) -> int:
         else:
             args.append(a)
     positional = [a for a in args if not a.startswith("-") and "=" not in a]
-    if not positional and any(a in ("-h", "--help") for a in args):
+    run_dir_help = (
+        positional and Path(positional[0]).is_dir() and positional[0] not in available_recipes()
+    )
+    if (not positional or run_dir_help) and any(a in ("-h", "--help") for a in args):
         print(TRAIN_USAGE.format(recipes=", ".join(available_recipes())))
         return 0
     if not positional:

@@ -36,6 +36,11 @@ def test_help_prints_and_exits_0(args, text, capsys):
     assert text in capsys.readouterr().out
 
 
+def test_help_on_a_run_directory(tmp_path, capsys):
+    assert main(["train", str(tmp_path), "--help"]) == 0
+    assert "divo train <run dir>" in capsys.readouterr().out
+
+
 def test_version(capsys):
     assert main(["--version"]) == 0
     assert re.match(r"divo \d+\.\d+\.\d+ \(distribution divo-rl", capsys.readouterr().out)

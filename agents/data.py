@@ -45,7 +45,7 @@ from divo.datasets import (
     observation_key_order,
     read_transitions,
 )
-from divo.errors import DatasetError
+from divo.errors import DatasetError, install_hint
 
 # D4RL v2 reference returns (random / expert policy), used when a dataset stores none; keyed by
 # the environment's base name (``EnvSpec.name``: "Hopper" for "Hopper-v5"). Source: D4RL's
@@ -354,6 +354,48 @@ def buffer_observation_stats(
     return mean.float(), (std + OBS_STD_EPS).float()
 
 
+FINITE_BATCH_KEYS = (
+    ("observation",),
+    ("action",),
+    ("next", "observation"),
+    ("next", "reward"),
+)
+
+
+def _non_finite_counts(td: TensorDictBase) -> dict[str, int]:
+    counts = {}
+    for key in FINITE_BATCH_KEYS:
+        value = td.get(key, None)
+        if value is not None and value.is_floating_point():
+            counts["/".join(key)] = int((~torch.isfinite(value)).sum())
+    return counts
+
+
+def check_buffer_finite(buffer: Any, probe: TensorDictBase, chunk: int = 262_144) -> None:
+    """Refuse a user's replay buffer holding NaN/inf in observations, actions or rewards, when
+    it is handed over: every stored transition when its storage can be read by index (as for
+    the observation statistics), else the probe batch ``probe`` sampled from it."""
+    whole = True
+    try:
+        n = len(buffer)
+        totals: dict[str, int] = {}
+        for start in range(0, n, chunk):
+            for name, count in _non_finite_counts(buffer[start : min(start + chunk, n)]).items():
+                totals[name] = totals.get(name, 0) + count
+    except Exception:  # noqa: BLE001 - a storage that cannot be read whole: check the sample
+        whole, totals = False, _non_finite_counts(probe)
+    bad = {name: count for name, count in totals.items() if count}
+    if bad:
+        what = ", ".join(f"{count} in {name}" for name, count in bad.items())
+        where = (
+            "the replay buffer holds" if whole else "a batch sampled from the replay buffer holds"
+        )
+        raise DatasetError(
+            f"{where} non-finite values (NaN/inf): {what}; clean the data (drop or repair the "
+            "affected transitions) before extending the buffer"
+        )
+
+
 def available_datasets() -> list[str]:
     """Ids of the datasets in the local Minari root."""
     with warnings.catch_warnings():
@@ -389,7 +431,14 @@ def _open_dataset(dataset_id: str, *, download: bool) -> minari.MinariDataset:
             raise _not_found(dataset_id, "it is not in the local Minari root (download=False)")
         try:
             return minari.load_dataset(dataset_id, download=True)
-        except Exception as exc:  # no network, no minari[hf], unknown remote id, ...
+        except ImportError as exc:  # minari's remote client needs huggingface_hub
+            raise DatasetError(
+                f"dataset {dataset_id!r} is not local and downloading it needs minari's "
+                f"Hugging Face client ({exc.name or 'huggingface_hub'} is missing); "
+                f"{install_hint('download')}, or set dataset.download=false to use local "
+                "datasets only"
+            ) from None
+        except Exception as exc:  # no network, unknown remote id, ...
             reason = f"not local and the download failed ({type(exc).__name__}: {exc})"
             raise _not_found(dataset_id, reason) from exc
     try:

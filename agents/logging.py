@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import logging
 import math
+import sys
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
-from divo.errors import ConfigError
+from divo.errors import ConfigError, install_hint
 
 BACKENDS = ("csv", "tensorboard", "wandb")
 
@@ -23,7 +26,7 @@ def check_backend(backend: str) -> None:
     if backend != "csv" and importlib.util.find_spec(backend) is None:
         raise ConfigError(
             f"logger.backend={backend} needs the {backend} package, which is not installed; "
-            f"pip install 'divo[{backend}]' or use logger.backend=csv"
+            f"{install_hint(backend)} or use logger.backend=csv"
         )
 
 
@@ -140,6 +143,118 @@ def _torchrl_logger(backend: str, run_dir: Path, project: str, name: str):
     except ImportError as exc:
         extra = "tensorboard" if backend == "tensorboard" else "wandb"
         raise ConfigError(
-            f"logger.backend={backend} needs its package ({exc}); pip install 'divo[{extra}]' "
-            "or use logger.backend=csv"
+            f"logger.backend={backend} needs its package ({exc}); {install_hint(extra)} or use "
+            "logger.backend=csv"
         ) from None
+
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job-log format
+
+
+def _handlers_of(logger: logging.Logger) -> list[logging.Handler]:
+    """Every handler a record of ``logger`` reaches (its own and its ancestors')."""
+    found: list[logging.Handler] = []
+    node: logging.Logger | None = logger
+    while node is not None:
+        found += node.handlers
+        node = node.parent if node.propagate else None
+    return found
+
+
+def _is_console(handler: logging.Handler) -> bool:
+    stream = getattr(handler, "stream", None)
+    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return not isinstance(handler, logging.FileHandler) and stream in consoles
+
+
+class RunLog:
+    """A run's ``train.log`` and its console lines, the same with or without Hydra.
+
+    Under ``divo train <recipe>`` Hydra's job logging already writes ``train.log`` and the
+    console; a resume (``divo train <run dir>``) and the Python API have neither, so this adds
+    what is missing: a console handler (when no handler prints to the console) and a file
+    handler appending to ``<run>/train.log``. Lines logged before :meth:`commit` are held in
+    memory and written only once the run is accepted, so that a refused run (or a refused
+    resume) changes nothing on disk. divo's warnings during the run go to ``train.log`` as well
+    (the console shows them as usual).
+    """
+
+    def __init__(self, run_dir: str | Path, logger: str = "divo") -> None:
+        self.path = Path(run_dir) / "train.log"
+        self.logger = logging.getLogger(logger)
+        self._added: list[logging.Handler] = []
+        self._pending: list[logging.LogRecord] | None = None
+        self._file: logging.Handler | None = None
+
+    def __enter__(self) -> RunLog:
+        reached = _handlers_of(self.logger)
+        target = self.path.resolve()
+        self._file = next(
+            (
+                h
+                for h in reached
+                if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve() == target
+            ),
+            None,
+        )
+        if self._file is None:  # no Hydra job log for this run: hold lines until commit()
+            self._pending = []
+            self._add(_ListHandler(self._pending))
+        if not any(_is_console(h) for h in reached):
+            console = logging.StreamHandler(sys.stdout)
+            console.setFormatter(logging.Formatter(LOG_FORMAT))
+            self._add(console)
+        self._level = self.logger.level
+        if self.logger.getEffectiveLevel() > logging.INFO:
+            self.logger.setLevel(logging.INFO)
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._show_warning
+        return self
+
+    def _add(self, handler: logging.Handler) -> None:
+        handler.setLevel(logging.INFO)
+        self.logger.addHandler(handler)
+        self._added.append(handler)
+
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        self._showwarning(message, category, filename, lineno, file, line)
+        record = logging.LogRecord(
+            "py.warnings", logging.WARNING, filename, lineno, str(message), None, None
+        )
+        if self._pending is not None:
+            self._pending.append(record)
+        elif self._file is not None:
+            self._file.handle(record)
+
+    def commit(self) -> None:
+        """The run is accepted: write the held lines to ``train.log`` and append from now on."""
+        if self._pending is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        for record in self._pending:
+            handler.handle(record)
+        buffer = next(h for h in self._added if isinstance(h, _ListHandler))
+        self.logger.removeHandler(buffer)
+        self._added.remove(buffer)
+        self._add(handler)
+        self._file, self._pending = handler, None
+
+    def __exit__(self, *exc_info) -> None:  # noqa: ANN002
+        warnings.showwarning = self._showwarning
+        for handler in self._added:
+            self.logger.removeHandler(handler)
+            handler.close()
+        self.logger.setLevel(self._level)
+
+
+class _ListHandler(logging.Handler):
+    """Keeps records in a list (lines of a run not yet accepted)."""
+
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__()
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)

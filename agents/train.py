@@ -28,12 +28,13 @@ from divo.agents.data import (
     OfflineData,
     buffer_observation_stats,
     check_batch_keys,
+    check_buffer_finite,
     conform_batch,
     flat_flag_keys,
     load_offline_data,
 )
 from divo.agents.evaluate import evaluate_policy, normalized_score
-from divo.agents.logging import MetricAccumulator, MetricsLogger, check_backend
+from divo.agents.logging import MetricAccumulator, MetricsLogger, RunLog, check_backend
 from divo.agents.policy_io import POLICY_FORMAT
 from divo.agents.runtime import (
     atomic_save,
@@ -115,12 +116,17 @@ class _Checkpointer:
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("step_*.pt"))
 
+    def last_good(self) -> str:
+        """Where the last good state is, for an error message: a file that exists, or none."""
+        files = self.files()
+        return f"last good checkpoint: {files[-1]}" if files else "no checkpoint was written yet"
+
     def save(self, step: int, agent: OfflineAgent, cfg, data, extra: dict[str, Any]) -> Path:
         bad = agent.non_finite_parameters()
         if bad:  # never overwrite good checkpoints with a diverged model
             raise DivoError(
                 f"non-finite parameters ({', '.join(bad[:3])}) at step {step}; lower the learning "
-                f"rates or check the data (last good checkpoint in {self.dir})"
+                f"rates or check the data ({self.last_good()})"
             )
         payload = {
             "format": CHECKPOINT_FORMAT,
@@ -160,7 +166,7 @@ def _check_resumable(ckpt: dict, cfg: DictConfig, obs_dim: int, act_dim: int, wh
     if saved.get("recipe") != cfg.get("recipe"):
         raise CheckpointError(
             f"{where} holds a checkpoint of recipe {saved.get('recipe')!r}, not "
-            f"{cfg.get('recipe')!r}; resume it with `divo train {where}` or use a new run directory"
+            f"{cfg.get('recipe')!r}; {_resume_hint(saved, where)}"
         )
     dims = (ckpt.get("observation_dim"), ckpt.get("action_dim"))
     if dims != (obs_dim, act_dim):
@@ -169,6 +175,22 @@ def _check_resumable(ckpt: dict, cfg: DictConfig, obs_dim: int, act_dim: int, wh
             f"the data have {obs_dim}/{act_dim}; resume with the dataset it was trained on "
             f"({saved.get('dataset', {}).get('id')}) or use a new run directory"
         )
+
+
+def _resume_hint(saved: dict, where: Path) -> str:
+    """How to go on with a run whose checkpoint this call refused: ``divo train <run>`` only
+    when the run's own config.yaml names the checkpoint's recipe (else that command is the one
+    refused)."""
+    try:
+        own = OmegaConf.load(where / "config.yaml").get("recipe")
+    except Exception:  # noqa: BLE001 - missing or unreadable: the command would fail too
+        own = None
+    if own == saved.get("recipe"):
+        return f"resume it with `divo train {where}` or use a new run directory"
+    return (
+        f"its config.yaml no longer matches its checkpoints (recipe {own!r}): use a new run "
+        "directory, or delete the checkpoints to start this one again"
+    )
 
 
 def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
@@ -227,12 +249,12 @@ def _observation_keys(cfg: DictConfig) -> list[str] | None:
     return [str(keys)] if isinstance(keys, str) else [str(key) for key in keys]
 
 
-def _check_finite(row: dict[str, float], step: int, checkpoint_dir: Path) -> None:
+def _check_finite(row: dict[str, float], step: int, checkpointer: _Checkpointer) -> None:
     bad = [k for k, v in row.items() if not math.isfinite(v)]
     if bad:
         raise DivoError(
             f"non-finite {', '.join(bad)} at step {step}; lower the learning rates or "
-            f"check the data (last good checkpoint in {checkpoint_dir})"
+            f"check the data ({checkpointer.last_good()})"
         )
 
 
@@ -295,26 +317,116 @@ def _result(
     }
 
 
-def _progress(cfg: DictConfig, start_step: int, run_dir: Path, what: str):
-    """The progress bar over ``train.steps`` (refusing a run already past them) and the
-    context that sends log lines above it instead of through it."""
+def check_steps(cfg: DictConfig, start_step: int, run_dir: Path) -> None:
+    """Refuse a run whose checkpoint is already past ``train.steps`` (before any write)."""
     steps = int(cfg.train.steps)
     if start_step > steps:
         raise ConfigError(
-            f"{run_dir} is already at step {start_step} > train.steps={steps}; pass a larger "
-            "train.steps to extend it"
+            f"{run_dir} is already at step {start_step} > train.steps={steps}; pass "
+            f"train.steps={start_step} or more to extend it (the run was left as it is)"
         )
+
+
+def _progress(cfg: DictConfig, start_step: int, what: str):
+    """The progress bar over ``train.steps`` and the context that sends log lines (the console
+    handlers of the root and ``divo`` loggers) above it instead of through it."""
     bar = tqdm(
         initial=start_step,
-        total=steps,
+        total=int(cfg.train.steps),
         disable=not cfg.train.progress,
         desc=f"{cfg.get('recipe')} {what}".strip(),
         unit="step",
         mininterval=1.0,
         dynamic_ncols=True,
     )
-    redirect = logging_redirect_tqdm() if cfg.train.progress else contextlib.nullcontext()
+    redirect = (
+        logging_redirect_tqdm([logging.root, logging.getLogger("divo")])
+        if cfg.train.progress
+        else contextlib.nullcontext()
+    )
     return bar, redirect
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Eta:
+    """Announces the plan of a run (steps, device) before training, and once the first steps'
+    rate is known the expected remaining time; warns when a CPU run would take longer than
+    ``CPU_WARN_S``. ``update(step)`` is called after every step and costs one clock read."""
+
+    WARMUP_STEPS = 10  # not timed: compilation, allocator and cache warm-up
+    MEASURE_STEPS = 200  # the rate is measured over this many steps ...
+    MEASURE_S = 3.0  # ... or this many seconds, whichever comes first
+    CPU_WARN_S = 3 * 3600.0
+
+    def __init__(
+        self, start_step: int, steps: int, device: torch.device, log: logging.Logger = _log
+    ) -> None:
+        self.start, self.steps, self.device, self.log = start_step, steps, device, log
+        self._t0: float | None = None
+        self._done = steps - start_step <= self.WARMUP_STEPS
+        where = f"{device} ({device_name(device)})"
+        if start_step:
+            plan = f"steps {start_step + 1}-{steps} ({steps - start_step} to go)"
+        else:
+            plan = f"{steps} steps"
+        log.info("training %s on %s; ETA after the first steps", plan, where)
+
+    def update(self, step: int) -> None:
+        if self._done:
+            return
+        done = step - self.start - self.WARMUP_STEPS
+        if done <= 0:
+            if done == 0:
+                self._t0 = time.perf_counter()
+            return
+        elapsed = time.perf_counter() - self._t0
+        if done < self.MEASURE_STEPS and elapsed < self.MEASURE_S:
+            return
+        self._done = True
+        rate = done / max(elapsed, 1e-9)
+        left = (self.steps - step) / rate
+        self.log.info(
+            "%.0f steps/s: about %s to go (step %d of %d)",
+            rate, _duration(left), step, self.steps,
+        )  # fmt: skip
+        if self.device.type == "cpu" and left > self.CPU_WARN_S:
+            warnings.warn(
+                f"this CPU run of {self.steps} steps needs about {_duration(left)} more at "
+                f"{rate:.0f} steps/s; train on a GPU (device=cuda) or set a smaller train.steps",
+                stacklevel=2,
+            )
+
+
+def finished_result(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The stored result of a run in ``run_dir`` that already finished ``cfg``'s steps (its
+    result.json, policy.pt and a checkpoint at exactly ``train.steps``), else None."""
+    path = run_dir / "result.json"
+    steps = int(cfg.train.steps)
+    if not (path.is_file() and (run_dir / "policy.pt").is_file()):
+        return None
+    if not (run_dir / "checkpoints" / f"step_{steps:09d}.pt").is_file():
+        return None
+    if _Checkpointer(run_dir, 1).files()[-1].name != f"step_{steps:09d}.pt":
+        return None  # extended beyond train.steps since: check_steps refuses it
+    try:
+        result = json.loads(path.read_text())
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    except Exception:  # noqa: BLE001 - unreadable: the normal resume path says what is wrong
+        return None
+
+    def what_trains(config: dict) -> dict:  # all but the keys a resume may change
+        return {k: v for k, v in config.items() if k not in ("train", "device", "logger")}
+
+    ours = OmegaConf.to_container(cfg, resolve=True)
+    same = result.get("steps") == steps and what_trains(saved) == what_trains(ours)
+    return result if same else None
 
 
 def train(
@@ -357,7 +469,30 @@ def train(
             cfg, run_dir, replay_buffer=replay_buffer, obs_stats=obs_stats, resume=resume
         )
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    finished = finished_result(cfg, run_dir) if resume else None
+    if finished is not None:
+        with RunLog(run_dir):  # the console only: a finished run's files are left alone
+            _log.info(
+                "%s finished its %d steps already; its files are left as they are (pass a "
+                "larger train.steps to extend it)",
+                run_dir,
+                finished["steps"],
+            )
+        return finished
+    with RunLog(run_dir) as run_log:
+        return _train(cfg, run_dir, replay_buffer, obs_stats, resume, run_log)
+
+
+def _train(
+    cfg: DictConfig,
+    run_dir: Path,
+    replay_buffer: ReplayBuffer | None,
+    obs_stats: tuple[torch.Tensor, torch.Tensor] | None,
+    resume: bool,
+    run_log: RunLog,
+) -> dict[str, Any]:
+    """:func:`train` of one seed; nothing is written to ``run_dir`` before ``run_log.commit()``,
+    which follows every check."""
     device = resolve_device(cfg.device)
     check_compile_mode(device=device, **compile_options(cfg))
     if device.type == "cpu" and cfg.train.threads:
@@ -376,6 +511,8 @@ def train(
     # a user's buffer may store rewards/flags as [B]: found once here, reshaped at each step
     flat_keys = flat_flag_keys(probe) if replay_buffer is not None else ()
     check_batch_keys(conform_batch(probe, flat_keys))
+    if replay_buffer is not None:
+        check_buffer_finite(replay_buffer, probe)
     obs_dim, act_dim = probe["observation"].shape[-1], probe["action"].shape[-1]
     if data is not None:
         if (obs_dim, act_dim) != (data.observation_dim, data.action_dim):
@@ -426,7 +563,11 @@ def train(
         start_step, last_eval = int(ckpt["step"]), ckpt.get("last_eval")
         elapsed_before = float(ckpt.get("wall_clock_s", 0.0))
         set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
+    check_steps(cfg, start_step, run_dir)
 
+    run_log.commit()  # every check passed: from here on the run's files are written
+    if ckpt is not None:
+        _log.info("resumed from step %d (checkpoints/step_%09d.pt)", start_step, start_step)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     logger = MetricsLogger(
         run_dir,
@@ -448,7 +589,8 @@ def train(
         checkpointer.save(step, agent, cfg, data, extra)
 
     steps = int(cfg.train.steps)
-    bar, redirect = _progress(cfg, start_step, run_dir, data.dataset_id if data else "")
+    eta = Eta(start_step, steps, device)
+    bar, redirect = _progress(cfg, start_step, data.dataset_id if data else "")
     agent.train()
     # plain ints: an OmegaConf lookup per step costs more than a CUDA-graph replay
     log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
@@ -457,10 +599,11 @@ def train(
         for step in range(start_step + 1, steps + 1):
             acc.add(train_step())
             bar.update(1)
+            eta.update(step)
             row: dict[str, Any] = {}
             if step % log_every == 0 or step == steps:
                 row.update(acc.mean())
-                _check_finite(row, step, checkpointer.dir)
+                _check_finite(row, step, checkpointer)
             if step % eval_every == 0 or step == steps:
                 last_eval = _evaluate_into_row(agent, data, cfg, device, step, row)
                 agent.train()

@@ -580,6 +580,9 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
         last_evals = [c.get("last_eval") for c in ckpts]
         elapsed_before = [float(c.get("wall_clock_s", 0.0)) for c in ckpts]
         set_rng_state(ckpts[0]["rng"])  # last: nothing above may draw random numbers after it
+    single.check_steps(cfg, start_step, run_dir)
+    if found is not None:
+        logs.shared.info("resumed from step %d", start_step)
 
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     loggers = []
@@ -618,7 +621,8 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
 
     train_step = TrainStep(vec, sampler.sample, device=device, **compile_options(cfg))
     steps = int(cfg.train.steps)
-    bar, redirect = single._progress(cfg, start_step, run_dir, f"{data.dataset_id} x{n} seeds")
+    eta = single.Eta(start_step, steps, device, logs.shared)
+    bar, redirect = single._progress(cfg, start_step, f"{data.dataset_id} x{n} seeds")
     vec.train()
     log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
     checkpoint_every = int(cfg.train.checkpoint_every)
@@ -626,11 +630,12 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
         for step in range(start_step + 1, steps + 1):
             acc.add(train_step())
             bar.update(1)
+            eta.update(step)
             rows: list[dict[str, Any]] = [{} for _ in seeds]
             if step % log_every == 0 or step == steps:
                 for i, means in enumerate(acc.mean_per_seed(n)):
                     rows[i].update(means)
-                    single._check_finite(rows[i], step, checkpointers[i].dir)
+                    single._check_finite(rows[i], step, checkpointers[i])
             if step % eval_every == 0 or step == steps:
                 for i in range(n):
                     last_evals[i] = single._evaluate_into_row(

@@ -13,6 +13,7 @@ import importlib.resources
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -28,7 +29,7 @@ if not OmegaConf.has_resolver("slug"):
     # ${slug:${dataset.id}} -> a dataset id usable as one folder name in run paths.
     OmegaConf.register_new_resolver("slug", lambda s: str(s).replace("/", "-"))
 
-USAGE = """usage: divo <command> ...
+USAGE = """usage: divo <command> ...   (divo <command> --help, divo --version)
 
 commands:
   train <recipe> [--quiet] [overrides...]   train a recipe from recipes/ (or a path to a YAML)
@@ -43,6 +44,24 @@ commands:
                                             (resumable; writes docs/results.md)
   data build <env id> [options]             train SAC, write D4RL-style Minari datasets
   data pointmaze <umaze|medium> [options]   sparse-reward maze data from a waypoint planner
+recipes: {recipes}
+"""
+
+TRAIN_USAGE = """usage: divo train <recipe | recipe.yaml> [--quiet] [-m] [overrides...]
+       divo train <run dir> [train.steps=N] [device=D] [logger.*=...]
+       divo train <recipe> resume=<run dir> [train.*=...]
+
+Train a recipe, or resume a run from its newest checkpoint (a finished run is left as it is
+and its result printed; a larger train.steps extends it).
+
+options:
+  -q, --quiet        no progress bar (train.progress=false)
+  -m, --multirun     Hydra sweep over comma-separated values, e.g. -m seed=0,1,2
+  --cfg job          print the composed recipe without running it
+  <recipe> --help    the recipe's config groups and options (Hydra's help)
+
+overrides: key=value (train.steps=20000, dataset=bandit, device=cpu, ...); +key=value adds a
+key the recipe does not have.
 recipes: {recipes}
 """
 
@@ -89,6 +108,11 @@ def _missing_keys(node, prefix: str = "") -> list[str]:
 
 def compose_recipe(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
     """Compose a recipe with overrides, as ``divo train`` does, without running it."""
+    return _compose(recipe, overrides)
+
+
+def _compose(recipe: str, overrides: Sequence[str] = (), *, with_hydra: bool = False) -> DictConfig:
+    """:func:`compose_recipe`; ``with_hydra`` keeps Hydra's own node (the run directory)."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
@@ -99,21 +123,62 @@ def compose_recipe(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
         overrides.append(f"hydra.searchpath=[pkg://divo.recipes,file://{config_dir}]")
     try:
         with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            cfg = compose(config_name=name, overrides=overrides)
+            cfg = compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
     except (HydraException, OmegaConfBaseException) as exc:
+        unknown = re.search(r"Could not override '([^']+)'", str(exc))
+        if unknown:
+            raise _unknown_key_error(recipe, unknown.group(1), overrides) from None
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise ConfigError(
             f"recipe {recipe!r} with overrides {' '.join(overrides) or '(none)'} does not "
             f"compose: {' '.join(lines[:3])}; check the override names with `divo train "
             f"{recipe} --cfg job`"
         ) from None
-    missing = _missing_keys(OmegaConf.to_container(cfg, resolve=False))
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    missing = _missing_keys(container)
     if missing:
         raise ConfigError(
             f"recipe {recipe!r} needs a value for {', '.join(missing)}; pass it as an override, "
             f"e.g. {missing[0]}=..."
         )
     return cfg
+
+
+def _config_keys(node, prefix: str = "") -> list[str]:
+    """Every dotted key of a config container (inner nodes too)."""
+    if not isinstance(node, dict):
+        return []
+    keys = []
+    for k, v in node.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        keys += [key, *_config_keys(v, key)]
+    return keys
+
+
+def did_you_mean(key: str, keys: Sequence[str]) -> str:
+    """`` (did you mean a, b?)`` for the keys closest to a misspelt ``key``, or ``""``."""
+    same_depth = [k for k in keys if k.count(".") == key.count(".")]
+    close = difflib.get_close_matches(key, same_depth, n=2, cutoff=0.75)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _unknown_key_error(recipe: str, key: str, overrides: Sequence[str]) -> ConfigError:
+    """An override naming a key the recipe lacks: the closest keys it has, else how to add one."""
+    given = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
+    try:
+        cfg = _compose(recipe, [g for g in groups if g != given])
+        keys = _config_keys(OmegaConf.to_container(cfg, resolve=False))
+    except ConfigError:
+        keys = []
+    hint = did_you_mean(key, keys)
+    fix = (
+        "fix the name"
+        if hint
+        else f"list the keys with `divo train {recipe} --cfg job`, or add a new key with +{given}"
+    )
+    return ConfigError(f"recipe {recipe!r} has no key {key} (override {given}){hint}; {fix}")
 
 
 def _summary(result: dict) -> str:
@@ -130,10 +195,23 @@ def _summary(result: dict) -> str:
     return ": ".join(parts[:2]) + " " + " ".join(parts[2:]) + f" -> {result['run_dir']}"
 
 
-def _remove_if_only_hydra_files(run_dir: Path) -> None:
-    """Drop a run directory that a job refused on its input left holding only Hydra's files."""
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def _remove_refused_run(run_dir: Path, keep: set[Path]) -> None:
+    """Drop a run directory that a job refused on its input left holding only Hydra's files,
+    and the folders made for it (``runs/<recipe>/<dataset>/``) that are left empty; ``keep``:
+    folders that existed before the command (never removed)."""
+    if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} > {".hydra", "train.log"}:
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    for parent in run_dir.resolve().parents:
+        if parent in keep or not parent.is_dir() or any(parent.iterdir()):
+            break
+        parent.rmdir()
+
+
+def _existing_folders(path: Path) -> set[Path]:
+    """``path`` and its ancestors that exist now (resolved)."""
+    path = path.resolve()
+    return {p for p in (path, *path.parents) if p.is_dir()}
 
 
 def _train(argv: list[str]) -> int:
@@ -145,9 +223,16 @@ def _train(argv: list[str]) -> int:
         else:
             args.append(a)
     positional = [a for a in args if not a.startswith("-") and "=" not in a]
+    run_dir_help = (
+        positional and Path(positional[0]).is_dir() and positional[0] not in available_recipes()
+    )
+    if (not positional or run_dir_help) and any(a in ("-h", "--help") for a in args):
+        print(TRAIN_USAGE.format(recipes=", ".join(available_recipes())))
+        return 0
     if not positional:
         raise ConfigError(
-            f"divo train needs a recipe; choose one of {', '.join(available_recipes())}"
+            f"divo train needs a recipe; choose one of {', '.join(available_recipes())} "
+            "(divo train --help)"
         )
     recipe = positional[0]
     args.remove(recipe)
@@ -166,10 +251,15 @@ def _train(argv: list[str]) -> int:
         overrides.append(f"hydra.searchpath=[pkg://divo.recipes,file://{config_dir}]")
     multirun = any(a in ("-m", "--multirun") for a in args)
     hydra_flags = [a for a in args if a not in overrides]
+    keep = _existing_folders(Path.cwd())  # folders a refused job must leave in place
     if not multirun and not any(
         f in hydra_flags for f in ("--cfg", "-c", "--help", "-h", "--info")
     ):
-        compose_recipe(recipe, [o for o in overrides if not o.startswith("hydra.")])
+        cfg = _compose(
+            recipe, [o for o in overrides if not o.startswith("hydra.searchpath")], with_hydra=True
+        )
+        with contextlib.suppress(Exception):  # e.g. a run dir naming Hydra's runtime values
+            keep |= _existing_folders(Path(str(cfg.hydra.run.dir)).parent)
 
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -191,7 +281,9 @@ def _train(argv: list[str]) -> int:
             print(f"divo: error: {exc}", file=sys.stderr, flush=True)
             with open(failures_path, "a") as f:
                 f.write(f"{run_dir}: {exc}\n")
-            _remove_if_only_hydra_files(Path(run_dir))
+            hydra_cfg = HydraConfig.get()
+            sweep = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else None
+            _remove_refused_run(Path(run_dir), keep | ({Path(sweep).resolve()} if sweep else set()))
             return None
         print(_summary(result), flush=True)
         return result
@@ -233,6 +325,15 @@ def _resume(run_dir: Path, recipe: str | None, args: list[str], quiet: bool) -> 
             f"cannot change {' '.join(bad)} when resuming {run_dir}: only train.*, device and "
             "logger.* may change (e.g. train.steps=... to extend); start a new run instead"
         )
+    keys = _config_keys(OmegaConf.to_container(cfg, resolve=False))
+    for arg in args:
+        key = arg.split("=", 1)[0]
+        if key not in keys:
+            hint = did_you_mean(key, keys)
+            raise ConfigError(
+                f"{run_dir} has no key {key} (override {arg}){hint}; "
+                + ("fix the name" if hint else f"see the keys in {config}")
+            )
     try:
         cfg.merge_with_dotlist(args + (["train.progress=false"] if quiet else []))
     except Exception as exc:  # noqa: BLE001 - OmegaConf's errors are many-lined
@@ -319,15 +420,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE.format(recipes=", ".join(available_recipes())))
         return 0
+    if argv[0] in ("-V", "--version"):
+        from divo import __version__
+        from divo.errors import DISTRIBUTION
+
+        print(f"divo {__version__} (distribution {DISTRIBUTION}, Python {sys.version.split()[0]})")
+        return 0
     command, rest = argv[0], argv[1:]
     try:
         if command not in COMMANDS:
-            raise ConfigError(f"unknown command {command!r}; use one of {', '.join(COMMANDS)}")
+            close = difflib.get_close_matches(command, list(COMMANDS), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(
+                f"unknown command {command!r}{hint}; use one of {', '.join(COMMANDS)} (divo --help)"
+            )
         with _one_line_warnings():
             return COMMANDS[command](rest)
     except DivoError as exc:
         print(f"divo: error: {exc}", file=sys.stderr, flush=True)
         return 2
+    except SystemExit as exc:  # argparse's and Hydra's --help (0) and usage errors (2)
+        if isinstance(exc.code, str):
+            print(exc.code, file=sys.stderr)
+        return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
 
 
 if __name__ == "__main__":

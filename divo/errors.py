@@ -42,3 +42,30 @@ def first_line(exc: BaseException) -> str:
     for one-line errors that wrap another."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+DISTRIBUTION = "divo-rl"  # the name on the package index; the import name is `divo`
+
+
+def install_hint(extra: str) -> str:
+    """The command that adds the optional dependencies ``extra`` to divo as it is installed
+    here: ``pip install -e "<checkout>[extra]"`` for an editable install (or a source tree run
+    without installing), ``pip install "<folder>[extra]"`` for one installed from a local
+    folder, else ``pip install "divo-rl[extra]"``."""
+    import json
+    from importlib import metadata
+    from pathlib import Path
+    from urllib.parse import unquote, urlparse
+
+    found = (d.read_text("direct_url.json") for d in metadata.distributions(name=DISTRIBUTION))
+    direct = next((text for text in found if text), None)
+    if direct:  # installed from a folder or a URL (PEP 610); an index install has none
+        info = json.loads(direct)
+        url = urlparse(info.get("url", ""))
+        if url.scheme == "file":
+            editable = info.get("dir_info", {}).get("editable", False)
+            return f'pip install {"-e " if editable else ""}"{unquote(url.path)}[{extra}]"'
+    root = Path(__file__).resolve().parents[1]
+    if direct is None and (root / "pyproject.toml").is_file():  # a source tree on sys.path
+        return f'pip install -e "{root}[{extra}]"'
+    return f'pip install "{DISTRIBUTION}[{extra}]"'

@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from divo.errors import ConfigError, DivoError
+from divo.errors import ConfigError, DivoError, install_hint
 
 METRICS = ("mean", "median", "iqm", "optimality_gap")
 METRIC_TITLES = {
@@ -840,8 +840,7 @@ def make_report(
         from matplotlib.figure import Figure  # noqa: F401
     except ImportError as exc:
         raise DivoError(
-            f"divo report needs the report extra ({exc.name} is missing): "
-            'pip install -e ".[report]"'
+            f"divo report needs the report extra ({exc.name} is missing): {install_hint('report')}"
         ) from None
 
     runs = find_runs(dirs)

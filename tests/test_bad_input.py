@@ -12,6 +12,7 @@ import pytest
 from synthetic import hopper_like_episode, write_hopper_like
 
 from divo.cli import main
+from divo.errors import install_hint
 
 FAST = ["--quiet", "dataset=bandit", "train.steps=4", "train.eval_every=2",
         "train.checkpoint_every=2", "train.log_every=2", "train.eval_episodes=1",
@@ -33,10 +34,10 @@ def existing_run(tmp_path_factory) -> Path:
     return run
 
 
-def nan_dataset() -> str:
+def nan_dataset(dataset_id: str = "bad/hopper/nan-v0") -> str:
     ep = hopper_like_episode(steps=6)
     ep["observations"][2, 3] = np.nan
-    return write_hopper_like("bad/hopper/nan-v0", [ep])
+    return write_hopper_like(dataset_id, [ep])
 
 
 def wrong_size_dataset() -> str:
@@ -100,7 +101,7 @@ BAD = {
     ),
     "logger backend not installed": (
         lambda: ["train", "td3bc", *FAST, "logger.backend=wandb"],
-        "pip install 'divo[wandb]'",
+        install_hint("wandb"),
     ),
     "unknown command": (lambda: ["trian", "divo"], "unknown command 'trian'"),
     "evaluate a folder with no policy": (lambda: ["evaluate", "."], "no policy.pt"),
@@ -143,3 +144,33 @@ def test_cli_prints_divo_warnings_in_one_line():
     assert ours == "divo: warning: data rescaled\n"
     assert gymnasium.__file__ in theirs and "cast" in theirs
     assert warnings.formatwarning is default
+
+
+def failing_plugin() -> list[str]:
+    return ["behavior_model=custom", "behavior_model._target_=no_such_module.Model"]
+
+
+REFUSED_IN_DEFAULT_DIRS = {
+    "unknown dataset id": (
+        ["dataset=minari", "dataset.id=mujoco/hoper/medium-v0", "dataset.download=false"],
+        "not found",
+    ),
+    "NaN data": (
+        lambda: ["dataset=minari", f"dataset.id={nan_dataset('bad/hopper/nan-folders-v0')}"],
+        "non-finite",
+    ),
+    "plug-in that fails to build": (failing_plugin, "cannot build behavior_model"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED_IN_DEFAULT_DIRS))
+def test_a_refused_run_leaves_no_empty_folders(case, tmp_path, capsys, monkeypatch):
+    """Without hydra.run.dir, a refused run leaves no runs/<recipe>/<dataset>/ behind; folders
+    that were there before stay."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "divo").mkdir(parents=True)  # made by the user before
+    overrides, expected = REFUSED_IN_DEFAULT_DIRS[case]
+    overrides = overrides() if callable(overrides) else overrides
+    assert main(["train", "divo", *FAST, *overrides]) == 2
+    assert expected in capsys.readouterr().err
+    assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] == ["runs", "runs/divo"]

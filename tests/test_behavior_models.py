@@ -1,5 +1,6 @@
 """Contract tests every behaviour model must pass, and DDPM specifics."""
 
+import functools
 import math
 
 import pytest
@@ -8,85 +9,31 @@ import torch
 from divo.behavior_models import (
     CVAE,
     DDPM,
-    BehaviorModel,
     ConsistencyModel,
     GaussianBehavior,
-    as_policy_module,
-    as_sampler_module,
 )
 from divo.behavior_models.base import draw_indices
 from divo.behavior_models.schedules import DiffusionSchedule, vp_betas
+from divo.testing import A, BehaviorModelContract, O
 
-O, A = 3, 2  # noqa: E741 - observation and action sizes, as in the docstrings
-
-# Every behaviour model of the package is listed here and runs the whole contract.
+# Every behaviour model of the package is listed here and runs the whole contract
+# (divo.testing, the same class a user's plug-in tests subclass).
 MODEL_FACTORIES = {
-    "ddpm": lambda: DDPM(O, A, hidden=(32, 32)),
-    "ddpm_linear": lambda: DDPM(O, A, num_steps=3, schedule="linear", hidden=(32,)),
-    "cvae": lambda: CVAE(O, A, hidden=(32, 32)),
-    "consistency_1step": lambda: ConsistencyModel(O, A, hidden=(32, 32)),
-    "consistency_2step": lambda: ConsistencyModel(O, A, hidden=(32,), sample_sigmas=(80.0, 0.8)),
-    "gaussian": lambda: GaussianBehavior(O, A, hidden=(32,)),
+    "ddpm": functools.partial(DDPM, hidden=(32, 32)),
+    "ddpm_linear": functools.partial(DDPM, num_steps=3, schedule="linear", hidden=(32,)),
+    "cvae": functools.partial(CVAE, hidden=(32, 32)),
+    "consistency_1step": functools.partial(ConsistencyModel, hidden=(32, 32)),
+    "consistency_2step": functools.partial(
+        ConsistencyModel, hidden=(32,), sample_sigmas=(80.0, 0.8)
+    ),
+    "gaussian": functools.partial(GaussianBehavior, hidden=(32,)),
 }
 
 
-@pytest.fixture(params=sorted(MODEL_FACTORIES))
-def model(request) -> BehaviorModel:
-    torch.manual_seed(0)
-    return MODEL_FACTORIES[request.param]()
-
-
-class TestBehaviorModelContract:
-    def test_per_sample_loss_is_never_batch_averaged(self, model):
-        obs, act = torch.randn(4, 5, O), torch.rand(4, 5, A) * 2 - 1
-        loss = model.per_sample_loss(act, obs)
-        assert loss.shape == (4, 5)
-        assert torch.isfinite(loss).all()
-        loss.sum().backward()
-        assert any(p.grad is not None for p in model.parameters())
-
-    def test_sample_shape_range_and_stochasticity(self, model):
-        obs = torch.randn(6, O)
-        s = model.sample(obs, num_samples=4)
-        assert s.shape == (6, 4, A)
-        assert s.min() >= -1 and s.max() <= 1
-        assert not torch.allclose(s[:, 0], s[:, 1])
-
-    def test_sample_keeps_leading_batch_dims(self, model):
-        assert model.sample(torch.randn(2, 3, O), num_samples=5).shape == (2, 3, 5, A)
-
-    def test_generator_makes_samples_reproducible(self, model):
-        obs = torch.randn(3, O)
-        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-        torch.testing.assert_close(
-            model.sample(obs, 2, generator=g1), model.sample(obs, 2, generator=g2)
-        )
-        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-        act = torch.rand(3, A)
-        torch.testing.assert_close(
-            model.per_sample_loss(act, obs, generator=g1),
-            model.per_sample_loss(act, obs, generator=g2),
-        )
-
-    def test_forward_is_the_policy_view(self, model):
-        assert model(torch.randn(7, O)).shape == (7, A)
-
-    def test_sample_is_differentiable_unless_disabled(self, model):
-        obs = torch.randn(4, O)
-        model.sample(obs).sum().backward()
-        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-        with torch.no_grad():
-            assert not model.sample(obs).requires_grad
-
-    def test_holds_no_optimizer_state(self, model):
-        assert not any(isinstance(v, torch.optim.Optimizer) for v in vars(model).values())
-
-    def test_tensordict_views(self, model):
-        from tensordict import TensorDict
-
-        td = TensorDict({"observation": torch.randn(5, O)}, batch_size=[5])
-        assert as_policy_module(model)(td)["action"].shape == (5, A)
-        assert as_sampler_module(model, 3)(td)["candidate_action"].shape == (5, 3, A)
+class TestShippedModelsContract(BehaviorModelContract):
+    @pytest.fixture(params=sorted(MODEL_FACTORIES))
+    def model_factory(self, request):
+        return MODEL_FACTORIES[request.param]
 
 
 def test_vp_schedule_matches_formula():

@@ -5,12 +5,16 @@ file of the package changes."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-import test_behavior_models as contract
 import torch
 from torch import nn
 
@@ -18,6 +22,8 @@ from divo.agents.builder import build_agent
 from divo.behavior_models import BehaviorModel
 from divo.behavior_models.base import flatten_batch
 from divo.cli import compose_recipe, main
+from divo.errors import ConfigError
+from divo.testing import BehaviorModelContract
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "plugin_guide.md"
 
@@ -73,13 +79,55 @@ def test_the_guide_shows_exactly_this_model():
     assert inspect.getsource(MixtureDensityBehavior) in GUIDE.read_text()
 
 
-class TestMixtureDensityContract(contract.TestBehaviorModelContract):
-    """Step 2 of the guide: run the package's behaviour-model contract on the outside model."""
+class TestMixtureDensityContract(BehaviorModelContract):
+    """Step 3 of the guide: run the package's behaviour-model contract on the outside model."""
 
     @pytest.fixture
-    def model(self):
-        torch.manual_seed(0)
-        return MixtureDensityBehavior(contract.O, contract.A, num_components=3, hidden=(32,))
+    def model_factory(self):
+        return functools.partial(MixtureDensityBehavior, num_components=3, hidden=(32,))
+
+
+def _guide_block(marker: str) -> str:
+    """The guide's Python code block that contains ``marker``."""
+    blocks = re.findall(r"```python\n(.*?)```", GUIDE.read_text(), flags=re.S)
+    (block,) = [b for b in blocks if marker in b]
+    return block
+
+
+def _run_guide_test(folder: Path, model_source: str) -> subprocess.CompletedProcess:
+    """Step 3 as written: my_mdn.py and test_my_mdn.py in a folder of their own (not divo's),
+    then `python -m pytest test_my_mdn.py` there."""
+    folder.mkdir()
+    (folder / "my_mdn.py").write_text(model_source)
+    (folder / "test_my_mdn.py").write_text(_guide_block("from divo.testing import"))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_my_mdn.py"],
+        cwd=folder, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+
+
+def test_the_guides_contract_command_works_as_written_and_builds_like_the_builder(
+    tmp_path, monkeypatch
+):
+    model = _guide_block("class MixtureDensityBehavior")
+    passed = _run_guide_test(tmp_path / "mine", model)
+    assert passed.returncode == 0, passed.stdout[-3000:]
+    assert "9 passed" in passed.stdout
+    # an independently written model whose constructor says obs_dim: divo's builder passes
+    # observation_dim= by keyword, so the contract refuses it as the builder does
+    failed = _run_guide_test(tmp_path / "theirs", model.replace("observation_dim", "obs_dim"))
+    assert failed.returncode == 1, failed.stdout[-3000:]
+    assert "builder calls the behaviour model as factory(observation_dim=" in failed.stdout
+    monkeypatch.syspath_prepend(str(tmp_path / "theirs"))
+    monkeypatch.delitem(sys.modules, "my_mdn", raising=False)
+    overrides = ["behavior_model=custom", "behavior_model._target_=my_mdn.MixtureDensityBehavior"]
+    with pytest.raises(ConfigError, match="cannot build behavior_model.*observation_dim"):
+        build_agent(
+            compose_recipe("divo", overrides),
+            observation_dim=3, action_dim=2, obs_mean=torch.zeros(3), obs_std=torch.ones(3),
+        )  # fmt: skip
+    sys.modules.pop("my_mdn", None)
 
 
 def command(*extra: str) -> list[str]:

@@ -33,7 +33,7 @@ from divo.factory.pointmaze import (
 
 needs_robotics = pytest.mark.skipif(
     importlib.util.find_spec("gymnasium_robotics") is None,
-    reason="gymnasium-robotics is not installed (pip install 'divo[maze]')",
+    reason="gymnasium-robotics is not installed (pip install 'divo-rl[maze]')",
 )
 
 TEST_DATASET_ID = "test/pointmaze/umaze-v0"

@@ -184,3 +184,79 @@ def test_sigkill_at_a_random_step_then_resume_equals_an_uninterrupted_run(tmp_pa
     assert_same_training_state(final_state(ref), final_state(killed))
     ref_rows = (ref / "metrics.csv").read_text()
     assert ref_rows == (killed / "metrics.csv").read_text()
+
+
+def _forget_hydra_logging(before: list) -> None:
+    """What a new `divo` process starts with: no logging handlers from an earlier command."""
+    import logging
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if h not in before]:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def test_a_resumed_run_logs_the_resume_and_its_evaluations(tmp_path, capsys):
+    """train.log and the console of `divo train <run dir>` say where the run resumed and carry
+    the evaluations after it, and the damaged-checkpoint warning lands in train.log too."""
+    import logging
+
+    run = tmp_path / "run"
+    before = list(logging.getLogger().handlers)
+    assert main(["train", "td3bc", *SHORT, "train.steps=4", f"hydra.run.dir={run}"]) == 0
+    _forget_hydra_logging(before)
+    capsys.readouterr()
+    assert main(["train", str(run), "train.steps=6"]) == 0
+    out = capsys.readouterr().out
+    assert "resumed from step 4" in out and "step 6: normalized score" in out
+    log = (run / "train.log").read_text()
+    assert log.count("step 3: normalized score") == 1  # before the resume, not repeated
+    assert log.index("step 3: normalized") < log.index("resumed from step 4")
+    assert log.index("resumed from step 4") < log.index("step 6: normalized score")
+    # a damaged newest checkpoint: the fallback warning is in train.log as well
+    (run / "checkpoints" / "step_000000006.pt").write_bytes(b"damaged")
+    with pytest.warns(UserWarning, match="falling back"):
+        assert main(["train", str(run), "train.steps=8"]) == 0
+    log = (run / "train.log").read_text()
+    assert "step_000000006.pt" in log and "falling back to the previous checkpoint" in log
+    assert "resumed from step 4" in log.rsplit("falling back", 1)[1]
+    assert "step 8: normalized score" in log
+
+
+def test_a_refused_resume_changes_nothing(tmp_path, capsys):
+    run = tmp_path / "run"
+    train(compose_recipe("td3bc", SHORT), run)
+    before = snapshot(run)
+    line = _one_line_error(["train", str(run), "train.steps=4"], capsys)
+    assert "already at step 6 > train.steps=4" in line
+    assert snapshot(run) == before  # config.yaml still says steps: 6
+    assert main(["train", str(run)]) == 0  # the plain resume still works
+
+
+def test_resuming_a_finished_run_leaves_its_files_and_prints_its_result(tmp_path, capsys):
+    import logging
+
+    run = tmp_path / "run"
+    before = list(logging.getLogger().handlers)
+    assert main(["train", "td3bc", *SHORT, f"hydra.run.dir={run}"]) == 0
+    _forget_hydra_logging(before)
+    result = json.loads((run / "result.json").read_text())
+    before = snapshot(run)
+    capsys.readouterr()
+    assert main(["train", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert snapshot(run) == before
+    assert "finished its 6 steps already" in out
+    assert f"after 6 steps in {result['wall_clock_s']:.1f} s -> {result['run_dir']}" in out
+
+
+def test_the_resume_hint_never_names_the_refused_command(tmp_path, capsys):
+    """A run whose config.yaml no longer matches its checkpoints: `divo train <run>` is refused,
+    and the hint does not suggest that same command."""
+    run = tmp_path / "run"
+    train(compose_recipe("td3bc", SHORT), run)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("recipe: td3bc", "recipe: divo"))
+    line = _one_line_error(["train", str(run), "train.steps=8"], capsys)
+    assert "holds a checkpoint of recipe 'td3bc', not 'divo'" in line
+    assert f"divo train {run}`" not in line

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayB
 from divo.agents.data import buffer_observation_stats, load_offline_data
 from divo.agents.train import train
 from divo.cli import compose_recipe, main
-from divo.errors import ConfigError, DatasetError, DivoError
+from divo.errors import ConfigError, DatasetError, DivoError, install_hint
 
 FAST = [
     "--quiet",
@@ -265,6 +266,16 @@ def test_non_finite_loss_stops_the_run_naming_loss_and_step(tmp_path, monkeypatc
     assert [p.name for p in (tmp_path / "run" / "checkpoints").glob("*.pt")] == [
         "step_000000003.pt"
     ]
+    # before any checkpoint, the message names no folder that does not exist
+    calls["n"] = 0
+    cfg = compose_recipe(
+        "td3bc",
+        [o for o in FAST if o != "--quiet"]
+        + ["dataset=bandit", "train.progress=false", "train.checkpoint_every=5"],
+    )
+    with pytest.raises(DivoError, match="at step 4.*no checkpoint was written yet") as exc:
+        train(cfg, tmp_path / "early")
+    assert "checkpoints" not in str(exc.value)
 
 
 def test_optional_logger_backend_works_or_says_what_to_install(tmp_path):
@@ -276,7 +287,7 @@ def test_optional_logger_backend_works_or_says_what_to_install(tmp_path):
         + ["dataset=bandit", "train.progress=false", "logger.backend=tensorboard"],
     )
     if importlib.util.find_spec("tensorboard") is None:
-        with pytest.raises(ConfigError, match=r"pip install 'divo\[tensorboard\]'"):
+        with pytest.raises(ConfigError, match=re.escape(install_hint("tensorboard"))):
             train(cfg, tmp_path / "run")
     else:
         train(cfg, tmp_path / "run")
@@ -296,3 +307,54 @@ def test_divo_trains_on_cuda_with_the_dataset_on_the_device(tmp_path):
     data = load_offline_data(cfg.dataset.id, device="cuda")
     assert data.data.device.type == "cuda"
     assert data.replay_buffer(8).sample()["observation"].device.type == "cuda"
+
+
+def test_the_python_api_writes_train_log_and_prints_evaluations(tmp_path, capsys):
+    """`train(cfg, run_dir)` writes the same train.log as `divo train` and prints the lines."""
+    cfg = compose_recipe("td3bc", [*cfg_overrides(), "dataset=bandit"])
+    train(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    log = (tmp_path / "run" / "train.log").read_text()
+    for text in (
+        "data divo/bandit/multimodal-v0",
+        "step 3: normalized score",
+        "step 6: normalized",
+    ):
+        assert text in log and text in out, text
+
+
+def test_the_plan_device_and_eta_are_printed_and_long_cpu_runs_warned(
+    tmp_path, capsys, monkeypatch
+):
+    from divo.agents.train import Eta
+
+    monkeypatch.setattr(Eta, "MEASURE_STEPS", 20)
+    monkeypatch.setattr(Eta, "CPU_WARN_S", 0.0)  # any remaining time counts as "hours"
+    cfg = compose_recipe(
+        "td3bc",
+        [*cfg_overrides(), "dataset=bandit", "device=cpu", "train.steps=60", "train.eval_every=60",
+         "train.checkpoint_every=60", "critic.network.hidden=[16]", "actor.network.hidden=[16]"],
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="this CPU run of 60 steps needs about .* train.steps"):
+        train(cfg, tmp_path / "run")
+    out = capsys.readouterr().out
+    assert "training 60 steps on cpu (" in out
+    assert re.search(r"\d+ steps/s: about \d+ s to go \(step 30 of 60\)", out), out
+    assert "this CPU run of 60 steps" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_non_finite_values_in_a_user_buffer_are_refused_when_it_is_handed_over(
+    hopper_dataset, tmp_path
+):
+    data = load_offline_data(hopper_dataset)
+    content = data.data[:200].clone()
+    content["next", "reward"][7] = float("nan")
+    content["observation"][3, 2] = float("inf")
+    cfg = compose_recipe(
+        "td3bc", [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}"]
+    )
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(200), batch_size=8)
+    rb.extend(content)
+    with pytest.raises(DatasetError, match="holds non-finite .*1 in observation, 1 in next/reward"):
+        train(cfg, tmp_path / "run", replay_buffer=rb)
+    assert not (tmp_path / "run").exists()  # refused before anything was written

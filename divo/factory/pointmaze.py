@@ -11,7 +11,7 @@ A waypoint planner on the maze grid drives a PD controller, as D4RL (and Minari'
   with ``kp = 10``, ``kd = 1`` (D4RL's ``p_gain=10, d_gain=-1``: its damping gain is added, ours
   subtracted) and optional Gaussian action noise (D4RL's ``--noisy`` option: std 0.5).
 
-Environments (gymnasium-robotics, ``pip install 'divo[maze]'``):
+Environments (gymnasium-robotics, ``pip install 'divo-rl[maze]'``):
 
 - **collection**: ``continuing_task=True, reset_target=True`` (the goal jumps to a new random cell
   when reached, so one episode visits many goals), episodes of ``MAZES[maze].collect_steps``.
@@ -51,7 +51,7 @@ from divo.datasets import (
     remove_maze_xml,
     write_minari_dataset,
 )
-from divo.errors import DatasetError
+from divo.errors import DatasetError, install_hint
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,7 @@ def _require_robotics() -> None:
     except ImportError as exc:
         raise DatasetError(
             f"the PointMaze datasets need gymnasium-robotics, which cannot be imported ({exc}); "
-            "install it with pip install 'divo[maze]'"
+            f"install it with {install_hint('maze')}"
         ) from exc
     gym.register_envs(gymnasium_robotics)
 

@@ -166,7 +166,8 @@ def _check_entry_point(
     if not (isinstance(obj, type) and issubclass(obj, base)):
         raise UntrustedFileError(
             f"{where} records environment {spec.id} with {what} {point}, which is not a "
-            f"{base.__name__} class; the file was edited or is not a divo file"
+            f"{base.__module__}.{base.__qualname__} subclass; the file was edited or is not a "
+            "divo file"
         )
 
 

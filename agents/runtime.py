@@ -193,11 +193,3 @@ def _unloadable(blob: io.BytesIO) -> str | None:
     except Exception as exc:  # noqa: BLE001 - the refusal is the answer
         return _blocked_global(exc) or f"{type(exc).__name__}: {first_line(exc)}"
     return None
-
-
-def unloadable_global(obj: Any) -> str | None:
-    """None when :func:`load_file` would read ``obj`` back once saved; otherwise the pickled
-    global (``module.name``) that it would refuse."""
-    blob = io.BytesIO()
-    torch.save(obj, blob)
-    return _unloadable(blob)

@@ -2,6 +2,10 @@
 
 Needs nothing of the training state: the actor's config, its weights with the normalisation
 statistics, the environment spec and the score references travel in the file.
+
+A policy file is data: it is read without unpickling objects (:func:`load_file`), and the
+classes its config names and the environment its spec names are checked against an allow-list
+(:mod:`divo.agents.trust`) before anything is imported or built.
 """
 
 from __future__ import annotations
@@ -9,12 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import gymnasium as gym
 import torch
+from gymnasium.envs.registration import EnvSpec
 from hydra.utils import instantiate
 
 from divo.agents.evaluate import evaluate_policy
 from divo.agents.runtime import load_file, resolve_device
+from divo.agents.trust import Trust, check_config, check_env_spec
 from divo.datasets import make_env
 from divo.errors import CheckpointError
 
@@ -42,16 +47,31 @@ def find_policy_file(path: str | Path) -> Path:
     return path
 
 
+def check_policy_payload(payload: dict, trust: Trust, where: str | Path) -> EnvSpec | None:
+    """Refuse a policy payload whose config names classes, or whose environment spec names
+    entry points, outside divo, gymnasium and the trusted modules; returns its spec (if any)."""
+    check_config(payload.get("policy_config"), trust, str(where))
+    spec = payload.get("env_spec")
+    return check_env_spec(spec, trust, str(where)) if spec is not None else None
+
+
 def load_policy(
-    path: str | Path, device: str | torch.device = "cpu"
+    path: str | Path, device: str | torch.device = "cpu", *, trust: Trust = None
 ) -> tuple[torch.nn.Module, dict]:
-    """Rebuild the policy saved at ``path``; returns it and the file's metadata."""
+    """Rebuild the policy saved at ``path``; returns it and the file's metadata (``env``: its
+    environment spec, checked, or None).
+
+    ``trust``: module names (e.g. ``["my_pkg"]``) whose classes the file may name besides
+    divo's, for policies over plugged-in behaviour models. Nothing else named by the file is
+    imported: such a file is refused with :class:`divo.errors.UntrustedFileError`.
+    """
     file = find_policy_file(path)
     payload = load_file(file)
-    if isinstance(payload, dict) and payload.get("format", "").startswith("divo-checkpoint"):
-        payload = payload["policy"]
+    if isinstance(payload, dict) and str(payload.get("format", "")).startswith("divo-checkpoint"):
+        payload = payload.get("policy")
     if not isinstance(payload, dict) or payload.get("format") != POLICY_FORMAT:
         raise CheckpointError(f"{file} is not a divo policy or checkpoint file")
+    spec = check_policy_payload(payload, trust, file)
     try:
         policy = instantiate(payload["policy_config"], _convert_="all")
         policy.load_state_dict(payload["state_dict"])
@@ -63,20 +83,27 @@ def load_policy(
     policy.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     meta["file"] = str(file)
+    meta["env"] = spec
     return policy, meta
 
 
 def evaluate_saved_policy(
-    path: str | Path, *, episodes: int = 10, seed: int = 100, device: str = "auto"
+    path: str | Path,
+    *,
+    episodes: int = 10,
+    seed: int = 100,
+    device: str = "auto",
+    trust: Trust = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved policy in the environment recorded with it."""
+    """Evaluate a saved policy in the environment recorded with it (``trust``: as for
+    :func:`load_policy`)."""
     dev = resolve_device(device)
-    policy, meta = load_policy(path, dev)
-    if meta.get("env_spec") is None:
+    policy, meta = load_policy(path, dev, trust=trust)
+    spec = meta["env"]
+    if spec is None:
         raise CheckpointError(
             f"{meta['file']} records no environment (its dataset had none); evaluate it from Python"
         )
-    spec = gym.envs.registration.EnvSpec.from_json(meta["env_spec"])
 
     result = evaluate_policy(
         policy,

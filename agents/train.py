@@ -40,15 +40,19 @@ from divo.agents.runtime import (
     atomic_save,
     device_name,
     load_file,
+    load_trusted_file,
+    numpy_rng_state,
     resolve_device,
     rng_state,
     seed_everything,
     set_rng_state,
 )
 from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
-from divo.errors import CheckpointError, ConfigError, DatasetError, DivoError
+from divo.agents.trust import Trust, check_config, config_modules, trusted_modules
+from divo.errors import CheckpointError, ConfigError, DatasetError, DivoError, UntrustedFileError
 
-CHECKPOINT_FORMAT = "divo-checkpoint-v1"
+# v2: every RNG state as plain data, so that a checkpoint loads with weights_only=True
+CHECKPOINT_FORMAT = "divo-checkpoint-v2"
 
 
 _log = logging.getLogger("divo.train")
@@ -142,15 +146,15 @@ class _Checkpointer:
             old.unlink()
         return path
 
-    def load_latest(self) -> dict[str, Any] | None:
-        """The newest readable checkpoint; an unreadable one is skipped with a warning."""
+    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest readable checkpoint and its path; a damaged one is skipped with a
+        warning, one that holds a pickled object is refused (:func:`load_checkpoint`)."""
         files = self.files()
         for path in reversed(files):
             try:
-                payload = load_file(path)
-                if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-                    raise CheckpointError(f"{path} is not a divo checkpoint")
-                return payload
+                return path, load_checkpoint(path)
+            except UntrustedFileError:
+                raise
             except CheckpointError as exc:
                 warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=2)
         if files:
@@ -158,6 +162,36 @@ class _Checkpointer:
                 f"no readable checkpoint in {self.dir}; delete the folder to start again"
             )
         return None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file of this format, read as plain data (:func:`load_file`)."""
+    payload = load_file(path)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        if isinstance(found, str) and found.startswith("divo-checkpoint"):
+            raise CheckpointError(
+                f"{path} is a {found} file, not {CHECKPOINT_FORMAT}; if you trust it, convert "
+                f"it with `divo convert {path}`"
+            )
+        raise CheckpointError(f"{path} is not a divo checkpoint")
+    return payload
+
+
+def check_trusted(
+    ckpt: dict, file: Path, cfg: DictConfig, data_spec: str | None, trust: Trust
+) -> None:
+    """Refuse a checkpoint whose configs name classes, or whose environment spec names entry
+    points, that loading its run's files could not run: outside divo, gymnasium and the
+    modules trusted here (``trust``, and those ``cfg`` names: its caller chose them)."""
+    from divo.agents.policy_io import check_policy_payload
+
+    modules = (*trusted_modules(trust), *config_modules(OmegaConf.to_container(cfg)))
+    check_config(ckpt.get("config"), modules, str(file))
+    policy = dict(ckpt.get("policy") or {})
+    if policy.get("env_spec") == data_spec:  # the environment this run evaluates in anyway
+        policy.pop("env_spec", None)
+    check_policy_payload(policy, modules, file)
 
 
 def _check_resumable(ckpt: dict, cfg: DictConfig, obs_dim: int, act_dim: int, where: Path):
@@ -436,6 +470,7 @@ def train(
     replay_buffer: ReplayBuffer | None = None,
     obs_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
     resume: bool = True,
+    trust: Trust = None,
 ) -> dict[str, Any]:
     """Train the agent a recipe describes; write config, metrics, checkpoints and result.json.
 
@@ -443,7 +478,9 @@ def train(
     from the newest readable one: parameters, targets, optimiser states, step counter, every RNG
     state, the sampler state and the partial metric sums are restored, so on CPU with a fixed
     seed the result equals an uninterrupted run. A checkpoint of another recipe or other data
-    sizes is refused before anything on disk changes.
+    sizes is refused before anything on disk changes, and so is one that holds a pickled object
+    or names code outside divo, gymnasium, the modules ``cfg`` names and ``trust`` (module
+    names, e.g. ``["my_pkg"]``).
 
     Args:
         cfg: a composed recipe (see ``divo.cli.compose_recipe``).
@@ -466,7 +503,12 @@ def train(
         from divo.agents.vectorized import train_vectorized
 
         return train_vectorized(
-            cfg, run_dir, replay_buffer=replay_buffer, obs_stats=obs_stats, resume=resume
+            cfg,
+            run_dir,
+            replay_buffer=replay_buffer,
+            obs_stats=obs_stats,
+            resume=resume,
+            trust=trust,
         )
     run_dir = Path(run_dir)
     finished = finished_result(cfg, run_dir) if resume else None
@@ -553,8 +595,11 @@ def _train(
     checkpointer = _Checkpointer(run_dir, cfg.train.keep_checkpoints)
     acc = MetricAccumulator()
     start_step, last_eval, elapsed_before = 0, None, 0.0
-    ckpt = checkpointer.load_latest() if resume else None
-    if ckpt is not None:
+    found = checkpointer.load_latest() if resume else None
+    ckpt = None
+    if found is not None:
+        ckpt_file, ckpt = found
+        check_trusted(ckpt, ckpt_file, cfg, _spec_json(data), trust)
         _check_resumable(ckpt, cfg, obs_dim, act_dim, run_dir)
         agent.load_training_state(ckpt["agent"])
         if ckpt.get("sampler") and hasattr(buffer, "sampler"):
@@ -623,3 +668,44 @@ def _train(
     result = _result(cfg, data, behavior_score, last_eval, wall_clock_s, device, run_dir)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def convert_file(path: str | Path) -> str:
+    """Rewrite a policy file or checkpoint of an older divo as plain data in this version's
+    format (in place, atomically); returns what was done, for one line of output.
+
+    UNPICKLES the file (``torch.load(weights_only=False)``), which runs whatever it holds: only
+    for files the user trusts. A file that already loads as plain data is left as it is.
+    """
+    path = Path(path)
+    try:
+        payload = load_file(path)
+        if isinstance(payload, dict) and payload.get("format") in (
+            POLICY_FORMAT,
+            CHECKPOINT_FORMAT,
+        ):
+            return f"{path}: already plain data ({payload['format']}), left as it is"
+    except UntrustedFileError:
+        pass
+    payload = load_trusted_file(path)
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found == "divo-checkpoint-v1":  # v1 kept NumPy's RNG state as a pickled ndarray
+        rng = dict(payload["rng"])
+        rng["numpy"] = numpy_rng_state(rng["numpy"])
+        converted = {**payload, "format": CHECKPOINT_FORMAT, "rng": rng}
+    elif found in (POLICY_FORMAT, CHECKPOINT_FORMAT):
+        converted = payload
+    else:
+        raise CheckpointError(
+            f"{path} is not a divo policy file or checkpoint (format {found!r}); nothing converted"
+        )
+    atomic_save(converted, path)  # refuses (and keeps the file) if objects remain
+    return f"{path}: {found} -> {converted['format']}, plain data"
+
+
+def run_files(path: str | Path) -> list[Path]:
+    """A file -> itself; a folder -> every policy.pt and checkpoints/step_*.pt under it."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return sorted(path.glob("**/policy.pt")) + sorted(path.glob("**/checkpoints/step_*.pt"))

@@ -44,6 +44,7 @@ from divo.agents.runtime import (
     set_rng_state,
 )
 from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
+from divo.agents.trust import Trust
 from divo.errors import ConfigError, first_line
 
 MULTIRUN_HINT = "use train.num_seeds=1 (or a multirun: `divo train <recipe> -m seed=0,1,2`)"
@@ -417,11 +418,13 @@ def _checkpoint_steps(checkpointer) -> set[int]:
     return {int(p.stem.split("_")[1]) for p in checkpointer.files()}
 
 
-def _load_common_checkpoints(checkpointers, cfg_format: str) -> tuple[int, list[dict]] | None:
-    """The newest step every seed has a readable checkpoint of, and those checkpoints. Files of
-    a newer step (a save round cut short) are removed with a warning."""
-    from divo.agents.runtime import load_file
-    from divo.errors import CheckpointError
+def _load_common_checkpoints(checkpointers, check) -> tuple[int, list[dict]] | None:
+    """The newest step every seed has a readable checkpoint of, and those checkpoints, each
+    passed to ``check(payload, file)`` (it raises to refuse). Files of a newer step (a save round
+    cut short) are then removed with a warning; a file refused as untrusted stops everything
+    before that."""
+    from divo.agents.train import load_checkpoint
+    from divo.errors import CheckpointError, UntrustedFileError
 
     steps = [_checkpoint_steps(c) for c in checkpointers]
     if not any(steps):
@@ -430,9 +433,12 @@ def _load_common_checkpoints(checkpointers, cfg_format: str) -> tuple[int, list[
     found = None
     for step in common:
         try:
-            payloads = [load_file(c.dir / f"step_{step:09d}.pt") for c in checkpointers]
-            if any(not isinstance(p, dict) or p.get("format") != cfg_format for p in payloads):
-                raise CheckpointError(f"a checkpoint of step {step} is not a divo checkpoint")
+            files = [c.dir / f"step_{step:09d}.pt" for c in checkpointers]
+            payloads = [load_checkpoint(f) for f in files]
+            for payload, file in zip(payloads, files, strict=True):
+                check(payload, file)
+        except UntrustedFileError:
+            raise
         except CheckpointError as exc:
             warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=3)
             continue
@@ -498,6 +504,7 @@ def train_vectorized(
     replay_buffer=None,
     obs_stats=None,
     resume: bool = True,
+    trust: Trust = None,
 ) -> dict[str, Any]:
     """``train.num_seeds=N``: seeds ``seed .. seed+N-1`` trained together with stacked weights.
 
@@ -511,6 +518,7 @@ def train_vectorized(
 
     Returns a summary: ``results`` (each seed's result.json), ``seeds``, and the mean over seeds
     of ``return_mean``/``normalized_score`` (``return_std``: their spread over seeds).
+    ``trust``: as for :func:`divo.agents.train.train`.
     """
     from divo.agents import train as single
 
@@ -534,12 +542,14 @@ def train_vectorized(
     cfgs = [_seed_config(cfg, s) for s in seeds]
     logs = _SeedLogs(seed_dirs, seeds)
     try:
-        return _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, single)
+        return _train_seeds(
+            cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs, single
+        )
     finally:
         logs.close()
 
 
-def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, single):
+def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs, single):
     n = len(seeds)
     start = time.perf_counter()
     seed_everything(seeds[0])
@@ -569,7 +579,12 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, logs, sin
     checkpointers = [single._Checkpointer(d, cfg.train.keep_checkpoints) for d in seed_dirs]
     acc = SeedMetricAccumulator()
     start_step, last_evals, elapsed_before = 0, [None] * n, [0.0] * n
-    found = _load_common_checkpoints(checkpointers, single.CHECKPOINT_FORMAT) if resume else None
+    data_spec = single._spec_json(data)
+
+    def check(payload: dict, file: Path) -> None:
+        single.check_trusted(payload, file, cfg, data_spec, trust)
+
+    found = _load_common_checkpoints(checkpointers, check) if resume else None
     if found is not None:
         start_step, ckpts = found
         for c, seed_cfg, d in zip(ckpts, cfgs, seed_dirs, strict=True):

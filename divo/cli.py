@@ -2,6 +2,7 @@
 
 divo train <recipe> [--quiet] [hydra overrides...]   train a recipe (Hydra -m sweeps work)
 divo evaluate <run dir | checkpoint> [--episodes N]  re-evaluate a saved policy
+divo convert <file | run dir>...                     rewrite an older divo's files as plain data
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ USAGE = """usage: divo <command> ...   (divo <command> --help, divo --version)
 
 commands:
   train <recipe> [--quiet] [overrides...]   train a recipe from recipes/ (or a path to a YAML)
-  train <run dir> [train.steps=N]           resume a run from its newest checkpoint
-  evaluate <run dir | checkpoint> [--episodes N] [--seed S] [--device D]
-                                            re-evaluate a saved policy
+  train <run dir> [train.steps=N] [--trust MODULE]
+                                            resume a run from its newest checkpoint
+  evaluate <run dir | checkpoint> [--episodes N] [--seed S] [--device D] [--trust MODULE]
+                                            re-evaluate a saved policy (--trust: a module of
+                                            your own whose classes the file may name)
+  convert <file | run dir>...               rewrite an older divo's policy files and checkpoints
+                                            as plain data (unpickles them: trusted files only)
   report <dir>... [--compare A B] [--out DIR]
                                             tables and figures over the runs under <dir>
   study bandit [key=value...] [--out PNG]   the 2-D bandit study figure (docs/bandit_study.png)
@@ -214,9 +219,26 @@ def _existing_folders(path: Path) -> set[Path]:
     return {p for p in (path, *path.parents) if p.is_dir()}
 
 
+def _take_trust(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``--trust MODULE`` / ``--trust=MODULE`` (repeatable) taken out of ``argv``."""
+    rest, trust, it = [], [], iter(argv)
+    for a in it:
+        if a == "--trust":
+            value = next(it, None)
+            if value is None:
+                raise ConfigError("--trust needs a module name, e.g. --trust my_pkg")
+            trust.append(value)
+        elif a.startswith("--trust="):
+            trust.append(a.split("=", 1)[1])
+        else:
+            rest.append(a)
+    return rest, trust
+
+
 def _train(argv: list[str]) -> int:
     quiet = False
     args = []
+    argv, trust = _take_trust(argv)
     for a in argv:
         if a in ("-q", "--quiet"):
             quiet = True
@@ -242,7 +264,12 @@ def _train(argv: list[str]) -> int:
         for a in resume:
             args.remove(a)
         run_dir = Path(recipe) if not resume else Path(resume[-1].split("=", 1)[1])
-        return _resume(run_dir, None if not resume else recipe, args, quiet)
+        return _resume(run_dir, None if not resume else recipe, args, quiet, trust)
+    if trust:
+        raise ConfigError(
+            "--trust is for files read from a run directory (divo train <run dir>, divo "
+            "evaluate); a recipe names its classes itself: drop --trust"
+        )
     config_dir, name, user = resolve_recipe(recipe)
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
     if quiet:
@@ -304,9 +331,13 @@ def _train(argv: list[str]) -> int:
 RESUMABLE_OVERRIDES = ("train.", "device=", "logger.")
 
 
-def _resume(run_dir: Path, recipe: str | None, args: list[str], quiet: bool) -> int:
-    """Continue the run in ``run_dir`` from its newest checkpoint, with its saved config."""
+def _resume(
+    run_dir: Path, recipe: str | None, args: list[str], quiet: bool, trust: list[str]
+) -> int:
+    """Continue the run in ``run_dir`` from its newest checkpoint, with its saved config (whose
+    classes must be divo's or those of a ``--trust``ed module)."""
     from divo.agents.train import train
+    from divo.agents.trust import check_config
 
     config = run_dir / "config.yaml"
     if not config.is_file():
@@ -314,6 +345,7 @@ def _resume(run_dir: Path, recipe: str | None, args: list[str], quiet: bool) -> 
             f"{run_dir} is not a run directory (no config.yaml); pass a recipe name to start a run"
         )
     cfg = OmegaConf.load(config)
+    check_config(OmegaConf.to_container(cfg), trust, str(config))
     if recipe is not None and cfg.get("recipe") != recipe:
         raise CheckpointError(
             f"{run_dir} is a run of recipe {cfg.get('recipe')!r}, not {recipe!r}; resume it with "
@@ -340,7 +372,7 @@ def _resume(run_dir: Path, recipe: str | None, args: list[str], quiet: bool) -> 
         raise ConfigError(f"bad override in {' '.join(args)}: {str(exc).splitlines()[0]}") from None
     if not any((run_dir / "checkpoints").glob("step_*.pt")):
         print(f"divo: {run_dir} has no checkpoint yet; training starts from step 0", flush=True)
-    result = train(cfg, run_dir)
+    result = train(cfg, run_dir, trust=trust)
     print(_summary(result), flush=True)
     return 0
 
@@ -354,12 +386,22 @@ def _evaluate(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, default=100, help="seed of the first episode")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument(
+        "--trust",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="a module of yours (e.g. a plugged-in behaviour model's) whose classes the file "
+        "may name; repeatable",
+    )
     ns = parser.parse_args(argv)
     if ns.episodes <= 0:
         raise ConfigError(f"--episodes={ns.episodes} must be a positive integer")
     from divo.agents.policy_io import evaluate_saved_policy
 
-    result = evaluate_saved_policy(ns.path, episodes=ns.episodes, seed=ns.seed, device=ns.device)
+    result = evaluate_saved_policy(
+        ns.path, episodes=ns.episodes, seed=ns.seed, device=ns.device, trust=ns.trust
+    )
     if ns.json:
         print(json.dumps(result, indent=2))
     else:
@@ -372,10 +414,30 @@ def _evaluate(argv: list[str]) -> int:
     return 0
 
 
+def _convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="divo convert",
+        description="Rewrite policy files and checkpoints of an older divo as plain data, "
+        "which divo then loads without unpickling. This UNPICKLES the files, which runs any "
+        "code they hold: run it only on files you trust.",
+    )
+    parser.add_argument("paths", nargs="+", help="policy.pt / checkpoint files or run dirs")
+    ns = parser.parse_args(argv)
+    from divo.agents.train import convert_file, run_files
+
+    files = [f for p in ns.paths for f in run_files(p)]
+    if not files:
+        raise CheckpointError(f"no policy.pt or checkpoints/step_*.pt in {' '.join(ns.paths)}")
+    for file in files:
+        print(f"divo: {convert_file(file)}", flush=True)
+    return 0
+
+
 # command name -> function(argv) -> exit status; each one raises DivoError for bad input
 COMMANDS = {
     "train": _train,
     "evaluate": _evaluate,
+    "convert": _convert,
     "report": lambda argv: importlib.import_module("divo.report").main(argv),
     "study": lambda argv: importlib.import_module(
         "divo.locomotion_study" if argv[:1] == ["locomotion"] else "divo.bandit_study"

@@ -32,6 +32,13 @@ class CheckpointError(DivoError):
     """A checkpoint cannot be read or does not match this run."""
 
 
+class UntrustedFileError(CheckpointError):
+    """A policy file, checkpoint or run config asks for code to run: a pickled object, a
+    ``_target_`` outside divo and the modules the user trusts, or an environment entry point
+    outside gymnasium, gymnasium-robotics and divo. Refused before anything runs or changes on
+    disk; a resumed run never falls back past such a file."""
+
+
 def type_name(obj: object) -> str:
     """``module.Class`` of ``obj``'s type, to name a user's plugged-in part in an error."""
     return f"{type(obj).__module__}.{type(obj).__qualname__}"

@@ -522,7 +522,7 @@ def train(
             )
         return finished
     with RunLog(run_dir) as run_log:
-        return _train(cfg, run_dir, replay_buffer, obs_stats, resume, run_log)
+        return _train(cfg, run_dir, replay_buffer, obs_stats, resume, run_log, trust)
 
 
 def _train(
@@ -532,6 +532,7 @@ def _train(
     obs_stats: tuple[torch.Tensor, torch.Tensor] | None,
     resume: bool,
     run_log: RunLog,
+    trust: Trust = None,
 ) -> dict[str, Any]:
     """:func:`train` of one seed; nothing is written to ``run_dir`` before ``run_log.commit()``,
     which follows every check."""

@@ -8,6 +8,7 @@ One class serves DIVO, its ablations and TD3+BC: which parts exist is decided by
 from __future__ import annotations
 
 import copy
+import math
 import types
 from collections.abc import Callable, Mapping
 
@@ -19,6 +20,7 @@ from divo.objectives.actor import NormalizedPolicy, ObservationNormalizer, TD3BC
 from divo.objectives.behavior import WeightedBehaviorLoss
 from divo.objectives.critic import TD3CriticLoss, TwinQ
 from divo.objectives.functional import polyak_update
+from divo.objectives.functional import td_target as td_target_of
 from divo.objectives.keys import DEFAULT_KEYS, Keys
 from divo.objectives.selectors import TargetSelector
 from divo.objectives.value import Advantage, StateValue, ValueLoss
@@ -43,6 +45,9 @@ class TrainableAgent(nn.Module):
     optimizers: dict[str, torch.optim.Optimizer]
     num_updates: int
     _generator: torch.Generator | None = None  # the running update's generator, for its stages
+    # optimiser name -> factor of its base learning rate at update t (0-based), e.g. IQL's
+    # cosine decay of its policy's lr; set by the builder (see :func:`cosine_decay`)
+    lr_schedules: Mapping[str, Callable[[int], float]] = types.MappingProxyType({})
 
     def update(
         self, batch: TensorDictBase, generator: torch.Generator | None = None
@@ -104,6 +109,7 @@ class TrainableAgent(nn.Module):
             params, max_norm = measured
             norm = nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
             extra = {f"{name}_grad_norm": norm.detach()}
+        apply_lr_schedule(self, name, opt)
         opt.step()
         return extra
 
@@ -148,11 +154,33 @@ class TrainableAgent(nn.Module):
                         opt.state[p]["step"] = step.to(device=device, dtype=torch.float32)
 
 
+def cosine_decay(update: int, steps: int) -> float:
+    """Cosine decay of a learning rate to 0 over ``steps`` updates (optax's
+    ``cosine_decay_schedule``, as IQL and IDQL use it): 0.5 (1 + cos(pi min(t, T) / T))."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(update, steps) / steps))
+
+
+def apply_lr_schedule(agent: TrainableAgent, name: str, opt: torch.optim.Optimizer) -> None:
+    """Set the learning rate of optimiser ``name`` for the update in progress (the agent's
+    ``num_updates`` counts it already) from its schedule, if it has one; the base rate is kept
+    in each group's ``initial_lr`` (saved with the optimiser's state)."""
+    schedule = agent.lr_schedules.get(name)
+    if schedule is None:
+        return
+    factor = schedule(agent.num_updates - 1)
+    for group in opt.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+        group["lr"] = group["initial_lr"] * factor
+
+
 class OfflineAgent(TrainableAgent):
     """TD3+BC-based agent with an optional value function and an optional behaviour model.
 
     Parts (all ``nn.Module``):
-      normalizer, actor (+ actor_target), critic (+ critic_target): always;
+      normalizer, critic (+ critic_target): always;
+      actor (+ actor_target), actor_loss, selector: unless the recipe has no actor (IQL, IDQL:
+      the behaviour model is deployed through ``policy_factory``; the targets move every
+      ``policy_delay`` updates all the same);
       value + value_loss + advantage: when the weighting or the selector needs advantages;
       behavior_model + weighting + behavior_loss: when the recipe has a behaviour model.
     ``optimizers`` maps part name -> optimiser; the agent owns them so that checkpoints are whole.
@@ -162,11 +190,11 @@ class OfflineAgent(TrainableAgent):
         self,
         *,
         normalizer: ObservationNormalizer,
-        actor: nn.Module,
+        actor: nn.Module | None,
         critic: TwinQ,
         critic_loss: TD3CriticLoss,
-        actor_loss: TD3BCActorLoss,
-        selector: TargetSelector,
+        actor_loss: TD3BCActorLoss | None,
+        selector: TargetSelector | None,
         optimizers: Mapping[str, torch.optim.Optimizer] | None = None,
         value: StateValue | None = None,
         value_loss: ValueLoss | None = None,
@@ -182,7 +210,7 @@ class OfflineAgent(TrainableAgent):
         self.observation_dim = int(normalizer.mean.shape[-1])
         self.normalizer = normalizer
         self.actor = actor
-        self.actor_target = frozen_copy(actor)
+        self.actor_target = frozen_copy(actor) if actor is not None else None
         self.critic = critic
         self.critic_target = frozen_copy(critic)
         self.value = value
@@ -205,18 +233,51 @@ class OfflineAgent(TrainableAgent):
         # actor (e.g. IDQL-style resampling over the behaviour model); set by the builder.
         self.policy_factory: Callable[[OfflineAgent], nn.Module] | None = None
         self._check_parts()
+        actors = (self.actor_target, self.actor) if actor is not None else (nn.Identity(),) * 2
         self._target_pairs = (
-            list(self.critic_target.parameters()) + list(self.actor_target.parameters()),
-            list(self.critic.parameters()) + list(self.actor.parameters()),
+            list(self.critic_target.parameters()) + list(actors[0].parameters()),
+            list(self.critic.parameters()) + list(actors[1].parameters()),
         )
 
     def _check_parts(self) -> None:
-        needs_adv = self.selector.needs_advantage or (
+        if self.actor is None:
+            self.selector = self.actor_loss = None  # nothing reads them without an actor
+        selector = self.selector
+        needs_adv = (selector is not None and selector.needs_advantage) or (
             self.weighting is not None and self.weighting.needs_advantage
         )
-        if needs_adv and (self.value is None or self.value_loss is None or self.advantage is None):
+        has_value = self.value is not None and self.value_loss is not None
+        if needs_adv and (not has_value or self.advantage is None):
             raise ValueError("this weighting/selector needs advantages: configure a value function")
-        if self.selector.num_candidates and self.behavior_model is None:
+        bootstrap = getattr(self.critic_loss, "bootstrap", "policy")
+        if bootstrap == "value" and not has_value:
+            raise ValueError(
+                "critic.loss.bootstrap=value bootstraps from V(s'): configure a value function"
+            )
+        if bootstrap == "policy" and self.actor is None:
+            raise ValueError(
+                "the critic's TD3 target needs the target actor, and the recipe has none: set "
+                "critic.loss.bootstrap=value (IQL) or configure an actor"
+            )
+        if (
+            has_value
+            and self.value_loss.objective == "bootstrap_min"
+            and (bootstrap != "policy" or self.actor is None)
+        ):
+            raise ValueError(
+                "value objective bootstrap_min compares the target and online critics at the "
+                "TD3 target's next action: it needs critic.loss.bootstrap=policy and an actor"
+            )
+        if selector is None:
+            if self.actor is not None:
+                raise ValueError("an actor needs a target selector (e.g. selector=dataset)")
+        elif selector.candidate == "policy_reconstruction":
+            if not callable(getattr(self.behavior_model, "reconstruct", None)):
+                raise ValueError(
+                    "selector.candidate=policy_reconstruction needs a behaviour model with "
+                    "reconstruct(observation, action) (behavior_model=cvae)"
+                )
+        elif selector.num_candidates and self.behavior_model is None:
             raise ValueError(
                 f"selector {type(self.selector).__name__} samples candidates: configure a "
                 "behaviour model"
@@ -281,12 +342,16 @@ class OfflineAgent(TrainableAgent):
             generator=generator,
         )
         obs, y = out.pop("observation"), out.pop("td_target")
+        # for value objective bootstrap_min: s' and the next action a' of the TD target
+        bootstrap = [out.pop(key) for key in ("next_observation", "next_action") if key in out]
         metrics.update(out)
 
-        # 2. State value V(s): expectile of min Q_target(s, a), or A2PR's bootstrap target.
+        # 2. State value V(s): expectile of min Q_target(s, a) (IQL), A2PR's bootstrap target y,
+        #    or (A2PR's code) the smaller of y and the online critic's own TD target.
         v = None
         if self.value is not None:
-            out = stages.run(self.value_stage, "value", obs, action, y)
+            extra = (reward, terminated, *bootstrap) if bootstrap else ()
+            out = stages.run(self.value_stage, "value", obs, action, y, *extra)
             v = out.pop("state_value")  # this pass's V(s), before the value's optimiser step
             metrics.update(out)
 
@@ -311,25 +376,57 @@ class OfflineAgent(TrainableAgent):
             )
             metrics.update(out)
 
-        # 5. Actor (delayed): target from the selector, then TD3+BC loss, then Polyak targets.
+        # 5. Actor (delayed): target from the selector, then TD3+BC loss; then Polyak targets
+        #    (every ``policy_delay`` updates, with or without an actor).
         if self.num_updates % self.policy_delay == 0:
-            extra = () if adv is None else (adv, v)
-            out = stages.run(self.actor_stage, "actor", obs, action, *extra, generator=generator)
-            metrics.update(out)
+            if self.actor is not None:
+                extra = () if adv is None else (adv, v)
+                out = stages.run(
+                    self.actor_stage, "actor", obs, action, *extra, generator=generator
+                )
+                metrics.update(out)
             stages.polyak(self._target_pairs[0], self._target_pairs[1], self.tau)
         return metrics
 
     # ------------------------------------------------------------------ stages (tensors in/out)
     def critic_stage(self, observation, next_observation, action, reward, terminated):
-        """Normalise the states, compute the TD target y and the critic loss."""
-        obs, y, out = self._critic_losses(
-            observation, next_observation, action, reward, terminated, self.actor_target
+        """Normalise the states, compute the TD target y and the critic loss (and, for value
+        objective bootstrap_min, return s' and the next action a' of y)."""
+        obs = self.normalizer(observation)
+        next_obs = self.normalizer(next_observation)
+        y, next_action = self.critic_loss.target_and_next_action(
+            reward.to(obs.dtype),
+            terminated,
+            next_obs,
+            self.critic_target,
+            self.actor_target,
+            self._generator,
+            value=self.value,
         )
-        return {"observation": obs, "td_target": y, **out}
+        out = {"observation": obs, "td_target": y, **self.critic_loss(obs, action, y, self.critic)}
+        if self.value_loss is not None and self.value_loss.objective == "bootstrap_min":
+            out.update(next_observation=next_obs, next_action=next_action)
+        return out
 
-    def value_stage(self, obs, action, td_target):
+    def value_stage(
+        self, obs, action, td_target, reward=None, terminated=None, next_obs=None, next_action=None
+    ):
+        online_y = None
+        if next_action is not None:  # bootstrap_min: the online critic's own TD target
+            with torch.no_grad():
+                online_y = td_target_of(
+                    reward.to(obs.dtype),
+                    terminated,
+                    self.critic.min_q(next_obs, next_action),
+                    self.critic_loss.gamma,
+                )
         return self.value_loss(
-            obs, self.value, action=action, critic_target=self.critic_target, td_target=td_target
+            obs,
+            self.value,
+            action=action,
+            critic_target=self.critic_target,
+            td_target=td_target,
+            online_td_target=online_y,
         )
 
     @torch.no_grad()
@@ -346,14 +443,21 @@ class OfflineAgent(TrainableAgent):
 
     def behavior_stage(self, obs, action, advantage):
         weight = self.weighting(advantage)
-        per_sample = self.behavior_model.per_sample_loss(action, obs, generator=self._generator)
-        out = self.behavior_loss(per_sample, weight)
+        model = self.behavior_model
+        if callable(getattr(model, "loss_terms", None)):  # e.g. the CVAE's unweighted KL term
+            per_sample, unweighted = model.loss_terms(action, obs, generator=self._generator)
+        else:
+            per_sample = model.per_sample_loss(action, obs, generator=self._generator)
+            unweighted = None
+        out = self.behavior_loss(per_sample, weight, unweighted)
         clip = getattr(self.weighting, "clip", None)
         if clip is not None:  # e.g. exp_awr's w_max: how many weights saturate
             out["weight_clip_frac"] = (weight >= clip).to(weight.dtype).mean()
         return out
 
     def actor_stage(self, obs, action, advantage=None, state_value=None):
+        if self.selector.candidate == "policy_reconstruction":
+            return self._reconstruction_actor_stage(obs, action, advantage, state_value)
         metrics = {}
         candidates = cand_adv = None
         with torch.no_grad():
@@ -377,6 +481,26 @@ class OfflineAgent(TrainableAgent):
                 metrics["bc_mask_mean"] = mask.mean()
         out = self.actor_loss(obs, target, mask, self.actor, self.critic)
         return {**out, **metrics}
+
+    def _reconstruction_actor_stage(self, obs, action, advantage, state_value):
+        """A2PR's code: the candidate is the behaviour model's reconstruction of the actor's own
+        action, a_gen = dec(s, z), z ~ q(z | s, pi(s)), WITH gradient into pi; it competes with
+        the dataset action by advantage (the selector's rule and mask), and the BC term pulls pi
+        towards the winner, through a_gen where a_gen wins."""
+        pi = self.actor(obs)
+        candidate = self.behavior_model.reconstruct(obs, pi, generator=self._generator)
+        candidate = candidate.unsqueeze(-2)  # [*B, 1, A]
+        cand_adv = self.advantage(
+            obs, candidate.detach(), self.advantage_critic, self.value, state_value=state_value
+        )
+        target, mask = self.selector.select(candidate, cand_adv, action, advantage)
+        out = self.actor_loss(obs, target, mask, self.actor, self.critic, pi=pi)
+        with torch.no_grad():
+            from_model = (target != action).any(-1).to(action.dtype)
+            out["target_from_model_frac"] = from_model.mean()
+            out["sample_advantage_gap"] = cand_adv.mean() - advantage.mean()
+            out["bc_mask_mean"] = mask.mean()
+        return out
 
 
 class Stages:

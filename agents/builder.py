@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 from hydra.errors import InstantiationException
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from divo.agents.agent import OfflineAgent
+from divo.agents.agent import OfflineAgent, cosine_decay
 from divo.agents.diffusion_ql import DiffusionQLAgent
 from divo.agents.step import optimizer_options
 from divo.behavior_models.base import check_behavior_model
@@ -117,7 +117,8 @@ def build_offline_agent(
     """DIVO, its ablations and TD3+BC: instantiate every part the recipe names, its
     optimisers, and move it to ``device``."""
     sizes = {"observation_dim": observation_dim, "action_dim": action_dim}
-    actor = make(cfg.actor.network, "actor.network", **sizes)
+    actor_cfg = cfg.get("actor")  # null: no actor (IQL, IDQL deploy the behaviour model)
+    actor = make(actor_cfg.network, "actor.network", **sizes) if actor_cfg is not None else None
     critic = make(cfg.critic.network, "critic.network", **sizes)
     value_cfg = cfg.get("value")
     value = advantage = value_loss = None
@@ -130,8 +131,9 @@ def build_offline_agent(
     if weighting is not None:
         check_weighting(weighting)
     behavior_loss = make(cfg.behavior.loss, "behavior.loss") if behavior_model is not None else None
-    selector = make(cfg.selector, "selector")
-    check_selector(selector, action_dim)
+    selector = make(cfg.get("selector"), "selector") if actor is not None else None
+    if selector is not None:
+        check_selector(selector, action_dim)
 
     try:
         agent = OfflineAgent(
@@ -139,7 +141,7 @@ def build_offline_agent(
             actor=actor,
             critic=critic,
             critic_loss=make(cfg.critic.loss, "critic.loss"),
-            actor_loss=make(cfg.actor.loss, "actor.loss"),
+            actor_loss=make(actor_cfg.loss, "actor.loss") if actor is not None else None,
             selector=selector,
             value=value,
             value_loss=value_loss,
@@ -148,11 +150,17 @@ def build_offline_agent(
             weighting=weighting,
             behavior_loss=behavior_loss,
             tau=cfg.critic.tau,
-            policy_delay=cfg.actor.policy_delay,
+            # without an actor the targets move every update (IQL, IDQL)
+            policy_delay=actor_cfg.policy_delay if actor is not None else 1,
         )
     except ValueError as exc:
         raise ConfigError(f"recipe {cfg.get('recipe', '?')!r} is inconsistent: {exc}") from None
     picker = cfg.get("evaluation_policy")
+    if picker is None and actor is None:
+        raise ConfigError(
+            f"recipe {cfg.get('recipe', '?')!r} has no actor and no evaluation_policy: nothing "
+            "to deploy; set evaluation_policy (e.g. divo.objectives.BehaviorModePolicy)"
+        )
     if picker is None:
         agent.policy_config = policy_config(
             cfg.actor.network, observation_dim=observation_dim, action_dim=action_dim
@@ -176,27 +184,68 @@ def build_offline_agent(
             cfg.critic.network,
             observation_dim=observation_dim,
             action_dim=action_dim,
+            value_cfg=value_cfg.network if _picker_needs(picker, "value") else None,
         )
     agent.to(device)
-    agent.optimizers = {
-        "critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr, device),
-        "actor": _opt(cfg, agent.actor.parameters(), cfg.actor.lr, device),
-    }
+    agent.optimizers = {"critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr, device)}
+    if agent.actor is not None:
+        agent.optimizers["actor"] = _opt(cfg, agent.actor.parameters(), actor_cfg.lr, device)
     if agent.value is not None:
         agent.optimizers["value"] = _opt(cfg, agent.value.parameters(), value_cfg.lr, device)
     if agent.behavior_model is not None:
         agent.optimizers["behavior"] = _opt(
             cfg, agent.behavior_model.parameters(), cfg.behavior.lr, device
         )
+    agent.lr_schedules = _lr_schedules(cfg, agent.optimizers)
     return agent
 
 
+LR_SCHEDULES = ("cosine",)
+
+
+def _lr_schedules(cfg: DictConfig, optimizers: Mapping[str, Any]) -> dict:
+    """``<part>.lr_schedule`` of each part with an optimiser (null: a constant rate;
+    ``cosine``: decay to 0 over ``<part>.lr_decay_steps``, default ``train.steps``)."""
+    out = {}
+    for part in optimizers:
+        node = cfg.get(part)
+        kind = node.get("lr_schedule") if node is not None else None
+        if kind is None:
+            continue
+        if kind not in LR_SCHEDULES:
+            raise ConfigError(
+                f"{part}.lr_schedule={kind!r} is not a schedule; choose null or "
+                f"{', '.join(LR_SCHEDULES)}"
+            )
+        steps = int(node.get("lr_decay_steps") or cfg.train.steps)
+        if steps < 1:
+            raise ConfigError(f"{part}.lr_decay_steps must be >= 1, got {steps}")
+        out[part] = functools.partial(cosine_decay, steps=steps)
+    return out
+
+
+def _picker_needs(picker: Any, what: str, default: bool = False) -> bool:
+    """Whether the evaluation policy's class asks for part ``what`` (its ``needs_<what>``
+    attribute; ``default`` when it has none)."""
+    target = picker.get("_target_") if isinstance(picker, Mapping) else None
+    try:
+        cls = get_class(target) if target else None
+    except Exception:  # an unknown _target_ fails later, with the builder's message
+        return default
+    return bool(getattr(cls, f"needs_{what}", default))
+
+
 def _picker_over_behavior_model(picker: functools.partial, agent: OfflineAgent) -> torch.nn.Module:
-    return picker(
-        normalizer=agent.normalizer,
-        behavior_model=agent.behavior_model,
-        critic=agent.advantage_critic,  # the critic the advantages use (see Advantage)
-    )
+    parts = {"normalizer": agent.normalizer, "behavior_model": agent.behavior_model}
+    if getattr(picker.func, "needs_critic", True):
+        parts["critic"] = agent.advantage_critic  # the critic the advantages use (see Advantage)
+    if getattr(picker.func, "needs_value", False):
+        if agent.value is None:
+            raise ValueError(
+                f"{picker.func.__name__} weighs candidates by A = Q - V: configure a value"
+            )
+        parts["value"] = agent.value
+    return picker(**parts)
 
 
 def build_diffusion_ql_agent(
@@ -276,17 +325,23 @@ def picker_policy_config(
     *,
     observation_dim: int,
     action_dim: int,
+    value_cfg: DictConfig | None = None,
 ) -> dict:
     """Self-contained Hydra config of a sample-and-score policy (``ResamplingPolicy``-like:
-    normaliser, behaviour model and critic, plus the picker's own settings)."""
+    normaliser, behaviour model, critic unless the picker's class says ``needs_critic =
+    False``, the value network when ``value_cfg`` is given, plus the picker's own settings)."""
     sizes = {"observation_dim": observation_dim, "action_dim": action_dim}
     out = _module_config(picker_cfg)
     out.update(
         normalizer=_normalizer_config(observation_dim),
         behavior_model=_module_config(model_cfg, **sizes),
-        critic=_module_config(critic_cfg, **sizes),
     )
+    if _picker_needs(picker_cfg, "critic", default=True):
+        out["critic"] = _module_config(critic_cfg, **sizes)
+    if value_cfg is not None:
+        out["value"] = _module_config(value_cfg, observation_dim=observation_dim)
     return out
+
 
 
 def policy_config(actor_cfg: DictConfig, *, observation_dim: int, action_dim: int) -> dict:

@@ -153,6 +153,12 @@ class TrainStep:
                     f"compile=graph cannot capture {type(model).__name__}: its schedule changes "
                     "with the step on the host; use compile=default or none"
                 )
+            schedules = getattr(getattr(agent, "agent", agent), "lr_schedules", {})
+            if schedules:
+                raise ConfigError(
+                    f"compile=graph cannot capture a learning-rate schedule ({', '.join(schedules)}"
+                    "): a graph replays the rate it recorded; use compile=default or none"
+                )
             if not hasattr(agent, "update_kind"):
                 raise ConfigError(
                     f"compile=graph needs the agent's update_kind() (which host-side branch the "

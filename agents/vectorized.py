@@ -34,7 +34,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from tensordict import TensorDict, TensorDictBase
 
-from divo.agents.agent import StageCalls, Stages, TrainableAgent, split_loss
+from divo.agents.agent import (
+    StageCalls,
+    Stages,
+    TrainableAgent,
+    apply_lr_schedule,
+    split_loss,
+)
 from divo.agents.data import check_batch_keys
 from divo.agents.logging import MetricAccumulator, MetricsLogger
 from divo.agents.runtime import (
@@ -93,6 +99,7 @@ class VectorizedStages(Stages):
                 params, max_norm = measured
                 grads = [vec.tensors[vec._name_of[id(p)]].grad for p in params]
                 out[f"{optimizer}_grad_norm"] = clip_grad_norm_per_seed(grads, max_norm)
+            apply_lr_schedule(agent, optimizer, opt)  # every seed is at the same update
             opt.step()
         return out
 

@@ -12,6 +12,10 @@ Shapes: ``*B`` any leading batch dims, ``N`` samples per state, ``A`` action dim
   stochastic. It is differentiable unless the caller disables gradients
   (Diffusion-QL backpropagates through it; DIVO calls it under ``torch.no_grad()``).
 * ``forward(observation [*B, O]) -> [*B, A]``: the policy view, one sample per state.
+* optional ``loss_terms(action, observation, generator=None) -> (weighted [*B], unweighted
+  [*B] | None)``: the per-sample loss split into the part a weighting scheme weights and a part
+  it leaves alone (the CVAE's KL term under A2PR's code); the default is
+  ``(per_sample_loss(...), None)``.
 
 A new model plugs in by subclassing :class:`BehaviorModel` (or just implementing the three
 methods) and accepting ``observation_dim`` and ``action_dim`` keyword arguments, which the
@@ -63,6 +67,15 @@ class BehaviorModel(nn.Module, abc.ABC):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Draw actions: observation [*B, O] -> [*B, N, A], each in [-1, 1]."""
+
+    def loss_terms(
+        self,
+        action: torch.Tensor,
+        observation: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the per-sample loss a weighting scheme weights [*B], an unweighted part or None)."""
+        return self.per_sample_loss(action, observation, generator=generator), None
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         """Policy view: one sampled action per state, [*B, O] -> [*B, A]."""

@@ -10,6 +10,10 @@ per-sample negative ELBO with BCQ's scaling:
 whose batch mean is exactly BCQ's ``recon_loss + 0.5 * KL_loss`` (both of BCQ's terms average
 over dimensions as well as over the batch). Sampling decodes latents drawn from the prior and
 clipped to [-prior_clip, prior_clip] (BCQ's 0.5), which keeps samples near the data's bulk.
+
+``weight_kl: false`` (A2PR's code): a weighting scheme weights the reconstruction term only; the
+KL term is averaged unweighted (:meth:`CVAE.loss_terms`). :meth:`CVAE.reconstruct` passes an
+action through encoder and decoder with gradients (A2PR's code reconstructs the actor's action).
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ class CVAE(BehaviorModel):
         prior_clip: latents are drawn from N(0, I) clipped to [-prior_clip, prior_clip].
         log_std_bounds: the encoder's log-std is clamped to this range (BCQ: [-4, 15]).
         activation: hidden activation of both networks.
+        weight_kl: whether a weighting scheme weights the KL term too (true: the whole negative
+            ELBO is the per-sample loss) or the reconstruction only (false: A2PR's code).
     """
 
     def __init__(
@@ -45,8 +51,10 @@ class CVAE(BehaviorModel):
         prior_clip: float = 0.5,
         log_std_bounds: Sequence[float] = (-4.0, 15.0),
         activation: str = "relu",
+        weight_kl: bool = True,
     ) -> None:
         super().__init__(observation_dim, action_dim)
+        self.weight_kl = bool(weight_kl)
         if kl_weight < 0 or prior_clip <= 0:
             raise ValueError(
                 f"CVAE needs kl_weight >= 0 and prior_clip > 0, got {kl_weight}, {prior_clip}"
@@ -75,6 +83,42 @@ class CVAE(BehaviorModel):
         """p(a | s, z)'s mean, in [-1, 1]: [B, O], [B, L] -> [B, A]."""
         return self.decoder(torch.cat([observation, z], -1))
 
+    def _reconstruct(
+        self, a: torch.Tensor, obs: torch.Tensor, generator: torch.Generator | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(reconstruction [B, A], latent mean [B, L], latent std [B, L]) of flat a, obs."""
+        mean, std = self.encode(a, obs)
+        eps = torch.randn(mean.shape, device=a.device, dtype=a.dtype, generator=generator)
+        return self.decode(obs, mean + std * eps), mean, std
+
+    def reconstruct(
+        self,
+        observation: torch.Tensor,
+        action: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """dec(s, z), z ~ q(z | s, a), differentiable in ``action``: [*B, O], [*B, A] -> [*B, A]."""
+        a, batch_shape = flatten_batch(action)
+        obs, _ = flatten_batch(observation)
+        return self._reconstruct(a, obs, generator)[0].reshape(*batch_shape, self.action_dim)
+
+    def loss_terms(
+        self,
+        action: torch.Tensor,
+        observation: torch.Tensor,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(the part a weighting scheme weights [*B], the unweighted part [*B] or None)."""
+        a, batch_shape = flatten_batch(action)
+        obs, _ = flatten_batch(observation)
+        recon, mean, std = self._reconstruct(a, obs, generator)
+        reconstruction = (recon - a).pow(2).mean(-1).reshape(batch_shape)
+        kl = (-0.5 * (1.0 + 2.0 * std.log() - mean.pow(2) - std.pow(2))).mean(-1)
+        kl = self.kl_weight * kl.reshape(batch_shape)
+        if self.weight_kl:
+            return reconstruction + kl, None
+        return reconstruction, kl
+
     def per_sample_loss(
         self,
         action: torch.Tensor,
@@ -82,14 +126,8 @@ class CVAE(BehaviorModel):
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Reconstruction + kl_weight * KL per transition: [*B, A], [*B, O] -> [*B]."""
-        a, batch_shape = flatten_batch(action)
-        obs, _ = flatten_batch(observation)
-        mean, std = self.encode(a, obs)
-        eps = torch.randn(mean.shape, device=a.device, dtype=a.dtype, generator=generator)
-        recon = self.decode(obs, mean + std * eps)
-        reconstruction = (recon - a).pow(2).mean(-1)
-        kl = (-0.5 * (1.0 + 2.0 * std.log() - mean.pow(2) - std.pow(2))).mean(-1)
-        return (reconstruction + self.kl_weight * kl).reshape(batch_shape)
+        weighted, unweighted = self.loss_terms(action, observation, generator)
+        return weighted if unweighted is None else weighted + unweighted
 
     def sample(
         self,

@@ -2,7 +2,9 @@
 
 pi_b(a | s) = N(mu(s), diag sigma(s)^2) from one MLP; trained by maximum likelihood. Samples are
 clipped to the action box [-1, 1]. On the four-mode bandit it puts its mean between the modes
-(see ``divo.bandit_study``), which is why the expressive models exist.
+(see ``divo.bandit_study``), which is why the expressive models exist. Trained with the
+exponential advantage weight it is IQL's policy (``recipes/iql.yaml``: IQL's options
+``state_dependent_std: false`` and ``tanh_mean: true``), deployed as its mean (:meth:`mode`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+from torch import nn
 
 from divo.behavior_models.backbones import mlp
 from divo.behavior_models.base import BehaviorModel, flatten_batch
@@ -23,6 +26,10 @@ class GaussianBehavior(BehaviorModel):
         observation_dim, action_dim: sizes, filled in by the builder.
         hidden, activation: MLP shape; the MLP outputs the mean and the log-std.
         log_std_bounds: the log-std is clamped to this range.
+        state_dependent_std: the MLP outputs the log-std (true), or it is one learned vector per
+            action dimension, initialised at 0 (false: IQL's policy).
+        tanh_mean: squash the mean by tanh into [-1, 1] (IQL's policy; the distribution itself
+            is not squashed).
     """
 
     def __init__(
@@ -32,20 +39,36 @@ class GaussianBehavior(BehaviorModel):
         hidden: Sequence[int] = (256, 256),
         activation: str = "relu",
         log_std_bounds: Sequence[float] = (-5.0, 2.0),
+        state_dependent_std: bool = True,
+        tanh_mean: bool = False,
     ) -> None:
         super().__init__(observation_dim, action_dim)
         lo, hi = (float(b) for b in log_std_bounds)
         if lo >= hi:
             raise ValueError(f"log_std_bounds must be increasing, got {list(log_std_bounds)}")
         self.log_std_bounds = (lo, hi)
-        self.network = mlp(observation_dim, 2 * action_dim, tuple(hidden), activation)
+        self.state_dependent_std = bool(state_dependent_std)
+        self.tanh_mean = bool(tanh_mean)
+        outputs = 2 * action_dim if self.state_dependent_std else action_dim
+        self.network = mlp(observation_dim, outputs, tuple(hidden), activation)
+        self.log_std = None if self.state_dependent_std else nn.Parameter(torch.zeros(action_dim))
 
     def distribution_parameters(
         self, observation: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean and std of pi_b(. | s): [*B, O] -> ([*B, A], [*B, A])."""
-        mean, log_std = self.network(observation).chunk(2, dim=-1)
+        out = self.network(observation)
+        if self.state_dependent_std:
+            mean, log_std = out.chunk(2, dim=-1)
+        else:
+            mean, log_std = out, self.log_std.expand_as(out)
+        if self.tanh_mean:
+            mean = torch.tanh(mean)
         return mean, log_std.clamp(*self.log_std_bounds).exp()
+
+    def mode(self, observation: torch.Tensor) -> torch.Tensor:
+        """The most likely action, clipped to [-1, 1]: [*B, O] -> [*B, A] (IQL deploys it)."""
+        return self.distribution_parameters(observation)[0].clamp(-1.0, 1.0)
 
     def per_sample_loss(
         self,

@@ -58,6 +58,9 @@ class TD3BCActorLoss(nn.Module):
 
     lambda = alpha / mean|Q1(s, pi(s))| (detached). With target = dataset action, m = 1 and
     beta = 1 this is exactly TD3+BC (its ``F.mse_loss(pi, a)`` averages over action dims too).
+    The target carries gradient only when the caller gives it one (A2PR's code: the behaviour
+    model's reconstruction of pi(s), computed from the ``pi`` passed in); selected samples and
+    dataset actions arrive without.
     """
 
     def __init__(self, alpha: float = 2.5, bc_weight: float = 1.0) -> None:
@@ -74,11 +77,14 @@ class TD3BCActorLoss(nn.Module):
         mask: torch.Tensor,
         actor: nn.Module,
         critic: TwinQ,
+        pi: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        pi = actor(observation)
+        """observation [*B, O], target [*B, A], mask [*B, 1]; ``pi``: actor(observation) when
+        the caller has computed it already."""
+        pi = actor(observation) if pi is None else pi
         q = critic.q1(observation, pi, detach_params=True)  # only dQ/da is needed
         lmbda = td3bc_lambda(q, self.alpha)
-        bc = (mask.detach() * (pi - target.detach()).pow(2).mean(-1, keepdim=True)).mean()
+        bc = (mask.detach() * (pi - target).pow(2).mean(-1, keepdim=True)).mean()
         loss = -lmbda * q.mean() + self.bc_weight * bc
         return {
             "loss_actor": loss,

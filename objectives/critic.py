@@ -52,20 +52,37 @@ class TwinQ(nn.Module):
         return self(observation, action).min(dim=0).values
 
 
-class TD3CriticLoss(nn.Module):
-    """TD3 critic loss: sum over heads of MSE(Q_i(s, a), y), y = r + gamma (1 - d) min Q'(s', a').
+CRITIC_BOOTSTRAPS = ("policy", "value")
 
-    a' = clip(pi'(s') + clip(N(0, policy_noise^2), -noise_clip, noise_clip), -1, 1), or, with no
-    target actor (``next_action_fn``), any callable s' -> a' (Diffusion-QL's EMA policy).
+
+class TD3CriticLoss(nn.Module):
+    """Twin-Q critic loss: sum over heads of MSE(Q_i(s, a), y), with the TD target y from
+
+    * ``bootstrap: policy`` (TD3): y = r + gamma (1 - d) min Q'(s', a'),
+      a' = clip(pi'(s') + clip(N(0, policy_noise^2), -noise_clip, noise_clip), -1, 1), or any
+      callable s' -> a' in place of the target actor (Diffusion-QL's EMA policy);
+    * ``bootstrap: value`` (IQL): y = r + gamma (1 - d) V(s'), the state value of the next
+      state; no next action, so no target-policy smoothing (``policy_noise`` is unused).
     """
 
-    def __init__(self, gamma: float = 0.99, policy_noise: float = 0.2, noise_clip: float = 0.5):
+    def __init__(
+        self,
+        gamma: float = 0.99,
+        policy_noise: float = 0.2,
+        noise_clip: float = 0.5,
+        bootstrap: str = "policy",
+    ):
         super().__init__()
         if not 0.0 <= gamma <= 1.0:
             raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+        if bootstrap not in CRITIC_BOOTSTRAPS:
+            raise ValueError(
+                f"critic bootstrap must be one of {CRITIC_BOOTSTRAPS}, got {bootstrap!r}"
+            )
         self.gamma = gamma
         self.policy_noise = policy_noise
         self.noise_clip = noise_clip
+        self.bootstrap = bootstrap
 
     @torch.no_grad()
     def target(
@@ -74,15 +91,37 @@ class TD3CriticLoss(nn.Module):
         terminated: torch.Tensor,
         next_observation: torch.Tensor,
         critic_target: TwinQ,
-        actor_target: Callable[[torch.Tensor], torch.Tensor],
+        actor_target: Callable[[torch.Tensor], torch.Tensor] | None,
         generator: torch.Generator | None = None,
+        value: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The TD target y [*B, 1] (no gradient)."""
+        """The TD target y [*B, 1] (no gradient); ``value`` (s' [*B, O] -> V(s') [*B, 1]) is
+        what ``bootstrap: value`` bootstraps from."""
+        return self.target_and_next_action(
+            reward, terminated, next_observation, critic_target, actor_target, generator, value
+        )[0]
+
+    @torch.no_grad()
+    def target_and_next_action(
+        self,
+        reward: torch.Tensor,
+        terminated: torch.Tensor,
+        next_observation: torch.Tensor,
+        critic_target: TwinQ,
+        actor_target: Callable[[torch.Tensor], torch.Tensor] | None,
+        generator: torch.Generator | None = None,
+        value: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(y [*B, 1], the next action a' [*B, A] it used, or None with ``bootstrap: value``)."""
+        if self.bootstrap == "value":
+            if value is None:
+                raise ValueError("critic bootstrap=value needs a state value V(s')")
+            return td_target(reward, terminated, value(next_observation), self.gamma), None
         next_action = smoothed_target_action(
             actor_target, next_observation, self.policy_noise, self.noise_clip, generator
         )
         next_q = critic_target(next_observation, next_action).min(dim=0).values
-        return td_target(reward, terminated, next_q, self.gamma)
+        return td_target(reward, terminated, next_q, self.gamma), next_action
 
     def forward(
         self,

@@ -19,6 +19,7 @@ from divo.errors import ProtocolError, type_name
 
 ADPO_RULES = ("compare", "positive")
 ADPO_MASKS = ("plain", "three_level")
+ADPO_CANDIDATES = ("sample", "policy_reconstruction")
 
 
 class TargetSelector(nn.Module):
@@ -26,6 +27,9 @@ class TargetSelector(nn.Module):
 
     num_candidates: int = 0
     needs_advantage: bool = False
+    # where candidates come from: behaviour-model samples (no gradient), or the behaviour
+    # model's reconstruction of the actor's own action pi(s), with gradient (A2PR's code)
+    candidate: str = "sample"
 
     def forward(
         self,
@@ -51,12 +55,24 @@ class ADPOSelector(TargetSelector):
       * ``compare`` (A2PR, default): target = a_gen if A(s, a_gen) >= A(s, a) else a;
       * ``positive``: target = a_gen if A(s, a_gen) > 0 else a.
     ``mask``: ``plain`` (1 everywhere) or A2PR's ``three_level``
-    m = 1[A(s, a_gen) >= 0] + 1[A(s, a) > 0] (values 0, 1, 2).
+    m = 1[A(s, a_gen) >= 0] + 1[A(s, a) > 0] (values 0, 1, 2), times ``mask_scale`` (A2PR's
+    code: ``mask``, 0.5 in its runs).
+    ``candidate``: ``sample`` (behaviour-model samples, as DIVO) or ``policy_reconstruction``
+    (A2PR's code: the behaviour model's reconstruction of the actor's action pi(s), which keeps
+    its gradient into the actor's BC term; one candidate per state). :meth:`select` is the
+    selection with gradients through the chosen candidates; ``forward`` is it without.
     """
 
     needs_advantage = True
 
-    def __init__(self, rule: str = "compare", mask: str = "plain", num_candidates: int = 1):
+    def __init__(
+        self,
+        rule: str = "compare",
+        mask: str = "plain",
+        num_candidates: int = 1,
+        mask_scale: float = 1.0,
+        candidate: str = "sample",
+    ):
         super().__init__()
         if rule not in ADPO_RULES:
             raise ValueError(f"ADPO rule must be one of {ADPO_RULES}, got {rule!r}")
@@ -64,14 +80,39 @@ class ADPOSelector(TargetSelector):
             raise ValueError(f"ADPO mask must be one of {ADPO_MASKS}, got {mask!r}")
         if num_candidates < 1:
             raise ValueError(f"ADPO needs num_candidates >= 1, got {num_candidates}")
+        if mask_scale <= 0:
+            raise ValueError(f"ADPO needs mask_scale > 0, got {mask_scale}")
+        if candidate not in ADPO_CANDIDATES:
+            raise ValueError(f"ADPO candidate must be one of {ADPO_CANDIDATES}, got {candidate!r}")
+        if candidate == "policy_reconstruction" and num_candidates != 1:
+            raise ValueError(
+                "ADPO candidate=policy_reconstruction reconstructs one action per state; set "
+                "selector.num_candidates=1"
+            )
         self.rule = rule
         self.mask = mask
         self.num_candidates = num_candidates
+        self.mask_scale = float(mask_scale)
+        self.candidate = candidate
 
     @torch.no_grad()
     def forward(self, candidates, candidate_advantage, action, action_advantage=None):
+        return self.select(candidates, candidate_advantage, action, action_advantage)
+
+    def select(
+        self,
+        candidates: torch.Tensor,
+        candidate_advantage: torch.Tensor,
+        action: torch.Tensor,
+        action_advantage: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """As ``forward``, differentiable in ``candidates`` (the target is the chosen candidate
+        itself where it wins); the advantages only choose. Shapes as the protocol."""
         if candidates is None or candidate_advantage is None:
             raise ValueError("ADPO needs candidate actions and their advantages")
+        candidate_advantage = candidate_advantage.detach()
+        if action_advantage is not None:
+            action_advantage = action_advantage.detach()
         best = candidate_advantage.argmax(dim=-2, keepdim=True)  # [*B, 1, 1]
         a_gen = candidates.gather(-2, best.expand(*best.shape[:-1], candidates.shape[-1]))
         a_gen = a_gen.squeeze(-2)
@@ -91,7 +132,7 @@ class ADPOSelector(TargetSelector):
             mask = torch.ones_like(adv_gen)
         else:
             mask = (adv_gen >= 0).to(action.dtype) + (action_advantage > 0).to(action.dtype)
-        return target, mask
+        return target, mask * self.mask_scale
 
 
 def resample_index(
@@ -200,6 +241,83 @@ class ResamplingPolicy(nn.Module):
         q = self.critic(obs.unsqueeze(-2).expand(*candidates.shape[:-1], -1), candidates)
         q = q[0] if self.q_head == "q1" else q.min(dim=0).values  # [*B, N, 1]
         return gather_candidate(candidates, resample_index(q.squeeze(-1), self.temperature))
+
+
+class BehaviorModePolicy(nn.Module):
+    """A behaviour model deployed as the policy through its most likely action: raw observation
+    -> normaliser -> ``behavior_model.mode`` -> action (IQL deploys its Gaussian's mean)."""
+
+    needs_critic = False  # the builder passes no critic
+
+    def __init__(self, normalizer: nn.Module, behavior_model: nn.Module) -> None:
+        super().__init__()
+        if not callable(getattr(behavior_model, "mode", None)):
+            raise ValueError(
+                f"{type(behavior_model).__name__} has no mode(observation) to deploy; use a "
+                "behaviour model with one (behavior_model=gaussian) or another evaluation_policy"
+            )
+        self.normalizer = normalizer
+        self.behavior_model = behavior_model
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        """[*B, O] raw observations -> [*B, A] actions."""
+        return self.behavior_model.mode(self.normalizer(observation))
+
+
+def expectile_importance_weights(
+    advantage: torch.Tensor, expectile: float, divide_by_advantage: bool = True, eps: float = 1e-6
+) -> torch.Tensor:
+    """IDQL's weights of behaviour samples under an expectile critic (Hansen-Estruch et al.
+    2023, the implicit policy of an expectile V): w = |tau - 1[A < 0]| / |A| (the paper), or
+    |tau - 1[A < 0]| (``divide_by_advantage=False``: its public code's ``eval_actions``).
+    advantage [*B, N] -> unnormalised weights [*B, N]; |A| is floored at ``eps``."""
+    w = torch.where(advantage < 0, 1.0 - expectile, expectile).to(advantage.dtype)
+    if divide_by_advantage:
+        w = w / advantage.abs().clamp_min(eps)
+    return w
+
+
+class ExpectileResamplingPolicy(nn.Module):
+    """IDQL's deployed policy: raw observation -> normaliser -> ``num_samples`` behaviour-model
+    candidates -> one drawn with probability proportional to IDQL's expectile importance weight
+    of A = min(Q1, Q2)(s, a) - V(s) (:func:`expectile_importance_weights`), from the critic V is
+    fitted to and V itself. Saved whole (normaliser, behaviour model, critic, value)."""
+
+    needs_value = True  # the builder passes the value network
+
+    def __init__(
+        self,
+        normalizer: nn.Module,
+        behavior_model: nn.Module,
+        critic: nn.Module,
+        value: nn.Module,
+        expectile: float = 0.7,
+        num_samples: int = 64,
+        divide_by_advantage: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        if not 0.0 < expectile < 1.0:
+            raise ValueError(f"expectile must be in (0, 1), got {expectile}")
+        self.normalizer = normalizer
+        self.behavior_model = behavior_model
+        self.critic = critic
+        self.value = value
+        self.expectile = float(expectile)
+        self.num_samples = int(num_samples)
+        self.divide_by_advantage = bool(divide_by_advantage)
+
+    def forward(self, observation: torch.Tensor) -> torch.Tensor:
+        """[*B, O] raw observations -> [*B, A] actions."""
+        obs = self.normalizer(observation)
+        candidates = self.behavior_model.sample(obs, self.num_samples)  # [*B, N, A]
+        expanded = obs.unsqueeze(-2).expand(*candidates.shape[:-1], -1)
+        q = self.critic(expanded, candidates).min(dim=0).values.squeeze(-1)  # [*B, N]
+        adv = q - self.value(obs)  # V(s) [*B, 1] broadcasts over the N candidates
+        w = expectile_importance_weights(adv, self.expectile, self.divide_by_advantage)
+        # draw i with probability w_i / sum w: resampling at temperature 1 on log w
+        return gather_candidate(candidates, resample_index(w.log(), 1.0))
 
 
 def check_selector(selector: object, action_dim: int) -> None:

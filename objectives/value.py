@@ -11,12 +11,16 @@ from divo.behavior_models.backbones import mlp
 from divo.objectives.critic import TwinQ
 from divo.objectives.functional import expectile_loss
 
-VALUE_OBJECTIVES = ("expectile", "bootstrap")
+VALUE_OBJECTIVES = ("expectile", "bootstrap", "bootstrap_min")
 Q_HEADS = ("q1", "min")
 V_SOURCES = ("value_step", "updated")
 ADVANTAGE_CRITICS = ("paired", "online", "target")
 # value objective -> (the critic V is fitted to, the Q head its reference code uses)
-PAIRINGS = {"expectile": ("target", "min"), "bootstrap": ("online", "q1")}
+PAIRINGS = {
+    "expectile": ("target", "min"),
+    "bootstrap": ("online", "q1"),
+    "bootstrap_min": ("online", "q1"),
+}
 
 
 class StateValue(nn.Module):
@@ -37,7 +41,10 @@ class ValueLoss(nn.Module):
 
     * ``expectile`` (IQL): expectile regression of V(s) towards min_i Q_i^target(s, a) on dataset
       actions, with expectile ``expectile`` (0.7 locomotion, 0.9 AntMaze in IQL).
-    * ``bootstrap`` (A2PR): MSE of V(s) towards the critic's one-step TD target y.
+    * ``bootstrap`` (A2PR as described): MSE of V(s) towards the critic's one-step TD target y.
+    * ``bootstrap_min`` (A2PR as its code runs): MSE of V(s) towards min(y, y_online), where
+      y_online = r + gamma (1 - d) min_i Q_i(s', a') is the same target computed with the online
+      critic just updated, at the same next action a'.
     """
 
     def __init__(self, objective: str = "expectile", expectile: float = 0.7) -> None:
@@ -59,11 +66,13 @@ class ValueLoss(nn.Module):
         action: torch.Tensor | None = None,
         critic_target: TwinQ | None = None,
         td_target: torch.Tensor | None = None,
+        online_td_target: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``loss_value``, the diagnostic ``v_mean`` and ``state_value``: this forward pass's
         V(s) [*B, 1], detached (A2PR's advantages use it: see :class:`Advantage`).
 
-        expectile needs ``action`` and ``critic_target``; bootstrap needs ``td_target``.
+        expectile needs ``action`` and ``critic_target``; bootstrap needs ``td_target``;
+        bootstrap_min also ``online_td_target`` (all [*B, 1]).
         """
         v = value(observation)
         if self.objective == "expectile":
@@ -74,8 +83,13 @@ class ValueLoss(nn.Module):
             loss = expectile_loss(target - v, self.expectile).mean()
         else:
             if td_target is None:
-                raise ValueError("the bootstrap value loss needs td_target")
-            loss = (v - td_target.detach()).pow(2).mean()
+                raise ValueError(f"the {self.objective} value loss needs td_target")
+            target = td_target.detach()
+            if self.objective == "bootstrap_min":
+                if online_td_target is None:
+                    raise ValueError("the bootstrap_min value loss needs online_td_target")
+                target = torch.minimum(target, online_td_target.detach())
+            loss = (v - target).pow(2).mean()
         return {"loss_value": loss, "v_mean": v.detach().mean(), "state_value": v.detach()}
 
 
@@ -86,9 +100,9 @@ class Advantage(nn.Module):
 
     * ``expectile`` (IQL): V is the expectile of min Q_target(s, a), so A uses the *target*
       critic (and ``q_head: auto`` = ``min``, as IQL);
-    * ``bootstrap`` (A2PR): V regresses towards the TD target y that the *online* critic also
-      regresses to, so A uses the online critic just updated (``q_head: auto`` = ``q1``, as
-      A2PR).
+    * ``bootstrap`` / ``bootstrap_min`` (A2PR): V regresses towards the TD target y that the
+      *online* critic also regresses to (or the smaller of it and the online critic's own), so
+      A uses the online critic just updated (``q_head: auto`` = ``q1``, as A2PR).
 
     ``online`` / ``target`` name the critic explicitly. A critic other than the paired one
     builds the Polyak lag between the online critic and its target into every advantage (while

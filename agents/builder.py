@@ -343,7 +343,6 @@ def picker_policy_config(
     return out
 
 
-
 def policy_config(actor_cfg: DictConfig, *, observation_dim: int, action_dim: int) -> dict:
     """A self-contained Hydra config of the deployable policy (normaliser + actor).
 

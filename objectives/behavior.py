@@ -42,7 +42,7 @@ class WeightedBehaviorLoss(nn.Module):
         extra = {}
         if unweighted is not None:
             loss = loss + unweighted.mean()
-            extra["behavior_loss_unweighted_part"] = unweighted.detach().mean()
+            extra["behavior_unweighted_term"] = unweighted.detach().mean()
         return {
             **extra,
             "loss_behavior": loss,

@@ -36,8 +36,10 @@ def ted(n: int = N, seed: int = 0) -> TensorDict:
     )
 
 
-# every shipped recipe but the consistency model's (its host-side curriculum is refused)
-GRAPH_RECIPES = [r for r in available_recipes() if r != "consistency"]
+# every shipped recipe but the consistency model's (its host-side curriculum is refused) and
+# those with a learning-rate schedule (IQL, IDQL: refused, see the test below)
+LR_SCHEDULED = ("iql", "idql")
+GRAPH_RECIPES = [r for r in available_recipes() if r not in ("consistency", *LR_SCHEDULED)]
 
 # Diffusion-QL with its EMA refreshed every 3rd update from update 2, so that a few steps see
 # both kinds of its update (with and without the EMA refresh)
@@ -46,7 +48,7 @@ DQL_EMA = {"diffusion_ql.ema.start": 2, "diffusion_ql.ema.every": 3}
 
 def small_agent(recipe: str, device="cpu", **overrides):
     extra = [f"{k}={v}" for k, v in overrides.items()]
-    if recipe != "diffusion_ql":
+    if compose_recipe(recipe).get("actor") is not None:
         extra.append("actor.network.hidden=[32,32]")
     cfg = compose_recipe(recipe, ["dataset=bandit", "critic.network.hidden=[32,32]", *extra])
     if cfg.get("value") is not None:
@@ -446,6 +448,18 @@ def test_a_stage_that_fails_to_compile_runs_eagerly_after_a_warning():
     agent = small_agent("td3bc")
     with pytest.raises(RuntimeError, match="no C\\+\\+ compiler"):
         agent.run_update(DeviceSampler(ted(), 32).sample(), EagerStages(agent, broken_compile))
+
+
+@pytest.mark.parametrize("recipe", LR_SCHEDULED)
+def test_graph_mode_refuses_a_learning_rate_schedule_in_one_line(recipe):
+    """A CUDA graph replays the learning rate it recorded: a schedule is refused by name (the
+    device only has to say "cuda" to reach the check); without the schedule the mode applies."""
+    agent = small_agent(recipe)
+    sampler = DeviceSampler(ted(), 32)
+    with pytest.raises(ConfigError, match=r"learning-rate schedule \(behavior\).*compile=default"):
+        TrainStep(agent, sampler.sample, "graph", "cuda")
+    plain = small_agent(recipe, **{"behavior.lr_schedule": "null"})
+    TrainStep(plain, sampler.sample, "graph", "cuda", graph_stages="eager")
 
 
 def test_bad_graph_stages_are_refused():

@@ -32,6 +32,8 @@ SMALL = [
     "actor.network.hidden=[32,32]",
     "critic.loss.policy_noise=0",  # TD3's target smoothing is the only noise of td3bc
 ]
+# IQL, IDQL: no actor (their behaviour model is the policy), nor TD3's target smoothing
+ACTORLESS_SMALL = ["dataset=bandit", "critic.network.hidden=[32,32]"]
 SIZES = {
     "observation_dim": OBS,
     "action_dim": A,
@@ -142,12 +144,15 @@ def test_td3bc_updates_match_separate_agents_when_nothing_is_random():
     assert_close_state(vec, singles)
 
 
-@pytest.mark.parametrize("recipe", ["divo", "soft_weight", "a2pr", "consistency", "resampling"])
+@pytest.mark.parametrize(
+    "recipe", ["divo", "soft_weight", "a2pr", "consistency", "resampling", "iql", "idql"]
+)
 def test_every_offline_recipe_runs_vectorised_with_per_seed_metrics(recipe):
-    vec = build_vectorized_agent(compose_recipe(recipe, SMALL), range(2), **SIZES)
+    small = SMALL if compose_recipe(recipe).get("actor") else [*ACTORLESS_SMALL]
+    vec = build_vectorized_agent(compose_recipe(recipe, small), range(2), **SIZES)
     for step in range(2):  # the second step updates the actor too
         metrics = vec.update(ted((2, B), seed=step))
-    assert "loss_actor" in metrics
+    assert ("loss_actor" if vec.agent.actor is not None else "loss_behavior") in metrics
     assert all(v.shape == (2,) and torch.isfinite(v).all() for v in metrics.values())
     # seed 1's state loads into seed 0 and back out unchanged
     state = vec.training_state(1)

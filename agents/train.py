@@ -7,6 +7,7 @@ recipe with Hydra and calls it with Hydra's output directory.
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import logging
 import math
@@ -322,6 +323,38 @@ def _evaluate_into_row(
     return last_eval
 
 
+def best_evaluation(run_dir: Path) -> dict[str, Any] | None:
+    """The best of the evaluations in ``<run_dir>/metrics.csv`` (by normalised score, else by
+    return): ``{"note", "step", "return_mean", "normalized_score"}``, or None without any.
+    Selecting the best checkpoint on evaluation returns flatters a method (Diffusion-QL's paper
+    reports it); result.json's headline is the final policy's."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return None
+    best, best_key = None, None
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            ret, score = _float(row.get("eval_return_mean")), _float(row.get("normalized_score"))
+            if ret is None:
+                continue
+            key = score if score is not None else ret
+            if best_key is None or key > best_key:
+                best_key = key
+                best = {"step": int(row["step"]), "return_mean": ret, "normalized_score": score}
+    if best is None:
+        return None
+    note = "best evaluation during training (model selection); not the final policy's score"
+    return {"note": note, **best}
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
 def _result(
     cfg: DictConfig,
     data: OfflineData | None,
@@ -348,6 +381,9 @@ def _result(
         "device_name": device_name(device),
         "torch": torch.__version__,
         "run_dir": str(run_dir),
+        # model selection, as Diffusion-QL's paper reports: the best evaluation during training,
+        # beside (never instead of) the final policy's numbers above
+        "best_during_training": best_evaluation(run_dir),
     }
 
 
@@ -582,6 +618,8 @@ def _train(
                 "observation statistics computed from the replay buffer's %d rows", len(buffer)
             )
         mean, std = stats
+    if not cfg.get("normalize_observations", True):  # raw states (e.g. Diffusion-QL's code)
+        mean, std = torch.zeros_like(mean), torch.ones_like(std)
     agent = build_agent(
         cfg, observation_dim=obs_dim, action_dim=act_dim, obs_mean=mean, obs_std=std, device=device
     )

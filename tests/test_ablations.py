@@ -385,7 +385,9 @@ def test_every_recipe_trains_a_few_hundred_steps_and_its_policy_file_evaluates(
     with (run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows] == [100, 200]
-    policy_loss = "loss_actor" if compose_recipe(recipe).get("actor") else "loss_behavior"
+    composed = compose_recipe(recipe)  # IQL, IDQL: no actor, their behaviour model is the policy
+    actorless = composed.get("actor") is None and composed.get("algorithm") is None
+    policy_loss = "loss_behavior" if actorless else "loss_actor"
     assert all(math.isfinite(float(rows[-1][k])) for k in ("loss_critic", policy_loss))
     capsys.readouterr()
     assert main(["evaluate", str(run_dir), "--episodes", "2", "--seed", "100", "--json"]) == 0

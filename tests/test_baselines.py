@@ -320,3 +320,19 @@ def test_gaussian_state_independent_std_is_one_vector():
     model = GaussianBehavior(O, A, hidden=(8,), state_dependent_std=False, tanh_mean=True)
     _, std = model.distribution_parameters(torch.randn(4, O))
     torch.testing.assert_close(std, torch.ones(4, A))  # log-std initialised at 0, as IQL
+
+
+# ----- Diffusion-QL's departures: the best evaluation beside the final one --------------------
+
+
+def test_best_evaluation_is_read_from_the_metrics_and_labelled(tmp_path):
+    from divo.agents.train import best_evaluation
+
+    assert best_evaluation(tmp_path) is None
+    (tmp_path / "metrics.csv").write_text(
+        "step,loss_critic,eval_return_mean,normalized_score\n"
+        "100,1.0,,\n200,0.9,5.0,40.0\n300,0.8,9.0,70.0\n400,0.7,7.0,55.0\n"
+    )
+    best = best_evaluation(tmp_path)
+    assert best["step"] == 300 and best["return_mean"] == 9.0 and best["normalized_score"] == 70
+    assert "not the final policy" in best["note"]

@@ -41,7 +41,7 @@ def test_one_command_makes_the_bandit_figure(tmp_path, capsys):
         "gaussian",
     }
     assert numbers["behavior_models"]["data"]["mode_shares"] == pytest.approx([0.25] * 4, abs=1e-3)
-    assert set(numbers["policies"]) == {"divo", "td3bc", "diffusion_ql"}
+    assert set(numbers["policies"]) == {"divo", "td3bc", "diffusion_ql", "iql", "idql"}
     run = numbers["policies"]["diffusion_ql"]["runs"][0]
     assert run["seed"] == 0 and isinstance(run["normalized_score"], float)
 

@@ -20,8 +20,13 @@ the output folder (default ``<first dir>/report``):
   each averaged over the last quarter of the logged steps, then over seeds;
 - ``runs.csv``: every run found, with its status (runs still in progress, failed or without a
   score are listed and left out of the numbers);
-- ``learning_curves.png`` (normalised score, or return, over training steps per dataset: mean over
-  seeds and a 95% bootstrap band, one line per recipe) and ``aggregate_intervals.png``.
+- ``learning_curves.<format>`` (normalised score, or return, over training steps per dataset: mean
+  over seeds and a 95% bootstrap band, one line per recipe, the data's behaviour level dashed) and
+  ``aggregate_intervals.<format>``, in each of ``--format png,pdf,svg`` (default png) at ``--dpi``
+  (default 200).
+
+Fewer than :data:`MIN_SEEDS` seeds per dataset get a warning, on the console and in report.md:
+bootstrap intervals and the probability of improvement over so few runs are not to be trusted.
 
 Runs whose configs differ in anything but the seed and bookkeeping settings (say a sweep over
 ``actor.loss.alpha``) are told apart: their label is the recipe followed by the differing
@@ -40,6 +45,7 @@ import json
 import math
 import os
 import re
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -74,6 +80,12 @@ BOOKKEEPING_KEYS = {
 BOOKKEEPING_PREFIXES = ("logger.", "hydra.")
 SKIP_DIRS = {".hydra", "checkpoints", ".submitit", "__pycache__", ".git"}
 OPTIMAL_SCORE = 100.0  # the normalised score of the reference (expert) policy
+# Below this many seeds per dataset the report warns: a bootstrap over a handful of runs can only
+# resample those few scores (its intervals come out too narrow), and the probability of
+# improvement over them takes only a few distinct values.
+MIN_SEEDS = 5
+FIGURE_FORMATS = ("png", "pdf", "svg")
+DEFAULT_DPI = 200
 
 
 # ---------------------------------------------------------------------------------------------
@@ -702,9 +714,13 @@ def _colors(labels: Sequence[str]) -> dict[str, Any]:
     return {label: cmap(i % 10) for i, label in enumerate(labels)}
 
 
-def plot_learning_curves(
-    runs: list[Run], labels: list[str], path: Path, *, reps: int, seed: int
-) -> bool:
+def learning_curves_figure(runs: list[Run], labels: list[str], *, reps: int, seed: int):
+    """The learning-curve figure (a matplotlib ``Figure``), or None when no run has a curve.
+
+    One panel per dataset: per label the mean over seeds with a 95% bootstrap band, and the
+    data's behaviour level (``behavior_normalized_score`` of result.json) as a dashed line. A
+    label whose runs were evaluated once only is drawn as a point, and the panel says so.
+    """
     from matplotlib.figure import Figure
 
     def curve(run: Run) -> list[tuple[int, float]]:
@@ -712,27 +728,38 @@ def plot_learning_curves(
 
     datasets = sorted({r.dataset for r in runs if curve(r)})
     if not datasets:
-        return False
+        return None
     colors = _colors(labels)
     ncols = min(3, len(datasets))
     nrows = math.ceil(len(datasets) / ncols)
-    fig = Figure(figsize=(4.6 * ncols, 3.4 * nrows), layout="constrained")
+    # at least 6.4 in wide: one panel still holds the title on one line
+    fig = Figure(figsize=(max(4.6 * ncols, 6.4), 3.4 * nrows + 0.4), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax, dataset in zip(axes, datasets, strict=False):
+        single = []  # labels whose runs have one evaluation each
         for label in labels:
             curves = [curve(r) for r in runs if r.label == label and r.dataset == dataset]
             curves = [c for c in curves if c]
             if not curves:
                 continue
             steps, mean, low, high = curve_band(curves, reps=reps, seed=seed)
-            ax.plot(
-                steps,
-                mean,
-                color=colors[label],
-                marker="o",
-                markersize=3,
-                label=f"{label} ({len(curves)} seeds)",
-            )
+            seeds = f"{len(curves)} seed{'s' if len(curves) > 1 else ''}"
+            if len(steps) == 1:
+                single.append(label)
+                ax.errorbar(
+                    steps,
+                    mean,
+                    yerr=[mean - low, high - mean],
+                    color=colors[label],
+                    marker="o",
+                    markersize=6,
+                    capsize=3,
+                    linestyle="none",
+                    label=f"{label} ({seeds}, 1 evaluation)",
+                )
+                continue
+            name = f"{label} ({seeds})"
+            ax.plot(steps, mean, color=colors[label], marker="o", markersize=3, label=name)
             ax.fill_between(steps, low, high, color=colors[label], alpha=0.2, linewidth=0)
         behavior = [r.behavior_score for r in runs if r.dataset == dataset and curve(r)]
         behavior = [b for b in behavior if b is not None]
@@ -744,6 +771,16 @@ def plot_learning_curves(
                 linewidth=1,
                 label="behaviour policy (data)",
             )
+        if single:
+            ax.text(
+                0.02,
+                0.98,
+                "one evaluation per run: a point, not a curve",
+                transform=ax.transAxes,
+                fontsize="x-small",
+                va="top",
+                color="dimgrey",
+            )
         ax.set_title(dataset, fontsize="medium")
         ax.set_xlabel("training step")
         kinds = {r.score_kind for r in runs if r.dataset == dataset and curve(r)}
@@ -752,16 +789,18 @@ def plot_learning_curves(
         ax.legend(fontsize="small")
     for ax in axes[len(datasets) :]:
         ax.set_visible(False)
-    fig.suptitle("Evaluation score during training: mean over seeds, 95% bootstrap CI")
-    fig.savefig(path, dpi=90)
-    return True
+    fig.suptitle(
+        "Evaluation score during training: mean over seeds, 95% bootstrap CI", fontsize="medium"
+    )
+    return fig
 
 
-def plot_aggregate(agg: Aggregate, path: Path, colors: dict[str, Any]) -> None:
+def aggregate_figure(agg: Aggregate, colors: dict[str, Any]):
+    """The aggregate metrics with their confidence intervals (a matplotlib ``Figure``)."""
     from matplotlib.figure import Figure
 
     n = len(agg.labels)
-    fig = Figure(figsize=(3.0 * len(METRICS), 0.9 + 0.45 * n), layout="constrained")
+    fig = Figure(figsize=(3.0 * len(METRICS), 1.0 + 0.45 * n), layout="constrained")
     axes = fig.subplots(1, len(METRICS), sharey=True)
     for m, (ax, metric) in enumerate(zip(axes, METRICS, strict=True)):
         for i, label in enumerate(agg.labels):
@@ -776,7 +815,51 @@ def plot_aggregate(agg: Aggregate, path: Path, colors: dict[str, Any]) -> None:
     fig.suptitle(
         f"Aggregate over {len(agg.datasets)} datasets, 95% stratified-bootstrap CIs", fontsize=10
     )
-    fig.savefig(path, dpi=90)
+    return fig
+
+
+def save_figure(fig, stem: Path, formats: Sequence[str], dpi: int) -> list[Path]:
+    """Write ``fig`` as ``<stem>.<format>`` for each format; vector files carry no date, so the
+    same report gives the same bytes."""
+    no_date = {"pdf": {"CreationDate": None}, "svg": {"Date": None}}
+    paths = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{fmt}")
+        fig.savefig(path, dpi=dpi, metadata=no_date.get(fmt))
+        paths.append(path)
+    return paths
+
+
+def parse_formats(text: str | Sequence[str]) -> list[str]:
+    """``"png,pdf"`` (or a list) -> checked, de-duplicated figure formats."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    formats = list(dict.fromkeys(f.strip().lower().lstrip(".") for f in items if f.strip()))
+    bad = [f for f in formats if f not in FIGURE_FORMATS]
+    if bad or not formats:
+        raise ConfigError(
+            f"--format {','.join(items) if items else '(empty)'}: figure formats are "
+            f"{', '.join(FIGURE_FORMATS)}, comma-separated (e.g. --format png,pdf)"
+        )
+    return formats
+
+
+def few_seeds(cells: dict[tuple[str, str], Cell]) -> dict[str, int]:
+    """Labels with fewer than :data:`MIN_SEEDS` seeds on some dataset -> their fewest seeds."""
+    fewest: dict[str, int] = {}
+    for (label, _), cell in cells.items():
+        fewest[label] = min(fewest.get(label, len(cell.runs)), len(cell.runs))
+    return {label: n for label, n in sorted(fewest.items()) if n < MIN_SEEDS}
+
+
+def few_seeds_warning(fewest: dict[str, int]) -> str:
+    counts = ", ".join(f"{label}: {n}" for label, n in fewest.items())
+    return (
+        f"fewer than {MIN_SEEDS} seeds per dataset ({counts}): bootstrap confidence intervals "
+        "and the probability of improvement over so few runs can only reshuffle those few "
+        "scores; the intervals come out too narrow and the probability takes only a few "
+        f"values. Read them as descriptive and run {MIN_SEEDS} or more seeds "
+        "(`-m seed=0,1,2,3,4`) before drawing conclusions"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,13 +911,23 @@ def make_report(
     reps: int = 2000,
     seed: int = 0,
     figures: bool = True,
+    formats: str | Sequence[str] = ("png",),
+    dpi: int = DEFAULT_DPI,
     command: str | None = None,
 ) -> Report:
-    """Build the report (see the module docstring); returns where it went and the runs found."""
+    """Build the report (see the module docstring); returns where it went and the runs found.
+
+    ``formats`` are the figure formats (any of png, pdf, svg; report.md shows the PNG, else the
+    SVG, else links the PDF), written at ``dpi`` dots per inch. Fewer than :data:`MIN_SEEDS`
+    seeds per dataset raise a warning (``warnings.warn``) that report.md repeats.
+    """
     if not dirs:
         raise ConfigError("divo report needs at least one directory, e.g. divo report runs/")
     if reps < 10:
         raise ConfigError(f"--reps={reps} is too few bootstrap samples; use at least 1000")
+    formats = parse_formats(formats)
+    if not isinstance(dpi, int) or isinstance(dpi, bool) or not 50 <= dpi <= 1200:
+        raise ConfigError(f"--dpi={dpi!r}: give whole dots per inch from 50 to 1200 (default 200)")
     try:
         import rliable.library  # noqa: F401
         from matplotlib.figure import Figure  # noqa: F401
@@ -966,15 +1059,25 @@ def make_report(
         )
         files.append(out / "paired.csv")
 
-    curves_png = aggr_png = None
+    fewest = few_seeds(cells)
+    if fewest:
+        warnings.warn(few_seeds_warning(fewest), stacklevel=2)
+
+    curves_fig = aggr_fig = None
     if figures:
-        if plot_learning_curves(runs, labels, out / "learning_curves.png", reps=reps, seed=seed):
-            curves_png = out / "learning_curves.png"
-            files.append(curves_png)
+        curves_fig = learning_curves_figure(runs, labels, reps=reps, seed=seed)
+        if curves_fig is not None:
+            files += save_figure(curves_fig, out / "learning_curves", formats, dpi)
         if agg is not None:
-            aggr_png = out / "aggregate_intervals.png"
-            plot_aggregate(agg, aggr_png, _colors(labels))
-            files.append(aggr_png)
+            aggr_fig = aggregate_figure(agg, _colors(labels))
+            files += save_figure(aggr_fig, out / "aggregate_intervals", formats, dpi)
+
+    def show(stem: str, alt: str) -> list[str]:
+        """Markdown for one figure: the PNG, else the SVG, else a link to the PDF."""
+        for fmt in ("png", "svg"):
+            if fmt in formats:
+                return [f"![{alt}]({stem}.{fmt})", ""]
+        return [f"[{alt} (PDF)]({stem}.pdf)", ""]
 
     # ------------------------------------------------------------------ Markdown
     counts = defaultdict(int)
@@ -987,6 +1090,10 @@ def make_report(
     md += [
         f"Runs under {', '.join(f'`{d}`' for d in dirs)}: {len(runs)} found ({status_txt}).",
         "",
+    ]
+    if fewest:
+        md += [f"**Warning:** {few_seeds_warning(fewest)}.", ""]
+    md += [
         "## Final normalised score per recipe and dataset",
         "",
         "Normalised score = 100 (R - R_min) / (R_max - R_min) of the final evaluation of each run "
@@ -1043,8 +1150,8 @@ def make_report(
             ],
         )
         md += [""] + [f"Note: {n}." for n in agg.notes] + ([""] if agg.notes else [])
-        if aggr_png:
-            md += [f"![aggregate metrics]({aggr_png.name})", ""]
+        if aggr_fig is not None:
+            md += show("aggregate_intervals", "aggregate metrics")
     if compare_labels:
         md += [
             "## Paired differences",
@@ -1098,8 +1205,24 @@ def make_report(
                 f"{p:.2f} [{lo:.2f}, {hi:.2f}] (95% CI).",
             ]
         md += [""]
-    if curves_png:
-        md += ["## Learning curves", "", f"![learning curves]({curves_png.name})", ""]
+    if curves_fig is not None:
+        md += ["## Learning curves", ""]
+        single = sorted(
+            {
+                f"{cell.label} on {cell.dataset}"
+                for cell in cells.values()
+                if all(len(r.curves.get(r.score_kind, [])) == 1 for r in cell.runs)
+            }
+        )
+        if single:
+            md += [
+                "One evaluation per run (drawn as a point, not a curve): "
+                + ", ".join(single)
+                + ". Set `train.eval_every` below `train.steps` (or keep `train.eval_at_start`) "
+                "for a curve.",
+                "",
+            ]
+        md += show("learning_curves", "learning curves")
     if diag_columns:
         md += [
             "## Training diagnostics",
@@ -1165,7 +1288,17 @@ def main(argv: Sequence[str]) -> int:
         "--reps", type=int, default=2000, help="bootstrap resamples (default 2000; rliable: 50000)"
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
+    parser.add_argument(
+        "--format",
+        default="png",
+        metavar="FORMATS",
+        help=f"figure formats, comma-separated, of {', '.join(FIGURE_FORMATS)} (default png; "
+        "e.g. png,pdf,svg for a paper)",
+    )
+    parser.add_argument(
+        "--dpi", type=int, default=DEFAULT_DPI, help=f"figure resolution (default {DEFAULT_DPI})"
+    )
+    parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     ns = parser.parse_args(list(argv))
     command = "divo report " + " ".join(argv)
     report = make_report(
@@ -1175,6 +1308,8 @@ def main(argv: Sequence[str]) -> int:
         reps=ns.reps,
         seed=ns.seed,
         figures=not ns.no_figures,
+        formats=ns.format,
+        dpi=ns.dpi,
         command=command,
     )
     counts = defaultdict(int)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -282,3 +283,155 @@ def test_bad_input_gives_one_line(tmp_path, capsys):
     write_run(pending, "divo", "env/a-v0", 0, 1.0, result=False)
     line = _one_line_error([str(pending)], capsys)
     assert "has finished with a final evaluation (1 incomplete)" in line
+
+
+# --- figures fit for a paper (issue 17, item 10) ---------------------------------------------
+
+
+def png_size_and_dpi(path: Path) -> tuple[int, int, float]:
+    """Width and height in pixels (IHDR) and dots per inch (pHYs) of a PNG file."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    at = data.index(b"pHYs")
+    per_metre = int.from_bytes(data[at + 4 : at + 8], "big")
+    return width, height, per_metre * 0.0254
+
+
+def test_figures_in_every_format_at_the_chosen_dpi(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    out = tmp_path / "rep"
+    code, _, err = report([str(runs), "--out", str(out), *REPS], capsys)
+    assert code == 0, err
+    width, height, dpi = png_size_and_dpi(out / "learning_curves.png")
+    assert dpi == pytest.approx(200, abs=0.5)  # the default: print quality, not 90 dpi
+    assert width >= 2000 and height >= 700  # three panels side by side
+    assert not (out / "learning_curves.pdf").exists()
+
+    code, _, err = report(
+        [str(runs), "--out", str(out), *REPS, "--format", "png,pdf,svg", "--dpi", "100"], capsys
+    )
+    assert code == 0, err
+    w100, h100, dpi = png_size_and_dpi(out / "learning_curves.png")
+    assert dpi == pytest.approx(100, abs=0.5)
+    assert abs(2 * w100 - width) <= 2 and abs(2 * h100 - height) <= 2  # same inches, half the dpi
+    md = (out / "report.md").read_text()
+    for stem in ("learning_curves", "aggregate_intervals"):
+        assert (out / f"{stem}.pdf").read_bytes()[:5] == b"%PDF-"
+        assert "<svg" in (out / f"{stem}.svg").read_text()
+        assert f"]({stem}.png)" in md and f"[{stem}.pdf]({stem}.pdf)" in md
+    # vector files carry no date: the same report gives the same bytes
+    pdf = (out / "learning_curves.pdf").read_bytes()
+    report([str(runs), "--out", str(out), *REPS, "--format", "pdf"], capsys)
+    assert (out / "learning_curves.pdf").read_bytes() == pdf
+    assert "](learning_curves.pdf)" in (out / "report.md").read_text()  # no PNG: a link
+
+    for bad in (["--format", "jpg"], ["--format", ""], ["--dpi", "10"], ["--dpi", "x"]):
+        code, _, err = report([str(runs), "--out", str(out), *REPS, *bad], capsys)
+        assert code == 2 and err.startswith("divo: error:") and err.count("\n") == 1, err
+
+
+def _figure(runs_dir: Path):
+    from divo.report import (
+        assign_labels,
+        choose_score_kinds,
+        drop_duplicates,
+        find_runs,
+        learning_curves_figure,
+    )
+
+    runs = find_runs([runs_dir])
+    assign_labels(runs)
+    drop_duplicates(runs)
+    choose_score_kinds(runs)
+    labels = sorted({r.label for r in runs})
+    return learning_curves_figure(runs, labels, reps=50, seed=0)
+
+
+def _overflow(fig) -> float:
+    """How far (inches) what the drawn figure shows reaches past its edges (cut off when
+    saved): 0 when everything fits."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    drawn, page = fig.get_tightbbox(canvas.get_renderer()), fig.bbox_inches
+    return max(0.0, page.x0 - drawn.x0, drawn.x1 - page.x1, page.y0 - drawn.y0, drawn.y1 - page.y1)
+
+
+@pytest.mark.parametrize("datasets", [1, 2, 4])
+def test_learning_curve_texts_fit_in_the_figure(tmp_path, datasets):
+    runs = tmp_path / "runs"
+    for d in range(datasets):
+        for seed in range(2):
+            for recipe in ("divo", "td3bc"):
+                write_run(runs, recipe, f"env/d{d}-v0", seed, 40.0 + seed)
+    fig = _figure(runs)
+    assert _overflow(fig) < 0.02
+    titles = [t.get_text() for t in fig.findobj(lambda a: hasattr(a, "get_text"))]
+    assert any("95% bootstrap CI" in t for t in titles)
+
+
+def test_a_single_evaluation_is_marked_as_such(tmp_path, capsys):
+    """A run evaluated once (train.eval_every >= train.steps, no evaluation at step 0) has no
+    curve: the figure and report.md say so instead of showing a lone dot."""
+    runs = tmp_path / "runs"
+    for seed in range(2):
+        run = write_run(runs, "divo", "env/a-v0", seed, 30.0 + seed)
+        (run / "metrics.csv").write_text(
+            f"step,loss_critic,eval_return_mean,eval_return_std,normalized_score\n"
+            f"50,1.0,,,\n100,0.5,2.0,0.0,{30.0 + seed}\n"
+        )
+        write_run(runs, "td3bc", "env/a-v0", seed, 20.0)  # evaluated twice: a curve
+    fig = _figure(runs)
+    notes = [t.get_text() for ax in fig.axes for t in ax.texts]
+    assert any("one evaluation per run" in n for n in notes)
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "divo (2 seeds, 1 evaluation)" in legend and "td3bc (2 seeds)" in legend
+    out = tmp_path / "rep"
+    code, _, err = report([str(runs), "--out", str(out), *REPS], capsys)
+    assert code == 0, err
+    md = (out / "report.md").read_text()
+    assert "One evaluation per run (drawn as a point, not a curve): divo on env/a-v0." in md
+
+
+def test_behaviour_level_line_is_drawn(tmp_path):
+    runs = tmp_path / "runs"
+    for seed in range(2):
+        run = write_run(runs, "divo", "env/a-v0", seed, 30.0)
+        result = json.loads((run / "result.json").read_text())
+        result["behavior_normalized_score"] = 12.5
+        (run / "result.json").write_text(json.dumps(result))
+    ax = _figure(runs).axes[0]
+    levels = [line for line in ax.get_lines() if line.get_label() == "behaviour policy (data)"]
+    assert len(levels) == 1 and list(levels[0].get_ydata()) == [12.5, 12.5]
+
+
+def test_fewer_than_five_seeds_warns_on_the_console_and_in_the_report(tmp_path, capsys):
+    """The console line is a warning (the CLI prints it as `divo: warning: ...`), and report.md
+    repeats it at the top."""
+    runs = tmp_path / "runs"
+    write_grid(runs)  # 3 seeds per dataset
+    out = tmp_path / "rep"
+    args = [str(runs), "--out", str(out), *REPS, "--no-figures"]
+    with pytest.warns(UserWarning, match=r"fewer than 5 seeds per dataset \(divo: 3, td3bc: 3\)"):
+        assert report(args, capsys)[0] == 0
+    md = (out / "report.md").read_text()
+    assert "**Warning:** fewer than 5 seeds per dataset (divo: 3, td3bc: 3)" in md
+
+    for recipe, table in (("divo", DIVO), ("td3bc", TD3BC)):  # seeds 3 and 4 on every dataset
+        for dataset, scores in table.items():
+            for seed in (3, 4):
+                write_run(runs, recipe, dataset, seed, float(scores[0]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # five seeds everywhere: no warning at all
+        assert report(args, capsys)[0] == 0
+    assert "Warning" not in (out / "report.md").read_text()
+    write_run(runs, "soft_weight", "env/a-v0", 0, 10.0)  # one recipe short of seeds
+    with pytest.warns(UserWarning, match=r"seeds per dataset \(soft_weight: 1\):"):
+        assert report(args, capsys)[0] == 0
+    assert (
+        "**Warning:** fewer than 5 seeds per dataset (soft_weight: 1)"
+        in (out / "report.md").read_text()
+    )

@@ -7,12 +7,14 @@ object, so opening a file from elsewhere cannot run code through pickle.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import platform
 import random
 import re
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,18 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@contextlib.contextmanager
+def separate_rng() -> Iterator[None]:
+    """Run a block on the global RNGs and put them back afterwards: what the block draws (an
+    evaluation's sampling policy, say) leaves the training stream exactly where it was, so a run
+    with more or fewer evaluations trains on the same random numbers."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> Path:

@@ -46,6 +46,7 @@ from divo.agents.runtime import (
     resolve_device,
     rng_state,
     seed_everything,
+    separate_rng,
     set_rng_state,
 )
 from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
@@ -235,15 +236,16 @@ def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
         return None
     policy = agent.policy
     policy.eval()
-    result = evaluate_policy(
-        policy,
-        data.make_env,
-        episodes=cfg.train.eval_episodes,
-        seed=cfg.seed + 100,  # method.md: eval env seed = seed + 100
-        device=device,
-        ref_min_score=data.ref_min_score,
-        ref_max_score=data.ref_max_score,
-    )
+    with separate_rng():  # a sampling policy's draws never reach the training stream
+        result = evaluate_policy(
+            policy,
+            data.make_env,
+            episodes=cfg.train.eval_episodes,
+            seed=cfg.seed + 100,  # method.md: eval env seed = seed + 100
+            device=device,
+            ref_min_score=data.ref_min_score,
+            ref_max_score=data.ref_max_score,
+        )
     return result
 
 
@@ -335,7 +337,7 @@ def best_evaluation(run_dir: Path) -> dict[str, Any] | None:
     with path.open(newline="") as f:
         for row in csv.DictReader(f):
             ret, score = _float(row.get("eval_return_mean")), _float(row.get("normalized_score"))
-            if ret is None:
+            if ret is None or int(row["step"]) == 0:  # step 0 (eval_at_start) trained nothing
                 continue
             key = score if score is not None else ret
             if best_key is None or key > best_key:
@@ -353,6 +355,19 @@ def _float(text: str | None) -> float | None:
     except ValueError:
         return None
     return value if value is not None and math.isfinite(value) else None
+
+
+def evaluate_at_start(
+    agent, data, cfg, device, metrics: MetricsLogger, log: logging.Logger = _log
+) -> None:
+    """``train.eval_at_start``: evaluate the untrained policy, as step 0 of metrics.csv and the
+    log. Its random draws are undone (:func:`separate_rng`), so training is the same with or
+    without it; it is never the run's result."""
+    row: dict[str, Any] = {}
+    _evaluate_into_row(agent, data, cfg, device, 0, row, log)
+    agent.train()
+    if row:
+        metrics.log(0, row)
 
 
 def _result(
@@ -674,6 +689,8 @@ def _train(
 
     steps = int(cfg.train.steps)
     eta = Eta(start_step, steps, device)
+    if start_step == 0 and cfg.train.get("eval_at_start", False):
+        evaluate_at_start(agent, data, cfg, device, logger)
     bar, redirect = _progress(cfg, start_step, data.dataset_id if data else "")
     agent.train()
     # plain ints: an OmegaConf lookup per step costs more than a CUDA-graph replay

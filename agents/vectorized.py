@@ -644,6 +644,12 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
     train_step = TrainStep(vec, sampler.sample, device=device, **compile_options(cfg))
     steps = int(cfg.train.steps)
     eta = single.Eta(start_step, steps, device, logs.shared)
+    if start_step == 0 and cfg.train.get("eval_at_start", False):
+        for i in range(n):
+            single.evaluate_at_start(
+                vec.seed_agent(i), data, cfgs[i], device, loggers[i], logs.loggers[i]
+            )
+        vec.train()
     bar, redirect = single._progress(cfg, start_step, f"{data.dataset_id} x{n} seeds")
     vec.train()
     log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)

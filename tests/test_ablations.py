@@ -384,7 +384,7 @@ def test_every_recipe_trains_a_few_hundred_steps_and_its_policy_file_evaluates(
     assert result["steps"] == 200 and math.isfinite(result["return_mean"])
     with (run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [100, 200]
+    assert [int(r["step"]) for r in rows] == [0, 100, 200]  # 0: train.eval_at_start
     composed = compose_recipe(recipe)  # IQL, IDQL: no actor, their behaviour model is the policy
     actorless = composed.get("actor") is None and composed.get("algorithm") is None
     policy_loss = "loss_behavior" if actorless else "loss_actor"

@@ -69,7 +69,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
         result = train(cfg, run)
     assert result["steps"] == 8
     steps = [int(line.split(",")[0]) for line in (run / "metrics.csv").read_text().splitlines()[1:]]
-    assert steps == [2, 3, 4, 6, 8]  # rows after step 4 were dropped and written again
+    assert steps == [0, 2, 3, 4, 6, 8]  # rows after step 4 were dropped and written again
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
@@ -89,6 +89,49 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
             ]
 
     assert losses(full) == losses(part)
+
+
+@pytest.mark.parametrize("recipe", ["resampling", "divo"])
+def test_evaluations_draw_no_training_randomness(recipe, tmp_path, capsys):
+    """The step-0 evaluation (train.eval_at_start) and the evaluations during training leave the
+    training RNG stream alone: a run with them ends with exactly the parameters of one that
+    evaluates only at the end. `resampling` deploys a sampler over its behaviour model, so its
+    evaluations do draw random numbers; DIVO's deterministic actor does not."""
+    quiet, many = tmp_path / "final-only", tmp_path / "every-step"
+    overrides = [*SHORT, "train.checkpoint_every=6"]
+    train(
+        compose_recipe(recipe, [*overrides, "train.eval_at_start=false", "train.eval_every=6"]),
+        quiet,
+    )
+    code = main(["train", recipe, *overrides, "train.eval_every=1", f"hydra.run.dir={many}"])
+    assert code == 0
+    assert_same_training_state(final_state(quiet), final_state(many))
+    for key in ("torch", "numpy"):  # and the stream goes on from the same place
+        a, b = final_state(quiet)["rng"][key], final_state(many)["rng"][key]
+        assert torch.equal(a, b) if key == "torch" else torch.equal(a["keys"], b["keys"])
+
+    # step 0 is the untrained policy, in metrics.csv, train.log and on the console
+    import csv
+
+    with (many / "metrics.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4, 5, 6]
+    assert rows[0]["normalized_score"] != "" and rows[0]["loss_critic"] == ""
+    with (quiet / "metrics.csv").open() as f:
+        assert [int(r["step"]) for r in csv.DictReader(f)] == [2, 4, 6]
+    out = capsys.readouterr().out
+    log = (many / "train.log").read_text()
+    for text in (out, log):
+        assert text.index("step 0: normalized score") < text.index("step 1: normalized score")
+    # it is never the run's result (the final evaluation's), nor the best during training
+    result = json.loads((many / "result.json").read_text())
+    assert result["normalized_score"] == pytest.approx(float(rows[-1]["normalized_score"]))
+    from divo.agents.train import best_evaluation
+
+    (many / "metrics.csv").write_text(
+        "step,eval_return_mean,normalized_score\n0,9.0,90.0\n3,2.0,20.0\n6,1.0,10.0\n"
+    )
+    assert best_evaluation(many)["step"] == 3
 
 
 def test_cli_resumes_a_run_directory_and_extends_it(tmp_path, capsys):

@@ -69,7 +69,7 @@ def test_train_writes_the_run_files(recipe, dataset, hopper_dataset, tmp_path, c
     assert isinstance(result["normalized_score"], float)
     with (run_dir / "metrics.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [int(r["step"]) for r in rows] == [2, 3, 4, 6]
+    assert [int(r["step"]) for r in rows] == [0, 2, 3, 4, 6]  # 0: train.eval_at_start
     header = set(rows[0])
     assert {"loss_critic", "loss_actor", "eval_return_mean", "normalized_score"} <= header
     if recipe != "td3bc":

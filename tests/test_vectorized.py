@@ -233,7 +233,9 @@ def test_train_writes_one_complete_run_directory_per_seed(tmp_path, capsys):
 
         cfg = OmegaConf.load(d / "config.yaml")
         assert cfg.seed == seed and cfg.train.num_seeds == 1
-        assert "step 6: normalized score" in (d / "train.log").read_text()
+        log = (d / "train.log").read_text()
+        assert log.index("step 0: normalized score") < log.index("step 6: normalized score")
+        assert (d / "metrics.csv").read_text().splitlines()[1].startswith("0,")  # eval_at_start
         ckpt = torch.load(sorted((d / "checkpoints").glob("step_*.pt"))[-1], weights_only=False)
         assert ckpt["step"] == 6 and ckpt["agent"]["num_updates"] == 6
         assert ckpt["config"]["seed"] == seed

@@ -84,19 +84,28 @@ class ConsistencyModel(BehaviorModel):
     """Consistency model of pi_b(a | s) with consistency training (iCT).
 
     Args:
-        observation_dim, action_dim: sizes, filled in by the builder.
-        sigma_min, sigma_max, sigma_data, rho: noise range, data scale and Karras exponent.
-        curriculum_start, curriculum_end, curriculum_steps: iCT's s0, s1 and K (training steps
-            over which N doubles from s0 + 1 up to s1 + 1).
+        observation_dim: size of an observation, filled in by the builder.
+        action_dim: size of an action, filled in by the builder.
+        sigma_min: the smallest noise level.
+        sigma_max: the largest noise level.
+        sigma_data: the data's scale.
+        rho: the Karras schedule's exponent.
+        curriculum_start: iCT's s0.
+        curriculum_end: iCT's s1.
+        curriculum_steps: iCT's K (training steps over which N doubles from s0 + 1 up to
+            s1 + 1).
         noise_sampling: ``lognormal`` (iCT: index i with probability proportional to
             erf((ln sigma_{i+1} - p_mean) / (sqrt2 p_std)) - erf((ln sigma_i - p_mean) / (sqrt2
             p_std))) or ``uniform``.
-        p_mean, p_std: the log-normal's parameters.
+        p_mean: the log-normal's mean.
+        p_std: the log-normal's standard deviation.
         huber_c_per_sqrt_dim: pseudo-Huber c = huber_c_per_sqrt_dim * sqrt(action_dim).
         time_scale: c_noise = time_scale * ln(sigma), fed to the sinusoidal time embedding.
         sample_sigmas: noise levels of the sampler, descending, the first one sigma_max; its
             length is the number of network calls per sample.
-        hidden, time_dim, activation: network shape (see ``NoiseNetwork``).
+        hidden: hidden widths of the network (see ``NoiseNetwork``).
+        time_dim: size of the time embedding.
+        activation: the hidden activation.
         clip_denoised: clip the denoised action to [-1, 1] after every sampler call.
     """
 

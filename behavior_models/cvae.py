@@ -30,7 +30,8 @@ class CVAE(BehaviorModel):
     """BCQ-style conditional VAE of pi_b(a | s).
 
     Args:
-        observation_dim, action_dim: sizes, filled in by the builder.
+        observation_dim: size of an observation, filled in by the builder.
+        action_dim: size of an action, filled in by the builder.
         hidden: widths of the encoder's and of the decoder's hidden layers.
         latent_dim: latent size; ``None`` means 2 * action_dim (BCQ).
         kl_weight: weight of the KL term (BCQ: 0.5).

@@ -20,10 +20,13 @@ class DDPM(BehaviorModel):
     """Denoising diffusion model of pi_b(a | s).
 
     Args:
-        observation_dim, action_dim: sizes, filled in by the builder.
+        observation_dim: size of an observation, filled in by the builder.
+        action_dim: size of an action, filled in by the builder.
         num_steps: K, number of diffusion steps.
         schedule: ``vp`` | ``linear`` | ``cosine``.
-        hidden, time_dim, activation: noise-network shape (see ``NoiseNetwork``).
+        hidden: hidden widths of the noise network (see ``NoiseNetwork``).
+        time_dim: size of the time embedding.
+        activation: the hidden activation.
         clip_denoised: clip the predicted x0 to [-1, 1] at each reverse step.
     """
 

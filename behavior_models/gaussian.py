@@ -23,8 +23,10 @@ class GaussianBehavior(BehaviorModel):
     """State-conditional diagonal Gaussian of pi_b(a | s).
 
     Args:
-        observation_dim, action_dim: sizes, filled in by the builder.
-        hidden, activation: MLP shape; the MLP outputs the mean and the log-std.
+        observation_dim: size of an observation, filled in by the builder.
+        action_dim: size of an action, filled in by the builder.
+        hidden: hidden widths of the MLP, which outputs the mean and the log-std.
+        activation: the hidden activation.
         log_std_bounds: the log-std is clamped to this range.
         state_dependent_std: the MLP outputs the log-std (true), or it is one learned vector per
             action dimension, initialised at 0 (false: IQL's policy).

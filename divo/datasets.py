@@ -216,9 +216,13 @@ def write_minari_dataset(
         eval_env: the environment to evaluate in when it differs from ``env`` (e.g. a maze
             whose data was collected with moving goals but is evaluated with a fixed one);
             Minari stores it as the dataset's eval env spec.
-        observation_space, action_space: stored spaces; default: ``env``'s, as float32 Boxes.
-        ref_min_score, ref_max_score: returns of a random and an expert policy, stored in the
-            metadata for normalised scores (each written only when given).
+        observation_space: the stored observation space; default: ``env``'s, as a float32
+            Box.
+        action_space: the stored action space; default: ``env``'s, as a
+            float32 Box.
+        ref_min_score: return of a random policy, stored in the metadata for normalised
+            scores (written only when given).
+        ref_max_score: return of an expert policy, the same way.
 
     Returns:
         The written ``minari.MinariDataset``.

@@ -1,5 +1,5 @@
 """`divo study bandit`: one command makes the figure and its numbers (tiny settings here); the
-committed figure is linked from the README."""
+committed figure is linked from the docs (and the docs page from the README)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ def test_study_settings_errors_are_one_line(capsys):
     assert "key=value" in capsys.readouterr().err
 
 
-def test_the_committed_figure_is_linked_from_the_readme():
+def test_the_committed_figure_is_linked_from_the_docs():
     assert (ROOT / "docs" / "bandit_study.png").is_file()
-    assert "docs/bandit_study.png" in (ROOT / "README.md").read_text()
+    assert "](bandit_study.png)" in (ROOT / "docs" / "bandit_study.md").read_text()
+    assert "](docs/bandit_study.md)" in (ROOT / "README.md").read_text()

@@ -1,0 +1,92 @@
+"""The README and the documentation site (docs/, mkdocs.yml) stay in step: every link of the
+README resolves, every README section the site includes is marked, and every page is in the
+site's navigation. CI builds the site itself with `mkdocs build --strict` (.ci/run)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _slug(heading: str) -> str:
+    """GitHub's (and MkDocs' toc) anchor of a Markdown heading."""
+    text = re.sub(r"[`*_]", "", heading.strip().lower())
+    return re.sub(r"\s", "-", re.sub(r"[^\w\s-]", "", text))
+
+
+def _anchors(path: Path) -> set[str]:
+    lines = path.read_text().splitlines()
+    return {_slug(line.lstrip("#")) for line in lines if re.match(r"#{1,6} ", line)}
+
+
+def broken_links(page: Path) -> list[str]:
+    """Relative links of ``page`` whose file (or #anchor in a Markdown file) does not exist."""
+    bad = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+            continue
+        path, _, anchor = target.partition("#")
+        file = (page.parent / path).resolve() if path else page
+        if not file.exists():
+            bad.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file):
+            bad.append(target)
+    return bad
+
+
+def test_every_readme_link_resolves():
+    readme = ROOT / "README.md"
+    assert len(LINK.findall(readme.read_text())) > 10
+    assert broken_links(readme) == []
+
+
+def test_the_link_check_finds_broken_links(tmp_path):
+    (tmp_path / "there.md").write_text("# A heading\n")
+    page = tmp_path / "page.md"
+    page.write_text(
+        "[ok](there.md) [ok](there.md#a-heading) [web](https://example.org/x) "
+        "[gone](missing.md) [no anchor](there.md#nope) ![img](fig.png)\n"
+    )
+    assert broken_links(page) == ["missing.md", "there.md#nope", "fig.png"]
+
+
+def test_readme_sections_the_site_includes_are_marked():
+    readme = (ROOT / "README.md").read_text()
+    used = {
+        name
+        for page in (ROOT / "docs").rglob("*.md")
+        for name in re.findall(r'--8<-- "README\.md:([\w-]+)"', page.read_text())
+    }
+    assert {"intro", "commands", "recipes"} <= used
+    for name in used:
+        start, end = f"<!-- --8<-- [start:{name}] -->", f"<!-- --8<-- [end:{name}] -->"
+        assert readme.count(start) == 1 and readme.count(end) == 1, name
+        assert readme.index(start) < readme.index(end), name
+
+
+def test_every_docs_page_is_in_the_navigation():
+    yaml = pytest.importorskip("yaml")
+
+    class Loader(yaml.SafeLoader):  # mkdocs.yml may hold !!python/name tags: ignore them
+        pass
+
+    Loader.add_multi_constructor("tag:yaml.org,2002:python/", lambda *_: None)
+    config = yaml.load((ROOT / "mkdocs.yml").read_text(), Loader=Loader)
+
+    def pages(node) -> list[str]:
+        if isinstance(node, str):
+            return [node]
+        if isinstance(node, dict):
+            return [p for value in node.values() for p in pages(value)]
+        return [p for item in node for p in pages(item)]
+
+    nav = pages(config["nav"])
+    docs = ROOT / config.get("docs_dir", "docs")
+    assert all((docs / page).is_file() for page in nav), nav
+    on_disk = {str(p.relative_to(docs)) for p in docs.rglob("*.md")}
+    assert on_disk - set(nav) == set()

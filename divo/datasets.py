@@ -577,7 +577,7 @@ def _pointmaze_builder(maze: str) -> Callable[[str], Any]:
 
 # Datasets made with `divo data build` on our machines and shipped inside the package
 # (divo/shipped/<id>/data/...: Minari's own layout); the first use copies one into the local
-# Minari root. README "Datasets" says how each was made and how to rebuild it.
+# Minari root. docs/datasets.md, "Shipped datasets", says how each was made and how to rebuild it.
 SHIPPED_ROOT = Path(__file__).resolve().parent / "shipped"
 
 

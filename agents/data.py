@@ -432,12 +432,12 @@ def _open_dataset(dataset_id: str, *, download: bool) -> minari.MinariDataset:
         try:
             return minari.load_dataset(dataset_id, download=True)
         except ImportError as exc:  # minari's remote client needs huggingface_hub
-            raise DatasetError(
-                f"dataset {dataset_id!r} is not local and downloading it needs minari's "
-                f"Hugging Face client ({exc.name or 'huggingface_hub'} is missing); "
-                f"{install_hint('download')}, or set dataset.download=false to use local "
-                "datasets only"
-            ) from None
+            reason = (
+                "it is not local, and downloading it needs minari's Hugging Face client "
+                f"({exc.name or 'huggingface_hub'} is missing: {install_hint('download')}, or "
+                "set dataset.download=false to use local datasets only)"
+            )
+            raise _not_found(dataset_id, reason) from None
         except Exception as exc:  # no network, unknown remote id, ...
             reason = f"not local and the download failed ({type(exc).__name__}: {exc})"
             raise _not_found(dataset_id, reason) from exc

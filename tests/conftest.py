@@ -3,9 +3,21 @@
 from __future__ import annotations
 
 import logging
+import sys
 
 import gymnasium as gym
 import pytest
+
+try:
+    # divo report's rliable imports absl, whose log handler binds the sys.stderr of the moment
+    # it is made: inside a test that is pytest's capture of that test, closed afterwards, and
+    # a later test's Hydra logging setup flushes every handler (ValueError: I/O operation on
+    # a closed file). Make it now and point it at the real stderr.
+    import absl.logging
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+except ImportError:  # the report extra is optional
+    pass
 
 # The built-in bandit dataset holds 4,000 one-step episodes (~8 s to write through Minari);
 # tests build it with this many instead (100 per mode).

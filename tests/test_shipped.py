@@ -12,7 +12,12 @@ import pytest
 from divo.agents.data import load_offline_data
 from divo.datasets import SHIPPED_ROOT, ensure_builtin, is_local, remove_local, shipped_datasets
 
-EXPECTED = {"divo/hopper/medium-v0", "divo/hopper/medium-replay-v0", "divo/halfcheetah/medium-v0"}
+EXPECTED = {
+    "divo/hopper/medium-v0",
+    "divo/hopper/medium-replay-v0",
+    "divo/halfcheetah/medium-v0",
+    "divo/halfcheetah/medium-replay-v0",
+}
 
 
 def test_the_starter_datasets_ship_with_the_package():
@@ -48,11 +53,14 @@ def test_a_shipped_dataset_installs_on_first_use_with_its_references(dataset_id)
     assert 0 < behavior < 100
 
 
-def test_medium_replay_was_collected_before_the_medium_snapshot():
-    for dataset_id in ("divo/hopper/medium-v0", "divo/hopper/medium-replay-v0"):
+@pytest.mark.parametrize("env", ["hopper", "halfcheetah"])
+def test_medium_replay_was_collected_before_the_medium_snapshot(env):
+    for dataset_id in (f"divo/{env}/medium-v0", f"divo/{env}/medium-replay-v0"):
         ensure_builtin(dataset_id)
-    medium = minari.load_dataset("divo/hopper/medium-v0")
-    replay = minari.load_dataset("divo/hopper/medium-replay-v0")
+    medium = minari.load_dataset(f"divo/{env}/medium-v0")
+    replay = minari.load_dataset(f"divo/{env}/medium-replay-v0")
+    # the same SAC run made both: the same references
+    assert medium.storage.metadata["ref_max_score"] == replay.storage.metadata["ref_max_score"]
     assert replay.storage.metadata["divo_build"]["medium_step"] == replay.total_steps
     assert (
         medium.storage.metadata["divo_build"]["medium_step"]

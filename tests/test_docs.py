@@ -4,6 +4,7 @@ site's navigation. CI builds the site itself with `mkdocs build --strict` (.ci/r
 
 from __future__ import annotations
 
+import fnmatch
 import re
 from pathlib import Path
 
@@ -88,5 +89,13 @@ def test_every_docs_page_is_in_the_navigation():
     nav = pages(config["nav"])
     docs = ROOT / config.get("docs_dir", "docs")
     assert all((docs / page).is_file() for page in nav), nav
-    on_disk = {str(p.relative_to(docs)) for p in docs.rglob("*.md")}
+    excluded = (config.get("exclude_docs") or "").split()
+    on_disk = {
+        rel
+        for rel in (str(p.relative_to(docs)) for p in docs.rglob("*.md"))
+        if not any(
+            fnmatch.fnmatch(rel, pat.rstrip("/") + ("/*" if pat.endswith("/") else ""))
+            for pat in excluded
+        )
+    }
     assert on_disk - set(nav) == set()

@@ -1,11 +1,23 @@
 """Sweeps through Hydra launcher plugins: the shipped launcher configs (recipes/hydra/launcher)
-compose with their plugins, and a joblib multirun of two tiny jobs runs end to end through
-`divo train -m`. Each test skips, naming the extra to install, where its plugin is missing."""
+compose with their plugins, and two-job multiruns of tiny jobs run end to end through
+`divo train -m` with joblib and on a real
+local Ray cluster (`ray start --head`). Each test skips, naming the extra to install, where its
+plugin is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -76,6 +88,8 @@ def test_launcher_config_composes_with_its_plugin(name, capsys):
         assert launcher["timeout_min"] == 240 and launcher["array_parallelism"] == 64
     else:
         assert launcher["ray"]["init"]["address"] == "auto"
+        # (else the plugin's 75 MB default makes ray.init refuse to join a running cluster)
+        assert launcher["ray"]["init"]["object_store_memory"] is None
         assert launcher["ray"]["remote"] == {"num_cpus": 1, "num_gpus": 0}
 
 
@@ -130,3 +144,91 @@ def test_failed_jobs_in_joblib_workers_set_the_exit_status(tmp_path, capsys):
     assert main(args) == 2
     # (each worker prints its own one-line error; the parent sums them up)
     assert "2 job(s) of the sweep failed" in capsys.readouterr().err
+
+
+def _run_dirs(sweep: Path) -> list[str]:
+    return [p.parent.relative_to(sweep).as_posix() for p in sorted(sweep.rglob("result.json"))]
+
+
+SEED_DIRS = ["td3bc/divo-bandit-multimodal-v0/seed0", "td3bc/divo-bandit-multimodal-v0/seed1"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _process_group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def ray_head():
+    """A real one-node Ray cluster: `ray start --head` with 2 CPUs, no dashboard and a small
+    object store, in a process group of its own; yields its address, then stops that group
+    (never `ray stop`, which stops every Ray process on the machine)."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    # Ray's socket paths live under --temp-dir and must stay short: not pytest's tmp_path
+    temp_dir = tempfile.mkdtemp(prefix="divo-ray-", dir="/tmp")
+    port = _free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [str(ray_cli), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+               f"--ray-client-server-port={_free_port()}", "--num-cpus=2", "--num-gpus=0",
+               "--include-dashboard=false", "--object-store-memory=100000000",
+               f"--temp-dir={temp_dir}", "--disable-usage-stats"]  # fmt: skip
+    start = subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # the head's processes (gcs, raylet, workers) share its group
+    )
+    try:
+        log, _ = start.communicate(timeout=120)
+        assert start.returncode == 0, f"ray start --head failed:\n{log[-3000:]}"
+        yield f"127.0.0.1:{port}"
+    finally:
+        start.kill()  # (only if it never came up)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(start.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        while _process_group_alive(start.pid) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        if _process_group_alive(start.pid):
+            os.killpg(start.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+@skip_without("ray_cluster")
+def test_ray_cluster_sweep_runs_two_jobs_on_a_running_cluster(ray_head, tmp_path):
+    """`divo train ... -m hydra/launcher=ray_cluster`, as typed, against a running cluster
+    found through RAY_ADDRESS (the shipped config's address: auto): both jobs run as Ray tasks
+    in the cluster's worker processes and write their run directories."""
+    from divo.datasets import ensure_builtin
+
+    ensure_builtin("divo/bandit/multimodal-v0")  # the workers find it via MINARI_DATASETS_PATH
+    sweep = tmp_path / "sweep"
+    divo_cli = Path(sys.executable).with_name("divo")
+    command = [str(divo_cli), "train", "td3bc", "-m", "seed=0,1", "dataset=bandit",
+               "hydra/launcher=ray_cluster", *TINY, f"hydra.sweep.dir={sweep}"]  # fmt: skip
+    env = {**os.environ, "RAY_ADDRESS": ray_head, "RAY_USAGE_STATS_ENABLED": "0"}
+    done = subprocess.run(
+        command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
+    )
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out[-4000:]
+    assert "Ray Launcher is launching 2 jobs" in out
+    assert "Connected to Ray cluster" in out and "Started a local Ray instance" not in out
+    # the jobs' lines come back from the cluster's workers, prefixed with the task's name
+    assert out.count("(_run_job pid=") >= 2
+    assert _run_dirs(sweep) == SEED_DIRS
+    for path in sweep.rglob("result.json"):
+        result = json.loads(path.read_text())
+        assert result["steps"] == 4 and result["normalized_score"] is not None

@@ -1,6 +1,6 @@
 """Sweeps through Hydra launcher plugins: the shipped launcher configs (recipes/hydra/launcher)
 compose with their plugins, and two-job multiruns of tiny jobs run end to end through
-`divo train -m` with joblib and on a real
+`divo train -m` with joblib, with the SLURM config on submitit's local executor, and on a real
 local Ray cluster (`ray start --head`). Each test skips, naming the extra to install, where its
 plugin is missing."""
 
@@ -151,6 +151,39 @@ def _run_dirs(sweep: Path) -> list[str]:
 
 
 SEED_DIRS = ["td3bc/divo-bandit-multimodal-v0/seed0", "td3bc/divo-bandit-multimodal-v0/seed1"]
+
+
+@pytest.mark.slow
+@skip_without("slurm")
+def test_slurm_config_runs_a_sweep_on_submitits_local_executor(tmp_path, capsys, monkeypatch):
+    """hydra/launcher=slurm end to end, with submitit's local executor in place of sbatch: the
+    plugin's SlurmLauncher builds the executor from slurm.yaml (its SLURM-only keys checked
+    against submitit's SLURM executor as slurm_<key>), pickles each job and collects the
+    results exactly as on a cluster; only the submission runs local processes."""
+    import submitit
+
+    from divo.datasets import ensure_builtin
+
+    class LocalAutoExecutor(submitit.AutoExecutor):
+        def __init__(self, folder, cluster=None, **kwargs):
+            assert cluster == "slurm", cluster  # the launcher asked for SLURM
+            super().__init__(folder, cluster="local", **kwargs)
+
+    monkeypatch.setattr(submitit, "AutoExecutor", LocalAutoExecutor)
+    ensure_builtin("divo/bandit/multimodal-v0")  # the session's small bandit, for the jobs
+    sweep = tmp_path / "sweep"
+    args = ["train", "td3bc", "-m", "seed=0,1", "dataset=bandit", "hydra/launcher=slurm",
+            "hydra.launcher.partition=cpu", "hydra.launcher.gpus_per_node=0",
+            "hydra.launcher.timeout_min=10"]  # fmt: skip
+    code = main([*args, *TINY, f"hydra.sweep.dir={sweep}"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "Submitit 'slurm' sweep output dir" in out.out + out.err
+    assert _run_dirs(sweep) == SEED_DIRS
+    for path in sweep.rglob("result.json"):
+        assert json.loads(path.read_text())["steps"] == 4
+    # each job ran in its own submitit process, which logged into the launcher's folder
+    assert len(list((sweep / ".submitit").rglob("*_log.out"))) == 2
 
 
 def _free_port() -> int:

@@ -91,7 +91,16 @@ def study_cells(cfg: Any) -> list[Cell]:
 
 
 def is_done(cell: Cell, cfg: Any) -> bool:
-    return (Path(cfg.results) / "runs" / cell.rel / "result.json").is_file()
+    """The cell's kept result.json exists and was trained for the study's ``steps`` (a study
+    run again with other steps retrains it: give such a variant a ``results`` folder of its
+    own to keep both)."""
+    path = Path(cfg.results) / "runs" / cell.rel / "result.json"
+    if not path.is_file():
+        return False
+    try:
+        return int(json.loads(path.read_text()).get("steps", -1)) == int(cfg.steps)
+    except (ValueError, TypeError, AttributeError):
+        return False
 
 
 def cell_command(cell: Cell, cfg: Any) -> list[str]:

@@ -53,6 +53,9 @@ def test_the_study_runs_each_cell_once_keeps_its_outputs_and_resumes(tmp_path):
     assert study_command(args) == 0
     assert (kept / "seed0" / "result.json").stat().st_mtime_ns == stamp
 
+    # kept outputs of another budget do not count: the cell would be trained again
+    assert "0 of 2 cells done" in _dry_run([*args, "steps=80"])
+
     # a cell whose kept outputs are gone but whose run holds a checkpoint is resumed
     for p in (kept / "seed1").iterdir():
         p.unlink()
@@ -61,6 +64,14 @@ def test_the_study_runs_each_cell_once_keeps_its_outputs_and_resumes(tmp_path):
     assert command[4] == str(tmp_path / "work" / "td3bc" / "divo-bandit-multimodal-v0" / "seed1")
     assert study_command(args) == 0
     assert (kept / "seed1" / "result.json").is_file()
+
+
+def _dry_run(args: list[str]) -> str:
+    lines: list[str] = []
+    from divo.locomotion_study import run_study
+
+    run_study(study_config(args), dry_run=True, log=lines.append)
+    return "\n".join(lines)
 
 
 def test_unknown_study_settings_are_refused(tmp_path):

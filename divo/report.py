@@ -74,6 +74,7 @@ BOOKKEEPING_KEYS = {
     "train.log_every",
     "train.eval_every",
     "train.eval_episodes",
+    "train.eval_at_start",
     "train.checkpoint_every",
     "train.keep_checkpoints",
 }

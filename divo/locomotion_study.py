@@ -143,6 +143,9 @@ def run_cell(cell: Cell, cfg: Any) -> tuple[bool, str]:
         if (run_dir / name).is_file():
             shutil.copy2(run_dir / name, kept / name)
     result = json.loads((run_dir / "result.json").read_text())
+    # the kept copy is committed: the run's folder as the study named it, not this machine's path
+    result["run_dir"] = str(run_dir)
+    (kept / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     score = result.get("normalized_score")
     score_txt = f"normalized score {score:.1f}" if score is not None else "no score"
     return True, f"{cell}: {score_txt} after {result.get('steps')} steps ({minutes:.1f} min)"

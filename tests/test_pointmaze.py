@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 from divo.datasets import float32_box
-from divo.errors import DatasetError
+from divo.errors import DatasetError, install_hint
 from divo.factory import pointmaze
 from divo.factory.pointmaze import (
     FLAT_OBSERVATION_LAYOUT,
@@ -312,7 +313,7 @@ def test_unknown_maze_is_one_line_naming_the_mazes():
 
 def test_missing_gymnasium_robotics_says_how_to_install_it(monkeypatch):
     monkeypatch.setitem(sys.modules, "gymnasium_robotics", None)  # import -> ImportError
-    with pytest.raises(DatasetError, match=r"pip install 'divo\[maze\]'") as info:
+    with pytest.raises(DatasetError, match=re.escape(install_hint("maze"))) as info:
         build_pointmaze_dataset("umaze", progress=False)
     assert "\n" not in str(info.value)
 

@@ -129,7 +129,9 @@ def test_deterministic_stages_match_separate_agents():
         one_adv = stages.run(agent.advantage_stage, None, obs[i], batch.get(k.action)[i])
         for name, v in one_adv.items():
             torch.testing.assert_close(adv[name][i], v, atol=1e-6, rtol=1e-5)
-    assert_close_state(vec, singles)
+    # Adam's first step moves each weight by ~lr * g / (|g| + eps): where a gradient is near eps,
+    # float32 rounding of g (vmapped vs single matmuls) shows up ~100x larger in the weight
+    assert_close_state(vec, singles, atol=1e-5)
 
 
 def test_td3bc_updates_match_separate_agents_when_nothing_is_random():

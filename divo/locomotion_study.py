@@ -163,7 +163,9 @@ def write_page(cfg: Any, log=print) -> Path:
     report_dir = results / "report"
     rel_report = os.path.relpath(report_dir, page.parent)
     body: list[str] = []
-    compare = [str(c) for c in cfg.compare] if len(cfg.compare) > 1 else []
+    finished = {c.recipe for c in done}  # the report compares recipes with finished cells only
+    compare = [str(c) for c in cfg.compare if str(c) in finished]
+    compare = compare if len(compare) > 1 else []
     if done:
         try:
             make_report(

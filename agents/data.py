@@ -141,6 +141,7 @@ def load_offline_data(
     batch_size: int = 256,
     reward_scale: float = 1.0,
     reward_shift: float = 0.0,
+    return_range: float | str | None = None,
     download: bool = True,
     action_bounds: str = "rescale",
     observation_keys: Sequence[str] | None = None,
@@ -154,6 +155,11 @@ def load_offline_data(
         batch_size: default batch size of ``OfflineData.replay_buffer()``.
         reward_scale, reward_shift: stored reward ``r' = reward_scale * r + reward_shift``
             (AntMaze's usual ``r - 1`` is ``reward_shift=-1``).
+        return_range: rescale the rewards first so that the data's best and worst episode
+            returns differ by this much: IQL's and IDQL's locomotion normalisation is
+            ``1000`` (``r * 1000 / (max return - min return)``, then ``reward_scale`` and
+            ``reward_shift``). ``"locomotion"``: 1000 on data from Gym's HalfCheetah, Hopper
+            or Walker2d and nothing elsewhere, as IQL's code decides; None (default): off.
         download: when the dataset is neither local nor built-in, try Minari's remote server.
         action_bounds: ``rescale`` (default): an action space other than [-1, 1] is mapped
             linearly onto [-1, 1] (the evaluation environment is wrapped with
@@ -217,7 +223,10 @@ def load_offline_data(
     truncated[last] |= ~terminated[last]
     truncated &= ~terminated  # a terminal step is terminal, whatever else it is flagged as
 
-    reward = (reward_scale * raw["reward"] + reward_shift).astype(np.float32)
+    starts = np.cumsum(raw["episode_length"]) - raw["episode_length"]
+    returns = np.add.reduceat(raw["reward"].astype(np.float64), starts)
+    factor = _return_range_factor(dataset_id, return_range, returns, env_spec)
+    reward = (reward_scale * factor * raw["reward"] + reward_shift).astype(np.float32)
     n = len(reward)
     data = TensorDict(
         {
@@ -251,14 +260,41 @@ def load_offline_data(
         eval_env_spec=eval_env_spec,
         num_episodes=int(len(raw["episode_length"])),
         num_transitions=n,
-        behavior_return=float(
-            np.add.reduceat(raw["reward"], np.cumsum(raw["episode_length"]) - raw["episode_length"])
-            .astype(np.float64)
-            .mean()
-        ),
+        behavior_return=float(returns.mean()),
         batch_size=batch_size,
         device=device,
     )
+
+
+# IQL's code normalises rewards on these Gym tasks only (its `normalize` on locomotion)
+LOCOMOTION_ENVS = ("halfcheetah", "hopper", "walker2d")
+
+
+def _return_range_factor(
+    dataset_id: str, return_range: float | str | None, returns: np.ndarray, env_spec
+) -> float:
+    """The reward factor that makes max - min episode return equal ``return_range``."""
+    if return_range is None:
+        return 1.0
+    if isinstance(return_range, str):
+        if return_range != "locomotion":
+            raise DatasetError(
+                f"return_range={return_range!r} is unknown; use a number (IQL: 1000), "
+                "'locomotion' (1000 on HalfCheetah, Hopper and Walker2d data only) or null"
+            )
+        env_id = (env_spec.id if env_spec is not None else "").lower()
+        if not any(name in env_id for name in LOCOMOTION_ENVS):
+            return 1.0
+        return_range = 1000.0
+    if not return_range > 0:
+        raise DatasetError(f"return_range must be > 0 (IQL: 1000), got {return_range}")
+    span = float(returns.max() - returns.min())
+    if not span > 0:
+        raise DatasetError(
+            f"dataset {dataset_id!r}: every episode has the same return ({returns.max():.6g}), "
+            "so return_range cannot rescale its rewards; set dataset.return_range=null"
+        )
+    return float(return_range) / span
 
 
 def check_batch_keys(td: TensorDictBase) -> None:

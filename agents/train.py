@@ -260,6 +260,7 @@ def _load_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | Non
             batch_size=cfg.train.batch_size,
             reward_scale=cfg.dataset.reward_scale,
             reward_shift=cfg.dataset.reward_shift,
+            return_range=cfg.dataset.get("return_range"),
             download=cfg.dataset.get("download", True),
             action_bounds=cfg.dataset.get("action_bounds", "rescale"),
             observation_keys=_observation_keys(cfg),

@@ -114,6 +114,26 @@ def test_reward_transform(hopper_dataset, hopper_data):
     torch.testing.assert_close(shifted.data["next", "reward"], expected)
 
 
+def test_return_range_rescales_rewards_like_iql(hopper_dataset, hopper_data, hopper_episodes):
+    """IQL's locomotion normalisation: r x 1000 / (max - min episode return), by hand."""
+    returns = np.array([e["rewards"].astype(np.float64).sum() for e in hopper_episodes])
+    factor = 1000.0 / (returns.max() - returns.min())
+    raw = hopper_data.data["next", "reward"]
+    for setting in (1000.0, "locomotion"):  # the fixture's data come from Hopper-v5
+        scaled = load_offline_data(hopper_dataset, return_range=setting, reward_shift=-1.0)
+        torch.testing.assert_close(scaled.data["next", "reward"], (factor * raw - 1.0).float())
+        assert scaled.behavior_return == pytest.approx(hopper_data.behavior_return)  # as stored
+    with pytest.raises(DatasetError, match="return_range='iql' is unknown"):
+        load_offline_data(hopper_dataset, return_range="iql")
+
+
+def test_return_range_locomotion_leaves_other_data_alone():
+    """'locomotion' is IQL's rule: only HalfCheetah, Hopper and Walker2d data are rescaled."""
+    bandit = load_offline_data("divo/bandit/multimodal-v0")
+    same = load_offline_data("divo/bandit/multimodal-v0", return_range="locomotion")
+    torch.testing.assert_close(same.data["next", "reward"], bandit.data["next", "reward"])
+
+
 def test_normalisation_statistics(hopper_data, hopper_episodes):
     obs = np.concatenate([e["observations"][:-1] for e in hopper_episodes]).astype(np.float64)
     assert hopper_data.obs_mean.dtype == torch.float32 and hopper_data.obs_mean.shape == (11,)

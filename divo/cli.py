@@ -47,6 +47,8 @@ commands:
   study locomotion [key=value...] [--jobs N]
                                             DIVO vs its ablations and TD3+BC on MuJoCo data
                                             (resumable; writes docs/results.md)
+  study diffusion-ql-toy [key=value...]     Diffusion-QL on its own toy and on divo's bandit
+                                            (resumable; writes docs/diffusion_ql_toy.md)
   data build <env id> [options]             train SAC, write D4RL-style Minari datasets
   data pointmaze <umaze|medium> [options]   sparse-reward maze data from a waypoint planner
 recipes: {recipes}
@@ -433,15 +435,27 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
+# `divo study <name>`: the module of each study with its own command line (others: bandit_study)
+STUDY_MODULES = {
+    "locomotion": "divo.locomotion_study",
+    "diffusion-ql-toy": "divo.diffusion_ql_toy",
+}
+
+
+def _study(argv: list[str]) -> int:
+    module = STUDY_MODULES.get(argv[0]) if argv else None
+    if module is None:
+        return importlib.import_module("divo.bandit_study").study_command(argv)
+    return importlib.import_module(module).study_command(argv[1:])
+
+
 # command name -> function(argv) -> exit status; each one raises DivoError for bad input
 COMMANDS = {
     "train": _train,
     "evaluate": _evaluate,
     "convert": _convert,
     "report": lambda argv: importlib.import_module("divo.report").main(argv),
-    "study": lambda argv: importlib.import_module(
-        "divo.locomotion_study" if argv[:1] == ["locomotion"] else "divo.bandit_study"
-    ).study_command(argv[1:] if argv[:1] == ["locomotion"] else argv),
+    "study": lambda argv: _study(argv),
     "data": lambda argv: importlib.import_module("divo.factory.cli").data_command(argv),
 }
 

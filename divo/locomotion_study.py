@@ -79,14 +79,22 @@ class Cell:
         return f"{self.recipe} on {self.dataset} seed {self.seed}"
 
 
+def study_recipes(cfg: Any) -> list[str]:
+    """``recipes`` then ``extra_recipes`` (the baselines that run once the main grid is done)."""
+    return [str(r) for r in (*cfg.recipes, *(cfg.get("extra_recipes") or []))]
+
+
 def study_cells(cfg: Any) -> list[Cell]:
     """Seed-major order: every recipe and dataset gets its first seed before any gets a second,
-    so a study stopped half-way still compares all of them."""
+    so a study stopped half-way still compares all of them. The cells of ``extra_recipes``
+    follow every cell of ``recipes``, in the same order."""
+    groups = [list(cfg.recipes), list(cfg.get("extra_recipes") or [])]
     return [
         Cell(str(recipe), str(dataset), int(seed))
+        for group in groups
         for seed in cfg.seeds
         for dataset in cfg.datasets
-        for recipe in cfg.recipes
+        for recipe in group
     ]
 
 
@@ -192,7 +200,7 @@ def write_page(cfg: Any, log=print) -> Path:
         "",
         "Made by `divo study locomotion` (settings: `recipes/study/locomotion.yaml`); this page is "
         "rewritten after every finished cell. Recipes "
-        + ", ".join(f"`{r}`" for r in cfg.recipes)
+        + ", ".join(f"`{r}`" for r in study_recipes(cfg))
         + f"; datasets {', '.join(f'`{d}`' for d in cfg.datasets)}; seeds "
         f"{', '.join(str(s) for s in cfg.seeds)}; {cfg.steps:,} training steps per run, "
         f"evaluated every {cfg.eval_every:,} steps (10 episodes)"

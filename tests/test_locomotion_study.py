@@ -9,7 +9,7 @@ import pytest
 
 from divo.datasets import ensure_builtin
 from divo.errors import ConfigError
-from divo.locomotion_study import Cell, cell_command, study_command, study_config
+from divo.locomotion_study import Cell, cell_command, study_cells, study_command, study_config
 
 BANDIT = "divo/bandit/multimodal-v0"
 
@@ -21,6 +21,7 @@ def settings(tmp_path) -> list[str]:
         f"page={tmp_path / 'results.md'}",
         f"notes={tmp_path / 'notes.md'}",
         "recipes=[td3bc]",
+        "extra_recipes=[]",
         "compare=[td3bc]",
         f"datasets=[{BANDIT}]",
         "seeds=[0,1]",
@@ -72,6 +73,14 @@ def _dry_run(args: list[str]) -> str:
 
     run_study(study_config(args), dry_run=True, log=lines.append)
     return "\n".join(lines)
+
+
+def test_extra_recipes_run_after_the_main_grid():
+    cfg = study_config(["recipes=[divo,td3bc]", "extra_recipes=[iql]", "seeds=[0,1]"])
+    cfg.datasets = ["a", "b"]
+    order = [(c.recipe, c.dataset, c.seed) for c in study_cells(cfg)]
+    main = [(r, d, s) for s in (0, 1) for d in ("a", "b") for r in ("divo", "td3bc")]
+    assert order == main + [("iql", d, s) for s in (0, 1) for d in ("a", "b")]
 
 
 def test_unknown_study_settings_are_refused(tmp_path):

@@ -87,6 +87,7 @@ def test_study_command_keeps_cells_and_skips_them(tmp_path, capsys):
     record = json.loads((results / "cells" / "ours-recipe-seed0.json").read_text())
     assert [s["step"] for s in record["snapshots"]] == [2, 4]
     assert len(record["snapshots"][0]["q_grid"]) == 41 and record["deployed"]["score"] is not None
+    assert set(record["deployed_greedy"]) == set(record["deployed"])  # argmax of the same 50
     text = page.read_text()
     assert "| ours (" in text and "| paper (" in text and "figure.png" in text
     assert (results / "figure.png").stat().st_size > 5_000
@@ -95,3 +96,10 @@ def test_study_command_keeps_cells_and_skips_them(tmp_path, capsys):
     assert main(argv) == 0
     assert "steps" not in capsys.readouterr().out.split("wrote")[0]  # nothing retrained
     assert (results / "cells" / "ours-recipe-seed0.json").stat().st_mtime_ns == before
+
+
+def test_seed_intervals_are_student_t():
+    from divo.diffusion_ql_toy import _mean_ci
+
+    assert _mean_ci([1.0, 2.0, 3.0]) == "2.00 +- 2.48"  # 4.303 x 1 / sqrt(3)
+    assert _mean_ci([5.0]) == "5.00" and _mean_ci([]) == "-"

@@ -279,7 +279,7 @@ def summary_rows(cfg: Any, records: list[dict]) -> list[dict]:
                 "seeds": [r["seed"] for r in runs],
                 "steps": runs[0]["steps"],
                 **{
-                    key: [round(f[key], 3) for f in final]
+                    key: [round(f[key], 1 if key == "score" else 3) for f in final]
                     for key in ("best_nearest", "on_best_mode", "at_corner", "score")
                 },
                 "deployed_score": [round(r["deployed"]["score"], 1) for r in runs],
@@ -376,8 +376,9 @@ def write_page(cfg: Any, tasks: dict[str, Task] | None = None, log=print) -> Pat
         for seed in cfg.seeds
         if (r := cell_done(cfg, task, variant, int(seed))) is not None
     ]
-    if tasks is None:
-        tasks = {name: Task(name, cfg.tasks[name]) for name in {r["task"] for r in records}}
+    tasks = dict(tasks or {})
+    for name in {r["task"] for r in records} - set(tasks):
+        tasks[name] = Task(name, cfg.tasks[name])
     figure = results / "figure.png"
     make_figure(cfg, tasks, records, figure)
     rows = summary_rows(cfg, records)

@@ -96,6 +96,12 @@ def test_study_command_keeps_cells_and_skips_them(tmp_path, capsys):
     assert main(argv) == 0
     assert "steps" not in capsys.readouterr().out.split("wrote")[0]  # nothing retrained
     assert (results / "cells" / "ours-recipe-seed0.json").stat().st_mtime_ns == before
+    # a lost cell is trained again; the page still covers the cells kept from before
+    (results / "cells" / "paper-recipe-seed0.json").unlink()
+    assert main(argv) == 0
+    assert (results / "cells" / "paper-recipe-seed0.json").is_file()
+    assert (results / "cells" / "ours-recipe-seed0.json").stat().st_mtime_ns == before
+    assert "| ours (" in page.read_text() and "| paper (" in page.read_text()
 
 
 def test_seed_intervals_are_student_t():

@@ -287,8 +287,16 @@ class OfflineAgent(TrainableAgent):
         ):
             raise ValueError("a behaviour model needs a weighting scheme and a behaviour loss")
         self._needs_advantage = needs_adv
+        self._reuse_target_q = False
         if self.advantage is not None and self.value_loss is not None:
             self.advantage.pair_with(self.value_loss.objective)
+            # the value step's min Q_target(s, a) is exactly the advantage's Q of the dataset
+            # actions when A takes min Q of the target critic (IQL's pairing, the default)
+            self._reuse_target_q = (
+                self.value_loss.objective == "expectile"
+                and bool(self.advantage.uses_target_critic)
+                and self.advantage.head == "min"
+            )
 
     @property
     def advantage_critic(self) -> TwinQ:
@@ -348,21 +356,26 @@ class OfflineAgent(TrainableAgent):
 
         # 2. State value V(s): expectile of min Q_target(s, a) (IQL), A2PR's bootstrap target y,
         #    or (A2PR's code) the smaller of y and the online critic's own TD target.
-        v = None
+        v = q_data = None
         if self.value is not None:
             extra = (reward, terminated, *bootstrap) if bootstrap else ()
             out = stages.run(self.value_stage, "value", obs, action, y, *extra)
             v = out.pop("state_value")  # this pass's V(s), before the value's optimiser step
+            q_data = out.pop("target_q", None)  # expectile: V's target, min Q_target(s, a)
             metrics.update(out)
 
         # 3. Advantage of the dataset actions, A(s, a) = Q(s, a) - V(s), detached, with Q from
         #    the critic V is fitted to (expectile: min Q_target, as IQL; bootstrap: the online
         #    Q1 just updated, as A2PR) and V(s) from the value step or evaluated again
-        #    (``v_from: updated``); V(s) is kept for the candidates' advantages.
+        #    (``v_from: updated``); V(s) is kept for the candidates' advantages. Under IQL's
+        #    pairing Q(s, a) is V's own target from step 2 (the target critic has not moved).
         adv = None
         if self._needs_advantage:
             reuse = (v,) if self.advantage.v_from == "value_step" else ()
-            out = stages.run(self.advantage_stage, None, obs, action, *reuse)
+            if q_data is not None and self._reuse_target_q:
+                out = stages.run(self.target_q_advantage_stage, None, obs, q_data, *reuse)
+            else:
+                out = stages.run(self.advantage_stage, None, obs, action, *reuse)
             adv, v = out.pop("advantage"), out.pop("state_value")
             metrics.update(out)
 
@@ -433,6 +446,17 @@ class OfflineAgent(TrainableAgent):
     def advantage_stage(self, obs, action, state_value=None):
         v = self.value(obs) if state_value is None else state_value
         adv = self.advantage(obs, action, self.advantage_critic, self.value, state_value=v)
+        return self._advantage_out(adv, v)
+
+    @torch.no_grad()
+    def target_q_advantage_stage(self, obs, target_q, state_value=None):
+        """The same advantage under IQL's pairing, whose Q(s, a), min Q_target(s, a), is V's
+        target in the value step (the target critic has not moved since): no twin-Q pass."""
+        v = self.value(obs) if state_value is None else state_value
+        return self._advantage_out(target_q - v, v)
+
+    @staticmethod
+    def _advantage_out(adv, v):
         return {
             "advantage": adv,
             "state_value": v,

@@ -69,7 +69,9 @@ class ValueLoss(nn.Module):
         online_td_target: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """``loss_value``, the diagnostic ``v_mean`` and ``state_value``: this forward pass's
-        V(s) [*B, 1], detached (A2PR's advantages use it: see :class:`Advantage`).
+        V(s) [*B, 1], detached (A2PR's advantages use it: see :class:`Advantage`); for
+        ``expectile`` also ``target_q``: min Q_target(s, a) [*B, 1], V's regression target,
+        which is Q of the dataset actions' paired advantage (the agent reuses it).
 
         expectile needs ``action`` and ``critic_target``; bootstrap needs ``td_target``;
         bootstrap_min also ``online_td_target`` (all [*B, 1]).
@@ -90,7 +92,10 @@ class ValueLoss(nn.Module):
                     raise ValueError("the bootstrap_min value loss needs online_td_target")
                 target = torch.minimum(target, online_td_target.detach())
             loss = (v - target).pow(2).mean()
-        return {"loss_value": loss, "v_mean": v.detach().mean(), "state_value": v.detach()}
+        out = {"loss_value": loss, "v_mean": v.detach().mean(), "state_value": v.detach()}
+        if self.objective == "expectile":
+            out["target_q"] = target
+        return out
 
 
 class Advantage(nn.Module):

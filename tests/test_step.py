@@ -397,6 +397,40 @@ def test_advantages_use_the_critic_their_value_is_fitted_to(value, v_from):
     torch.testing.assert_close(metrics["advantage_pos_frac"], (q > v).float().mean())
 
 
+@pytest.mark.parametrize("recipe", ["divo", "iql"])
+def test_reusing_the_value_steps_target_q_changes_no_number(recipe, monkeypatch):
+    """Under IQL's pairing the dataset actions' Q(s, a) is V's own target, min Q_target(s, a),
+    from the value step (the target critic moves only after the actor): reusing it instead of
+    a second twin-Q pass gives the same training, bit for bit."""
+
+    def train(reuse: bool):
+        agent = small_agent(recipe)
+        assert agent._reuse_target_q
+        agent._reuse_target_q = reuse
+        calls = []
+        min_q = type(agent.critic_target).min_q
+
+        def counted(self, *args):
+            calls.append(self is agent.critic_target)
+            return min_q(self, *args)
+
+        monkeypatch.setattr(type(agent.critic_target), "min_q", counted)
+        torch.manual_seed(1)
+        sampler = DeviceSampler(ted(), 32)
+        metrics = [agent.update(sampler.sample()) for _ in range(6)]
+        monkeypatch.undo()
+        return (metrics, agent.state_dict()), sum(calls)
+
+    (reused, target_passes), (recomputed, target_passes_again) = train(True), train(False)
+    assert_identical_runs(recomputed, reused)
+    assert target_passes_again - target_passes == 6  # one pass of the target critic per step
+
+
+@pytest.mark.parametrize("overrides", [{"value": "bootstrap"}, {"value.advantage.q_head": "q1"}])
+def test_the_value_steps_target_q_is_reused_only_when_it_is_the_advantages_q(overrides):
+    assert not small_agent("divo", **overrides)._reuse_target_q
+
+
 @pytest.mark.parametrize("value, other", [("expectile", "online"), ("bootstrap", "target")])
 def test_a_mismatched_advantage_critic_is_refused_unless_asked_for(value, other):
     """Online Q minus a V fitted to the target critic (or the reverse) builds the Polyak lag
@@ -437,7 +471,7 @@ def test_a_stage_that_fails_to_compile_runs_eagerly_after_a_warning():
             metrics = [agent.run_update(sampler.sample(), stages) for _ in range(4)]
         runs.append((metrics, agent.state_dict()))
     # each stage reported once, at its first call (the actor's at update 2)
-    stage_names = ["critic_stage", "value_stage", "advantage_stage", "behavior_stage"]
+    stage_names = ["critic_stage", "value_stage", "target_q_advantage_stage", "behavior_stage"]
     assert reported == [*stage_names, "actor_stage"]
     assert_identical_runs(runs[1], runs[0])
     # what a TrainStep reports: nothing compiled on the eager path
@@ -565,7 +599,7 @@ def test_graph_mode_falls_back_to_eager_kernels_where_compiling_fails(monkeypatc
         runs.append((metrics, {k: v.clone() for k, v in agent.state_dict().items()}))
     assert step.compiled_stages == []
     assert step.uncompiled_stages == sorted(
-        ["critic_stage", "value_stage", "advantage_stage", "behavior_stage", "actor_stage"]
+        ["critic_stage", "value_stage", "target_q_advantage_stage", "behavior_stage", "actor_stage"]
     )
     warned = [r.getMessage() for r in caplog.records if "could not be compiled" in r.getMessage()]
     assert len(warned) == 5 and "no working C++ compiler" in warned[0]

@@ -51,7 +51,7 @@ from divo.agents.runtime import (
 )
 from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
 from divo.agents.trust import Trust
-from divo.errors import ConfigError, first_line
+from divo.errors import ConfigError, DivoError, first_line
 
 MULTIRUN_HINT = "use train.num_seeds=1 (or a multirun: `divo train <recipe> -m seed=0,1,2`)"
 
@@ -479,6 +479,14 @@ class _SeedLogs:
         self.shared = logging.getLogger("divo.train")
         self.loggers = [logging.getLogger(f"divo.train.seed{s}") for s in seeds]
         self.handlers = []
+        self.accepted = False  # set once every check passed, before the run writes its files
+        # each log's size before this run (None: it did not exist), for :meth:`undo`
+        self.sizes = {
+            d / "train.log": (d / "train.log").stat().st_size
+            if (d / "train.log").is_file()
+            else None
+            for d in seed_dirs
+        }
         for d in seed_dirs:
             d.mkdir(parents=True, exist_ok=True)
             handler = logging.FileHandler(d / "train.log")
@@ -502,6 +510,17 @@ class _SeedLogs:
             log.removeHandler(h)
             h.close()
         self.shared.setLevel(self._level)
+
+    def undo(self) -> None:
+        """Close, and take back every line this run wrote: a log it created is deleted, one
+        that was there is cut back to its old length (a refused run changes nothing)."""
+        self.close()
+        for path, size in self.sizes.items():
+            if size is None:
+                path.unlink(missing_ok=True)
+            elif path.is_file():
+                with path.open("r+b") as f:
+                    f.truncate(size)
 
 
 def train_vectorized(
@@ -539,7 +558,6 @@ def train_vectorized(
     if cfg.dataset.get("id") is None:
         raise ConfigError(f"dataset.id is null; train.num_seeds={n} trains on a dataset: set it")
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     check_compile_mode(device=device, **compile_options(cfg))
     if device.type == "cpu" and cfg.train.threads:
@@ -547,11 +565,20 @@ def train_vectorized(
     seeds = [int(cfg.seed) + i for i in range(n)]
     seed_dirs = [run_dir / f"seed{s}" for s in seeds]
     cfgs = [_seed_config(cfg, s) for s in seeds]
+    new_dirs = [d for d in (run_dir, *seed_dirs) if not d.exists()]
+    run_dir.mkdir(parents=True, exist_ok=True)
     logs = _SeedLogs(seed_dirs, seeds)
     try:
         return _train_seeds(
             cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs, single
         )
+    except DivoError:
+        if not logs.accepted:  # refused on its input (data, recipe, checkpoint): no trace
+            logs.undo()
+            for d in reversed(new_dirs):  # seed folders first, then the run's own
+                if d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+        raise
     finally:
         logs.close()
 
@@ -606,6 +633,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
     if found is not None:
         logs.shared.info("resumed from step %d", start_step)
 
+    logs.accepted = True  # every check passed: from here on the run writes its files
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     loggers = []
     for seed_cfg, d in zip(cfgs, seed_dirs, strict=True):

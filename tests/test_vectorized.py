@@ -21,7 +21,7 @@ from divo.agents.vectorized import (
     clip_grad_norm_per_seed,
 )
 from divo.cli import compose_recipe, main
-from divo.errors import ConfigError
+from divo.errors import ConfigError, DatasetError
 
 torch.set_num_threads(1)
 
@@ -217,6 +217,26 @@ def test_unsupported_settings_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="replay buffer"):
         cfg = compose_recipe("td3bc", [*SHORT, "train.num_seeds=2"])
         train(cfg, tmp_path / "run", replay_buffer=object())
+
+
+def test_a_refused_stacked_run_changes_nothing_on_disk(tmp_path):
+    """A stacked run refused on its input (here a dataset that is not there) leaves no run or
+    seed folder behind, and leaves a folder that was already there as it was."""
+    cfg = compose_recipe(
+        "td3bc", [*SHORT, "train.num_seeds=2", "dataset.id=divo/hopper/missing-v0"]
+    )
+    with pytest.raises(DatasetError, match="not found"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    kept = tmp_path / "kept"
+    (kept / "seed0").mkdir(parents=True)
+    (kept / "seed0" / "train.log").write_text("an earlier run's line\n")
+    (kept / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError):
+        train(cfg, kept)
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt", "seed0"]
+    assert [p.name for p in (kept / "seed0").iterdir()] == ["train.log"]
+    assert (kept / "seed0" / "train.log").read_text() == "an earlier run's line\n"
 
 
 def test_train_writes_one_complete_run_directory_per_seed(tmp_path, capsys):

@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -192,6 +193,7 @@ def write_page(cfg: Any, log=print) -> Path:
                 if line.startswith("## "):
                     line = "#" + line
                 body.append(_relink(line, rel_report))
+        body += _robustness_section(cfg, results, compare)
     else:
         body = ["No cell has finished yet."]
     notes = Path(cfg.notes)
@@ -224,6 +226,51 @@ def write_page(cfg: Any, log=print) -> Path:
     page.write_text("\n".join(lines).rstrip() + "\n")
     log(f"divo study locomotion: {len(done)}/{len(cells)} cells finished -> {page}")
     return page
+
+
+ROBUST_SECTIONS = ("## Normalised score", "## Aggregate over datasets", "## Paired differences")
+
+
+def _robustness_section(cfg: Any, results: Path, compare: list[str]) -> list[str]:
+    """The score, aggregate and paired tables again under ``robust_score`` (e.g. ``last:3``, the
+    mean of each run's last evaluations), from a report of their own in ``report-<score>``."""
+    from divo.errors import ConfigError
+    from divo.report import make_report
+
+    score = cfg.get("robust_score")
+    if not score:
+        return []
+    out = results / f"report-{str(score).replace(':', '')}"
+    try:
+        with warnings.catch_warnings():  # the few-seeds warning is on the page already
+            warnings.simplefilter("ignore")
+            make_report(
+                [results / "runs"],
+                out,
+                compare=compare or None,
+                figures=False,
+                score=str(score),
+                command=f"divo report {results / 'runs'}"
+                + (f" --compare {' '.join(compare)}" if compare else "")
+                + f" --score {score} --no-figures --out {out}",
+            )
+    except ConfigError as exc:
+        return ["", f"## Robustness: `--score {score}`", "", f"No report yet: {exc}"]
+    lines = ["", f"## Robustness: the same tables with `--score {score}`", ""]
+    lines += [
+        "One evaluation is 10 episodes of one policy, and a policy's score swings from one "
+        "evaluation to the next; averaging each run's last evaluations (TD3+BC's protocol averages "
+        f"its final 10) damps that. Scored by `--score {score}`:",
+        "",
+    ]
+    keep = False
+    for line in (out / "report.md").read_text().splitlines():
+        if line.startswith("## "):
+            keep = line.startswith(ROBUST_SECTIONS)
+            line = "#" + line
+        if keep:
+            lines.append(line)
+    return lines
 
 
 def _relink(line: str, prefix: str) -> str:

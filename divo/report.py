@@ -25,6 +25,11 @@ the output folder (default ``<first dir>/report``):
   ``aggregate_intervals.<format>``, in each of ``--format png,pdf,svg`` (default png) at ``--dpi``
   (default 200).
 
+``--score last:K`` scores each run by the mean of its last K evaluations (metrics.csv) instead
+of its final one (result.json): TD3+BC's protocol averages the final 10. It damps the swings of
+one 10-episode evaluation; the DIVO paper and the default report the final score. A run with
+fewer than K evaluations, or whose last one is not at its final step, is left out.
+
 Fewer than :data:`MIN_SEEDS` seeds per dataset get a warning, on the console and in report.md:
 bootstrap intervals and the probability of improvement over so few runs are not to be trusted.
 
@@ -290,6 +295,40 @@ def choose_score_kinds(runs: list[Run]) -> None:
                 continue
             run.score_kind = kind
             run.score = run.normalized if kind == "normalized" else run.return_mean
+
+
+def parse_score(text: str) -> int | None:
+    """``final`` -> None; ``last:K`` -> K (the mean of each run's last K evaluations)."""
+    text = str(text).strip()
+    if text == "final":
+        return None
+    head, _, tail = text.partition(":")
+    if head == "last" and tail.isdigit() and int(tail) >= 1:
+        return int(tail)
+    raise ConfigError(
+        f"--score {text!r}: use final (each run's final evaluation, the default) or last:K "
+        "(the mean of its last K evaluations, e.g. last:3)"
+    )
+
+
+def use_last_evaluations(runs: list[Run], k: int) -> None:
+    """Re-score each scored run by the mean of its last ``k`` evaluations of its score kind
+    (from metrics.csv); a run with fewer, or whose last evaluation is not at its final step,
+    is left out with a note."""
+    for run in runs:
+        if run.status != "complete" or not run.score_kind:
+            continue
+        curve = sorted(run.curves.get(run.score_kind, []))
+        if len(curve) < k or (run.steps is not None and curve[-1][0] != run.steps):
+            run.status = "no score"
+            run.note = (
+                f"metrics.csv holds {len(curve)} evaluation(s)"
+                + (f", the last at step {curve[-1][0]} of {run.steps}" if curve else "")
+                + f": --score last:{k} needs {k} ending at the final step"
+            )
+            run.score = None
+            continue
+        run.score = float(np.mean([value for _, value in curve[-k:]]))
 
 
 def _is_run_dir(path: Path, files: Iterable[str], dirs: Iterable[str]) -> bool:
@@ -915,8 +954,12 @@ def make_report(
     formats: str | Sequence[str] = ("png",),
     dpi: int = DEFAULT_DPI,
     command: str | None = None,
+    score: str = "final",
 ) -> Report:
     """Build the report (see the module docstring); returns where it went and the runs found.
+
+    ``score``: ``final`` (each run's final evaluation, result.json) or ``last:K`` (the mean of
+    its last K evaluations, metrics.csv).
 
     ``formats`` are the figure formats (any of png, pdf, svg; report.md shows the PNG, else the
     SVG, else links the PDF), written at ``dpi`` dots per inch. Fewer than :data:`MIN_SEEDS`
@@ -927,6 +970,7 @@ def make_report(
     if reps < 10:
         raise ConfigError(f"--reps={reps} is too few bootstrap samples; use at least 1000")
     formats = parse_formats(formats)
+    last_k = parse_score(score)
     if not isinstance(dpi, int) or isinstance(dpi, bool) or not 50 <= dpi <= 1200:
         raise ConfigError(f"--dpi={dpi!r}: give whole dots per inch from 50 to 1200 (default 200)")
     try:
@@ -946,6 +990,8 @@ def make_report(
     assign_labels(runs)
     drop_duplicates(runs)
     choose_score_kinds(runs)
+    if last_k is not None:
+        use_last_evaluations(runs, last_k)
     cells = build_cells(runs)
     compare_labels = resolve_compare(compare, runs) if compare else []
     if not cells:
@@ -953,6 +999,12 @@ def make_report(
         for r in runs:
             counts[r.status] += 1
         status_txt = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+        if last_k is not None and any(r.note.endswith("ending at the final step") for r in runs):
+            raise ConfigError(
+                f"none of the {len(runs)} runs under {', '.join(map(str, dirs))} has {last_k} "
+                f"evaluations ending at its final step ({status_txt}): use a smaller K in "
+                "--score last:K, or --score final"
+            )
         raise ConfigError(
             f"none of the {len(runs)} runs under {', '.join(map(str, dirs))} has finished with a "
             f"final evaluation ({status_txt}); wait for them, or check their train.log"
@@ -1094,17 +1146,24 @@ def make_report(
     ]
     if fewest:
         md += [f"**Warning:** {few_seeds_warning(fewest)}.", ""]
+    if last_k is None:
+        score_name, evaluation = "Final normalised score", "the final evaluation of each run"
+        source = "`result.json`"
+    else:
+        score_name = f"Normalised score (mean of the last {last_k} evaluations)"
+        evaluation = f"each run's last {last_k} evaluations, averaged"
+        source = "`metrics.csv`; `--score final` gives the final evaluation alone"
     md += [
-        "## Final normalised score per recipe and dataset",
+        f"## {score_name} per recipe and dataset",
         "",
-        "Normalised score = 100 (R - R_min) / (R_max - R_min) of the final evaluation of each run "
-        "(`result.json`), mean +- sample standard deviation over seeds.",
+        f"Normalised score = 100 (R - R_min) / (R_max - R_min) of {evaluation} ({source}), "
+        "mean +- sample standard deviation over seeds.",
         "",
     ]
     if any(s["score_kind"] == "return" for s in summaries):
         md += [
             "A dataset marked *(return)* has no reference scores (R_min, R_max): its runs are "
-            "compared by their final mean return R instead, and it is left out of the "
+            "compared by their mean return R instead, and it is left out of the "
             "aggregate.",
             "",
         ]
@@ -1157,7 +1216,7 @@ def make_report(
         md += [
             "## Paired differences",
             "",
-            "Final normalised score (or return, on datasets marked *(return)* above) of the first "
+            f"{score_name} (or return, on datasets marked *(return)* above) of the first "
             "recipe minus the other's, on the same seeds (mean +- sample std over the seed "
             "pairs).",
             "",
@@ -1300,6 +1359,12 @@ def main(argv: Sequence[str]) -> int:
         "--dpi", type=int, default=DEFAULT_DPI, help=f"figure resolution (default {DEFAULT_DPI})"
     )
     parser.add_argument("--no-figures", action="store_true", help="skip the figures")
+    parser.add_argument(
+        "--score",
+        default="final",
+        help="final (each run's final evaluation, default) or last:K (the mean of its last K "
+        "evaluations, e.g. last:3; TD3+BC's protocol averages the final 10)",
+    )
     ns = parser.parse_args(list(argv))
     command = "divo report " + " ".join(argv)
     report = make_report(
@@ -1312,6 +1377,7 @@ def main(argv: Sequence[str]) -> int:
         formats=ns.format,
         dpi=ns.dpi,
         command=command,
+        score=ns.score,
     )
     counts = defaultdict(int)
     for r in report.runs:

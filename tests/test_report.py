@@ -151,6 +151,41 @@ def test_report_numbers_against_hand_computation(tmp_path, capsys):
         assert f"]({png})" in md
 
 
+def test_score_of_the_last_evaluations(tmp_path, capsys):
+    """--score last:K: each run's mean over its last K evaluations of metrics.csv (write_run logs
+    0.5 x score at mid-training and the score at the end), through every table."""
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    out = tmp_path / "rep"
+    args = [str(runs), "--out", str(out), "--compare", "divo", "td3bc", "--score", "last:2"]
+    code, _, err = report([*args, *REPS, "--no-figures"], capsys)
+    assert code == 0, err
+    scores = {(r["recipe"], r["dataset"]): r for r in read_csv(out / "scores.csv")}
+    assert float(scores[("divo", "env/a-v0")]["score_mean"]) == pytest.approx(0.75 * 30.0)
+    paired = {r["dataset"]: r for r in read_csv(out / "paired.csv")}
+    assert float(paired["env/b-v0"]["diff_mean"]) == pytest.approx(0.75 * 30.0)
+    md = (out / "report.md").read_text()
+    assert "## Normalised score (mean of the last 2 evaluations) per recipe and dataset" in md
+    assert "| divo | env/a-v0 | 3 | 100 | 22.5 +- 19.8 | 7.5 | 45.0 |" in md
+    # last:1 is the final evaluation again
+    code, _, err = report([*args[:-1], "last:1", *REPS, "--no-figures"], capsys)
+    assert code == 0, err
+    scores = {(r["recipe"], r["dataset"]): r for r in read_csv(out / "scores.csv")}
+    assert float(scores[("divo", "env/a-v0")]["score_mean"]) == pytest.approx(30.0)
+    # a run with too few evaluations is left out, named; none left: one line saying why
+    write_run(runs, "divo", "env/a-v0", 7, 50.0, steps=200)
+    (runs / "divo" / "env-a-v0" / "seed7" / "metrics.csv").write_text(
+        "step,normalized_score\n200,50.0\n"
+    )
+    code, _, err = report([*args, *REPS, "--no-figures"], capsys)
+    assert code == 0, err
+    left = {r["seed"]: r for r in read_csv(out / "runs.csv") if r["status"] == "no score"}
+    assert "needs 2 ending at the final step" in left["7"]["note"]
+    line = _one_line_error([str(runs), "--score", "last:5"], capsys)
+    assert "has 5 evaluations ending at its final step" in line
+    assert "--score" in _one_line_error([str(runs), "--score", "best"], capsys)
+
+
 def test_pairs_use_the_seeds_both_have_and_default_output_dir(tmp_path, capsys):
     runs = tmp_path / "runs"
     for seed, score in ((0, 50.0), (1, 60.0), (3, 90.0)):

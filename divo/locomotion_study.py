@@ -228,7 +228,7 @@ def write_page(cfg: Any, log=print) -> Path:
     return page
 
 
-ROBUST_SECTIONS = ("## Normalised score", "## Aggregate over datasets", "## Paired differences")
+ROBUST_SECTIONS = ("## Mean normalised score", "## Aggregate over datasets", "## Paired differences")
 
 
 def _robustness_section(cfg: Any, results: Path, compare: list[str]) -> list[str]:

@@ -1150,7 +1150,7 @@ def make_report(
         score_name, evaluation = "Final normalised score", "the final evaluation of each run"
         source = "`result.json`"
     else:
-        score_name = f"Normalised score (mean of the last {last_k} evaluations)"
+        score_name = f"Mean normalised score of the last {last_k} evaluations"
         evaluation = f"each run's last {last_k} evaluations, averaged"
         source = "`metrics.csv`; `--score final` gives the final evaluation alone"
     md += [

@@ -50,7 +50,7 @@ def test_the_study_runs_each_cell_once_keeps_its_outputs_and_resumes(tmp_path):
     assert (tmp_path / "results" / "report" / "scores.csv").is_file()
     # the same tables scored by the mean of the last 3 evaluations (steps 0, 20, 40)
     assert "Robustness: the same tables with `--score last:3`" in page
-    assert "### Normalised score (mean of the last 3 evaluations)" in page
+    assert "### Mean normalised score of the last 3 evaluations" in page
     robust = (tmp_path / "results" / "report-last3" / "scores.csv").read_text()
     assert robust.count("td3bc") == 1
 

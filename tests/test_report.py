@@ -165,7 +165,7 @@ def test_score_of_the_last_evaluations(tmp_path, capsys):
     paired = {r["dataset"]: r for r in read_csv(out / "paired.csv")}
     assert float(paired["env/b-v0"]["diff_mean"]) == pytest.approx(0.75 * 30.0)
     md = (out / "report.md").read_text()
-    assert "## Normalised score (mean of the last 2 evaluations) per recipe and dataset" in md
+    assert "## Mean normalised score of the last 2 evaluations per recipe and dataset" in md
     assert "| divo | env/a-v0 | 3 | 100 | 22.5 +- 19.8 | 7.5 | 45.0 |" in md
     # last:1 is the final evaluation again
     code, _, err = report([*args[:-1], "last:1", *REPS, "--no-figures"], capsys)

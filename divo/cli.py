@@ -215,6 +215,31 @@ def _remove_refused_run(run_dir: Path, keep: set[Path]) -> None:
         parent.rmdir()
 
 
+def _remove_empty_folders(path: Path, keep: set[Path]) -> None:
+    """``path`` and its ancestors, while they are empty and not in ``keep``."""
+    for folder in (path.resolve(), *path.resolve().parents):
+        if folder in keep or not folder.is_dir() or any(folder.iterdir()):
+            break
+        folder.rmdir()
+
+
+def _pinned_sweep_dir(recipe: str, overrides: Sequence[str]) -> Path | None:
+    """The sweep folder ``hydra.sweep.dir`` resolves to (its ``${now:...}`` read once, here),
+    from the recipe and the overrides that are not swept; None when it cannot be resolved
+    without a job's values (then failures go through /tmp, which only local jobs share)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(
+            [o for o in overrides if not o.startswith("hydra.searchpath")]
+        )
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        cfg = _compose(recipe, fixed, with_hydra=True)
+        return Path(str(cfg.hydra.sweep.dir))
+    except Exception:  # noqa: BLE001 - e.g. a sweep folder naming a swept key
+        return None
+
+
 def _existing_folders(path: Path) -> set[Path]:
     """``path`` and its ancestors that exist now (resolved)."""
     path = path.resolve()
@@ -295,9 +320,22 @@ def _train(argv: list[str]) -> int:
 
     from divo.agents.train import train
 
-    # Jobs may run in other processes (joblib, SLURM, Ray launchers): each failed job appends
-    # its one-line error to this file, which the parent reads to set the exit status.
-    fd, failures_path = tempfile.mkstemp(prefix="divo-failures-", suffix=".txt")
+    # Jobs may run in other processes (joblib) or on other machines (SLURM, Ray launchers): each
+    # failed job appends its one-line error to this file, which the parent reads to set the
+    # exit status. A sweep's file lives in its sweep folder, which the launchers' nodes share
+    # (pinned here so that the parent and every job agree on it); a single run's in /tmp.
+    sweep_dir = _pinned_sweep_dir(recipe, overrides) if multirun else None
+    if sweep_dir is not None:
+        if not any(o.startswith("hydra.sweep.dir=") for o in overrides):
+            overrides.append(f"hydra.sweep.dir={sweep_dir}")
+        keep |= _existing_folders(sweep_dir.parent)
+        made_sweep_dir = not sweep_dir.exists()
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        fd, failures_path = tempfile.mkstemp(
+            prefix=".divo-failures-", suffix=".txt", dir=sweep_dir.resolve()
+        )
+    else:
+        fd, failures_path = tempfile.mkstemp(prefix="divo-failures-", suffix=".txt")
     os.close(fd)
 
     @hydra.main(version_base=None, config_path=str(config_dir), config_name=name)
@@ -325,6 +363,8 @@ def _train(argv: list[str]) -> int:
     finally:
         sys.argv = argv_before
         Path(failures_path).unlink(missing_ok=True)
+        if sweep_dir is not None and made_sweep_dir:  # nothing ran: leave no empty folder
+            _remove_empty_folders(sweep_dir, keep)
     if failed and multirun:
         print(f"divo: {len(failed)} job(s) of the sweep failed (see above)", file=sys.stderr)
     return 2 if failed else 0

@@ -144,6 +144,32 @@ def test_failed_jobs_in_joblib_workers_set_the_exit_status(tmp_path, capsys):
     assert main(args) == 2
     # (each worker prints its own one-line error; the parent sums them up)
     assert "2 job(s) of the sweep failed" in capsys.readouterr().err
+    assert not list(tmp_path.glob(".divo-failures-*"))  # the record is gone with the sweep
+
+
+@skip_without("local")
+def test_a_sweeps_failures_go_through_its_sweep_folder(tmp_path, capsys, monkeypatch):
+    """SLURM and Ray jobs run on other machines, which share the sweep folder, not /tmp: the
+    failures record lives in the sweep folder that the parent pins (hydra.sweep.dir resolved
+    once), and nothing goes through /tmp."""
+    made = []
+    mkstemp = tempfile.mkstemp
+
+    def recorded(*args, **kwargs):
+        fd, path = mkstemp(*args, **kwargs)
+        made.append(Path(path))
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", recorded)
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "td3bc", "-m", "dataset=bandit", "train.steps=0,-1", "hydra/launcher=local",
+            "hydra.launcher.n_jobs=2"]  # fmt: skip
+    assert main(args) == 2
+    assert "2 job(s) of the sweep failed" in capsys.readouterr().err
+    sweeps = list((tmp_path / "runs" / "multirun").iterdir())
+    assert len(sweeps) == 1 and (sweeps[0] / "multirun.yaml").is_file()  # Hydra's, pinned
+    assert [p.parent for p in made] == [sweeps[0].resolve()]
+    assert not made[0].exists()  # read by the parent, then removed
 
 
 def _run_dirs(sweep: Path) -> list[str]:

@@ -160,6 +160,35 @@ def run_cell(cell: Cell, cfg: Any) -> tuple[bool, str]:
     return True, f"{cell}: {score_txt} after {result.get('steps')} steps ({minutes:.1f} min)"
 
 
+def time_left(cfg: Any, jobs: int) -> str:
+    """``N of M cells done; about X h left at jobs=J``: each cell still to run costs the mean
+    wall-clock time of its recipe's finished cells (of all finished cells for a recipe with
+    none yet), spread over ``jobs``; empty before any cell has finished."""
+    cells = study_cells(cfg)
+    minutes: dict[str, list[float]] = {}
+    todo = []
+    for cell in cells:
+        if not is_done(cell, cfg):
+            todo.append(cell)
+            continue
+        path = Path(cfg.results) / "runs" / cell.rel / "result.json"
+        seconds = json.loads(path.read_text()).get("wall_clock_s")
+        if isinstance(seconds, (int, float)):
+            minutes.setdefault(cell.recipe, []).append(seconds / 60)
+    if not minutes:
+        return ""
+    overall = [m for ms in minutes.values() for m in ms]
+    mean_all = sum(overall) / len(overall)
+    left = sum(
+        sum(minutes[c.recipe]) / len(minutes[c.recipe]) if c.recipe in minutes else mean_all
+        for c in todo
+    ) / max(1, jobs)
+    return (
+        f"{len(cells) - len(todo)} of {len(cells)} cells done; about {left / 60:.1f} h left "
+        f"at jobs={jobs} (each recipe's mean cell time so far)"
+    )
+
+
 def write_page(cfg: Any, log=print) -> Path:
     """Rerun ``divo report`` over the finished cells and write the results page."""
     from divo.errors import ConfigError
@@ -228,7 +257,11 @@ def write_page(cfg: Any, log=print) -> Path:
     return page
 
 
-ROBUST_SECTIONS = ("## Mean normalised score", "## Aggregate over datasets", "## Paired differences")
+ROBUST_SECTIONS = (
+    "## Mean normalised score",
+    "## Aggregate over datasets",
+    "## Paired differences",
+)
 
 
 def _robustness_section(cfg: Any, results: Path, compare: list[str]) -> list[str]:
@@ -292,9 +325,11 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
     cells = study_cells(cfg)
     todo = [c for c in cells if not is_done(c, cfg)]
     jobs = int(jobs or cfg.jobs)
+    estimate = time_left(cfg, jobs)
     log(
         f"divo study locomotion: {len(cells) - len(todo)} of {len(cells)} cells done, "
         f"{len(todo)} to run, {jobs} at a time"
+        + (f" ({estimate.split('; ')[1]})" if estimate else "")
     )
     if dry_run:
         for cell in todo:
@@ -311,6 +346,9 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
             log("  " + message)
             if ok:
                 write_page(cfg, log)
+                estimate = time_left(cfg, jobs)
+                if estimate:
+                    log("  " + estimate)
             else:
                 failed += 1
 

@@ -9,7 +9,14 @@ import pytest
 
 from divo.datasets import ensure_builtin
 from divo.errors import ConfigError
-from divo.locomotion_study import Cell, cell_command, study_cells, study_command, study_config
+from divo.locomotion_study import (
+    Cell,
+    cell_command,
+    study_cells,
+    study_command,
+    study_config,
+    time_left,
+)
 
 BANDIT = "divo/bandit/multimodal-v0"
 
@@ -86,6 +93,20 @@ def test_extra_recipes_run_after_the_main_grid():
     order = [(c.recipe, c.dataset, c.seed) for c in study_cells(cfg)]
     main = [(r, d, s) for s in (0, 1) for d in ("a", "b") for r in ("divo", "td3bc")]
     assert order == main + [("iql", d, s) for s in (0, 1) for d in ("a", "b")]
+
+
+def test_time_left_counts_each_recipes_mean_cell_time(tmp_path):
+    cfg = study_config([f"results={tmp_path}", "recipes=[divo,td3bc]", "extra_recipes=[iql]",
+                        "seeds=[0,1]", f"datasets=[{BANDIT}]", "steps=40"])  # fmt: skip
+    assert time_left(cfg, 2) == ""  # nothing finished: no estimate
+    for cell, seconds in [(Cell("divo", BANDIT, 0), 3000), (Cell("td3bc", BANDIT, 0), 600)]:
+        kept = tmp_path / "runs" / cell.rel
+        kept.mkdir(parents=True)
+        (kept / "result.json").write_text(json.dumps({"steps": 40, "wall_clock_s": seconds}))
+    # left: divo seed 1 (50 min), td3bc seed 1 (10 min), iql x 2 at the mean of all (30 min each)
+    assert time_left(cfg, 2) == (
+        "2 of 6 cells done; about 1.0 h left at jobs=2 (each recipe's mean cell time so far)"
+    )
 
 
 def test_unknown_study_settings_are_refused(tmp_path):

@@ -91,6 +91,7 @@ class OfflineData:
             level a learned policy should beat.
         batch_size: default batch size of ``replay_buffer()``.
         device: where ``data`` and replay-buffer samples live.
+        reward_factor: the factor ``return_range`` multiplied the rewards by (1.0: none).
     """
 
     dataset_id: str
@@ -108,6 +109,7 @@ class OfflineData:
     behavior_return: float | None = None
     batch_size: int = 256
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    reward_factor: float = 1.0
 
     def replay_buffer(self, batch_size: int | None = None) -> TensorDictReplayBuffer:
         """A uniform replay buffer holding every transition; samples come out on ``device``."""
@@ -263,6 +265,7 @@ def load_offline_data(
         behavior_return=float(returns.mean()),
         batch_size=batch_size,
         device=device,
+        reward_factor=factor,
     )
 
 

@@ -276,6 +276,12 @@ def _load_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | Non
             data.behavior_return,
             f" (normalized score {behavior_score:.1f})" if behavior_score is not None else "",
         )
+        if data.reward_factor != 1.0:  # IQL's reward normalisation
+            _log.info(
+                "rewards x %.4g (dataset.return_range=%s: max - min episode return rescaled)",
+                data.reward_factor,
+                cfg.dataset.get("return_range"),
+            )
     return data, behavior_score
 
 

@@ -123,6 +123,7 @@ def test_return_range_rescales_rewards_like_iql(hopper_dataset, hopper_data, hop
         scaled = load_offline_data(hopper_dataset, return_range=setting, reward_shift=-1.0)
         torch.testing.assert_close(scaled.data["next", "reward"], (factor * raw - 1.0).float())
         assert scaled.behavior_return == pytest.approx(hopper_data.behavior_return)  # as stored
+        assert scaled.reward_factor == pytest.approx(factor) and hopper_data.reward_factor == 1.0
     with pytest.raises(DatasetError, match="return_range='iql' is unknown"):
         load_offline_data(hopper_dataset, return_range="iql")
 
@@ -132,6 +133,7 @@ def test_return_range_locomotion_leaves_other_data_alone():
     bandit = load_offline_data("divo/bandit/multimodal-v0")
     same = load_offline_data("divo/bandit/multimodal-v0", return_range="locomotion")
     torch.testing.assert_close(same.data["next", "reward"], bandit.data["next", "reward"])
+    assert same.reward_factor == 1.0
 
 
 def test_normalisation_statistics(hopper_data, hopper_episodes):

@@ -209,10 +209,7 @@ def _remove_refused_run(run_dir: Path, keep: set[Path]) -> None:
     if not run_dir.is_dir() or {p.name for p in run_dir.iterdir()} > {".hydra", "train.log"}:
         return
     shutil.rmtree(run_dir, ignore_errors=True)
-    for parent in run_dir.resolve().parents:
-        if parent in keep or not parent.is_dir() or any(parent.iterdir()):
-            break
-        parent.rmdir()
+    _remove_empty_folders(run_dir.resolve().parent, keep)
 
 
 def _remove_empty_folders(path: Path, keep: set[Path]) -> None:

@@ -182,7 +182,9 @@ class OfflineAgent(TrainableAgent):
       the behaviour model is deployed through ``policy_factory``; the targets move every
       ``policy_delay`` updates all the same);
       value + value_loss + advantage: when the weighting or the selector needs advantages;
-      behavior_model + weighting + behavior_loss: when the recipe has a behaviour model.
+      behavior_model + weighting + behavior_loss: when the recipe has a behaviour model;
+      behavior_model_ema: its exponential moving average (rate ``behavior_ema`` per update),
+      when a deployed behaviour model samples from one (IDQL: 0.001).
     ``optimizers`` maps part name -> optimiser; the agent owns them so that checkpoints are whole.
     """
 
@@ -205,6 +207,7 @@ class OfflineAgent(TrainableAgent):
         tau: float = 5e-3,
         policy_delay: int = 2,
         keys: Keys = DEFAULT_KEYS,
+        behavior_ema: float | None = None,
     ) -> None:
         super().__init__()
         self.observation_dim = int(normalizer.mean.shape[-1])
@@ -215,6 +218,19 @@ class OfflineAgent(TrainableAgent):
         self.critic_target = frozen_copy(critic)
         self.value = value
         self.behavior_model = behavior_model
+        self.behavior_ema = behavior_ema
+        self.behavior_model_ema = None
+        if behavior_ema is not None:
+            if behavior_model is None or not 0.0 < behavior_ema <= 1.0:
+                raise ValueError(
+                    f"behavior.ema_rate={behavior_ema} needs a behaviour model and a rate in "
+                    "(0, 1] (IDQL: 0.001), or null for no moving average"
+                )
+            self.behavior_model_ema = frozen_copy(behavior_model)
+            self._ema_pairs = (
+                list(self.behavior_model_ema.parameters()),
+                list(behavior_model.parameters()),
+            )
         self.critic_loss = critic_loss
         self.actor_loss = actor_loss
         self.value_loss = value_loss
@@ -308,6 +324,14 @@ class OfflineAgent(TrainableAgent):
         return self.critic
 
     @property
+    def deployed_behavior_model(self) -> nn.Module | None:
+        """The behaviour model a deployed sampler draws from: its moving average when
+        ``behavior_ema`` is set (IDQL samples its EMA copy), else the trained model itself."""
+        if self.behavior_model_ema is not None:
+            return self.behavior_model_ema
+        return self.behavior_model
+
+    @property
     def policy(self) -> nn.Module:
         """The deployable policy (raw observation -> action): normaliser + actor, unless the
         builder set a ``policy_factory``."""
@@ -324,7 +348,8 @@ class OfflineAgent(TrainableAgent):
     ) -> dict[str, torch.Tensor]:
         """One training step on a TED batch; returns detached metrics (no host sync).
 
-        Order: critic -> value -> advantages of dataset actions -> behaviour model ->
+        Order: critic -> value -> advantages of dataset actions -> behaviour model (and its
+        moving average, if any) ->
         (every ``policy_delay`` steps) candidates -> target selection -> actor -> Polyak targets.
         Each stage is executed by ``stages``: eagerly (:class:`EagerStages`, what ``update``
         uses), compiled, or vectorised over stacked seeds (:mod:`divo.agents.vectorized`). Every
@@ -388,6 +413,8 @@ class OfflineAgent(TrainableAgent):
                 self.behavior_stage, "behavior", obs, action, weight_input, generator=generator
             )
             metrics.update(out)
+            if self.behavior_model_ema is not None:  # the copy a deployed sampler draws from
+                stages.polyak(self._ema_pairs[0], self._ema_pairs[1], self.behavior_ema)
 
         # 5. Actor (delayed): target from the selector, then TD3+BC loss; then Polyak targets
         #    (every ``policy_delay`` updates, with or without an actor).

@@ -150,6 +150,7 @@ def build_offline_agent(
             weighting=weighting,
             behavior_loss=behavior_loss,
             tau=cfg.critic.tau,
+            behavior_ema=cfg.behavior.get("ema_rate") if behavior_model is not None else None,
             # without an actor the targets move every update (IQL, IDQL)
             policy_delay=actor_cfg.policy_delay if actor is not None else 1,
         )
@@ -160,6 +161,12 @@ def build_offline_agent(
         raise ConfigError(
             f"recipe {cfg.get('recipe', '?')!r} has no actor and no evaluation_policy: nothing "
             "to deploy; set evaluation_policy (e.g. divo.objectives.BehaviorModePolicy)"
+        )
+    if picker is None and agent.behavior_model_ema is not None:
+        raise ConfigError(
+            f"recipe {cfg.get('recipe', '?')!r}: behavior.ema_rate keeps a moving average of the "
+            "behaviour model for a deployed sampler (evaluation_policy), and this recipe deploys "
+            "its actor; set behavior.ema_rate=null"
         )
     if picker is None:
         agent.policy_config = policy_config(
@@ -236,7 +243,7 @@ def _picker_needs(picker: Any, what: str, default: bool = False) -> bool:
 
 
 def _picker_over_behavior_model(picker: functools.partial, agent: OfflineAgent) -> torch.nn.Module:
-    parts = {"normalizer": agent.normalizer, "behavior_model": agent.behavior_model}
+    parts = {"normalizer": agent.normalizer, "behavior_model": agent.deployed_behavior_model}
     if getattr(picker.func, "needs_critic", True):
         parts["critic"] = agent.advantage_critic  # the critic the advantages use (see Advantage)
     if getattr(picker.func, "needs_value", False):

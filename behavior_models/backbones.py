@@ -1,4 +1,5 @@
-"""Network building blocks: MLPs, ensembles of MLPs and time embeddings. No diffusion math."""
+"""Network building blocks: MLPs, ensembles of MLPs, time embeddings and the behaviour models noise
+networks (Diffusion-QL's MLP, IDQL's LayerNorm ResNet). No diffusion math."""
 
 from __future__ import annotations
 
@@ -211,10 +212,147 @@ class NoiseNetwork(nn.Module):
         )
         self.net = mlp(action_dim + time_dim + observation_dim, action_dim, hidden, act)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, observation: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        observation: torch.Tensor,
+        training_pass: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
         """x [B, A], t [B] (or [1]: one time for every row, embedded once), observation [B, O]
-        -> [B, A]."""
+        -> [B, A]. ``training_pass`` and ``generator`` (the loss's pass) change nothing here:
+        this network has no dropout."""
         embedding = self.time_mlp(t)
         if embedding.shape[0] != x.shape[0]:
             embedding = embedding.expand(x.shape[0], -1)
         return self.net(torch.cat([x, embedding, observation], dim=-1))
+
+
+class LearnableFourierFeatures(nn.Module):
+    """Random Fourier features of a scalar time with trainable frequencies: t [*B] ->
+    [cos(2 pi t w), sin(2 pi t w)] [*B, dim], w ~ N(0, 0.2^2) at initialisation (IDQL's time
+    embedding, ``FourierFeatures(learnable=True)`` in its code)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim % 2 or dim < 2:
+            raise ValueError(f"Fourier feature size must be even and >= 2, got {dim}")
+        self.weight = nn.Parameter(torch.randn(dim // 2) * 0.2)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        arg = (2.0 * math.pi) * t.to(self.weight.dtype).unsqueeze(-1) * self.weight
+        return torch.cat([arg.cos(), arg.sin()], dim=-1)
+
+
+class _ResidualBlock(nn.Module):
+    """x + Linear(4w -> w)(act(Linear(w -> 4w)(LayerNorm(dropout(x))))): IDQL's block."""
+
+    def __init__(self, width: int, act: str, dropout: float) -> None:
+        super().__init__()
+        self.dropout = dropout
+        self.norm = nn.LayerNorm(width)
+        self.inner = nn.Linear(width, 4 * width)
+        self.act = activation(act)
+        self.outer = nn.Linear(4 * width, width)
+
+    def forward(
+        self, x: torch.Tensor, training_pass: bool, generator: torch.Generator | None
+    ) -> torch.Tensor:
+        h = x
+        if training_pass and self.dropout > 0:  # inverted dropout, drawn from ``generator``
+            keep = torch.rand(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+            h = x * (keep >= self.dropout).to(x.dtype) / (1.0 - self.dropout)
+        return x + self.outer(self.act(self.inner(self.norm(h))))
+
+
+class ResidualNoiseNetwork(nn.Module):
+    """IDQL's noise network (Hansen-Estruch et al. 2023, appendix G; ``ln_resnet`` in its code):
+    learnable Fourier features of the step (``time_dim``) -> Linear(128) -> act -> Linear(128)
+    make the time code; concat[x, observation, time code] -> Linear(width) -> one residual block
+    per entry of ``hidden`` (dropout, LayerNorm, Linear(4 width), act, Linear(width), plus the
+    input) -> act -> Linear(action_dim).
+
+    Dropout acts only in the loss's pass (``training_pass=True``, its masks drawn from the
+    loss's ``generator``); sampling never drops units, as IDQL samples with ``training=False``,
+    whatever mode the module is in.
+    """
+
+    TIME_WIDTH = 128  # IDQL: cond_encoder MLP hidden_dims (128, 128)
+
+    def __init__(
+        self,
+        observation_dim: int,
+        action_dim: int,
+        hidden: Sequence[int] = (256, 256, 256),
+        time_dim: int = 64,
+        act: str = "mish",
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        widths = set(hidden)
+        if len(widths) != 1:
+            raise ValueError(
+                f"network=ln_resnet needs one width for all its residual blocks (hidden lists "
+                f"one entry per block, e.g. [256, 256, 256]); got hidden={list(hidden)}"
+            )
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        (width,) = widths
+        self.time_mlp = nn.Sequential(
+            LearnableFourierFeatures(time_dim),
+            nn.Linear(time_dim, self.TIME_WIDTH),
+            activation(act),
+            nn.Linear(self.TIME_WIDTH, self.TIME_WIDTH),
+        )
+        self.inp = nn.Linear(action_dim + observation_dim + self.TIME_WIDTH, width)
+        self.blocks = nn.ModuleList(_ResidualBlock(width, act, dropout) for _ in hidden)
+        self.act = activation(act)
+        self.out = nn.Linear(width, action_dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        observation: torch.Tensor,
+        training_pass: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """x [B, A], t [B] (or [1]: one step for every row), observation [B, O] -> [B, A];
+        ``training_pass`` turns dropout on (the loss's pass), its masks drawn from
+        ``generator``."""
+        embedding = self.time_mlp(t)
+        if embedding.shape[0] != x.shape[0]:
+            embedding = embedding.expand(x.shape[0], -1)
+        h = self.inp(torch.cat([x, observation, embedding], dim=-1))
+        for block in self.blocks:
+            h = block(h, training_pass, generator)
+        return self.out(self.act(h))
+
+
+NOISE_NETWORKS = {"mlp": NoiseNetwork, "ln_resnet": ResidualNoiseNetwork}
+
+
+def noise_network(
+    kind: str,
+    observation_dim: int,
+    action_dim: int,
+    hidden: Sequence[int],
+    time_dim: int,
+    act: str,
+    dropout: float = 0.0,
+) -> nn.Module:
+    """The noise network by name: ``mlp`` (Diffusion-QL's, :class:`NoiseNetwork`) or
+    ``ln_resnet`` (IDQL's, :class:`ResidualNoiseNetwork`; ``dropout`` applies to it only)."""
+    if kind not in NOISE_NETWORKS:
+        raise ValueError(
+            f"network={kind!r} is not a noise network; choose one of {', '.join(NOISE_NETWORKS)}"
+        )
+    if kind == "mlp":
+        if dropout:
+            raise ValueError(
+                f"dropout={dropout} needs network=ln_resnet (the MLP has no dropout); set "
+                "dropout=0 or network=ln_resnet"
+            )
+        return NoiseNetwork(observation_dim, action_dim, tuple(hidden), time_dim, act)
+    return ResidualNoiseNetwork(observation_dim, action_dim, tuple(hidden), time_dim, act, dropout)

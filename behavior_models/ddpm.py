@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from divo.behavior_models.backbones import NoiseNetwork
+from divo.behavior_models.backbones import noise_network
 from divo.behavior_models.base import BehaviorModel, flatten_batch, repeat_for_samples
 from divo.behavior_models.schedules import DiffusionSchedule
 
@@ -24,10 +24,16 @@ class DDPM(BehaviorModel):
         action_dim: size of an action, filled in by the builder.
         num_steps: K, number of diffusion steps.
         schedule: ``vp`` | ``linear`` | ``cosine``.
-        hidden: hidden widths of the noise network (see ``NoiseNetwork``).
-        time_dim: size of the time embedding.
+        hidden: hidden widths of the noise network (``mlp``: one per layer; ``ln_resnet``: one
+            per residual block, all equal).
+        time_dim: size of the time embedding (``mlp``: sinusoidal; ``ln_resnet``: learnable
+            Fourier features).
         activation: the hidden activation.
         clip_denoised: clip the predicted x0 to [-1, 1] at each reverse step.
+        network: ``mlp`` (Diffusion-QL's, :class:`~divo.behavior_models.backbones.NoiseNetwork`)
+            or ``ln_resnet`` (IDQL's LayerNorm ResNet,
+            :class:`~divo.behavior_models.backbones.ResidualNoiseNetwork`).
+        dropout: ``ln_resnet``'s dropout rate, in the loss's pass only (IDQL: 0.1).
     """
 
     def __init__(
@@ -40,13 +46,15 @@ class DDPM(BehaviorModel):
         time_dim: int = 16,
         activation: str = "mish",
         clip_denoised: bool = True,
+        network: str = "mlp",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__(observation_dim, action_dim)
         self.schedule = DiffusionSchedule(num_steps, schedule)
         self.num_steps = num_steps
         self.clip_denoised = clip_denoised
-        self.network = NoiseNetwork(
-            observation_dim, action_dim, tuple(hidden), time_dim, activation
+        self.network = noise_network(
+            network, observation_dim, action_dim, tuple(hidden), time_dim, activation, dropout
         )
 
     def noisy_action(
@@ -70,7 +78,8 @@ class DDPM(BehaviorModel):
         obs, _ = flatten_batch(observation)
         k = torch.randint(self.num_steps, (a.shape[0],), device=a.device, generator=generator)
         noise = torch.randn(a.shape, device=a.device, dtype=a.dtype, generator=generator)
-        pred = self.network(self.noisy_action(a, k, noise), k, obs)
+        x = self.noisy_action(a, k, noise)
+        pred = self.network(x, k, obs, training_pass=True, generator=generator)  # dropout, if any
         return (pred - noise).pow(2).mean(-1).reshape(batch_shape)
 
     def reverse_step(

@@ -269,7 +269,8 @@ def expectile_importance_weights(
 ) -> torch.Tensor:
     """IDQL's weights of behaviour samples under an expectile critic (Hansen-Estruch et al.
     2023, the implicit policy of an expectile V): w = |tau - 1[A < 0]| / |A| (the paper), or
-    |tau - 1[A < 0]| (``divide_by_advantage=False``: its public code's ``eval_actions``).
+    |tau - 1[A < 0]| (``divide_by_advantage=False``: its public code's
+    ``sample_implicit_policy``, which its evaluation does not call).
     advantage [*B, N] -> unnormalised weights [*B, N]; |A| is floored at ``eps``."""
     w = torch.where(advantage < 0, 1.0 - expectile, expectile).to(advantage.dtype)
     if divide_by_advantage:
@@ -279,11 +280,21 @@ def expectile_importance_weights(
 
 class ExpectileResamplingPolicy(nn.Module):
     """IDQL's deployed policy: raw observation -> normaliser -> ``num_samples`` behaviour-model
-    candidates -> one drawn with probability proportional to IDQL's expectile importance weight
-    of A = min(Q1, Q2)(s, a) - V(s) (:func:`expectile_importance_weights`), from the critic V is
-    fitted to and V itself. Saved whole (normaliser, behaviour model, critic, value)."""
+    candidates -> one of them, chosen by A = min(Q1, Q2)(s, a) - V(s) from the critic V is fitted
+    to and V itself. Saved whole (normaliser, behaviour model, critic, value).
+
+    ``selection``:
+      ``importance`` (default, the paper): drawn with probability proportional to IDQL's
+      importance weight |tau - 1[A < 0]| / |A| (:func:`expectile_importance_weights`);
+      ``expectile``: proportional to |tau - 1[A < 0]| (its code's ``sample_implicit_policy``);
+      ``argmax``: the candidate of largest min Q (its code's ``eval_actions``, what its
+      ``evaluate`` deploys; V does not change the choice).
+    ``divide_by_advantage`` is the older spelling (true: ``importance``, false:
+    ``expectile``), kept so policies saved before ``selection`` load as they were.
+    """
 
     needs_value = True  # the builder passes the value network
+    SELECTIONS = ("importance", "expectile", "argmax")
 
     def __init__(
         self,
@@ -293,20 +304,28 @@ class ExpectileResamplingPolicy(nn.Module):
         value: nn.Module,
         expectile: float = 0.7,
         num_samples: int = 64,
-        divide_by_advantage: bool = True,
+        selection: str = "importance",
+        divide_by_advantage: bool | None = None,
     ) -> None:
         super().__init__()
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         if not 0.0 < expectile < 1.0:
             raise ValueError(f"expectile must be in (0, 1), got {expectile}")
+        if divide_by_advantage is not None:
+            selection = "importance" if divide_by_advantage else "expectile"
+        if selection not in self.SELECTIONS:
+            raise ValueError(
+                f"selection={selection!r} is not an IDQL selection; choose one of "
+                f"{', '.join(self.SELECTIONS)}"
+            )
         self.normalizer = normalizer
         self.behavior_model = behavior_model
         self.critic = critic
         self.value = value
         self.expectile = float(expectile)
         self.num_samples = int(num_samples)
-        self.divide_by_advantage = bool(divide_by_advantage)
+        self.selection = selection
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         """[*B, O] raw observations -> [*B, A] actions."""
@@ -314,8 +333,10 @@ class ExpectileResamplingPolicy(nn.Module):
         candidates = self.behavior_model.sample(obs, self.num_samples)  # [*B, N, A]
         expanded = obs.unsqueeze(-2).expand(*candidates.shape[:-1], -1)
         q = self.critic(expanded, candidates).min(dim=0).values.squeeze(-1)  # [*B, N]
+        if self.selection == "argmax":
+            return gather_candidate(candidates, q.argmax(dim=-1))
         adv = q - self.value(obs)  # V(s) [*B, 1] broadcasts over the N candidates
-        w = expectile_importance_weights(adv, self.expectile, self.divide_by_advantage)
+        w = expectile_importance_weights(adv, self.expectile, self.selection == "importance")
         # draw i with probability w_i / sum w: resampling at temperature 1 on log w
         return gather_candidate(candidates, resample_index(w.log(), 1.0))
 

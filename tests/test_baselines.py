@@ -184,13 +184,40 @@ def test_idql_policy_draws_candidates_in_proportion_to_the_weights():
     torch.testing.assert_close(freq, torch.tensor([0.2, 0.6, 1.4]) / 2.2, atol=0.01, rtol=0)
 
 
+def test_idql_selections_expectile_weights_and_argmax():
+    """Q = a, V = 0.5 (A = -1.5, -0.5, 0.5): ``expectile`` draws in proportion to (0.3, 0.3,
+    0.7); ``argmax`` always takes the largest min Q; the older ``divide_by_advantage=False``
+    spelling loads as ``expectile``."""
+
+    def v(s):
+        return torch.full((*s.shape[:-1], 1), 0.5)
+
+    def picker(**kw):
+        return ExpectileResamplingPolicy(
+            nn.Identity(), _Fixed(), _QIsAction(), v, num_samples=3, **kw
+        )
+
+    torch.manual_seed(0)
+    picks = picker(selection="expectile")(torch.zeros(40000, 1)).flatten()
+    freq = torch.stack([(picks == a).float().mean() for a in (-1.0, 0.0, 1.0)])
+    torch.testing.assert_close(freq, torch.tensor([0.3, 0.3, 0.7]) / 1.3, atol=0.01, rtol=0)
+    assert (picker(selection="argmax")(torch.zeros(50, 1)) == 1.0).all()
+    assert picker(divide_by_advantage=False).selection == "expectile"
+    assert picker(divide_by_advantage=True).selection == "importance"
+    with pytest.raises(ValueError, match="selection='greedy' is not an IDQL selection"):
+        picker(selection="greedy")
+
+
 def test_idql_recipe_deploys_the_weighted_picker_saved_whole():
     agent = agent_of("idql", "behavior_model.hidden=[16,16]", "value.network.hidden=[16,16]")
     agent.update(batch())
     policy = agent.policy
     assert isinstance(policy, ExpectileResamplingPolicy) and agent.actor is None
     assert policy.num_samples == 64 and policy.expectile == 0.7
+    assert policy.selection == "importance"
     assert policy.critic is agent.critic_target and policy.value is agent.value
+    # IDQL samples the moving average of its behaviour model, not the model being trained
+    assert policy.behavior_model is agent.behavior_model_ema
     assert "value.net.0.weight" in policy.state_dict()
     rebuilt = instantiate(agent.policy_config, _convert_="all")
     rebuilt.load_state_dict(policy.state_dict())
@@ -199,6 +226,31 @@ def test_idql_recipe_deploys_the_weighted_picker_saved_whole():
     expected = policy(obs)
     torch.manual_seed(3)
     torch.testing.assert_close(rebuilt(obs), expected)
+
+
+def test_idql_behavior_moving_average_by_hand():
+    """After each update the deployed copy is (1 - 0.001) ema + 0.001 model (IDQL's actor_tau,
+    optax.incremental_update), starting from the initial model."""
+    agent = agent_of("idql", "behavior_model.hidden=[16,16]", "value.network.hidden=[16,16]")
+    assert agent.behavior_ema == 1e-3
+    name = "network.inp.weight"
+    ema = dict(agent.behavior_model_ema.named_parameters())[name].clone()
+    for i in range(3):
+        agent.update(batch(i))
+        model = dict(agent.behavior_model.named_parameters())[name]
+        ema = 0.999 * ema + 0.001 * model.detach()
+        torch.testing.assert_close(dict(agent.behavior_model_ema.named_parameters())[name], ema)
+    assert not torch.equal(ema, dict(agent.behavior_model.named_parameters())[name])
+    assert "behavior_model_ema.network.inp.weight" in agent.training_state()["modules"]
+
+
+def test_behavior_moving_average_is_refused_where_an_actor_is_deployed():
+    from divo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="deploys its actor; set behavior.ema_rate=null"):
+        agent_of("divo", "behavior.ema_rate=0.001")
+    with pytest.raises(ConfigError, match=r"rate in \(0, 1\]"):
+        agent_of("idql", "behavior.ema_rate=2", "behavior_model.hidden=[16,16]")
 
 
 # ----- A2PR as its code runs ------------------------------------------------------------------

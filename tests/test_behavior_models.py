@@ -21,6 +21,9 @@ from divo.testing import A, BehaviorModelContract, O
 MODEL_FACTORIES = {
     "ddpm": functools.partial(DDPM, hidden=(32, 32)),
     "ddpm_linear": functools.partial(DDPM, num_steps=3, schedule="linear", hidden=(32,)),
+    "ddpm_ln_resnet": functools.partial(
+        DDPM, network="ln_resnet", hidden=(32, 32), time_dim=8, dropout=0.1
+    ),
     "cvae": functools.partial(CVAE, hidden=(32, 32)),
     "consistency_1step": functools.partial(ConsistencyModel, hidden=(32, 32)),
     "consistency_2step": functools.partial(
@@ -61,6 +64,48 @@ def test_ddpm_last_reverse_step_adds_no_noise():
     x, obs = torch.randn(4, A), torch.randn(4, O)
     torch.testing.assert_close(m.reverse_step(x, 0, obs), m.reverse_step(x, 0, obs))
     assert not torch.allclose(m.reverse_step(x, 2, obs), m.reverse_step(x, 2, obs))
+
+
+def test_ln_resnet_noise_network_by_hand():
+    """IDQL's network: Fourier time features -> 2-layer time code; concat[x, s, code] ->
+    Linear -> blocks x + W2 mish(W1 LN(x)) -> mish -> Linear. Dropout only in the loss's pass,
+    drawn from its generator."""
+    from divo.behavior_models.backbones import ResidualNoiseNetwork, mish
+
+    torch.manual_seed(0)
+    net = ResidualNoiseNetwork(O, A, hidden=(8, 8), time_dim=4, dropout=0.5)
+    x, obs, t = torch.randn(5, A), torch.randn(5, O), torch.tensor([0, 1, 2, 3, 4])
+    w = net.time_mlp[0].weight
+    f = 2 * math.pi * t.float()[:, None] * w[None, :]
+    code = torch.cat([f.cos(), f.sin()], -1)
+    code = net.time_mlp[3](mish(net.time_mlp[1](code)))
+    h = net.inp(torch.cat([x, obs, code], -1))
+    for block in net.blocks:
+        ln = torch.nn.functional.layer_norm(h, (8,), block.norm.weight, block.norm.bias)
+        h = h + block.outer(mish(block.inner(ln)))
+    expected = net.out(mish(h))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, t, obs), expected)
+        torch.testing.assert_close(net(x, t, obs, training_pass=False), expected)
+        g = [torch.Generator().manual_seed(1) for _ in range(2)]
+        dropped = net(x, t, obs, training_pass=True, generator=g[0])
+        assert not torch.allclose(dropped, expected)
+        torch.testing.assert_close(net(x, t, obs, training_pass=True, generator=g[1]), dropped)
+    assert len(net.blocks) == 2 and net.blocks[0].inner.out_features == 32  # 4 x width
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"network": "transformer"}, "network='transformer' is not a noise network"),
+        ({"network": "ln_resnet", "hidden": (64, 32)}, "one width for all its residual blocks"),
+        ({"network": "ln_resnet", "dropout": 1.0}, r"dropout must be in \[0, 1\)"),
+        ({"dropout": 0.1}, "dropout=0.1 needs network=ln_resnet"),
+    ],
+)
+def test_ddpm_network_options_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DDPM(O, A, **kwargs)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ classes its config names and the environment its spec names are checked against 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from divo.agents.evaluate import evaluate_policy
 from divo.agents.runtime import load_file, resolve_device
 from divo.agents.trust import Trust, check_config, check_env_spec
 from divo.datasets import make_env
-from divo.errors import CheckpointError
+from divo.errors import CheckpointError, ConfigError
 
 POLICY_FORMAT = "divo-policy-v1"
 
@@ -55,8 +56,40 @@ def check_policy_payload(payload: dict, trust: Trust, where: str | Path) -> EnvS
     return check_env_spec(spec, trust, str(where)) if spec is not None else None
 
 
+def policy_settings(config: Mapping) -> dict[str, Any]:
+    """The settings of a saved policy's config that :func:`load_policy` may change: its
+    top-level numbers, strings and booleans (e.g. IDQL's ``selection`` and ``num_samples``),
+    not the parts it is built from nor the class it names."""
+    return {
+        k: v
+        for k, v in config.items()
+        if k != "_target_" and (v is None or isinstance(v, (bool, int, float, str)))
+    }
+
+
+def _apply_settings(config: dict, settings: Mapping[str, Any], file: Path) -> dict:
+    allowed = policy_settings(config)
+    unknown = [k for k in settings if k not in allowed]
+    if unknown:
+        names = ", ".join(sorted(allowed)) or "none"
+        raise ConfigError(
+            f"{file}: the saved policy ({config.get('_target_')}) has no setting "
+            f"{', '.join(map(repr, unknown))}; its settings: {names}"
+        )
+    bad = [
+        k for k, v in settings.items() if not (v is None or isinstance(v, (bool, int, float, str)))
+    ]
+    if bad:
+        raise ConfigError(f"{file}: settings take a number, a string or a boolean: {bad}")
+    return {**config, **settings}
+
+
 def load_policy(
-    path: str | Path, device: str | torch.device = "cpu", *, trust: Trust = None
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    *,
+    trust: Trust = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> tuple[torch.nn.Module, dict]:
     """Rebuild the policy saved at ``path``; returns it and the file's metadata (``env``: its
     environment spec, checked, or None).
@@ -64,6 +97,10 @@ def load_policy(
     ``trust``: module names (e.g. ``["my_pkg"]``) whose classes the file may name besides
     divo's, for policies over plugged-in behaviour models. Nothing else named by the file is
     imported: such a file is refused with :class:`divo.errors.UntrustedFileError`.
+
+    ``settings``: new values for the saved policy's own settings (:func:`policy_settings`),
+    e.g. ``{"selection": "argmax", "num_samples": 256}`` to deploy a trained IDQL model with its
+    code's pick or IDQL's inference sweep; the policy's class checks them as it is built.
     """
     file = find_policy_file(path)
     payload = load_file(file)
@@ -72,8 +109,19 @@ def load_policy(
     if not isinstance(payload, dict) or payload.get("format") != POLICY_FORMAT:
         raise CheckpointError(f"{file} is not a divo policy or checkpoint file")
     spec = check_policy_payload(payload, trust, file)
+    config = payload["policy_config"]
+    if settings:
+        config = _apply_settings(dict(config), settings, file)
+        check_config(config, trust, str(file))  # a new value is data too (no interpolation)
+        try:
+            instantiate(config, _convert_="all")  # the class checks the new values
+        except Exception as exc:  # noqa: BLE001 - the class's own message names the problem
+            cause = exc.__cause__ or exc  # Hydra wraps the constructor's error
+            raise ConfigError(
+                f"{file}: cannot apply the settings {dict(settings)}: {cause}"
+            ) from None
     try:
-        policy = instantiate(payload["policy_config"], _convert_="all")
+        policy = instantiate(config, _convert_="all")
         policy.load_state_dict(payload["state_dict"])
     except Exception as exc:  # noqa: BLE001 - a file from an incompatible version or edit
         raise CheckpointError(
@@ -82,6 +130,8 @@ def load_policy(
         ) from None
     policy.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    meta["policy_config"] = config
+    meta["settings"] = dict(settings or {})
     meta["file"] = str(file)
     meta["env"] = spec
     return policy, meta
@@ -94,11 +144,12 @@ def evaluate_saved_policy(
     seed: int = 100,
     device: str = "auto",
     trust: Trust = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Evaluate a saved policy in the environment recorded with it (``trust``: as for
-    :func:`load_policy`)."""
+    """Evaluate a saved policy in the environment recorded with it (``trust``, ``settings``: as
+    for :func:`load_policy`; the result records the settings)."""
     dev = resolve_device(device)
-    policy, meta = load_policy(path, dev, trust=trust)
+    policy, meta = load_policy(path, dev, trust=trust, settings=settings)
     spec = meta["env"]
     if spec is None:
         raise CheckpointError(
@@ -118,4 +169,6 @@ def evaluate_saved_policy(
     result["step"] = meta.get("step")
     result["recipe"] = meta.get("recipe")
     result["dataset_id"] = meta.get("dataset_id")
+    if meta["settings"]:
+        result["settings"] = meta["settings"]
     return result

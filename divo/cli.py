@@ -21,6 +21,7 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,8 +38,9 @@ commands:
   train <run dir> [train.steps=N] [--trust MODULE]
                                             resume a run from its newest checkpoint
   evaluate <run dir | checkpoint> [--episodes N] [--seed S] [--device D] [--trust MODULE]
-                                            re-evaluate a saved policy (--trust: a module of
-                                            your own whose classes the file may name)
+           [--set KEY=VALUE]                re-evaluate a saved policy (--trust: a module of
+                                            your own whose classes the file may name; --set: a
+                                            setting of the saved policy, e.g. selection=argmax)
   convert <file | run dir>...               rewrite an older divo's policy files and checkpoints
                                             as plain data (unpickles them: trusted files only)
   report <dir>... [--compare A B] [--out DIR]
@@ -416,6 +418,23 @@ def _resume(
     return 0
 
 
+def _parse_settings(items: list[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` items -> {key: value}, each value read as a YAML scalar (42, 0.5,
+    true, argmax)."""
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: write KEY=VALUE, e.g. --set selection=argmax")
+        value = yaml.safe_load(text) if text.strip() else ""
+        if not (value is None or isinstance(value, (bool, int, float, str))):
+            raise ConfigError(f"--set {item!r}: the value must be a number, a string or a boolean")
+        out[key.strip()] = value
+    return out
+
+
 def _evaluate(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="divo evaluate", description="Re-evaluate a saved policy."
@@ -433,13 +452,27 @@ def _evaluate(argv: list[str]) -> int:
         help="a module of yours (e.g. a plugged-in behaviour model's) whose classes the file "
         "may name; repeatable",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        dest="settings",
+        help="deploy the saved policy with one of its settings changed, e.g. selection=argmax "
+        "or num_samples=256 (IDQL); repeatable",
+    )
     ns = parser.parse_args(argv)
     if ns.episodes <= 0:
         raise ConfigError(f"--episodes={ns.episodes} must be a positive integer")
     from divo.agents.policy_io import evaluate_saved_policy
 
     result = evaluate_saved_policy(
-        ns.path, episodes=ns.episodes, seed=ns.seed, device=ns.device, trust=ns.trust
+        ns.path,
+        episodes=ns.episodes,
+        seed=ns.seed,
+        device=ns.device,
+        trust=ns.trust,
+        settings=_parse_settings(ns.settings),
     )
     if ns.json:
         print(json.dumps(result, indent=2))

@@ -313,3 +313,31 @@ def test_divo_never_writes_a_file_it_would_not_load(tmp_path):
     with pytest.raises(CheckpointError, match="would hold a pickled"):
         atomic_save({"x": CreatesFile(tmp_path / "marker")}, tmp_path / "f.pt")
     assert not (tmp_path / "f.pt").exists() and not (tmp_path / "marker").exists()
+
+
+def test_evaluate_set_deploys_a_saved_policy_with_one_of_its_settings_changed(tmp_path, capsys):
+    """IDQL's trained model deployed with its code's argmax pick or another sample count
+    (IDQL's inference sweep), without retraining; bad keys and values are refused in one line."""
+    run = tmp_path / "idql"
+    small = ["behavior_model.hidden=[16,16]", "value.network.hidden=[16,16]"]
+    train(compose_recipe("idql", [*SHORT[:-1], *small]), run)
+    policy, meta = load_policy(run, settings={"selection": "argmax", "num_samples": 8})
+    assert (policy.selection, policy.num_samples) == ("argmax", 8)
+    assert meta["settings"] == {"selection": "argmax", "num_samples": 8}
+    assert load_policy(run)[0].selection == "importance"  # the file itself is unchanged
+    capsys.readouterr()
+    args = ["evaluate", str(run), "--episodes", "1", "--json"]
+    assert main([*args, "--set", "selection=argmax"]) == 0
+    assert json.loads(capsys.readouterr().out)["settings"] == {"selection": "argmax"}
+    err = _one_line_error([*args, "--set", "temperature=1"], capsys)
+    assert "no setting 'temperature'; its settings: expectile, num_samples, selection" in err
+    err = _one_line_error([*args, "--set", "selection=greedy"], capsys)
+    assert "selection='greedy' is not an IDQL selection" in err
+    err = _one_line_error([*args, "--set", "selection=${oc.env:HOME}"], capsys)
+    assert "interpolation" in err
+    assert "write KEY=VALUE" in _one_line_error([*args, "--set", "argmax"], capsys)
+
+
+def test_an_actor_policy_has_no_settings_to_change(run, capsys):
+    err = _one_line_error(["evaluate", str(run), "--set", "num_samples=4"], capsys)
+    assert "has no setting 'num_samples'; its settings: none" in err

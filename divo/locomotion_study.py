@@ -15,7 +15,11 @@ own (one torch thread; ``--jobs`` of them side by side). The study is made to sp
   ``checkpoint_every`` steps per running cell;
 - after every finished cell ``divo report`` is rerun over ``<results>/runs`` (tables, 95%
   bootstrap CIs, paired differences, learning curves, training diagnostics) and the results
-  page is rewritten, with the hand-written notes file included.
+  page is rewritten, with the hand-written notes file included;
+- a recipe listed under ``deployments`` has its final policy evaluated again with other
+  settings of the deployed policy (``divo evaluate --set``, e.g. IDQL's max-Q pick), kept as
+  ``deploy-<name>.json`` beside the cell's result and tabled on the page against the policy as
+  trained.
 """
 
 from __future__ import annotations
@@ -133,6 +137,47 @@ def cell_command(cell: Cell, cfg: Any) -> list[str]:
     ]
 
 
+def deployments(cell: Cell, cfg: Any) -> dict[str, list[str]]:
+    """The cell's recipe's deployment variants: name -> ``--set`` items (``deployments``)."""
+    variants = (cfg.get("deployments") or {}).get(cell.recipe) or {}
+    return {str(name): [str(item) for item in items] for name, items in variants.items()}
+
+
+def deployment_file(cell: Cell, cfg: Any, name: str) -> Path:
+    return Path(cfg.results) / "runs" / cell.rel / f"deploy-{name}.json"
+
+
+def evaluate_deployments(cell: Cell, cfg: Any) -> list[str]:
+    """Evaluate the cell's final policy (``<work_dir>/<cell>/policy.pt``) under each of its
+    recipe's deployment variants not yet kept, with the episodes and episode seeds of its final
+    training evaluation; returns one line per variant evaluated (or failed)."""
+    run_dir = Path(cfg.work_dir) / cell.rel
+    kept = Path(cfg.results) / "runs" / cell.rel
+    lines = []
+    for name, items in deployments(cell, cfg).items():
+        out = deployment_file(cell, cfg, name)
+        if out.is_file() or not (run_dir / "policy.pt").is_file():
+            continue
+        result = json.loads((kept / "result.json").read_text())
+        command = [sys.executable, "-m", "divo.cli", "evaluate", str(run_dir), "--json"]
+        command += ["--episodes", str(result.get("episodes", 10)), "--seed", str(cell.seed + 100)]
+        command += [arg for item in items for arg in ("--set", item)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.run(command, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            err = (proc.stderr or proc.stdout).strip().splitlines()
+            lines.append(f"{cell} deployed as {name}: FAILED: {err[-1] if err else '?'}")
+            continue
+        evaluated = json.loads(proc.stdout)
+        evaluated["source"] = str(run_dir / "policy.pt")
+        out.write_text(json.dumps(evaluated, indent=2) + "\n")
+        lines.append(
+            f"{cell} deployed as {name} ({' '.join(items)}): normalized score "
+            f"{evaluated.get('normalized_score', float('nan')):.1f}"
+        )
+    return lines
+
+
 def run_cell(cell: Cell, cfg: Any) -> tuple[bool, str]:
     """Train (or resume) one cell; on success copy its small outputs into the results folder.
     Returns (finished, a one-line account)."""
@@ -157,7 +202,8 @@ def run_cell(cell: Cell, cfg: Any) -> tuple[bool, str]:
     (kept / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     score = result.get("normalized_score")
     score_txt = f"normalized score {score:.1f}" if score is not None else "no score"
-    return True, f"{cell}: {score_txt} after {result.get('steps')} steps ({minutes:.1f} min)"
+    line = f"{cell}: {score_txt} after {result.get('steps')} steps ({minutes:.1f} min)"
+    return True, "\n  ".join([line, *evaluate_deployments(cell, cfg)])
 
 
 def time_left(cfg: Any, jobs: int) -> str:
@@ -223,6 +269,7 @@ def write_page(cfg: Any, log=print) -> Path:
                     line = "#" + line
                 body.append(_relink(line, rel_report))
         body += _robustness_section(cfg, results, compare)
+        body += _deployment_section(cfg, done)
     else:
         body = ["No cell has finished yet."]
     notes = Path(cfg.notes)
@@ -306,6 +353,50 @@ def _robustness_section(cfg: Any, results: Path, compare: list[str]) -> list[str
     return lines
 
 
+def _deployment_section(cfg: Any, done: list[Cell]) -> list[str]:
+    """Per recipe with deployment variants: per dataset, the final score as trained and under
+    each variant, over the same seeds, and their mean paired difference (min, max)."""
+    lines: list[str] = []
+    for recipe, variants in (cfg.get("deployments") or {}).items():
+        cells = [c for c in done if c.recipe == str(recipe)]
+        if not cells or not variants:
+            continue
+        lines += [
+            "",
+            f"## `{recipe}` deployed otherwise",
+            "",
+            "The same trained models, their final policy evaluated again (`divo evaluate --set`, "
+            "10 episodes with the final evaluation's episode seeds) with other settings of the "
+            "deployed policy:",
+            "",
+            "| dataset | variant | seeds | as trained | variant | variant - as trained "
+            "(min, max) |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name, items in variants.items():
+            for dataset in cfg.datasets:
+                pairs = []
+                for cell in cells:
+                    path = deployment_file(cell, cfg, str(name))
+                    if cell.dataset != str(dataset) or not path.is_file():
+                        continue
+                    kept = Path(cfg.results) / "runs" / cell.rel / "result.json"
+                    trained = json.loads(kept.read_text()).get("normalized_score")
+                    variant = json.loads(path.read_text()).get("normalized_score")
+                    if trained is not None and variant is not None:
+                        pairs.append((float(trained), float(variant)))
+                if not pairs:
+                    continue
+                diffs = [v - t for t, v in pairs]
+                lines.append(
+                    f"| {dataset} | `{' '.join(str(i) for i in items)}` | {len(pairs)} | "
+                    f"{sum(t for t, _ in pairs) / len(pairs):.1f} | "
+                    f"{sum(v for _, v in pairs) / len(pairs):.1f} | "
+                    f"{sum(diffs) / len(diffs):+.1f} ({min(diffs):+.1f}, {max(diffs):+.1f}) |"
+                )
+    return lines
+
+
 def _relink(line: str, prefix: str) -> str:
     """Point the report's relative links (``](file)``) into its folder."""
     out, rest = [], line
@@ -335,6 +426,11 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
         for cell in todo:
             log("  " + " ".join(cell_command(cell, cfg)[2:]))
         return 0
+    backfilled = [line for c in cells if c not in todo for line in evaluate_deployments(c, cfg)]
+    for line in backfilled:  # cells finished before their recipe had deployment variants
+        log("  " + line)
+    if backfilled:
+        write_page(cfg, log)
     failed = 0
     lock = threading.Lock()
 

@@ -116,3 +116,45 @@ def test_unknown_study_settings_are_refused(tmp_path):
     bad.write_text("seedz: [0]\n")
     with pytest.raises(ConfigError, match="variant.yaml"):
         study_config([], bad)
+
+
+def test_deployment_variants_are_evaluated_kept_backfilled_and_tabled(tmp_path):
+    """A recipe under `deployments` has its final policy evaluated again with other settings
+    (`divo evaluate --set`); a cell finished before the variant existed gets it on the next
+    call; a variant the policy refuses is logged, not kept, and fails no cell."""
+    ensure_builtin(BANDIT)
+    small = ["train.eval_episodes=2", "critic.network.hidden=[16,16]",
+             "actor.network.hidden=[16,16]", "behavior_model.hidden=[16,16]"]  # fmt: skip
+    tiny = "[" + ",".join(f"'{o}'" for o in small) + "]"
+    args = [
+        *settings(tmp_path)[:4],
+        "recipes=[resampling]",
+        "extra_recipes=[]",
+        "compare=[resampling]",
+        f"datasets=[{BANDIT}]",
+        "seeds=[0]",
+        "steps=20",
+        "eval_every=20",
+        "checkpoint_every=20",
+        f"overrides={tiny}",
+        "deployments.resampling.greedy=[temperature=0]",
+        "deployments.resampling.broken=[temperatur=0]",
+    ]
+    assert study_command(args) == 0
+    cell = tmp_path / "results" / "runs" / "resampling" / "divo-bandit-multimodal-v0" / "seed0"
+    greedy = json.loads((cell / "deploy-greedy.json").read_text())
+    assert greedy["settings"] == {"temperature": 0} and greedy["episodes"] == 2
+    assert not (cell / "deploy-broken.json").exists()
+    page = (tmp_path / "results.md").read_text()
+    assert "## `resampling` deployed otherwise" in page
+    row = next(line for line in page.splitlines() if "`temperature=0`" in line)
+    trained = json.loads((cell / "result.json").read_text())["normalized_score"]
+    assert row.startswith(f"| {BANDIT} | `temperature=0` | 1 | {trained:.1f} | ")
+    (cell / "deploy-greedy.json").unlink()  # as for a cell kept before the variant existed
+    lines: list[str] = []
+    from divo.locomotion_study import run_study
+
+    assert run_study(study_config(args), log=lines.append) == 0
+    assert (cell / "deploy-greedy.json").is_file()
+    assert any("deployed as broken: FAILED" in line and "no setting 'temperatur'" in line
+               for line in lines)  # fmt: skip

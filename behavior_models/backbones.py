@@ -187,7 +187,33 @@ class SinusoidalTimeEmbedding(nn.Module):
         return torch.cat([arg.sin(), arg.cos()], dim=-1)
 
 
-class NoiseNetwork(nn.Module):
+class _TimeConditioned(nn.Module):
+    """A noise network's shared call: the time code of ``t`` (``self.time_mlp``, computed once
+    when one time serves every row), then ``body`` on the rows."""
+
+    time_mlp: nn.Module
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        observation: torch.Tensor,
+        training_pass: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """x [B, A], t [B] (or [1]: one time for every row, embedded once), observation [B, O]
+        -> [B, A]. ``training_pass`` marks the loss's pass (dropout, if the network has any,
+        its masks drawn from ``generator``)."""
+        code = self.time_mlp(t)
+        if code.shape[0] != x.shape[0]:
+            code = code.expand(x.shape[0], -1)
+        return self.body(x, observation, code, training_pass, generator)
+
+    def body(self, x, observation, code, training_pass, generator) -> torch.Tensor:
+        raise NotImplementedError  # pragma: no cover - abstract
+
+
+class NoiseNetwork(_TimeConditioned):
     """Conditional noise/denoiser network used by the diffusion and consistency models.
 
     Diffusion-QL's architecture: sinusoidal time embedding (``time_dim``) -> Linear(2*time_dim)
@@ -212,21 +238,9 @@ class NoiseNetwork(nn.Module):
         )
         self.net = mlp(action_dim + time_dim + observation_dim, action_dim, hidden, act)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        observation: torch.Tensor,
-        training_pass: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """x [B, A], t [B] (or [1]: one time for every row, embedded once), observation [B, O]
-        -> [B, A]. ``training_pass`` and ``generator`` (the loss's pass) change nothing here:
-        this network has no dropout."""
-        embedding = self.time_mlp(t)
-        if embedding.shape[0] != x.shape[0]:
-            embedding = embedding.expand(x.shape[0], -1)
-        return self.net(torch.cat([x, embedding, observation], dim=-1))
+    def body(self, x, observation, code, training_pass, generator) -> torch.Tensor:
+        # no dropout: ``training_pass`` and ``generator`` change nothing
+        return self.net(torch.cat([x, code, observation], dim=-1))
 
 
 class LearnableFourierFeatures(nn.Module):
@@ -266,7 +280,7 @@ class _ResidualBlock(nn.Module):
         return x + self.outer(self.act(self.inner(self.norm(h))))
 
 
-class ResidualNoiseNetwork(nn.Module):
+class ResidualNoiseNetwork(_TimeConditioned):
     """IDQL's noise network (Hansen-Estruch et al. 2023, appendix G; ``ln_resnet`` in its code):
     learnable Fourier features of the step (``time_dim``) -> Linear(128) -> act -> Linear(128)
     make the time code; concat[x, observation, time code] -> Linear(width) -> one residual block
@@ -310,21 +324,8 @@ class ResidualNoiseNetwork(nn.Module):
         self.act = activation(act)
         self.out = nn.Linear(width, action_dim)
 
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        observation: torch.Tensor,
-        training_pass: bool = False,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """x [B, A], t [B] (or [1]: one step for every row), observation [B, O] -> [B, A];
-        ``training_pass`` turns dropout on (the loss's pass), its masks drawn from
-        ``generator``."""
-        embedding = self.time_mlp(t)
-        if embedding.shape[0] != x.shape[0]:
-            embedding = embedding.expand(x.shape[0], -1)
-        h = self.inp(torch.cat([x, observation, embedding], dim=-1))
+    def body(self, x, observation, code, training_pass, generator) -> torch.Tensor:
+        h = self.inp(torch.cat([x, observation, code], dim=-1))
         for block in self.blocks:
             h = block(h, training_pass, generator)
         return self.out(self.act(h))

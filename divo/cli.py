@@ -372,6 +372,28 @@ def _train(argv: list[str]) -> int:
 RESUMABLE_OVERRIDES = ("train.", "device=", "logger.")
 
 
+def _note_stretched_schedules(cfg: DictConfig, old_steps: int, step: int) -> None:
+    """Say so when a new train.steps moves a learning-rate schedule that decays over train.steps
+    (``<part>.lr_decay_steps: null``, e.g. IQL's and IDQL's cosine): the resumed run follows
+    the schedule of a run planned for the new length, from the checkpoint's step on."""
+    from divo.agents.agent import cosine_decay
+
+    new_steps = int(cfg.train.steps)
+    for part in ("critic", "actor", "value", "behavior"):
+        node = cfg.get(part)
+        if node is None or node.get("lr_schedule") is None or node.get("lr_decay_steps"):
+            continue
+        before = cosine_decay(step, old_steps)
+        after = cosine_decay(step, new_steps)
+        print(
+            f"divo: note: {part}.lr_schedule={node.lr_schedule} decays over train.steps, now "
+            f"{new_steps} instead of {old_steps}: at step {step} its learning-rate factor goes "
+            f"from {before:.2f} to {after:.2f}, as in a run planned for {new_steps} steps; "
+            f"{part}.lr_decay_steps={old_steps} keeps the schedule it had",
+            flush=True,
+        )
+
+
 def _resume(
     run_dir: Path, recipe: str | None, args: list[str], quiet: bool, trust: list[str]
 ) -> int:
@@ -407,12 +429,16 @@ def _resume(
                 f"{run_dir} has no key {key} (override {arg}){hint}; "
                 + ("fix the name" if hint else f"see the keys in {config}")
             )
+    old_steps = int(cfg.train.steps)
     try:
         cfg.merge_with_dotlist(args + (["train.progress=false"] if quiet else []))
     except Exception as exc:  # noqa: BLE001 - OmegaConf's errors are many-lined
         raise ConfigError(f"bad override in {' '.join(args)}: {str(exc).splitlines()[0]}") from None
-    if not any((run_dir / "checkpoints").glob("step_*.pt")):
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    if not ckpts:
         print(f"divo: {run_dir} has no checkpoint yet; training starts from step 0", flush=True)
+    elif int(cfg.train.steps) != old_steps:
+        _note_stretched_schedules(cfg, old_steps, int(ckpts[-1].stem.split("_")[-1]))
     result = train(cfg, run_dir, trust=trust)
     print(_summary(result), flush=True)
     return 0

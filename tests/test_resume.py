@@ -72,13 +72,20 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert steps == [0, 2, 3, 4, 6, 8]  # rows after step 4 were dropped and written again
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("recipe", ["divo", "idql"])  # idql: dropout, a moving-average model
+def test_resume_continues_exactly_like_an_uninterrupted_run(recipe, tmp_path):
     """In-process version of the kill test: stop at step 4 (as if killed), resume to 6."""
     full, part = tmp_path / "full", tmp_path / "part"
-    train(compose_recipe("divo", SHORT), full)
-    train(compose_recipe("divo", [*SHORT, "train.steps=4"]), part)
-    train(compose_recipe("divo", SHORT), part)
+    # idql's cosine decays over train.steps by default, which the stopped half sets to 4: fix it
+    extra = ["behavior.lr_decay_steps=6"] if recipe == "idql" else []
+    train(compose_recipe(recipe, [*SHORT, *extra]), full)
+    train(compose_recipe(recipe, [*SHORT, *extra, "train.steps=4"]), part)
+    train(compose_recipe(recipe, [*SHORT, *extra]), part)
     assert_same_training_state(final_state(full), final_state(part))
+    if recipe == "idql":
+        assert any(
+            k.startswith("behavior_model_ema.") for k in final_state(full)["agent"]["modules"]
+        )
 
     def losses(run):  # the stopped run also evaluated at its last step (4): compare losses
         import csv
@@ -141,7 +148,22 @@ def test_cli_resumes_a_run_directory_and_extends_it(tmp_path, capsys):
     assert json.loads((run / "result.json").read_text())["steps"] == 10
     assert main(["train", "td3bc", f"resume={run}", "train.steps=12"]) == 0
     assert json.loads((run / "result.json").read_text())["steps"] == 12
+    assert "note:" not in capsys.readouterr().out  # td3bc has no learning-rate schedule
+
+
+def test_extending_a_run_says_how_its_cosine_schedule_moves(tmp_path, capsys):
+    """IQL's policy lr decays over train.steps: extending a finished 6-step run to 12 restarts
+    it at the factor of step 6 of 12 (0.5), and the note says how to keep the old schedule."""
+    run = tmp_path / "run"
+    small = ["behavior_model.hidden=[16]", "value.network.hidden=[16]"]
+    assert main(["train", "iql", "--quiet", *SHORT, *small, f"hydra.run.dir={run}"]) == 0
     capsys.readouterr()
+    assert main(["train", str(run), "train.steps=12"]) == 0
+    assert (
+        "note: behavior.lr_schedule=cosine decays over train.steps, now 12 instead of 6: at step "
+        "6 its learning-rate factor goes from 0.00 to 0.50, as in a run planned for 12 steps; "
+        "behavior.lr_decay_steps=6 keeps the schedule it had"
+    ) in capsys.readouterr().out
 
 
 def _one_line_error(args, capsys) -> str:

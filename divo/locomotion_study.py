@@ -229,9 +229,11 @@ def time_left(cfg: Any, jobs: int) -> str:
         sum(minutes[c.recipe]) / len(minutes[c.recipe]) if c.recipe in minutes else mean_all
         for c in todo
     ) / max(1, jobs)
+    unseen = sorted({c.recipe for c in todo if c.recipe not in minutes})
+    guess = f"; {', '.join(unseen)} at the mean of all, none finished yet" if unseen else ""
     return (
         f"{len(cells) - len(todo)} of {len(cells)} cells done; about {left / 60:.1f} h left "
-        f"at jobs={jobs} (each recipe's mean cell time so far)"
+        f"at jobs={jobs} (each recipe's mean cell time so far{guess})"
     )
 
 
@@ -420,7 +422,7 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
     log(
         f"divo study locomotion: {len(cells) - len(todo)} of {len(cells)} cells done, "
         f"{len(todo)} to run, {jobs} at a time"
-        + (f" ({estimate.split('; ')[1]})" if estimate else "")
+        + (f" ({estimate.split('; ', 1)[1]})" if estimate else "")
     )
     if dry_run:
         for cell in todo:

@@ -105,7 +105,8 @@ def test_time_left_counts_each_recipes_mean_cell_time(tmp_path):
         (kept / "result.json").write_text(json.dumps({"steps": 40, "wall_clock_s": seconds}))
     # left: divo seed 1 (50 min), td3bc seed 1 (10 min), iql x 2 at the mean of all (30 min each)
     assert time_left(cfg, 2) == (
-        "2 of 6 cells done; about 1.0 h left at jobs=2 (each recipe's mean cell time so far)"
+        "2 of 6 cells done; about 1.0 h left at jobs=2 (each recipe's mean cell time so far; "
+        "iql at the mean of all, none finished yet)"
     )
 
 

@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import functools
 import json
 import math
 import os
@@ -385,8 +386,40 @@ def _fmt_value(value: Any) -> str:
     return str(value)
 
 
+_UNKNOWN = object()
+
+
+@functools.cache
+def _recipe_defaults(recipe: str) -> dict[str, Any]:
+    """The shipped recipe's flattened config as divo composes it today ({} for a recipe it does
+    not ship): the value a run written before an option existed ran with, since an option is
+    added with the old behaviour as its default."""
+    from omegaconf import OmegaConf
+
+    from divo.cli import compose_recipe
+
+    try:
+        cfg = compose_recipe(recipe)
+    except Exception:  # noqa: BLE001 - a user's recipe file, or one no longer shipped
+        return {}
+    try:
+        return _flatten(OmegaConf.to_container(cfg, resolve=True))
+    except Exception:  # noqa: BLE001 - an interpolation only a run can resolve
+        return _flatten(OmegaConf.to_container(cfg, resolve=False))
+
+
+def _setting(run: Run, key: str) -> Any:
+    """``key`` of the run's config; where its config.yaml predates the option, the shipped
+    recipe's value of it today; :data:`_UNKNOWN` if neither has it."""
+    if key in run.config:
+        return run.config[key]
+    return _recipe_defaults(str(run.recipe)).get(key, _UNKNOWN)
+
+
 def assign_labels(runs: list[Run]) -> None:
-    """Label = recipe, plus the settings that tell its runs apart on some dataset."""
+    """Label = recipe, plus the settings that tell its runs apart on some dataset. A key a run's
+    config lacks (written before the option existed) counts as the recipe's value of it today,
+    so adding an option with the old behaviour as its default splits no study in two."""
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         if run.recipe is not None and run.dataset is not None and run.config:
@@ -398,14 +431,20 @@ def assign_labels(runs: list[Run]) -> None:
         for key in keys:
             if _is_bookkeeping(key):
                 continue
-            values = {json.dumps(m.config.get(key), default=str) for m in members}
+            settings = [_setting(m, key) for m in members]
+            values = {json.dumps(v, default=str) for v in settings if v is not _UNKNOWN}
             if len(values) > 1:
                 variant_keys[recipe].add(key)
     for run in runs:
         label = str(run.recipe) if run.recipe is not None else "?"
         keys = sorted(variant_keys.get(run.recipe, ()))
         if keys and run.config:
-            label += "[" + ",".join(f"{k}={_fmt_value(run.config.get(k))}" for k in keys) + "]"
+            shown = [(k, _setting(run, k)) for k in keys]
+            label += (
+                "["
+                + ",".join(f"{k}={_fmt_value(None if v is _UNKNOWN else v)}" for k, v in shown)
+                + "]"
+            )
         run.label = label
 
 

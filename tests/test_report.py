@@ -41,6 +41,7 @@ def write_run(
     result: bool = True,
     name: str | None = None,
     ret: float = 2.0,
+    extra_config: str = "",
 ) -> Path:
     """A run directory as `divo train` leaves it (config.yaml, metrics.csv, result.json)."""
     run = root / recipe / dataset.replace("/", "-") / (name or f"seed{seed}")
@@ -49,7 +50,7 @@ def write_run(
         f"seed: {seed}\ndevice: cpu\nrecipe: {recipe}\n"
         f"dataset:\n  id: {dataset}\n  reward_scale: 1.0\n"
         f"train:\n  steps: {steps}\n  eval_every: {steps // 2}\n  progress: false\n"
-        f"actor:\n  loss:\n    alpha: {alpha}\n  hidden: [256, 256]\n"
+        f"actor:\n  loss:\n    alpha: {alpha}\n  hidden: [256, 256]\n" + extra_config
     )
     final = score if score is not None else ""
     half = 0.5 * score if score is not None else ""
@@ -293,6 +294,31 @@ def test_variants_and_duplicates(tmp_path, capsys):
     assert len(superseded) == 1 and superseded[0]["run"].endswith("old")
     (row,) = read_csv(out / "paired.csv")
     assert row["diffs"] == "43"
+
+
+def test_a_key_older_configs_lack_counts_as_the_recipes_value_today(tmp_path, capsys):
+    """Runs written before an option existed lack its key: they ran with what is now the
+    shipped recipe's default (divo: behavior_model.network=mlp), so they are no variant of the
+    runs that record it; a run that set another value is one, and a key the recipe does not
+    know, missing from some runs, tells nothing apart."""
+    runs = tmp_path / "runs"
+    write_run(runs, "divo", "env/a-v0", 0, 10.0)  # before the option existed
+    write_run(runs, "divo", "env/a-v0", 1, 12.0, extra_config="behavior_model:\n  network: mlp\n")
+    write_run(runs, "divo", "env/b-v0", 0, 20.0, extra_config="my_plugin:\n  knob: 3\n")
+    write_run(runs, "divo", "env/b-v0", 1, 22.0)
+    out = tmp_path / "rep"
+    code, _, err = report([str(runs), "--out", str(out), *REPS, "--no-figures"], capsys)
+    assert code == 0, err
+    scores = {(r["recipe"], r["dataset"]): r for r in read_csv(out / "scores.csv")}
+    assert scores[("divo", "env/a-v0")]["seeds"] == "2"
+    assert scores[("divo", "env/b-v0")]["seeds"] == "2"
+    write_run(runs, "divo", "env/a-v0", 2, 30.0,
+              extra_config="behavior_model:\n  network: ln_resnet\n")  # fmt: skip
+    code, _, err = report([str(runs), "--out", str(out), *REPS, "--no-figures"], capsys)
+    assert code == 0, err
+    labels = {(r["recipe"], r["dataset"], r["seeds"]) for r in read_csv(out / "scores.csv")}
+    assert ("divo[behavior_model.network=mlp]", "env/a-v0", "2") in labels
+    assert ("divo[behavior_model.network=ln_resnet]", "env/a-v0", "1") in labels
 
 
 def _one_line_error(args, capsys) -> str:

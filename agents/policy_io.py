@@ -84,6 +84,13 @@ def _apply_settings(config: dict, settings: Mapping[str, Any], file: Path) -> di
     return {**config, **settings}
 
 
+def _rebuild_error(file: Path, exc: Exception) -> CheckpointError:
+    return CheckpointError(
+        f"cannot rebuild the policy saved in {file} ({type(exc).__name__}: {exc}); it was "
+        "written by an incompatible divo version or recipe"
+    )
+
+
 def load_policy(
     path: str | Path,
     device: str | torch.device = "cpu",
@@ -113,21 +120,19 @@ def load_policy(
     if settings:
         config = _apply_settings(dict(config), settings, file)
         check_config(config, trust, str(file))  # a new value is data too (no interpolation)
-        try:
-            instantiate(config, _convert_="all")  # the class checks the new values
-        except Exception as exc:  # noqa: BLE001 - the class's own message names the problem
-            cause = exc.__cause__ or exc  # Hydra wraps the constructor's error
+    try:
+        policy = instantiate(config, _convert_="all")  # the class checks any new settings
+    except Exception as exc:  # noqa: BLE001
+        if settings:  # the class's own message names the problem (Hydra wraps it)
+            cause = exc.__cause__ or exc
             raise ConfigError(
                 f"{file}: cannot apply the settings {dict(settings)}: {cause}"
             ) from None
+        raise _rebuild_error(file, exc) from None
     try:
-        policy = instantiate(config, _convert_="all")
         policy.load_state_dict(payload["state_dict"])
     except Exception as exc:  # noqa: BLE001 - a file from an incompatible version or edit
-        raise CheckpointError(
-            f"cannot rebuild the policy saved in {file} ({type(exc).__name__}: {exc}); it was "
-            "written by an incompatible divo version or recipe"
-        ) from None
+        raise _rebuild_error(file, exc) from None
     policy.to(device).eval()
     meta = {k: v for k, v in payload.items() if k != "state_dict"}
     meta["policy_config"] = config

@@ -1,4 +1,5 @@
-"""Policy evaluation: parallel rollouts and D4RL-style normalised scores.
+"""Policy evaluation: parallel rollouts, D4RL-style normalised scores, and the critic's
+estimate checked against the returns the rollouts earned.
 
 Protocol (method.md): 10 episodes per evaluation (100 for sparse navigation tasks), evaluation
 env seed = run seed + 100 (the caller passes it), normalised score
@@ -7,6 +8,7 @@ env seed = run seed + 100 (the caller passes it), normalised score
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +40,7 @@ def evaluate_policy(
     device: str | torch.device = "cpu",
     ref_min_score: float | None = None,
     ref_max_score: float | None = None,
+    record: bool = False,
 ) -> dict[str, Any]:
     """Run ``episodes`` episodes side by side, one batched policy call per time step.
 
@@ -50,11 +53,15 @@ def evaluate_policy(
         seed: environment ``i`` is reset with ``seed + i``; pass the run seed + 100.
         device: where observations are sent.
         ref_min_score, ref_max_score: references for the normalised score.
+        record: also return ``trajectories``: per episode, its raw ``observation`` ``[T, O]``
+            and ``action`` ``[T, A]`` (float32, as the policy gave it), environment ``reward``
+            ``[T]`` and whether it ended ``terminated`` (else truncated); see
+            :func:`critic_calibration`.
 
     Returns:
         ``return_mean``, ``return_std`` (population std over episodes), ``normalized_score``
         (of the mean return; None without references), ``episodes``, ``episode_length_mean``,
-        and per-episode ``returns`` / ``lengths`` lists.
+        and per-episode ``returns`` / ``lengths`` lists (and ``trajectories`` with ``record``).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -62,6 +69,8 @@ def evaluate_policy(
     envs = [make_env() for _ in range(episodes)]
     returns = np.zeros(episodes, dtype=np.float64)
     lengths = np.zeros(episodes, dtype=np.int64)
+    steps: list[list[tuple[np.ndarray, np.ndarray, float]]] = [[] for _ in range(episodes)]
+    terminal = np.zeros(episodes, dtype=bool)
     was_training = isinstance(policy, torch.nn.Module) and policy.training
     if isinstance(policy, torch.nn.Module):
         policy.eval()
@@ -82,7 +91,10 @@ def evaluate_policy(
                     observation, reward, terminated, truncated, _ = envs[i].step(actions[row])
                     returns[i] += float(reward)
                     lengths[i] += 1
+                    if record:
+                        steps[i].append((obs[row], actions[row].copy(), float(reward)))
                     if terminated or truncated:
+                        terminal[i] = bool(terminated)
                         continue
                     observations[i] = observation
                     still_alive.append(i)
@@ -93,7 +105,7 @@ def evaluate_policy(
         for env in envs:
             env.close()
     return_mean = float(returns.mean())
-    return {
+    result = {
         "return_mean": return_mean,
         "return_std": float(returns.std()),
         "normalized_score": normalized_score(return_mean, ref_min_score, ref_max_score),
@@ -102,6 +114,84 @@ def evaluate_policy(
         "returns": returns.tolist(),
         "lengths": lengths.tolist(),
     }
+    if record:
+        result["trajectories"] = [
+            {
+                "observation": np.stack([o for o, _, _ in episode]),
+                "action": np.stack([a for _, a, _ in episode]).astype(np.float32),
+                "reward": np.array([r for _, _, r in episode], dtype=np.float64),
+                "terminated": bool(terminal[i]),
+            }
+            for i, episode in enumerate(steps)
+        ]
+    return result
 
 
-__all__ = ["Policy", "evaluate_policy", "normalized_score"]
+def critic_calibration(
+    trajectories: list[dict[str, Any]],
+    q_value: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    gamma: float,
+    reward_transform: Callable[[np.ndarray], np.ndarray] = lambda r: r,
+    tail: float = 0.01,
+    device: str | torch.device = "cpu",
+    batch_size: int = 4096,
+) -> dict[str, float] | None:
+    """The critic's estimate on the evaluation policy's own states and actions against the
+    discounted return that actually followed them: does the critic over- or underestimate the
+    policy it guides?
+
+    For every step t of every recorded episode, G_t = sum_k gamma^k r'_(t+k) with r' the
+    training reward (``reward_transform`` of the environment's), and Q_t = ``q_value(s_t, a_t)``.
+    Steps whose episode was truncated before the return's tail fell below ``tail`` of its
+    weight (t > T - log(tail) / log(gamma): the data the critic would need is missing) are left
+    out; episodes that terminated count whole. With ``gamma=1`` only terminated episodes count.
+
+    Returns ``eval_q`` (mean Q_t), ``eval_return_to_go`` (mean G_t) and ``eval_q_bias``
+    (mean Q_t - G_t: > 0, the critic overestimates the deployed policy; on the same scale as
+    Q, so compare it with ``eval_q``), or None when no step qualifies.
+    """
+    if not 0.0 < tail < 1.0:
+        raise ValueError(f"tail must be in (0, 1), got {tail}")
+    if not 0.0 <= gamma <= 1.0:
+        raise ValueError(f"gamma must be in [0, 1], got {gamma}")
+    horizon = math.inf if gamma >= 1.0 else (math.log(tail) / math.log(gamma) if gamma > 0 else 0)
+    observations, actions, targets = [], [], []
+    for episode in trajectories:
+        reward = np.asarray(reward_transform(np.asarray(episode["reward"], np.float64)))
+        length = len(reward)
+        go = np.zeros(length, dtype=np.float64)
+        running = 0.0
+        for t in range(length - 1, -1, -1):
+            running = float(reward[t]) + gamma * running
+            go[t] = running
+        if episode["terminated"]:
+            keep = length
+        else:  # the tail past the truncation is missing: keep steps where it weighs < tail
+            keep = 0 if length < horizon else math.floor(length - horizon) + 1
+        if keep == 0:
+            continue
+        observations.append(np.asarray(episode["observation"][:keep], np.float32))
+        actions.append(np.asarray(episode["action"][:keep], np.float32))
+        targets.append(go[:keep])
+    if not targets:
+        return None
+    obs = torch.as_tensor(np.concatenate(observations), device=device)
+    act = torch.as_tensor(np.concatenate(actions), device=device)
+    with torch.no_grad():
+        q = torch.cat(
+            [
+                q_value(obs[i : i + batch_size], act[i : i + batch_size]).reshape(-1)
+                for i in range(0, obs.shape[0], batch_size)
+            ]
+        )
+    q = q.to("cpu", torch.float64).numpy()
+    go = np.concatenate(targets)
+    return {
+        "eval_q": float(q.mean()),
+        "eval_return_to_go": float(go.mean()),
+        "eval_q_bias": float((q - go).mean()),
+    }
+
+
+__all__ = ["Policy", "critic_calibration", "evaluate_policy", "normalized_score"]

@@ -34,7 +34,7 @@ from divo.agents.data import (
     flat_flag_keys,
     load_offline_data,
 )
-from divo.agents.evaluate import evaluate_policy, normalized_score
+from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized_score
 from divo.agents.logging import MetricAccumulator, MetricsLogger, RunLog, check_backend
 from divo.agents.policy_io import POLICY_FORMAT
 from divo.agents.runtime import (
@@ -52,6 +52,7 @@ from divo.agents.runtime import (
 from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
 from divo.agents.trust import Trust, check_config, config_modules, trusted_modules
 from divo.errors import CheckpointError, ConfigError, DatasetError, DivoError, UntrustedFileError
+from divo.objectives.critic import TwinQ
 
 # v2: every RNG state as plain data, so that a checkpoint loads with weights_only=True
 CHECKPOINT_FORMAT = "divo-checkpoint-v2"
@@ -245,8 +246,41 @@ def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
             device=device,
             ref_min_score=data.ref_min_score,
             ref_max_score=data.ref_max_score,
+            record=True,
         )
+    trajectories = result.pop("trajectories")
+    try:
+        result["critic"] = _critic_calibration(agent, data, cfg, trajectories, device)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic never costs the score
+        warnings.warn(
+            f"the critic's check on the evaluation rollouts failed ({type(exc).__name__}: "
+            f"{exc}); the score stands",
+            stacklevel=2,
+        )
+        result["critic"] = None
     return result
+
+
+def _critic_calibration(agent, data, cfg, trajectories, device) -> dict[str, float] | None:
+    """min(Q1, Q2) of the online critic on the evaluation rollouts against the discounted
+    return in training-reward units (:func:`critic_calibration`); None without a twin critic."""
+    critic, normalizer = getattr(agent, "critic", None), getattr(agent, "normalizer", None)
+    if not isinstance(critic, TwinQ) or normalizer is None:
+        return None
+    factor = float(cfg.dataset.reward_scale) * float(data.reward_factor)
+    shift = float(cfg.dataset.reward_shift)
+    was_training = critic.training
+    critic.eval()
+    try:
+        return critic_calibration(
+            trajectories,
+            lambda obs, act: critic.min_q(normalizer(obs), act),
+            gamma=float(cfg.critic.loss.gamma),
+            reward_transform=lambda r: factor * r + shift,
+            device=device,
+        )
+    finally:
+        critic.train(was_training)
 
 
 def _load_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | None, float | None]:
@@ -320,6 +354,7 @@ def _evaluate_into_row(
         row["eval_return_mean"] = last_eval["return_mean"]
         row["eval_return_std"] = last_eval["return_std"]
         row["normalized_score"] = last_eval["normalized_score"]
+        row.update(last_eval.get("critic") or {})
         score = last_eval["normalized_score"]
         log.info(
             "step %d: normalized score %s (return %.2f +- %.2f over %d episodes)",
@@ -329,6 +364,15 @@ def _evaluate_into_row(
             last_eval["return_std"],
             last_eval["episodes"],
         )
+        if last_eval.get("critic"):
+            log.info(
+                "step %d: critic min Q %.2f against the discounted return %.2f that followed, "
+                "on the evaluation policy's own steps (Q - return %+.2f)",
+                step,
+                last_eval["critic"]["eval_q"],
+                last_eval["critic"]["eval_return_to_go"],
+                last_eval["critic"]["eval_q_bias"],
+            )
     return last_eval
 
 

@@ -153,6 +153,8 @@ DIAGNOSTICS = {
     "advantage_std": "std A",
     "q_mean": "Q",
     "v_mean": "V",
+    "eval_return_to_go": "G (eval)",
+    "eval_q_bias": "Q - G (eval)",
 }
 DIAGNOSTIC_TAIL = 0.25  # diagnostics: mean over this last share of the logged rows
 
@@ -1331,7 +1333,11 @@ def make_report(
             + "; ".join(f"*{DIAGNOSTICS[c]}*: `{c}`" for c in diag_columns)
             + ". A(sample) - A(data): the behaviour model's samples' mean advantage minus the "
             "dataset actions' at the same states (> 0: the model is better than its data); "
-            "targets from model: the share of the actor's BC targets that are model samples.",
+            "targets from model: the share of the actor's BC targets that are model samples; "
+            "G (eval): the discounted return (in training-reward units) that followed the "
+            "evaluation policy's own steps, and Q - G (eval) the critic's min Q there minus "
+            "it (> 0: the critic overestimates the policy it guides), over the runs that log "
+            "them.",
             "",
         ]
         md += _md_table(

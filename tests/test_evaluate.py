@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from divo.agents.data import load_offline_data
-from divo.agents.evaluate import evaluate_policy, normalized_score
+from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized_score
 from divo.datasets import BANDIT_DATASET_ID
 from divo.envs import BANDIT_ENV_ID
 from divo.envs.bandit import best_action
@@ -118,3 +118,61 @@ def test_reset_seeds_are_seed_plus_index():
         seed=105,
     )
     assert seen == [105, 106, 107, 108]
+
+
+def test_record_keeps_each_episode_as_the_policy_and_env_saw_it():
+    data = load_offline_data(BANDIT_DATASET_ID)
+    policy = CountingPolicy(best_action())
+    result = evaluate_policy(policy, data.make_env, episodes=3, seed=100, record=True)
+    trajectories = result["trajectories"]
+    assert len(trajectories) == 3
+    for episode, ret in zip(trajectories, result["returns"], strict=True):
+        assert episode["observation"].shape == (1, 1) and episode["action"].shape == (1, 2)
+        np.testing.assert_allclose(episode["action"][0], best_action(), atol=1e-6)
+        assert episode["reward"].sum() == pytest.approx(ret)
+        assert episode["terminated"]  # the bandit ends every episode after one step
+    assert "trajectories" not in evaluate_policy(policy, data.make_env, episodes=1, seed=100)
+
+
+def test_critic_calibration_by_hand():
+    """Q_t against G_t = sum_k gamma^k r'_(t+k): a terminated episode counts whole; a truncated
+    one only up to T - log(tail) / log(gamma), where the missing tail weighs < ``tail``."""
+    terminated = {
+        "observation": np.zeros((3, 1), np.float32),
+        "action": np.array([[1.0], [2.0], [3.0]], np.float32),
+        "reward": np.array([1.0, 2.0, 3.0]),
+        "terminated": True,
+    }
+    truncated = {
+        "observation": np.zeros((10, 1), np.float32),
+        "action": np.full((10, 1), 0.5, np.float32),
+        "reward": np.ones(10),
+        "terminated": False,
+    }
+
+    def q_value(obs, act):  # Q = the action's first coordinate
+        return act[:, :1]
+
+    # r' = 2 r - 1; gamma 0.5; tail 0.25 -> horizon 2: the truncated episode keeps t <= 8
+    out = critic_calibration(
+        [terminated, truncated],
+        q_value,
+        gamma=0.5,
+        reward_transform=lambda r: 2 * r - 1,
+        tail=0.25,
+        batch_size=4,  # several batches
+    )
+    g_terminated = [1 + 0.5 * 3 + 0.25 * 5, 3 + 0.5 * 5, 5.0]
+    g_truncated = [sum(0.5**k for k in range(10 - t)) for t in range(9)]
+    g = np.array(g_terminated + g_truncated)
+    q = np.array([1.0, 2.0, 3.0] + [0.5] * 9)
+    assert out["eval_return_to_go"] == pytest.approx(g.mean())
+    assert out["eval_q"] == pytest.approx(q.mean())
+    assert out["eval_q_bias"] == pytest.approx((q - g).mean())
+    # nothing qualifies: a truncated episode shorter than the horizon, or gamma = 1
+    assert critic_calibration([truncated], q_value, gamma=0.5, tail=1e-4) is None
+    assert critic_calibration([truncated], q_value, gamma=1.0) is None
+    whole = critic_calibration([terminated], q_value, gamma=1.0)
+    assert whole["eval_return_to_go"] == pytest.approx((6 + 5 + 3) / 3)
+    with pytest.raises(ValueError, match="tail"):
+        critic_calibration([terminated], q_value, gamma=0.5, tail=0.0)

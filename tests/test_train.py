@@ -72,6 +72,12 @@ def test_train_writes_the_run_files(recipe, dataset, hopper_dataset, tmp_path, c
     assert [int(r["step"]) for r in rows] == [0, 2, 3, 4, 6]  # 0: train.eval_at_start
     header = set(rows[0])
     assert {"loss_critic", "loss_actor", "eval_return_mean", "normalized_score"} <= header
+    # the critic against the returns its evaluation rollouts earned
+    assert {"eval_q", "eval_return_to_go", "eval_q_bias"} <= header
+    final = rows[-1]
+    assert float(final["eval_q_bias"]) == pytest.approx(
+        float(final["eval_q"]) - float(final["eval_return_to_go"]), abs=1e-4
+    )
     if recipe != "td3bc":
         assert {"loss_value", "loss_behavior", "advantage_pos_frac", "weight_mean"} <= header
     assert rows[-1]["normalized_score"] != ""
@@ -223,7 +229,7 @@ def test_divo_settles_on_the_best_paying_bandit_mode_and_td3bc_does_not(tmp_path
     best = torch.as_tensor(best_action())
     seeds = (0, 1, 2)
     scores: dict[str, list[float]] = {"divo": [], "td3bc": []}
-    hits = []
+    hits, biases = [], []
     for recipe in scores:
         for seed in seeds:
             cfg = compose_recipe(
@@ -238,7 +244,13 @@ def test_divo_settles_on_the_best_paying_bandit_mode_and_td3bc_does_not(tmp_path
                 with torch.no_grad():
                     action = pi(torch.zeros(1, 1)).squeeze(0)
                 hits.append(bool((action - best).norm() < 0.25))
+                with (Path(result["run_dir"]) / "metrics.csv").open() as f:
+                    final = [r for r in csv.DictReader(f) if r.get("eval_q_bias")][-1]
+                # one step, no bootstrapping: the critic's value of the deployed action is the
+                # reward it earns (rewards in [0, 1])
+                biases.append(abs(float(final["eval_q_bias"])))
     assert sum(hits) >= 2, (hits, scores)
+    assert max(biases) < 0.1, biases
     mean = {k: sum(v) / len(v) for k, v in scores.items()}
     assert mean["divo"] > 80 and mean["divo"] - mean["td3bc"] > 50, scores
 

@@ -366,8 +366,8 @@ def _evaluate_into_row(
         )
         if last_eval.get("critic"):
             log.info(
-                "step %d: critic min Q %.2f against the discounted return %.2f that followed, "
-                "on the evaluation policy's own steps (Q - return %+.2f)",
+                "step %d: critic min Q %.2f, discounted return %.2f on the policy's own steps "
+                "(Q - return %+.2f)",
                 step,
                 last_eval["critic"]["eval_q"],
                 last_eval["critic"]["eval_return_to_go"],

@@ -99,3 +99,32 @@ def test_every_docs_page_is_in_the_navigation():
         )
     }
     assert on_disk - set(nav) == set()
+
+
+def _shape(line: str) -> str:
+    """A log line as a pattern: every number may differ, the words may not."""
+    parts = re.split(r"[-+]?\d+(?:\.\d+)?", line)
+    return r"[-+]?\d+(?:\.\d+)?".join(re.escape(p) for p in parts)
+
+
+def test_the_readme_quick_start_log_has_the_shape_of_the_real_log(tmp_path):
+    """Every `data ...` and `step N: ...` line of the README's quick-start log has a line of
+    the same words in the train.log of a short run (numbers aside)."""
+    from divo.agents.train import train
+    from divo.cli import compose_recipe
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```\n(data divo/hopper.*?)```", readme, re.S)
+    assert block, "the README's quick-start log block is missing"
+    shown = [ln for ln in block.group(1).splitlines() if re.match(r"(data |step \d+:)", ln)]
+    assert len(shown) >= 4
+    cfg = compose_recipe(
+        "divo",
+        ["train.steps=4", "train.eval_every=2", "train.eval_episodes=1", "train.batch_size=32",
+         "train.progress=false", "train.checkpoint_every=4"],
+    )  # fmt: skip
+    train(cfg, tmp_path / "run")
+    logged = [re.sub(r"^\[[^]]*\]\[[^]]*\]\[\w+\] - ", "", ln)
+              for ln in (tmp_path / "run" / "train.log").read_text().splitlines()]  # fmt: skip
+    missing = [ln for ln in shown if not any(re.fullmatch(_shape(ln), got) for got in logged)]
+    assert missing == [], (missing, logged)

@@ -274,7 +274,7 @@ def write_page(cfg: Any, log=print) -> Path:
         body += _deployment_section(cfg, done)
     else:
         body = ["No cell has finished yet."]
-    notes = Path(cfg.notes)
+    notes = Path(cfg.notes) if cfg.get("notes") else None  # null: a page without notes
     lines = [
         "# Results: what each part of DIVO buys on MuJoCo data",
         "",
@@ -297,7 +297,7 @@ def write_page(cfg: Any, log=print) -> Path:
         "and skips what is there.",
         "",
     ]
-    if notes.is_file():
+    if notes is not None and notes.is_file():
         lines += [notes.read_text().strip(), ""]
     lines += body
     page.parent.mkdir(parents=True, exist_ok=True)

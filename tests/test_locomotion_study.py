@@ -159,3 +159,9 @@ def test_deployment_variants_are_evaluated_kept_backfilled_and_tabled(tmp_path):
     assert (cell / "deploy-greedy.json").is_file()
     assert any("deployed as broken: FAILED" in line and "no setting 'temperatur'" in line
                for line in lines)  # fmt: skip
+
+
+def test_a_page_without_notes(tmp_path):
+    """``notes: null`` (a variant without hand-written notes) writes the page all the same."""
+    assert study_command([*settings(tmp_path), "notes=null", "--page-only"]) == 0
+    assert "No cell has finished yet." in (tmp_path / "results.md").read_text()

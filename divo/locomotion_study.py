@@ -67,6 +67,8 @@ def study_config(overrides: Sequence[str] = (), config: str | Path | None = None
                 f"{', '.join(cfg)} (recipes/{STUDY_CONFIG})"
             )
         cfg = OmegaConf.merge(cfg, extra)
+    # where the settings came from, for the page's header and its command (not a setting)
+    cfg._source = str(config) if config is not None else None
     return cfg
 
 
@@ -275,10 +277,13 @@ def write_page(cfg: Any, log=print) -> Path:
     else:
         body = ["No cell has finished yet."]
     notes = Path(cfg.notes) if cfg.get("notes") else None  # null: a page without notes
+    source = cfg.get("_source")
+    command = "divo study locomotion" + (f" --config {source}" if source else "")
+    settings = f"`recipes/{STUDY_CONFIG}`" + (f" then `{source}`" if source else "")
     lines = [
         "# Results: what each part of DIVO buys on MuJoCo data",
         "",
-        "Made by `divo study locomotion` (settings: `recipes/study/locomotion.yaml`); this page is "
+        f"Made by `{command}` (settings: {settings}); this page is "
         "rewritten after every finished cell. Recipes "
         + ", ".join(f"`{r}`" for r in study_recipes(cfg))
         + f"; datasets {', '.join(f'`{d}`' for d in cfg.datasets)}; seeds "
@@ -293,7 +298,7 @@ def write_page(cfg: Any, log=print) -> Path:
         "",
         f"**Status: {len(done)} of {len(cells)} cells finished.** Each finished run's "
         f"result.json, metrics.csv, config.yaml and train.log are under "
-        f"`{results / 'runs'}`; `divo study locomotion` runs the rest (`jobs=2` on two cores) "
+        f"`{results / 'runs'}`; `{command}` runs the rest (`--jobs 2` on two cores) "
         "and skips what is there.",
         "",
     ]

@@ -165,3 +165,18 @@ def test_a_page_without_notes(tmp_path):
     """``notes: null`` (a variant without hand-written notes) writes the page all the same."""
     assert study_command([*settings(tmp_path), "notes=null", "--page-only"]) == 0
     assert "No cell has finished yet." in (tmp_path / "results.md").read_text()
+
+
+def test_a_variant_page_names_its_settings_file_and_command(tmp_path):
+    """A study run with ``--config FILE`` says so on its page: the settings it merged and the
+    command that resumes it (not the shipped study's)."""
+    variant = tmp_path / "variant.yaml"
+    variant.write_text("seeds: [0]\n")
+    assert study_command([*settings(tmp_path), "--config", str(variant), "--page-only"]) == 0
+    page = (tmp_path / "results.md").read_text()
+    command = f"`divo study locomotion --config {variant}`"
+    assert f"Made by {command} (settings: `recipes/study/locomotion.yaml` then `{variant}`)" in page
+    assert f"{command} runs the rest" in page
+    assert study_command([*settings(tmp_path), "--page-only"]) == 0  # the shipped study's page
+    page = (tmp_path / "results.md").read_text()
+    assert "Made by `divo study locomotion` (settings: `recipes/study/locomotion.yaml`)" in page

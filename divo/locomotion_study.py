@@ -362,46 +362,87 @@ def _robustness_section(cfg: Any, results: Path, compare: list[str]) -> list[str
 
 def _deployment_section(cfg: Any, done: list[Cell]) -> list[str]:
     """Per recipe with deployment variants: per dataset, the final score as trained and under
-    each variant, over the same seeds, and their mean paired difference (min, max)."""
+    each variant, over the same seeds, and their mean paired difference (min, max); beside
+    them the first ``compare`` recipe (the study's subject) on those seeds, and the variant's
+    paired difference from it, so a re-deployed baseline is read against the subject too."""
     lines: list[str] = []
+    compare = [str(r) for r in (cfg.get("compare") or [])]
     for recipe, variants in (cfg.get("deployments") or {}).items():
         cells = [c for c in done if c.recipe == str(recipe)]
         if not cells or not variants:
             continue
+        subject = compare[0] if compare and compare[0] != str(recipe) else None
+        head = "| dataset | variant | seeds | as trained | variant | variant - as trained "
+        head += "(min, max) |"
+        rule = "|---|---|---|---|---|---|"
+        if subject:  # the study's subject on the same seeds, paired with the variant
+            head += f" `{subject}` | variant - `{subject}` (min, max) |"
+            rule += "---|---|"
         lines += [
             "",
             f"## `{recipe}` deployed otherwise",
             "",
             "The same trained models, their final policy evaluated again (`divo evaluate --set`, "
             "10 episodes with the final evaluation's episode seeds) with other settings of the "
-            "deployed policy:",
+            "deployed policy"
+            + (f"; beside them `{subject}`'s final score on the same seeds:" if subject else ":"),
             "",
-            "| dataset | variant | seeds | as trained | variant | variant - as trained "
-            "(min, max) |",
-            "|---|---|---|---|---|---|",
+            head,
+            rule,
         ]
         for name, items in variants.items():
             for dataset in cfg.datasets:
-                pairs = []
+                pairs: list[tuple[float, float]] = []
+                against: list[tuple[float, float]] = []  # (subject's score, variant's)
                 for cell in cells:
                     path = deployment_file(cell, cfg, str(name))
                     if cell.dataset != str(dataset) or not path.is_file():
                         continue
-                    kept = Path(cfg.results) / "runs" / cell.rel / "result.json"
-                    trained = json.loads(kept.read_text()).get("normalized_score")
+                    trained = _final_score(cell, cfg)
                     variant = json.loads(path.read_text()).get("normalized_score")
-                    if trained is not None and variant is not None:
-                        pairs.append((float(trained), float(variant)))
+                    if trained is None or variant is None:
+                        continue
+                    pairs.append((trained, float(variant)))
+                    same_seed = Cell(subject, cell.dataset, cell.seed) if subject else None
+                    theirs = _final_score(same_seed, cfg) if same_seed else None
+                    if theirs is not None:
+                        against.append((theirs, float(variant)))
                 if not pairs:
                     continue
-                diffs = [v - t for t, v in pairs]
-                lines.append(
+                row = (
                     f"| {dataset} | `{' '.join(str(i) for i in items)}` | {len(pairs)} | "
-                    f"{sum(t for t, _ in pairs) / len(pairs):.1f} | "
-                    f"{sum(v for _, v in pairs) / len(pairs):.1f} | "
-                    f"{sum(diffs) / len(diffs):+.1f} ({min(diffs):+.1f}, {max(diffs):+.1f}) |"
+                    f"{_mean(t for t, _ in pairs):.1f} | {_mean(v for _, v in pairs):.1f} | "
+                    f"{_spread([v - t for t, v in pairs])} |"
                 )
+                if subject:
+                    fewer = f" ({len(against)} seeds)" if len(against) < len(pairs) else ""
+                    row += (
+                        f" {_mean(s for s, _ in against):.1f}{fewer} | "
+                        f"{_spread([v - s for s, v in against])} |"
+                        if against
+                        else " n/a | n/a |"
+                    )
+                lines.append(row)
     return lines
+
+
+def _final_score(cell: Cell, cfg: Any) -> float | None:
+    """A finished cell's kept final normalised score; None when it has none (yet)."""
+    path = Path(cfg.results) / "runs" / cell.rel / "result.json"
+    if not path.is_file():
+        return None
+    score = json.loads(path.read_text()).get("normalized_score")
+    return None if score is None else float(score)
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return sum(values) / len(values)
+
+
+def _spread(diffs: list[float]) -> str:
+    """``+mean (+min, +max)`` of paired differences."""
+    return f"{_mean(diffs):+.1f} ({min(diffs):+.1f}, {max(diffs):+.1f})"
 
 
 def _relink(line: str, prefix: str) -> str:

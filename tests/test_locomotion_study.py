@@ -161,6 +161,39 @@ def test_deployment_variants_are_evaluated_kept_backfilled_and_tabled(tmp_path):
                for line in lines)  # fmt: skip
 
 
+def test_a_redeployed_baseline_is_paired_with_the_study_subject_by_seed(tmp_path):
+    """The deployment table puts the first ``compare`` recipe's final score on the same seeds
+    beside each variant, with their paired difference; a seed the subject lacks is left out of
+    that pairing, and the subject's own variants get no such column."""
+    from divo.locomotion_study import _deployment_section
+
+    cfg = study_config([*settings(tmp_path), "recipes=[td3bc,idql]", "compare=[td3bc,idql]",
+                        "deployments={idql: {argmax: [selection=argmax]}}"])  # fmt: skip
+    scores = {("td3bc", 0): 50.0, ("td3bc", 1): 40.0, ("idql", 0): 30.0, ("idql", 1): 20.0,
+              ("idql", 2): 10.0}  # fmt: skip
+    argmax = {0: 70.0, 1: 35.0, 2: 60.0}
+    for (recipe, seed), score in scores.items():
+        cell = tmp_path / "results" / "runs" / Cell(recipe, BANDIT, seed).rel
+        cell.mkdir(parents=True)
+        (cell / "result.json").write_text(json.dumps({"normalized_score": score}))
+        if recipe == "idql":
+            (cell / "deploy-argmax.json").write_text(json.dumps({"normalized_score": argmax[seed]}))
+    done = [Cell("idql", BANDIT, seed) for seed in (0, 1, 2)]
+    lines = _deployment_section(cfg, done)
+    assert lines[lines.index("## `idql` deployed otherwise") + 4].endswith(
+        "| `td3bc` | variant - `td3bc` (min, max) |"
+    )
+    row = next(line for line in lines if line.startswith(f"| {BANDIT} |"))
+    # as trained 20.0, argmax 55.0 over seeds 0-2 (+35 = mean of +40, +15, +50); td3bc on
+    # seeds 0-1 only: 45.0, and argmax - td3bc = mean of +20 and -5
+    assert row == (f"| {BANDIT} | `selection=argmax` | 3 | 20.0 | 55.0 | +35.0 (+15.0, +50.0) | "
+                   "45.0 (2 seeds) | +7.5 (-5.0, +20.0) |")  # fmt: skip
+    own = study_config([*settings(tmp_path), "recipes=[td3bc,idql]", "compare=[idql,td3bc]",
+                        "deployments={idql: {argmax: [selection=argmax]}}"])  # fmt: skip
+    row = next(line for line in _deployment_section(own, done) if line.startswith(f"| {BANDIT}"))
+    assert row.endswith("| +35.0 (+15.0, +50.0) |")
+
+
 def test_a_page_without_notes(tmp_path):
     """``notes: null`` (a variant without hand-written notes) writes the page all the same."""
     assert study_command([*settings(tmp_path), "notes=null", "--page-only"]) == 0

@@ -41,10 +41,27 @@ from divo.agents.agent import (
     apply_lr_schedule,
     split_loss,
 )
+from divo.agents.checkpoints import (
+    Checkpointer,
+    check_resumable,
+    check_trusted,
+    load_checkpoint,
+    policy_payload,
+    spec_json,
+)
 from divo.agents.data import check_batch_keys
 from divo.agents.logging import MetricAccumulator, MetricsLogger
+from divo.agents.runs import (
+    Eta,
+    check_finite,
+    check_steps,
+    evaluate_at_start,
+    evaluate_into_row,
+    load_run_data,
+    progress_bar,
+    run_result,
+)
 from divo.agents.runtime import (
-    atomic_save,
     resolve_device,
     seed_everything,
     set_rng_state,
@@ -52,6 +69,7 @@ from divo.agents.runtime import (
 from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
 from divo.agents.trust import Trust
 from divo.errors import ConfigError, DivoError, first_line
+from divo.files import atomic_save
 
 MULTIRUN_HINT = "use train.num_seeds=1 (or a multirun: `divo train <recipe> -m seed=0,1,2`)"
 
@@ -430,7 +448,6 @@ def _load_common_checkpoints(checkpointers, check) -> tuple[int, list[dict]] | N
     passed to ``check(payload, file)`` (it raises to refuse). Files of a newer step (a save round
     cut short) are then removed with a warning; a file refused as untrusted stops everything
     before that."""
-    from divo.agents.train import load_checkpoint
     from divo.errors import CheckpointError, UntrustedFileError
 
     steps = [_checkpoint_steps(c) for c in checkpointers]
@@ -546,8 +563,6 @@ def train_vectorized(
     of ``return_mean``/``normalized_score`` (``return_std``: their spread over seeds).
     ``trust``: as for :func:`divo.agents.train.train`.
     """
-    from divo.agents import train as single
-
     n = int(cfg.train.num_seeds)
     if replay_buffer is not None or obs_stats is not None:
         raise ConfigError(
@@ -569,9 +584,7 @@ def train_vectorized(
     run_dir.mkdir(parents=True, exist_ok=True)
     logs = _SeedLogs(seed_dirs, seeds)
     try:
-        return _train_seeds(
-            cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs, single
-        )
+        return _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs)
     except DivoError:
         if not logs.accepted:  # refused on its input (data, recipe, checkpoint): no trace
             logs.undo()
@@ -583,11 +596,11 @@ def train_vectorized(
         logs.close()
 
 
-def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs, single):
+def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs):
     n = len(seeds)
     start = time.perf_counter()
     seed_everything(seeds[0])
-    data, behavior_score = single._load_data(cfg, device)
+    data, behavior_score = load_run_data(cfg, device)
     logs.per_seed()
     batch_size = int(cfg.train.batch_size)
     obs_dim, act_dim = data.observation_dim, data.action_dim
@@ -610,26 +623,26 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
     )
     seed_everything(seeds[0])  # the shared stream of every seed's batches and noise
     sampler = DeviceSampler(data.data, batch_size, num_seeds=n)
-    checkpointers = [single._Checkpointer(d, cfg.train.keep_checkpoints) for d in seed_dirs]
+    checkpointers = [Checkpointer(d, cfg.train.keep_checkpoints) for d in seed_dirs]
     acc = SeedMetricAccumulator()
     start_step, last_evals, elapsed_before = 0, [None] * n, [0.0] * n
-    data_spec = single._spec_json(data)
+    data_spec = spec_json(data)
 
     def check(payload: dict, file: Path) -> None:
-        single.check_trusted(payload, file, cfg, data_spec, trust)
+        check_trusted(payload, file, cfg, data_spec, trust)
 
     found = _load_common_checkpoints(checkpointers, check) if resume else None
     if found is not None:
         start_step, ckpts = found
         for c, seed_cfg, d in zip(ckpts, cfgs, seed_dirs, strict=True):
-            single._check_resumable(c, seed_cfg, obs_dim, act_dim, d)
+            check_resumable(c, seed_cfg, obs_dim, act_dim, d)
         for i, c in enumerate(ckpts):
             vec.load_training_state(i, c["agent"])
         acc.load_seed_states([c.get("metrics", {}) for c in ckpts], device)
         last_evals = [c.get("last_eval") for c in ckpts]
         elapsed_before = [float(c.get("wall_clock_s", 0.0)) for c in ckpts]
         set_rng_state(ckpts[0]["rng"])  # last: nothing above may draw random numbers after it
-    single.check_steps(cfg, start_step, run_dir)
+    check_steps(cfg, start_step, run_dir)
     if found is not None:
         logs.shared.info("resumed from step %d", start_step)
 
@@ -671,14 +684,12 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
 
     train_step = TrainStep(vec, sampler.sample, device=device, **compile_options(cfg))
     steps = int(cfg.train.steps)
-    eta = single.Eta(start_step, steps, device, logs.shared)
+    eta = Eta(start_step, steps, device, logs.shared)
     if start_step == 0 and cfg.train.get("eval_at_start", False):
         for i in range(n):
-            single.evaluate_at_start(
-                vec.seed_agent(i), data, cfgs[i], device, loggers[i], logs.loggers[i]
-            )
+            evaluate_at_start(vec.seed_agent(i), data, cfgs[i], device, loggers[i], logs.loggers[i])
         vec.train()
-    bar, redirect = single._progress(cfg, start_step, f"{data.dataset_id} x{n} seeds")
+    bar, redirect = progress_bar(cfg, start_step, f"{data.dataset_id} x{n} seeds")
     vec.train()
     log_every, eval_every = int(cfg.train.log_every), int(cfg.train.eval_every)
     checkpoint_every = int(cfg.train.checkpoint_every)
@@ -691,10 +702,10 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
             if step % log_every == 0 or step == steps:
                 for i, means in enumerate(acc.mean_per_seed(n)):
                     rows[i].update(means)
-                    single._check_finite(rows[i], step, checkpointers[i])
+                    check_finite(rows[i], step, checkpointers[i])
             if step % eval_every == 0 or step == steps:
                 for i in range(n):
-                    last_evals[i] = single._evaluate_into_row(
+                    last_evals[i] = evaluate_into_row(
                         vec.seed_agent(i), data, cfgs[i], device, step, rows[i], logs.loggers[i]
                     )
                 vec.train()
@@ -709,10 +720,10 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
 
     results = []
     for i, d in enumerate(seed_dirs):
-        payload = single.policy_payload(vec.seed_agent(i), cfgs[i], data, steps)
+        payload = policy_payload(vec.seed_agent(i), cfgs[i], data, steps)
         atomic_save(payload, d / "policy.pt")
         wall = elapsed_before[i] + time.perf_counter() - start
-        result = single._result(cfgs[i], data, behavior_score, last_evals[i], wall, device, d)
+        result = run_result(cfgs[i], data, behavior_score, last_evals[i], wall, device, d)
         (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
     return _summary(cfg, results, run_dir)

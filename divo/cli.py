@@ -521,7 +521,7 @@ def _convert(argv: list[str]) -> int:
     )
     parser.add_argument("paths", nargs="+", help="policy.pt / checkpoint files or run dirs")
     ns = parser.parse_args(argv)
-    from divo.agents.train import convert_file, run_files
+    from divo.agents.checkpoints import convert_file, run_files
 
     files = [f for p in ns.paths for f in run_files(p)]
     if not files:

@@ -304,9 +304,9 @@ def test_saved_policy_rebuilds_from_its_config_and_state_dict_alone(recipe):
 def test_deployed_consistency_model_saves_with_its_extra_state(recipe, tmp_path):
     """A deployed sampler over the consistency model carries non-tensor extra state (its
     curriculum position): policy.pt keeps it and `divo evaluate`'s loader rebuilds the policy."""
+    from divo.agents.checkpoints import policy_payload
     from divo.agents.policy_io import load_policy
-    from divo.agents.runtime import atomic_save
-    from divo.agents.train import policy_payload
+    from divo.files import atomic_save
 
     agent = make_agent(recipe, "behavior_model=consistency")
     agent.update(random_batch())

@@ -378,7 +378,7 @@ def test_gaussian_state_independent_std_is_one_vector():
 
 
 def test_best_evaluation_is_read_from_the_metrics_and_labelled(tmp_path):
-    from divo.agents.train import best_evaluation
+    from divo.agents.runs import best_evaluation
 
     assert best_evaluation(tmp_path) is None
     (tmp_path / "metrics.csv").write_text(

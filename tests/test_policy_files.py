@@ -18,11 +18,11 @@ from gymnasium.envs.registration import EnvSpec
 from test_resume import assert_same_training_state, final_state, snapshot
 
 from divo.agents.policy_io import load_policy
-from divo.agents.runtime import atomic_save
 from divo.agents.train import train
 from divo.behavior_models import GaussianBehavior
 from divo.cli import compose_recipe, main
 from divo.errors import CheckpointError, UntrustedFileError
+from divo.files import atomic_save
 
 SHORT = [
     "dataset=bandit",
@@ -117,7 +117,7 @@ def test_a_pickled_object_in_a_policy_file_is_refused_and_never_runs(run, tmp_pa
         ("builtins.exec", ["open({marker!r}, 'w')"]),
         ("builtins.open", ["{marker}", "w"]),  # not on Hydra's own blocklist
         ("divo.agents.runtime.os.system", ["touch {marker}"]),  # divo's path, not divo's class
-        ("divo.agents.runtime.atomic_save", [{}, "{marker}"]),  # divo's, but not a torch module
+        ("divo.files.atomic_save", [{}, "{marker}"]),  # divo's, but not a torch module
     ],
 )
 def test_a_policy_config_naming_code_is_refused_without_the_call(run, tmp_path, target, args):

@@ -133,7 +133,7 @@ def test_evaluations_draw_no_training_randomness(recipe, tmp_path, capsys):
     # it is never the run's result (the final evaluation's), nor the best during training
     result = json.loads((many / "result.json").read_text())
     assert result["normalized_score"] == pytest.approx(float(rows[-1]["normalized_score"]))
-    from divo.agents.train import best_evaluation
+    from divo.agents.runs import best_evaluation
 
     (many / "metrics.csv").write_text(
         "step,eval_return_mean,normalized_score\n0,9.0,90.0\n3,2.0,20.0\n6,1.0,10.0\n"
@@ -192,12 +192,12 @@ def test_foreign_checkpoints_are_refused_and_nothing_changes(tmp_path, hopper_da
 
 
 def test_evaluation_failure_does_not_stop_training(tmp_path, monkeypatch):
-    import divo.agents.train as train_module
+    import divo.agents.runs as runs_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulator crashed")
 
-    monkeypatch.setattr(train_module, "evaluate_policy", broken)
+    monkeypatch.setattr(runs_module, "evaluate_policy", broken)
     with pytest.warns(UserWarning, match="evaluation at step 3 failed.*simulator crashed"):
         result = train(compose_recipe("td3bc", SHORT), tmp_path / "run")
     assert result["steps"] == 6 and result["normalized_score"] is None

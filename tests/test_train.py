@@ -338,7 +338,7 @@ def test_the_python_api_writes_train_log_and_prints_evaluations(tmp_path, capsys
 def test_the_plan_device_and_eta_are_printed_and_long_cpu_runs_warned(
     tmp_path, capsys, monkeypatch
 ):
-    from divo.agents.train import Eta
+    from divo.agents.runs import Eta
 
     monkeypatch.setattr(Eta, "MEASURE_STEPS", 20)
     monkeypatch.setattr(Eta, "CPU_WARN_S", 0.0)  # any remaining time counts as "hours"

@@ -38,9 +38,9 @@ from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 from torchrl.objectives import SACLoss, SoftUpdate
 from tqdm.auto import tqdm
 
-from divo.agents.runtime import atomic_save, load_file
 from divo.errors import CheckpointError, DatasetError
 from divo.factory.rollouts import episode_returns, run_episodes, torch_policy
+from divo.files import atomic_save, load_file
 
 CHECKPOINT = "sac_checkpoint.pt"
 SNAPSHOT_DIR = "snapshots"

@@ -1,0 +1,223 @@
+"""Checkpoints and policy files of a run: what they hold, writing them, reading them back.
+
+``<run>/checkpoints/step_*.pt`` hold everything an exact resume needs; ``<run>/policy.pt`` holds
+only what ``divo evaluate`` needs. Both are plain data (:mod:`divo.files`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from divo.agents.agent import OfflineAgent
+from divo.agents.data import (
+    OfflineData,
+)
+from divo.agents.policy_io import POLICY_FORMAT
+from divo.agents.runtime import (
+    numpy_rng_state,
+    rng_state,
+)
+from divo.agents.trust import Trust, check_config, config_modules, trusted_modules
+from divo.errors import CheckpointError, DivoError, UntrustedFileError
+from divo.files import atomic_save, load_file, load_trusted_file
+
+# v2: every RNG state as plain data, so that a checkpoint loads with weights_only=True
+CHECKPOINT_FORMAT = "divo-checkpoint-v2"
+
+
+def spec_json(data: OfflineData | None) -> str | None:
+    spec = data.eval_env_spec if data is not None else None
+    if spec is None:
+        return None
+    try:
+        return spec.to_json()
+    except Exception as exc:  # noqa: BLE001 - e.g. a callable in the env kwargs
+        warnings.warn(
+            f"the environment spec of {data.dataset_id} cannot be saved as JSON ({exc}); "
+            "`divo evaluate` will not be able to rebuild it",
+            stacklevel=2,
+        )
+        return None
+
+
+def policy_payload(agent: OfflineAgent, cfg: DictConfig, data: OfflineData | None, step: int):
+    """What ``divo evaluate`` needs to rebuild and run the policy, and nothing of training."""
+    return {
+        "format": POLICY_FORMAT,
+        "recipe": cfg.get("recipe"),
+        "step": step,
+        "policy_config": agent.policy_config,
+        "state_dict": {
+            # tensors to the CPU; a module's extra state (e.g. the consistency model's
+            # curriculum position) is kept as it is
+            k: v.detach().cpu() if isinstance(v, torch.Tensor) else v
+            for k, v in agent.policy.state_dict().items()
+        },
+        "dataset_id": data.dataset_id if data is not None else None,
+        "env_spec": spec_json(data),
+        "ref_min_score": data.ref_min_score if data is not None else None,
+        "ref_max_score": data.ref_max_score if data is not None else None,
+    }
+
+
+class Checkpointer:
+    """``<run>/checkpoints/step_*.pt``: atomic writes, the newest ``keep`` kept."""
+
+    def __init__(self, run_dir: Path, keep: int) -> None:
+        self.dir = run_dir / "checkpoints"
+        self.keep = max(1, keep)
+
+    def files(self) -> list[Path]:
+        return sorted(self.dir.glob("step_*.pt"))
+
+    def last_good(self) -> str:
+        """Where the last good state is, for an error message: a file that exists, or none."""
+        files = self.files()
+        return f"last good checkpoint: {files[-1]}" if files else "no checkpoint was written yet"
+
+    def save(self, step: int, agent: OfflineAgent, cfg, data, extra: dict[str, Any]) -> Path:
+        bad = agent.non_finite_parameters()
+        if bad:  # never overwrite good checkpoints with a diverged model
+            raise DivoError(
+                f"non-finite parameters ({', '.join(bad[:3])}) at step {step}; lower the learning "
+                f"rates or check the data ({self.last_good()})"
+            )
+        payload = {
+            "format": CHECKPOINT_FORMAT,
+            "step": step,
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "agent": agent.training_state(),
+            "rng": rng_state(),
+            "policy": policy_payload(agent, cfg, data, step),
+            **extra,
+        }
+        path = atomic_save(payload, self.dir / f"step_{step:09d}.pt")
+        for old in self.files()[: -self.keep]:
+            old.unlink()
+        return path
+
+    def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
+        """The newest readable checkpoint and its path; a damaged one is skipped with a
+        warning, one that holds a pickled object is refused (:func:`load_checkpoint`)."""
+        files = self.files()
+        for path in reversed(files):
+            try:
+                return path, load_checkpoint(path)
+            except UntrustedFileError:
+                raise
+            except CheckpointError as exc:
+                warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=2)
+        if files:
+            raise CheckpointError(
+                f"no readable checkpoint in {self.dir}; delete the folder to start again"
+            )
+        return None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """A checkpoint file of this format, read as plain data (:func:`load_file`)."""
+    payload = load_file(path)
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        found = payload.get("format") if isinstance(payload, dict) else None
+        if isinstance(found, str) and found.startswith("divo-checkpoint"):
+            raise CheckpointError(
+                f"{path} is a {found} file, not {CHECKPOINT_FORMAT}; if you trust it, convert "
+                f"it with `divo convert {path}`"
+            )
+        raise CheckpointError(f"{path} is not a divo checkpoint")
+    return payload
+
+
+def check_trusted(
+    ckpt: dict, file: Path, cfg: DictConfig, data_spec: str | None, trust: Trust
+) -> None:
+    """Refuse a checkpoint whose configs name classes, or whose environment spec names entry
+    points, that loading its run's files could not run: outside divo, gymnasium and the
+    modules trusted here (``trust``, and those ``cfg`` names: its caller chose them)."""
+    from divo.agents.policy_io import check_policy_payload
+
+    modules = (*trusted_modules(trust), *config_modules(OmegaConf.to_container(cfg)))
+    check_config(ckpt.get("config"), modules, str(file))
+    policy = dict(ckpt.get("policy") or {})
+    if policy.get("env_spec") == data_spec:  # the environment this run evaluates in anyway
+        policy.pop("env_spec", None)
+    check_policy_payload(policy, modules, file)
+
+
+def check_resumable(ckpt: dict, cfg: DictConfig, obs_dim: int, act_dim: int, where: Path):
+    """Refuse a checkpoint that another recipe or other data wrote (before touching files)."""
+    saved = ckpt["config"]
+    if saved.get("recipe") != cfg.get("recipe"):
+        raise CheckpointError(
+            f"{where} holds a checkpoint of recipe {saved.get('recipe')!r}, not "
+            f"{cfg.get('recipe')!r}; {_resume_hint(saved, where)}"
+        )
+    dims = (ckpt.get("observation_dim"), ckpt.get("action_dim"))
+    if dims != (obs_dim, act_dim):
+        raise CheckpointError(
+            f"{where} holds a checkpoint for observation/action sizes {dims[0]}/{dims[1]} but "
+            f"the data have {obs_dim}/{act_dim}; resume with the dataset it was trained on "
+            f"({saved.get('dataset', {}).get('id')}) or use a new run directory"
+        )
+
+
+def _resume_hint(saved: dict, where: Path) -> str:
+    """How to go on with a run whose checkpoint this call refused: ``divo train <run>`` only
+    when the run's own config.yaml names the checkpoint's recipe (else that command is the one
+    refused)."""
+    try:
+        own = OmegaConf.load(where / "config.yaml").get("recipe")
+    except Exception:  # noqa: BLE001 - missing or unreadable: the command would fail too
+        own = None
+    if own == saved.get("recipe"):
+        return f"resume it with `divo train {where}` or use a new run directory"
+    return (
+        f"its config.yaml no longer matches its checkpoints (recipe {own!r}): use a new run "
+        "directory, or delete the checkpoints to start this one again"
+    )
+
+
+def convert_file(path: str | Path) -> str:
+    """Rewrite a policy file or checkpoint of an older divo as plain data in this version's
+    format (in place, atomically); returns what was done, for one line of output.
+
+    UNPICKLES the file (``torch.load(weights_only=False)``), which runs whatever it holds: only
+    for files the user trusts. A file that already loads as plain data is left as it is.
+    """
+    path = Path(path)
+    try:
+        payload = load_file(path)
+        if isinstance(payload, dict) and payload.get("format") in (
+            POLICY_FORMAT,
+            CHECKPOINT_FORMAT,
+        ):
+            return f"{path}: already plain data ({payload['format']}), left as it is"
+    except UntrustedFileError:
+        pass
+    payload = load_trusted_file(path)
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found == "divo-checkpoint-v1":  # v1 kept NumPy's RNG state as a pickled ndarray
+        rng = dict(payload["rng"])
+        rng["numpy"] = numpy_rng_state(rng["numpy"])
+        converted = {**payload, "format": CHECKPOINT_FORMAT, "rng": rng}
+    elif found in (POLICY_FORMAT, CHECKPOINT_FORMAT):
+        converted = payload
+    else:
+        raise CheckpointError(
+            f"{path} is not a divo policy file or checkpoint (format {found!r}); nothing converted"
+        )
+    atomic_save(converted, path)  # refuses (and keeps the file) if objects remain
+    return f"{path}: {found} -> {converted['format']}, plain data"
+
+
+def run_files(path: str | Path) -> list[Path]:
+    """A file -> itself; a folder -> every policy.pt and checkpoints/step_*.pt under it."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    return sorted(path.glob("**/policy.pt")) + sorted(path.glob("**/checkpoints/step_*.pt"))

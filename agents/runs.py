@@ -1,0 +1,389 @@
+"""What a training run does around its updates, shared by the single-seed loop
+(:mod:`divo.agents.train`) and the stacked-seed one (:mod:`divo.agents.vectorized`): checking
+the settings, loading the data, evaluating, the progress bar and ETA, the result.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from divo.agents.checkpoints import Checkpointer
+from divo.agents.data import (
+    OfflineData,
+    load_offline_data,
+)
+from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized_score
+from divo.agents.logging import MetricsLogger, check_backend
+from divo.agents.runtime import (
+    device_name,
+    separate_rng,
+)
+from divo.errors import ConfigError, DivoError
+from divo.objectives.critic import TwinQ
+
+_log = logging.getLogger("divo.train")
+
+
+def validate_config(cfg: DictConfig) -> None:
+    t = cfg.train
+    for key in ("steps", "batch_size", "eval_every", "log_every", "checkpoint_every"):
+        value = t.get(key)
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"train.{key}={value!r} must be a positive integer; fix the override")
+    if not isinstance(t.eval_episodes, int) or t.eval_episodes < 0:
+        raise ConfigError(f"train.eval_episodes={t.eval_episodes!r} must be an integer >= 0")
+    check_backend(cfg.logger.backend)
+    num_seeds = t.get("num_seeds", 1)
+    if not isinstance(num_seeds, int) or isinstance(num_seeds, bool) or num_seeds <= 0:
+        raise ConfigError(
+            f"train.num_seeds={num_seeds!r} must be a positive integer (1: one seed; N: seeds "
+            "seed..seed+N-1 in one process)"
+        )
+
+
+def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
+    if data is None or cfg.train.eval_episodes == 0:
+        return None
+    if not data.can_evaluate:
+        return None
+    policy = agent.policy
+    policy.eval()
+    with separate_rng():  # a sampling policy's draws never reach the training stream
+        result = evaluate_policy(
+            policy,
+            data.make_env,
+            episodes=cfg.train.eval_episodes,
+            seed=cfg.seed + 100,  # method.md: eval env seed = seed + 100
+            device=device,
+            ref_min_score=data.ref_min_score,
+            ref_max_score=data.ref_max_score,
+            record=True,
+        )
+    trajectories = result.pop("trajectories")
+    try:
+        result["critic"] = _critic_calibration(agent, data, cfg, trajectories, device)
+    except Exception as exc:  # noqa: BLE001 - a diagnostic never costs the score
+        warnings.warn(
+            f"the critic's check on the evaluation rollouts failed ({type(exc).__name__}: "
+            f"{exc}); the score stands",
+            stacklevel=2,
+        )
+        result["critic"] = None
+    return result
+
+
+def _critic_calibration(agent, data, cfg, trajectories, device) -> dict[str, float] | None:
+    """min(Q1, Q2) of the online critic on the evaluation rollouts against the discounted
+    return in training-reward units (:func:`critic_calibration`); None without a twin critic."""
+    critic, normalizer = getattr(agent, "critic", None), getattr(agent, "normalizer", None)
+    if not isinstance(critic, TwinQ) or normalizer is None:
+        return None
+    factor = float(cfg.dataset.reward_scale) * float(data.reward_factor)
+    shift = float(cfg.dataset.reward_shift)
+    was_training = critic.training
+    critic.eval()
+    try:
+        return critic_calibration(
+            trajectories,
+            lambda obs, act: critic.min_q(normalizer(obs), act),
+            gamma=float(cfg.critic.loss.gamma),
+            reward_transform=lambda r: factor * r + shift,
+            device=device,
+        )
+    finally:
+        critic.train(was_training)
+
+
+def load_run_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | None, float | None]:
+    """The recipe's dataset on ``device`` (None with ``dataset.id=null``) and the normalised
+    score of its behaviour policy."""
+    data, behavior_score = None, None
+    if cfg.dataset.get("id") is not None:
+        data = load_offline_data(
+            cfg.dataset.id,
+            device=device,
+            batch_size=cfg.train.batch_size,
+            reward_scale=cfg.dataset.reward_scale,
+            reward_shift=cfg.dataset.reward_shift,
+            return_range=cfg.dataset.get("return_range"),
+            download=cfg.dataset.get("download", True),
+            action_bounds=cfg.dataset.get("action_bounds", "rescale"),
+            observation_keys=_observation_keys(cfg),
+        )
+        behavior_score = normalized_score(
+            data.behavior_return, data.ref_min_score, data.ref_max_score
+        )
+        _log.info(
+            "data %s: %d transitions in %d episodes; behaviour: mean episode return %.1f%s",
+            data.dataset_id,
+            data.num_transitions,
+            data.num_episodes,
+            data.behavior_return,
+            f" (normalized score {behavior_score:.1f})" if behavior_score is not None else "",
+        )
+        if data.reward_factor != 1.0:  # IQL's reward normalisation
+            _log.info(
+                "rewards x %.4g (dataset.return_range=%s: max - min episode return rescaled)",
+                data.reward_factor,
+                cfg.dataset.get("return_range"),
+            )
+    return data, behavior_score
+
+
+def _observation_keys(cfg: DictConfig) -> list[str] | None:
+    """``dataset.observation_keys`` as a list (a single key may be given bare), or None."""
+    keys = cfg.dataset.get("observation_keys")
+    if keys is None:
+        return None
+    return [str(keys)] if isinstance(keys, str) else [str(key) for key in keys]
+
+
+def check_finite(row: dict[str, float], step: int, checkpointer: Checkpointer) -> None:
+    bad = [k for k, v in row.items() if not math.isfinite(v)]
+    if bad:
+        raise DivoError(
+            f"non-finite {', '.join(bad)} at step {step}; lower the learning rates or "
+            f"check the data ({checkpointer.last_good()})"
+        )
+
+
+def evaluate_into_row(
+    agent, data, cfg, device, step: int, row: dict[str, Any], log: logging.Logger = _log
+) -> dict[str, Any] | None:
+    """Evaluate (a failure is a warning and ``eval_failed`` in the row), add the scores to the
+    metrics row and log them; returns the evaluation (None when none ran)."""
+    try:
+        last_eval = _evaluate(agent, data, cfg, device)
+    except Exception as exc:  # noqa: BLE001 - never lose training to an eval failure
+        warnings.warn(
+            f"evaluation at step {step} failed ({type(exc).__name__}: {exc}); training goes on",
+            stacklevel=2,
+        )
+        row["eval_failed"] = 1.0
+        return None
+    if last_eval is not None:
+        row["eval_return_mean"] = last_eval["return_mean"]
+        row["eval_return_std"] = last_eval["return_std"]
+        row["normalized_score"] = last_eval["normalized_score"]
+        row.update(last_eval.get("critic") or {})
+        score = last_eval["normalized_score"]
+        log.info(
+            "step %d: normalized score %s (return %.2f +- %.2f over %d episodes)",
+            step,
+            f"{score:.1f}" if score is not None else "n/a",
+            last_eval["return_mean"],
+            last_eval["return_std"],
+            last_eval["episodes"],
+        )
+        if last_eval.get("critic"):
+            log.info(
+                "step %d: critic min Q %.2f, discounted return %.2f on the policy's own steps "
+                "(Q - return %+.2f)",
+                step,
+                last_eval["critic"]["eval_q"],
+                last_eval["critic"]["eval_return_to_go"],
+                last_eval["critic"]["eval_q_bias"],
+            )
+    return last_eval
+
+
+def best_evaluation(run_dir: Path) -> dict[str, Any] | None:
+    """The best of the evaluations in ``<run_dir>/metrics.csv`` (by normalised score, else by
+    return): ``{"note", "step", "return_mean", "normalized_score"}``, or None without any.
+    Selecting the best checkpoint on evaluation returns flatters a method (Diffusion-QL's paper
+    reports it); result.json's headline is the final policy's."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return None
+    best, best_key = None, None
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            ret, score = _float(row.get("eval_return_mean")), _float(row.get("normalized_score"))
+            if ret is None or int(row["step"]) == 0:  # step 0 (eval_at_start) trained nothing
+                continue
+            key = score if score is not None else ret
+            if best_key is None or key > best_key:
+                best_key = key
+                best = {"step": int(row["step"]), "return_mean": ret, "normalized_score": score}
+    if best is None:
+        return None
+    note = "best evaluation during training (model selection); not the final policy's score"
+    return {"note": note, **best}
+
+
+def _float(text: str | None) -> float | None:
+    try:
+        value = float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def evaluate_at_start(
+    agent, data, cfg, device, metrics: MetricsLogger, log: logging.Logger = _log
+) -> None:
+    """``train.eval_at_start``: evaluate the untrained policy, as step 0 of metrics.csv and the
+    log. Its random draws are undone (:func:`separate_rng`), so training is the same with or
+    without it; it is never the run's result."""
+    row: dict[str, Any] = {}
+    evaluate_into_row(agent, data, cfg, device, 0, row, log)
+    agent.train()
+    if row:
+        metrics.log(0, row)
+
+
+def run_result(
+    cfg: DictConfig,
+    data: OfflineData | None,
+    behavior_score: float | None,
+    last_eval: dict[str, Any] | None,
+    wall_clock_s: float,
+    device: torch.device,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """The run's ``result.json`` contents."""
+    return {
+        "recipe": cfg.get("recipe"),
+        "dataset_id": data.dataset_id if data is not None else None,
+        "seed": int(cfg.seed),
+        "steps": int(cfg.train.steps),
+        "return_mean": last_eval["return_mean"] if last_eval else None,
+        "return_std": last_eval["return_std"] if last_eval else None,
+        "normalized_score": last_eval["normalized_score"] if last_eval else None,
+        "episodes": last_eval["episodes"] if last_eval else 0,
+        "behavior_return": data.behavior_return if data is not None else None,
+        "behavior_normalized_score": behavior_score,
+        "wall_clock_s": round(wall_clock_s, 3),
+        "device": str(device),
+        "device_name": device_name(device),
+        "torch": torch.__version__,
+        "run_dir": str(run_dir),
+        # model selection, as Diffusion-QL's paper reports: the best evaluation during training,
+        # beside (never instead of) the final policy's numbers above
+        "best_during_training": best_evaluation(run_dir),
+    }
+
+
+def check_steps(cfg: DictConfig, start_step: int, run_dir: Path) -> None:
+    """Refuse a run whose checkpoint is already past ``train.steps`` (before any write)."""
+    steps = int(cfg.train.steps)
+    if start_step > steps:
+        raise ConfigError(
+            f"{run_dir} is already at step {start_step} > train.steps={steps}; pass "
+            f"train.steps={start_step} or more to extend it (the run was left as it is)"
+        )
+
+
+def progress_bar(cfg: DictConfig, start_step: int, what: str):
+    """The progress bar over ``train.steps`` and the context that sends log lines (the console
+    handlers of the root and ``divo`` loggers) above it instead of through it."""
+    bar = tqdm(
+        initial=start_step,
+        total=int(cfg.train.steps),
+        disable=not cfg.train.progress,
+        desc=f"{cfg.get('recipe')} {what}".strip(),
+        unit="step",
+        mininterval=1.0,
+        dynamic_ncols=True,
+    )
+    redirect = (
+        logging_redirect_tqdm([logging.root, logging.getLogger("divo")])
+        if cfg.train.progress
+        else contextlib.nullcontext()
+    )
+    return bar, redirect
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+class Eta:
+    """Announces the plan of a run (steps, device) before training, and once the first steps'
+    rate is known the expected remaining time; warns when a CPU run would take longer than
+    ``CPU_WARN_S``. ``update(step)`` is called after every step and costs one clock read."""
+
+    WARMUP_STEPS = 10  # not timed: compilation, allocator and cache warm-up
+    MEASURE_STEPS = 200  # the rate is measured over this many steps ...
+    MEASURE_S = 3.0  # ... or this many seconds, whichever comes first
+    CPU_WARN_S = 3 * 3600.0
+
+    def __init__(
+        self, start_step: int, steps: int, device: torch.device, log: logging.Logger = _log
+    ) -> None:
+        self.start, self.steps, self.device, self.log = start_step, steps, device, log
+        self._t0: float | None = None
+        self._done = steps - start_step <= self.WARMUP_STEPS
+        where = f"{device} ({device_name(device)})"
+        if start_step:
+            plan = f"steps {start_step + 1}-{steps} ({steps - start_step} to go)"
+        else:
+            plan = f"{steps} steps"
+        log.info("training %s on %s; ETA after the first steps", plan, where)
+
+    def update(self, step: int) -> None:
+        if self._done:
+            return
+        done = step - self.start - self.WARMUP_STEPS
+        if done <= 0:
+            if done == 0:
+                self._t0 = time.perf_counter()
+            return
+        elapsed = time.perf_counter() - self._t0
+        if done < self.MEASURE_STEPS and elapsed < self.MEASURE_S:
+            return
+        self._done = True
+        rate = done / max(elapsed, 1e-9)
+        left = (self.steps - step) / rate
+        self.log.info(
+            "%.0f steps/s: about %s to go (step %d of %d)",
+            rate, _duration(left), step, self.steps,
+        )  # fmt: skip
+        if self.device.type == "cpu" and left > self.CPU_WARN_S:
+            warnings.warn(
+                f"this CPU run of {self.steps} steps needs about {_duration(left)} more at "
+                f"{rate:.0f} steps/s; train on a GPU (device=cuda) or set a smaller train.steps",
+                stacklevel=2,
+            )
+
+
+def finished_result(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
+    """The stored result of a run in ``run_dir`` that already finished ``cfg``'s steps (its
+    result.json, policy.pt and a checkpoint at exactly ``train.steps``), else None."""
+    path = run_dir / "result.json"
+    steps = int(cfg.train.steps)
+    if not (path.is_file() and (run_dir / "policy.pt").is_file()):
+        return None
+    if not (run_dir / "checkpoints" / f"step_{steps:09d}.pt").is_file():
+        return None
+    if Checkpointer(run_dir, 1).files()[-1].name != f"step_{steps:09d}.pt":
+        return None  # extended beyond train.steps since: check_steps refuses it
+    try:
+        result = json.loads(path.read_text())
+        saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
+    except Exception:  # noqa: BLE001 - unreadable: the normal resume path says what is wrong
+        return None
+
+    def what_trains(config: dict) -> dict:  # all but the keys a resume may change
+        return {k: v for k, v in config.items() if k not in ("train", "device", "logger")}
+
+    ours = OmegaConf.to_container(cfg, resolve=True)
+    same = result.get("steps") == steps and what_trains(saved) == what_trains(ours)
+    return result if same else None

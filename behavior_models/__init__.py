@@ -10,6 +10,7 @@ from divo.behavior_models.base import (
 from divo.behavior_models.consistency import ConsistencyModel
 from divo.behavior_models.cvae import CVAE
 from divo.behavior_models.ddpm import DDPM
+from divo.behavior_models.flow import FlowMatching
 from divo.behavior_models.gaussian import GaussianBehavior
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "BehaviorModel",
     "BehaviorModelError",
     "ConsistencyModel",
+    "FlowMatching",
     "GaussianBehavior",
     "as_policy_module",
     "as_sampler_module",

@@ -3,10 +3,12 @@ networks (Diffusion-QL's MLP, IDQL's LayerNorm ResNet). No diffusion math."""
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -51,18 +53,20 @@ class Mish(nn.Module):
         return mish(x)
 
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": nn.ReLU,
     "mish": Mish,
     "tanh": nn.Tanh,
     "elu": nn.ELU,
     "gelu": nn.GELU,
+    # GELU's tanh approximation: flax's ``nn.gelu`` default (FQL's networks)
+    "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"),
     "silu": nn.SiLU,
 }
 
 
 def activation(name: str) -> nn.Module:
-    """An activation module by name (relu, mish, tanh, elu, gelu, silu)."""
+    """An activation module by name (relu, mish, tanh, elu, gelu, gelu_tanh, silu)."""
     try:
         return _ACTIVATIONS[name.lower()]()
     except KeyError:
@@ -71,50 +75,97 @@ def activation(name: str) -> nn.Module:
         ) from None
 
 
+INITS = ("torch", "xavier_uniform")
+LAYER_NORM_EPS = 1e-6  # flax's LayerNorm epsilon (torch's default is 1e-5)
+
+
+def _check_init(init: str) -> None:
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose one of {', '.join(INITS)}")
+
+
+@torch.no_grad()
+def init_linear_(weight: torch.Tensor, bias: torch.Tensor, fan_in: int, fan_out: int, init: str):
+    """Initialise a linear layer's ``weight`` and ``bias`` in place: ``torch`` (nn.Linear's
+    default: both U(-1/sqrt(fan_in), 1/sqrt(fan_in))) or ``xavier_uniform`` (flax's
+    ``variance_scaling(1, "fan_avg", "uniform")``, FQL's ``default_init``: weights
+    U(-sqrt(6 / (fan_in + fan_out)), +...), biases 0)."""
+    _check_init(init)
+    if init == "torch":
+        bound = 1.0 / math.sqrt(fan_in)
+        weight.uniform_(-bound, bound)
+        bias.uniform_(-bound, bound)
+    else:
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        weight.uniform_(-bound, bound)
+        bias.zero_()
+
+
 def mlp(
     in_dim: int,
     out_dim: int,
     hidden: Sequence[int] = (256, 256, 256),
     act: str = "relu",
     out_act: str | None = None,
+    layer_norm: bool = False,
+    init: str = "torch",
 ) -> nn.Sequential:
-    """Plain MLP: Linear -> act for each hidden width, then a Linear output (and out_act)."""
+    """Plain MLP: Linear -> act (-> LayerNorm, with ``layer_norm``: FQL's order) for each
+    hidden width, then a Linear output (and out_act). ``init``: see :func:`init_linear_`."""
+    _check_init(init)
     layers: list[nn.Module] = []
     d = in_dim
     for h in hidden:
         layers += [nn.Linear(d, h), activation(act)]
+        if layer_norm:
+            layers.append(nn.LayerNorm(h, eps=LAYER_NORM_EPS))
         d = h
     layers.append(nn.Linear(d, out_dim))
     if out_act is not None:
         layers.append(activation(out_act))
+    if init != "torch":  # nn.Linear already made torch's
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                init_linear_(layer.weight, layer.bias, *layer.weight.shape[::-1], init)
     return nn.Sequential(*layers)
 
 
 class EnsembleLinear(nn.Module):
     """``E`` independent linear layers applied as one batched matmul: [E, *B, in] -> [E, *B, out].
 
-    Each member is initialised exactly like ``nn.Linear`` (Kaiming-uniform weights, uniform bias).
+    Each member is initialised exactly like ``nn.Linear`` (Kaiming-uniform weights, uniform bias)
+    by default; ``init="xavier_uniform"``: as flax's default for FQL (see :func:`init_linear_`).
     """
 
-    def __init__(self, num_members: int, in_features: int, out_features: int) -> None:
+    def __init__(
+        self, num_members: int, in_features: int, out_features: int, init: str = "torch"
+    ) -> None:
         super().__init__()
+        _check_init(init)
         self.num_members = num_members
         self.in_features = in_features
         self.out_features = out_features
+        self.init = init
         self.weight = nn.Parameter(torch.empty(num_members, in_features, out_features))
         self.bias = nn.Parameter(torch.empty(num_members, 1, out_features))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        bound = 1.0 / math.sqrt(self.in_features)
-        # nn.Linear's default: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in)).
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
+        if self.init == "torch":
+            bound = 1.0 / math.sqrt(self.in_features)
+            # nn.Linear's default: kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in)).
+            nn.init.uniform_(self.weight, -bound, bound)
+            nn.init.uniform_(self.bias, -bound, bound)
+        else:
+            init_linear_(self.weight, self.bias, self.in_features, self.out_features, self.init)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if detach_params:
+            weight, bias = weight.detach(), bias.detach()
         shape = x.shape
         x = x.reshape(self.num_members, -1, self.in_features)
-        y = torch.baddbmm(self.bias, x, self.weight)
+        y = torch.baddbmm(bias, x, weight)
         return y.reshape(*shape[:-1], self.out_features)
 
     def member(self, index: int, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
@@ -131,10 +182,40 @@ class EnsembleLinear(nn.Module):
         )
 
 
+class EnsembleLayerNorm(nn.Module):
+    """``E`` independent LayerNorms (each with its own scale and shift) over the last dim:
+    [E, *B, D] -> [E, *B, D] (flax's LayerNorm inside an ensemble, as FQL's critic)."""
+
+    def __init__(self, num_members: int, width: int, eps: float = LAYER_NORM_EPS) -> None:
+        super().__init__()
+        self.num_members = num_members
+        self.width = width
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(num_members, 1, width))
+        self.bias = nn.Parameter(torch.zeros(num_members, 1, width))
+
+    def forward(self, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        weight, bias = self.weight, self.bias
+        if detach_params:
+            weight, bias = weight.detach(), bias.detach()
+        shape = x.shape
+        y = F.layer_norm(x.reshape(self.num_members, -1, self.width), (self.width,), eps=self.eps)
+        return torch.addcmul(bias, y, weight).reshape(shape)
+
+    def member(self, index: int, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
+        """Member ``index`` alone: [*B, D] -> [*B, D]."""
+        weight, bias = self.weight[index, 0], self.bias[index, 0]
+        if detach_params:
+            weight, bias = weight.detach(), bias.detach()
+        return F.layer_norm(x, (self.width,), weight, bias, self.eps)
+
+
 class EnsembleMLP(nn.Module):
     """``E`` independent MLPs evaluated in one batched call.
 
     Input ``[*B, in]`` (shared by all members) or ``[E, *B, in]``; output ``[E, *B, out]``.
+    ``layer_norm``: a LayerNorm after each hidden activation (FQL's critic); ``init``: see
+    :class:`EnsembleLinear`.
     """
 
     def __init__(
@@ -144,27 +225,42 @@ class EnsembleMLP(nn.Module):
         out_dim: int,
         hidden: Sequence[int] = (256, 256, 256),
         act: str = "relu",
+        layer_norm: bool = False,
+        init: str = "torch",
     ) -> None:
         super().__init__()
         self.num_members = num_members
         layers: list[nn.Module] = []
         d = in_dim
         for h in hidden:
-            layers += [EnsembleLinear(num_members, d, h), activation(act)]
+            layers += [EnsembleLinear(num_members, d, h, init), activation(act)]
+            if layer_norm:
+                layers.append(EnsembleLayerNorm(num_members, h))
             d = h
-        layers.append(EnsembleLinear(num_members, d, out_dim))
+        layers.append(EnsembleLinear(num_members, d, out_dim, init))
         self.net = nn.Sequential(*layers)
 
-    def forward(self, x: torch.Tensor, shared: bool = True) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, shared: bool = True, detach_params: bool = False
+    ) -> torch.Tensor:
+        """``detach_params``: gradients reach ``x`` but no weight (an actor's loss through the
+        critic needs dQ/da only)."""
         if shared:
             x = x.unsqueeze(0).expand(self.num_members, *x.shape)
-        return self.net(x)
+        if not detach_params:
+            return self.net(x)
+        for layer in self.net:
+            if isinstance(layer, EnsembleLinear | EnsembleLayerNorm):
+                x = layer(x, detach_params=True)
+            else:
+                x = layer(x)
+        return x
 
     def member(self, index: int, x: torch.Tensor, detach_params: bool = False) -> torch.Tensor:
         """Member ``index`` alone on [*B, in] -> [*B, out]: 1/E of the arithmetic of
         ``forward``. ``detach_params`` stops gradients at the weights (not at ``x``)."""
         for layer in self.net:
-            if isinstance(layer, EnsembleLinear):
+            if isinstance(layer, EnsembleLinear | EnsembleLayerNorm):
                 x = layer.member(index, x, detach_params)
             else:
                 x = layer(x)

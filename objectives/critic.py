@@ -14,7 +14,9 @@ from divo.objectives.functional import smoothed_target_action, td_target
 class TwinQ(nn.Module):
     """``num_q`` independent Q(s, a) MLPs evaluated as ONE batched call.
 
-    forward(observation [*B, O], action [*B, A]) -> [num_q, *B, 1].
+    forward(observation [*B, O], action [*B, A]) -> [num_q, *B, 1]. ``layer_norm``: a LayerNorm
+    after each hidden activation (FQL's critic); ``init``: ``torch`` (nn.Linear's) or
+    ``xavier_uniform`` (flax's default, FQL's).
     """
 
     def __init__(
@@ -24,15 +26,22 @@ class TwinQ(nn.Module):
         hidden: Sequence[int] = (256, 256),
         activation: str = "relu",
         num_q: int = 2,
+        layer_norm: bool = False,
+        init: str = "torch",
     ) -> None:
         super().__init__()
         self.num_q = num_q
-        self.net = EnsembleMLP(num_q, observation_dim + action_dim, 1, tuple(hidden), activation)
+        self.net = EnsembleMLP(
+            num_q, observation_dim + action_dim, 1, tuple(hidden), activation, layer_norm, init
+        )
 
-    def forward(self, observation: torch.Tensor, action: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, observation: torch.Tensor, action: torch.Tensor, detach_params: bool = False
+    ) -> torch.Tensor:
+        """``detach_params``: gradients flow to the inputs, not to the critic's weights."""
         if observation.shape[:-1] != action.shape[:-1]:
             observation = observation.expand(*action.shape[:-1], observation.shape[-1])
-        return self.net(torch.cat([observation, action], dim=-1))
+        return self.net(torch.cat([observation, action], dim=-1), detach_params=detach_params)
 
     def q1(
         self, observation: torch.Tensor, action: torch.Tensor, detach_params: bool = False

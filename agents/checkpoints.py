@@ -14,15 +14,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from divo.agents.agent import OfflineAgent
-from divo.agents.data import (
-    OfflineData,
-)
 from divo.agents.policy_io import POLICY_FORMAT
 from divo.agents.runtime import (
     numpy_rng_state,
     rng_state,
 )
 from divo.agents.trust import Trust, check_config, config_modules, trusted_modules
+from divo.data.load import OfflineData
 from divo.errors import CheckpointError, DivoError, UntrustedFileError
 from divo.files import atomic_save, load_file, load_trusted_file
 

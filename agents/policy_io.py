@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from divo.agents.evaluate import evaluate_policy
 from divo.agents.runtime import resolve_device
 from divo.agents.trust import Trust, check_config, check_env_spec
-from divo.datasets import make_env
+from divo.data.envs import make_env
 from divo.errors import CheckpointError, ConfigError
 from divo.files import load_file
 

@@ -21,16 +21,13 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from divo.agents.checkpoints import Checkpointer
-from divo.agents.data import (
-    OfflineData,
-    load_offline_data,
-)
 from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized_score
 from divo.agents.logging import MetricsLogger, check_backend
 from divo.agents.runtime import (
     device_name,
     separate_rng,
 )
+from divo.data.load import OfflineData, load_offline_data
 from divo.errors import ConfigError, DivoError
 from divo.objectives.critic import TwinQ
 

@@ -26,13 +26,6 @@ from divo.agents.checkpoints import (
     policy_payload,
     spec_json,
 )
-from divo.agents.data import (
-    buffer_observation_stats,
-    check_batch_keys,
-    check_buffer_finite,
-    conform_batch,
-    flat_flag_keys,
-)
 from divo.agents.logging import MetricAccumulator, MetricsLogger, RunLog
 from divo.agents.runs import (
     Eta,
@@ -54,6 +47,13 @@ from divo.agents.runtime import (
 from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
 from divo.agents.trust import Trust
 from divo.agents.vectorized import train_vectorized
+from divo.data.batches import (
+    buffer_observation_stats,
+    check_batch_keys,
+    check_buffer_finite,
+    conform_batch,
+    flat_flag_keys,
+)
 from divo.errors import ConfigError, DatasetError
 from divo.files import atomic_save
 

@@ -49,7 +49,6 @@ from divo.agents.checkpoints import (
     policy_payload,
     spec_json,
 )
-from divo.agents.data import check_batch_keys
 from divo.agents.logging import MetricAccumulator, MetricsLogger
 from divo.agents.runs import (
     Eta,
@@ -68,6 +67,7 @@ from divo.agents.runtime import (
 )
 from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compile_options
 from divo.agents.trust import Trust
+from divo.data.batches import check_batch_keys
 from divo.errors import ConfigError, DivoError, first_line
 from divo.files import atomic_save
 

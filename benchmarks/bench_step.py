@@ -40,7 +40,7 @@ from tensordict import TensorDict
 from divo.agents.builder import build_agent
 from divo.agents.runtime import device_name, resolve_device
 from divo.agents.step import COMPILE_MODES, DeviceSampler, TrainStep
-from divo.cli import available_recipes, compose_recipe
+from divo.config import available_recipes, compose_recipe
 from divo.errors import ConfigError
 from divo.objectives.actor import NormalizedPolicy
 

@@ -14,7 +14,6 @@ import importlib.resources
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -25,11 +24,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from divo.config import (
+    available_recipes,
+    compose_config,
+    config_keys,
+    did_you_mean,
+    resolve_recipe,
+)
 from divo.errors import CheckpointError, ConfigError, DivoError
-
-if not OmegaConf.has_resolver("slug"):
-    # ${slug:${dataset.id}} -> a dataset id usable as one folder name in run paths.
-    OmegaConf.register_new_resolver("slug", lambda s: str(s).replace("/", "-"))
 
 USAGE = """usage: divo <command> ...   (divo <command> --help, divo --version)
 
@@ -75,121 +77,6 @@ recipes: {recipes}
 """
 
 
-def recipes_dir() -> Path:
-    """The folder of shipped recipes (``recipes/`` of the repository, ``divo.recipes``)."""
-    return Path(str(importlib.resources.files("divo.recipes")))
-
-
-def available_recipes() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
-
-
-def resolve_recipe(recipe: str) -> tuple[Path, str, bool]:
-    """Recipe name or YAML path -> (config dir, config name, is a user file)."""
-    path = Path(recipe)
-    if path.suffix in (".yaml", ".yml"):
-        if not path.is_file():
-            raise ConfigError(f"recipe file {recipe} does not exist; check the path")
-        return path.resolve().parent, path.stem, True
-    if recipe in available_recipes():
-        return recipes_dir(), recipe, False
-    close = difflib.get_close_matches(recipe, available_recipes(), n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    raise ConfigError(
-        f"unknown recipe {recipe!r}{hint}; choose one of {', '.join(available_recipes())} or "
-        "pass a path to a .yaml file"
-    )
-
-
-def _missing_keys(node, prefix: str = "") -> list[str]:
-    """Dotted keys whose value is ``???``, found without resolving interpolations (a value that
-    interpolates a missing one must not hide the missing one)."""
-    if isinstance(node, dict):
-        items = node.items()
-    elif isinstance(node, list):
-        items = enumerate(node)
-    else:
-        return [prefix] if node == "???" else []
-    return sorted(
-        key for k, v in items for key in _missing_keys(v, f"{prefix}.{k}" if prefix else str(k))
-    )
-
-
-def compose_recipe(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
-    """Compose a recipe with overrides, as ``divo train`` does, without running it."""
-    return _compose(recipe, overrides)
-
-
-def _compose(recipe: str, overrides: Sequence[str] = (), *, with_hydra: bool = False) -> DictConfig:
-    """:func:`compose_recipe`; ``with_hydra`` keeps Hydra's own node (the run directory)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    config_dir, name, user = resolve_recipe(recipe)
-    overrides = list(overrides)
-    if user:
-        overrides.append(f"hydra.searchpath=[pkg://divo.recipes,file://{config_dir}]")
-    try:
-        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
-            cfg = compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
-    except (HydraException, OmegaConfBaseException) as exc:
-        unknown = re.search(r"Could not override '([^']+)'", str(exc))
-        if unknown:
-            raise _unknown_key_error(recipe, unknown.group(1), overrides) from None
-        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-        raise ConfigError(
-            f"recipe {recipe!r} with overrides {' '.join(overrides) or '(none)'} does not "
-            f"compose: {' '.join(lines[:3])}; check the override names with `divo train "
-            f"{recipe} --cfg job`"
-        ) from None
-    container = OmegaConf.to_container(cfg, resolve=False)
-    container.pop("hydra", None)
-    missing = _missing_keys(container)
-    if missing:
-        raise ConfigError(
-            f"recipe {recipe!r} needs a value for {', '.join(missing)}; pass it as an override, "
-            f"e.g. {missing[0]}=..."
-        )
-    return cfg
-
-
-def _config_keys(node, prefix: str = "") -> list[str]:
-    """Every dotted key of a config container (inner nodes too)."""
-    if not isinstance(node, dict):
-        return []
-    keys = []
-    for k, v in node.items():
-        key = f"{prefix}.{k}" if prefix else str(k)
-        keys += [key, *_config_keys(v, key)]
-    return keys
-
-
-def did_you_mean(key: str, keys: Sequence[str]) -> str:
-    """`` (did you mean a, b?)`` for the keys closest to a misspelt ``key``, or ``""``."""
-    same_depth = [k for k in keys if k.count(".") == key.count(".")]
-    close = difflib.get_close_matches(key, same_depth, n=2, cutoff=0.75)
-    return f" (did you mean {' or '.join(close)}?)" if close else ""
-
-
-def _unknown_key_error(recipe: str, key: str, overrides: Sequence[str]) -> ConfigError:
-    """An override naming a key the recipe lacks: the closest keys it has, else how to add one."""
-    given = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
-    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
-    try:
-        cfg = _compose(recipe, [g for g in groups if g != given])
-        keys = _config_keys(OmegaConf.to_container(cfg, resolve=False))
-    except ConfigError:
-        keys = []
-    hint = did_you_mean(key, keys)
-    fix = (
-        "fix the name"
-        if hint
-        else f"list the keys with `divo train {recipe} --cfg job`, or add a new key with +{given}"
-    )
-    return ConfigError(f"recipe {recipe!r} has no key {key} (override {given}){hint}; {fix}")
-
-
 def _summary(result: dict) -> str:
     score = result.get("normalized_score")
     ret = result.get("return_mean")
@@ -233,7 +120,7 @@ def _pinned_sweep_dir(recipe: str, overrides: Sequence[str]) -> Path | None:
             [o for o in overrides if not o.startswith("hydra.searchpath")]
         )
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-        cfg = _compose(recipe, fixed, with_hydra=True)
+        cfg = compose_config(recipe, fixed, with_hydra=True)
         return Path(str(cfg.hydra.sweep.dir))
     except Exception:  # noqa: BLE001 - e.g. a sweep folder naming a swept key
         return None
@@ -308,7 +195,7 @@ def _train(argv: list[str]) -> int:
     if not multirun and not any(
         f in hydra_flags for f in ("--cfg", "-c", "--help", "-h", "--info")
     ):
-        cfg = _compose(
+        cfg = compose_config(
             recipe, [o for o in overrides if not o.startswith("hydra.searchpath")], with_hydra=True
         )
         with contextlib.suppress(Exception):  # e.g. a run dir naming Hydra's runtime values
@@ -420,7 +307,7 @@ def _resume(
             f"cannot change {' '.join(bad)} when resuming {run_dir}: only train.*, device and "
             "logger.* may change (e.g. train.steps=... to extend); start a new run instead"
         )
-    keys = _config_keys(OmegaConf.to_container(cfg, resolve=False))
+    keys = config_keys(OmegaConf.to_container(cfg, resolve=False))
     for arg in args:
         key = arg.split("=", 1)[0]
         if key not in keys:
@@ -515,9 +402,10 @@ def _evaluate(argv: list[str]) -> int:
 def _convert(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="divo convert",
-        description="Rewrite policy files and checkpoints of an older divo as plain data, "
-        "which divo then loads without unpickling. This UNPICKLES the files, which runs any "
-        "code they hold: run it only on files you trust.",
+        description="Rewrite policy files and checkpoints of an older divo in this version's "
+        "format: plain data with the checksum of their contents. Files are read as plain data "
+        "plus the NumPy array an older divo pickled, and nothing else: a file that holds any "
+        "other object is refused without running it, and left as it is.",
     )
     parser.add_argument("paths", nargs="+", help="policy.pt / checkpoint files or run dirs")
     ns = parser.parse_args(argv)
@@ -531,17 +419,20 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
-# `divo study <name>`: the module of each study with its own command line (others: bandit_study)
-STUDY_MODULES = {
-    "locomotion": "divo.locomotion_study",
-    "diffusion-ql-toy": "divo.diffusion_ql_toy",
-}
-
-
 def _study(argv: list[str]) -> int:
-    module = STUDY_MODULES.get(argv[0]) if argv else None
+    from divo.studies import STUDIES
+
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: divo study <name> [key=value...] [options]   (divo study <name> --help)\n"
+            f"studies: {', '.join(STUDIES)}"
+        )
+        return 0 if argv else 2
+    module = STUDIES.get(argv[0])
     if module is None:
-        return importlib.import_module("divo.bandit_study").study_command(argv)
+        close = difflib.get_close_matches(argv[0], list(STUDIES), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"unknown study {argv[0]!r}{hint}; the studies: {', '.join(STUDIES)}")
     return importlib.import_module(module).study_command(argv[1:])
 
 
@@ -552,7 +443,7 @@ COMMANDS = {
     "convert": _convert,
     "report": lambda argv: importlib.import_module("divo.report").main(argv),
     "study": lambda argv: _study(argv),
-    "data": lambda argv: importlib.import_module("divo.factory.cli").data_command(argv),
+    "data": lambda argv: importlib.import_module("divo.data.factory.cli").data_command(argv),
 }
 
 

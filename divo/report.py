@@ -398,7 +398,7 @@ def _recipe_defaults(recipe: str) -> dict[str, Any]:
     added with the old behaviour as its default."""
     from omegaconf import OmegaConf
 
-    from divo.cli import compose_recipe
+    from divo.config import compose_recipe
 
     try:
         cfg = compose_recipe(recipe)

@@ -31,12 +31,12 @@ HOPPER_TARGET_STEPS = 3_000
 def minari_root(tmp_path_factory: pytest.TempPathFactory):
     """Point MINARI_DATASETS_PATH at a temporary folder (tests never touch ~/.minari), and make
     the built-in bandit dataset small (TEST_BANDIT_SAMPLES) so that its first use is quick."""
-    import divo.datasets
+    import divo.data.bandit
 
     root = tmp_path_factory.mktemp("minari")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MINARI_DATASETS_PATH", str(root))
-        patch.setattr(divo.datasets, "BANDIT_NUM_SAMPLES", TEST_BANDIT_SAMPLES)
+        patch.setattr(divo.data.bandit, "BANDIT_NUM_SAMPLES", TEST_BANDIT_SAMPLES)
         yield root
 
 
@@ -64,7 +64,7 @@ def hopper_env_spec():
 
 @pytest.fixture(scope="session")
 def hopper_episodes(hopper_env_spec):
-    from divo.datasets import random_policy_episodes
+    from divo.data.minari_io import random_policy_episodes
 
     env = gym.make(hopper_env_spec)
     try:
@@ -81,7 +81,7 @@ def hopper_dataset(minari_root, hopper_env_spec, hopper_episodes) -> str:
     the last one is cut off with neither flag. No reference scores are stored, so loaders fall
     back to the D4RL Hopper references.
     """
-    from divo.datasets import write_minari_dataset
+    from divo.data.minari_io import write_minari_dataset
 
     write_minari_dataset(
         HOPPER_DATASET_ID,

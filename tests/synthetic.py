@@ -5,7 +5,7 @@ from __future__ import annotations
 import gymnasium as gym
 import numpy as np
 
-from divo.datasets import write_minari_dataset
+from divo.data.minari_io import write_minari_dataset
 
 
 def hopper_like_episode(obs_dim: int = 11, steps: int = 5, seed: int = 0) -> dict:

@@ -7,43 +7,38 @@ import minari
 import numpy as np
 import pytest
 
-import divo.datasets
-import divo.envs
-from divo.agents.data import load_offline_data
-from divo.datasets import (
+import divo.data.bandit
+import divo.data.envs
+from divo.data.bandit import (
     BANDIT_DATASET_ID,
     BANDIT_MODE_STD,
-    bandit_episodes,
-    bandit_random_return,
-    is_local,
-    minari_root,
-    remove_local,
-    transitions_cache_path,
-)
-from divo.envs.bandit import (
     MODE_CENTERS,
     MODE_PAYOFFS,
     MultimodalBanditEnv,
+    bandit_episodes,
+    bandit_random_return,
     bandit_reward,
     best_action,
     best_mode_index,
 )
+from divo.data.load import load_offline_data
+from divo.data.paths import is_local, minari_root, remove_local, transitions_cache_path
 
 SMALL = 400  # bandit samples for the builder tests
 
 
 def test_registration_is_idempotent():
-    divo.envs.register_envs()
-    divo.envs.register_envs()
-    spec = gym.spec(divo.envs.BANDIT_ENV_ID)
-    assert spec.entry_point == "divo.envs.bandit:MultimodalBanditEnv"
-    env = gym.make(divo.envs.BANDIT_ENV_ID)
+    divo.data.envs.register_envs()
+    divo.data.envs.register_envs()
+    spec = gym.spec(divo.data.envs.BANDIT_ENV_ID)
+    assert spec.entry_point == "divo.data.bandit:MultimodalBanditEnv"
+    env = gym.make(divo.data.envs.BANDIT_ENV_ID)
     assert isinstance(env.unwrapped, MultimodalBanditEnv)
     env.close()
 
 
 def test_one_step_episodes():
-    env = gym.make(divo.envs.BANDIT_ENV_ID)
+    env = gym.make(divo.data.envs.BANDIT_ENV_ID)
     observation, _ = env.reset(seed=0)
     assert observation.dtype == np.float32 and observation.shape == (1,)
     assert not observation.any()
@@ -110,7 +105,7 @@ def test_builtin_dataset_is_created_on_first_use():
     assert metadata["ref_min_score"] == pytest.approx(bandit_random_return())
     assert "Diffusion-QL" in metadata["description"]
     assert (data.ref_min_score, data.ref_max_score) == (metadata["ref_min_score"], 1.0)
-    size = divo.datasets.BANDIT_NUM_SAMPLES  # made small by conftest's session fixture
+    size = divo.data.bandit.BANDIT_NUM_SAMPLES  # made small by conftest's session fixture
     assert data.num_episodes == data.num_transitions == size
     assert (data.observation_dim, data.action_dim) == (1, 2)
     assert data.data["next", "terminated"].all() and not data.data["next", "truncated"].any()

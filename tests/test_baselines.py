@@ -13,7 +13,7 @@ from torch import nn
 from divo.agents.builder import build_agent
 from divo.behavior_models import CVAE
 from divo.behavior_models.gaussian import GaussianBehavior
-from divo.cli import compose_recipe
+from divo.config import compose_recipe
 from divo.objectives import (
     ADPOSelector,
     ExpAWRWeight,

@@ -280,7 +280,7 @@ def test_consistency_curriculum_is_set_by_the_caller_and_saved_as_state():
 def test_ddpm_and_consistency_recover_the_four_bandit_modes_and_a_gaussian_does_not():
     """Diffusion-QL's toy: four Gaussian modes at (+-0.8, +-0.8). Numbers: the share of 2,000
     samples within 0.2 (4 std) of each mode (0.25 each for a perfect model)."""
-    from divo.bandit_study import (
+    from divo.studies.bandit import (
         behavior_model_config,
         fit_behavior_model,
         four_mode_data,

@@ -110,7 +110,7 @@ def test_unknown_command_suggests_the_closest(capsys):
 def test_remote_datasets_name_the_download_extra(monkeypatch):
     import minari
 
-    from divo.agents.data import load_offline_data
+    from divo.data.load import load_offline_data
 
     def no_hf(*args, **kwargs):
         raise ImportError('huggingface_hub is not installed. Please install "minari[hf]"')

@@ -15,13 +15,12 @@ from minari.data_collector import EpisodeBuffer
 from synthetic import hopper_like_episode, write_hopper_like
 from tensordict import TensorDict
 
-from divo.agents.data import (
-    D4RL_REFERENCE_SCORES,
-    OBS_STD_EPS,
-    check_batch_keys,
-    load_offline_data,
-)
-from divo.datasets import read_transitions, transitions_cache_path, write_minari_dataset
+from divo.data.batches import OBS_STD_EPS, check_batch_keys
+from divo.data.checks import D4RL_REFERENCE_SCORES
+from divo.data.load import load_offline_data
+from divo.data.minari_io import write_minari_dataset
+from divo.data.paths import transitions_cache_path
+from divo.data.transitions import read_transitions
 from divo.errors import DatasetError
 
 
@@ -345,7 +344,7 @@ def test_unmakeable_environment_warns_and_disables_evaluation():
 def test_nested_dict_observations_flatten_as_gymnasium_flattens_them():
     """Dict observations (nested, as Minari's Kitchen goals) become the columns gymnasium's
     FilterObservation + FlattenObservation give, step for step."""
-    from divo.datasets import flatten_observations, observation_key_order
+    from divo.data.transitions import flatten_observations, observation_key_order
 
     box = functools.partial(gym.spaces.Box, -1.0, 1.0, dtype=np.float32)
     space = gym.spaces.Dict(

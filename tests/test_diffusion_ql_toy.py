@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from divo.cli import main
-from divo.diffusion_ql_toy import Task, landing, run_cell, study_config
+from divo.studies.diffusion_ql_toy import Task, landing, run_cell, study_config
 
 
 def _paper_task(num_samples: int = 4000) -> Task:
@@ -105,7 +105,7 @@ def test_study_command_keeps_cells_and_skips_them(tmp_path, capsys):
 
 
 def test_seed_intervals_are_student_t():
-    from divo.diffusion_ql_toy import _mean_ci
+    from divo.studies.diffusion_ql_toy import _mean_ci
 
     assert _mean_ci([1.0, 2.0, 3.0]) == "2.00 +- 2.48"  # 4.303 x 1 / sqrt(3)
     assert _mean_ci([5.0]) == "5.00" and _mean_ci([]) == "-"

@@ -111,7 +111,7 @@ def test_the_readme_quick_start_log_has_the_shape_of_the_real_log(tmp_path):
     """Every `data ...` and `step N: ...` line of the README's quick-start log has a line of
     the same words in the train.log of a short run (numbers aside)."""
     from divo.agents.train import train
-    from divo.cli import compose_recipe
+    from divo.config import compose_recipe
 
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"```\n(data divo/hopper.*?)```", readme, re.S)
@@ -128,3 +128,24 @@ def test_the_readme_quick_start_log_has_the_shape_of_the_real_log(tmp_path):
               for ln in (tmp_path / "run" / "train.log").read_text().splitlines()]  # fmt: skip
     missing = [ln for ln in shown if not any(re.fullmatch(_shape(ln), got) for got in logged)]
     assert missing == [], (missing, logged)
+
+
+def _python_blocks(page: Path) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.S)
+
+
+@pytest.mark.slow
+def test_the_python_api_page_runs_as_written(tmp_path, monkeypatch):
+    """Every Python snippet of docs/python_api.md runs, in order, in one namespace, as a user
+    would paste them; only the step budget is made tiny (and evaluation short)."""
+    blocks = _python_blocks(ROOT / "docs" / "python_api.md")
+    assert len(blocks) >= 3
+    tiny = "train.steps=4', 'train.eval_every=4', 'train.log_every=2', 'train.eval_episodes=1"
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        code = re.sub(r"train\.steps=\d+", tiny.replace("'", '"'), block)
+        code = code.replace("episodes=5)", "episodes=1)")
+        exec(compile(code, "docs/python_api.md", "exec"), namespace)  # noqa: S102
+    assert (tmp_path / "runs" / "my-run" / "policy.pt").is_file()
+    assert (tmp_path / "runs" / "custom-buffer" / "result.json").is_file()

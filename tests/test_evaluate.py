@@ -7,11 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from divo.agents.data import load_offline_data
 from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized_score
-from divo.datasets import BANDIT_DATASET_ID
-from divo.envs import BANDIT_ENV_ID
-from divo.envs.bandit import best_action
+from divo.data.bandit import BANDIT_DATASET_ID, best_action
+from divo.data.envs import BANDIT_ENV_ID
+from divo.data.load import load_offline_data
 
 
 class CountingPolicy(torch.nn.Module):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from synthetic import register_push_right
 
+from divo.data.factory.build import BuildSettings, build_datasets, select_snapshots
+from divo.data.factory.sac import SACRun, SACSettings, Snapshot, check_env, env_slug, split_episodes
 from divo.errors import DatasetError
-from divo.factory.build import BuildSettings, build_datasets, select_snapshots
-from divo.factory.sac import SACRun, SACSettings, Snapshot, check_env, env_slug, split_episodes
 
 ENV = register_push_right()  # reward = action, 20 steps: SAC learns it in a few hundred updates
 TINY_SAC = SACSettings(

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from divo.cli import main, recipes_dir
+from divo.cli import main
+from divo.config import recipes_dir
 
 # launcher config -> (plugin module, extra, the plugin's launcher class)
 LAUNCHERS = {
@@ -114,7 +115,7 @@ def test_slurm_launcher_takes_overrides(capsys):
 @pytest.mark.slow
 @skip_without("local")
 def test_joblib_multirun_runs_two_jobs_in_parallel(tmp_path, capsys):
-    from divo.datasets import ensure_builtin
+    from divo.data.builtin import ensure_builtin
 
     # Written here with the session's small bandit (conftest); the worker processes then find
     # it under MINARI_DATASETS_PATH instead of each building the full-size one.
@@ -188,7 +189,7 @@ def test_slurm_config_runs_a_sweep_on_submitits_local_executor(tmp_path, capsys,
     results exactly as on a cluster; only the submission runs local processes."""
     import submitit
 
-    from divo.datasets import ensure_builtin
+    from divo.data.builtin import ensure_builtin
 
     class LocalAutoExecutor(submitit.AutoExecutor):
         def __init__(self, folder, cluster=None, **kwargs):
@@ -270,7 +271,7 @@ def test_ray_cluster_sweep_runs_two_jobs_on_a_running_cluster(ray_head, tmp_path
     """`divo train ... -m hydra/launcher=ray_cluster`, as typed, against a running cluster
     found through RAY_ADDRESS (the shipped config's address: auto): both jobs run as Ray tasks
     in the cluster's worker processes and write their run directories."""
-    from divo.datasets import ensure_builtin
+    from divo.data.builtin import ensure_builtin
 
     ensure_builtin("divo/bandit/multimodal-v0")  # the workers find it via MINARI_DATASETS_PATH
     sweep = tmp_path / "sweep"

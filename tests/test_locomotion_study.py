@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from divo.datasets import ensure_builtin
+from divo.data.builtin import ensure_builtin
 from divo.errors import ConfigError
-from divo.locomotion_study import (
+from divo.studies.locomotion import (
     Cell,
     cell_command,
     study_cells,
@@ -81,7 +81,7 @@ def test_the_study_runs_each_cell_once_keeps_its_outputs_and_resumes(tmp_path):
 
 def _dry_run(args: list[str]) -> str:
     lines: list[str] = []
-    from divo.locomotion_study import run_study
+    from divo.studies.locomotion import run_study
 
     run_study(study_config(args), dry_run=True, log=lines.append)
     return "\n".join(lines)
@@ -153,7 +153,7 @@ def test_deployment_variants_are_evaluated_kept_backfilled_and_tabled(tmp_path):
     assert row.startswith(f"| {BANDIT} | `temperature=0` | 1 | {trained:.1f} | ")
     (cell / "deploy-greedy.json").unlink()  # as for a cell kept before the variant existed
     lines: list[str] = []
-    from divo.locomotion_study import run_study
+    from divo.studies.locomotion import run_study
 
     assert run_study(study_config(args), log=lines.append) == 0
     assert (cell / "deploy-greedy.json").is_file()
@@ -165,7 +165,7 @@ def test_a_redeployed_baseline_is_paired_with_the_study_subject_by_seed(tmp_path
     """The deployment table puts the first ``compare`` recipe's final score on the same seeds
     beside each variant, with their paired difference; a seed the subject lacks is left out of
     that pairing, and the subject's own variants get no such column."""
-    from divo.locomotion_study import _deployment_section
+    from divo.studies.locomotion import _deployment_section
 
     cfg = study_config([*settings(tmp_path), "recipes=[td3bc,idql]", "compare=[td3bc,idql]",
                         "deployments={idql: {argmax: [selection=argmax]}}"])  # fmt: skip
@@ -213,3 +213,22 @@ def test_a_variant_page_names_its_settings_file_and_command(tmp_path):
     assert study_command([*settings(tmp_path), "--page-only"]) == 0  # the shipped study's page
     page = (tmp_path / "results.md").read_text()
     assert "Made by `divo study locomotion` (settings: `recipes/study/locomotion.yaml`)" in page
+
+
+@pytest.mark.slow
+def test_the_committed_cells_regenerate_the_results_page_identically(tmp_path, monkeypatch):
+    """``divo study locomotion --page-only`` over the committed cells writes docs/results.md
+    byte for byte (the report's tables and the notes come from the committed files only)."""
+    import shutil
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(
+        root / "docs" / "results",
+        tmp_path / "docs" / "results",
+        ignore=shutil.ignore_patterns("report", "report-last3", "design", "diffusion_ql_toy"),
+    )
+    monkeypatch.chdir(tmp_path)
+    assert study_command(["--page-only"]) == 0
+    page = (tmp_path / "docs" / "results.md").read_text()
+    assert page == (root / "docs" / "results.md").read_text()

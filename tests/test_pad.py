@@ -13,7 +13,7 @@ import csv
 import pytest
 
 from divo.agents.train import train
-from divo.cli import compose_recipe
+from divo.config import compose_recipe
 
 STEPS = 2000
 # 64-wide networks: the pairing, not the capacity, decides the share of positive advantages

@@ -21,7 +21,8 @@ from torch import nn
 from divo.agents.builder import build_agent
 from divo.behavior_models import BehaviorModel
 from divo.behavior_models.base import flatten_batch
-from divo.cli import compose_recipe, main
+from divo.cli import main
+from divo.config import compose_recipe
 from divo.errors import ConfigError
 from divo.testing import BehaviorModelContract
 

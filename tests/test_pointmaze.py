@@ -1,4 +1,4 @@
-"""PointMaze datasets made by a waypoint planner + PD controller (divo.factory.pointmaze)."""
+"""PointMaze datasets made by a waypoint planner + PD controller (divo.data.factory.pointmaze)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,8 @@ import minari
 import numpy as np
 import pytest
 
-from divo.datasets import float32_box
-from divo.errors import DatasetError, install_hint
-from divo.factory import pointmaze
-from divo.factory.pointmaze import (
+from divo.data.factory import pointmaze
+from divo.data.factory.pointmaze import (
     FLAT_OBSERVATION_LAYOUT,
     GOAL,
     MAZES,
@@ -31,6 +29,8 @@ from divo.factory.pointmaze import (
     evaluate_in_pointmaze,
     make_pointmaze_env,
 )
+from divo.data.minari_io import float32_box
+from divo.errors import DatasetError, install_hint
 
 needs_robotics = pytest.mark.skipif(
     importlib.util.find_spec("gymnasium_robotics") is None,
@@ -264,7 +264,7 @@ def test_recreating_the_environment_needs_no_import(built_dataset, minari_root):
 
 @needs_robotics
 def test_loader_reads_the_dataset_with_its_references_and_eval_env(built_dataset):
-    from divo.agents.data import load_offline_data
+    from divo.data.load import load_offline_data
 
     data = load_offline_data(TEST_DATASET_ID, download=False)
     assert data.observation_dim == 8 and data.action_dim == 2
@@ -319,7 +319,7 @@ def test_missing_gymnasium_robotics_says_how_to_install_it(monkeypatch):
 
 
 def test_recipe_group_sets_the_sparse_reward_settings():
-    from divo.cli import compose_recipe
+    from divo.config import compose_recipe
 
     cfg = compose_recipe("td3bc", ["dataset=pointmaze"])
     assert cfg.dataset.id == "divo/pointmaze/umaze-v0"
@@ -396,7 +396,7 @@ def dict_dataset(minari_root) -> str:
 
 @needs_robotics
 def test_dict_observations_are_flattened_in_the_evaluation_envs_order(dict_dataset):
-    from divo.agents.data import load_offline_data
+    from divo.data.load import load_offline_data
 
     episode = next(iter(minari.load_dataset(dict_dataset).iterate_episodes()))
     first = episode.observations
@@ -428,7 +428,7 @@ def test_dict_observations_are_flattened_in_the_evaluation_envs_order(dict_datas
 
 @needs_robotics
 def test_bad_observation_keys_are_one_clear_error(dict_dataset, hopper_dataset):
-    from divo.agents.data import load_offline_data
+    from divo.data.load import load_offline_data
 
     with pytest.raises(DatasetError, match=r"no observation key\(s\) 'goal'.*achieved_goal"):
         load_offline_data(dict_dataset, observation_keys=["goal"])

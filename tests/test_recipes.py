@@ -7,7 +7,7 @@ import torch
 from tensordict import TensorDict
 
 from divo.agents.builder import build_agent
-from divo.cli import available_recipes, compose_recipe
+from divo.config import available_recipes, compose_recipe
 from divo.errors import ConfigError
 
 O, A, B = 5, 2, 16  # noqa: E741 - observation size, action size, batch size

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from divo.agents.train import train
-from divo.cli import compose_recipe, main
+from divo.cli import main
+from divo.config import compose_recipe
 from divo.errors import CheckpointError
 
 SHORT = [

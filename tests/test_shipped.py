@@ -1,5 +1,5 @@
-"""The starter datasets shipped with divo (divo/shipped): made by `divo data build`, copied into
-the local Minari root on first use, and the recipes' default."""
+"""The starter datasets shipped with divo (divo/data/shipped): made by `divo data build`, copied
+into the local Minari root on first use, and the recipes' default."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import minari
 import numpy as np
 import pytest
 
-from divo.agents.data import load_offline_data
-from divo.datasets import SHIPPED_ROOT, ensure_builtin, is_local, remove_local, shipped_datasets
+from divo.data.builtin import SHIPPED_ROOT, ensure_builtin, shipped_datasets
+from divo.data.load import load_offline_data
+from divo.data.paths import is_local, remove_local
 
 EXPECTED = {
     "divo/hopper/medium-v0",

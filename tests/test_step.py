@@ -11,7 +11,7 @@ from tensordict import TensorDict
 from divo.agents.builder import build_agent
 from divo.agents.step import DeviceSampler, TrainStep
 from divo.behavior_models.backbones import mish
-from divo.cli import available_recipes, compose_recipe
+from divo.config import available_recipes, compose_recipe
 from divo.errors import ConfigError
 from divo.objectives.critic import TwinQ
 

@@ -12,9 +12,11 @@ import pytest
 import torch
 from torchrl.data import LazyMemmapStorage, LazyTensorStorage, TensorDictReplayBuffer
 
-from divo.agents.data import buffer_observation_stats, load_offline_data
 from divo.agents.train import train
-from divo.cli import compose_recipe, main
+from divo.cli import main
+from divo.config import compose_recipe
+from divo.data.batches import buffer_observation_stats
+from divo.data.load import load_offline_data
 from divo.errors import ConfigError, DatasetError, DivoError, install_hint
 
 FAST = [
@@ -224,7 +226,7 @@ def test_divo_settles_on_the_best_paying_bandit_mode_and_td3bc_does_not(tmp_path
     """The learning test: DIVO's greedy action lands in the best-paying mode on most seeds,
     while plain TD3+BC (BC toward all four modes) does markedly worse on the same seeds."""
     from divo.agents.policy_io import load_policy
-    from divo.envs.bandit import best_action
+    from divo.data.bandit import best_action
 
     best = torch.as_tensor(best_action())
     seeds = (0, 1, 2)

@@ -20,7 +20,8 @@ from divo.agents.vectorized import (
     build_vectorized_agent,
     clip_grad_norm_per_seed,
 )
-from divo.cli import compose_recipe, main
+from divo.cli import main
+from divo.config import compose_recipe
 from divo.errors import ConfigError, DatasetError
 
 torch.set_num_threads(1)
@@ -318,7 +319,7 @@ def test_resume_continues_every_seed_exactly(tmp_path, recipe):
 def test_vectorised_divo_settles_on_the_best_paying_bandit_mode(tmp_path):
     """The learning test of tests/test_train.py with its three seeds in one process (DIVO only:
     TD3+BC's failure on the same seeds is the single-seed test's, and costs CI time)."""
-    from divo.envs.bandit import best_action
+    from divo.data.bandit import best_action
 
     best = torch.as_tensor(best_action())
     cfg = compose_recipe(

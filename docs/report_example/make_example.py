@@ -31,7 +31,8 @@ BANDIT_ID = "divo/bandit/multimodal-v0"
 
 
 def write_datasets() -> None:
-    from divo.datasets import ensure_builtin, random_policy_episodes, write_minari_dataset
+    from divo.data.builtin import ensure_builtin
+    from divo.data.minari_io import random_policy_episodes, write_minari_dataset
 
     env = gym.make("Hopper-v5")  # the standard 1,000-step time limit
     try:

@@ -30,14 +30,14 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 import warnings
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from divo.studies.runner import run_cells, study_arguments, study_settings
 
 STUDY_CONFIG = "study/locomotion.yaml"
 KEPT_FILES = ("result.json", "metrics.csv", "config.yaml", "train.log")
@@ -47,26 +47,7 @@ def study_config(overrides: Sequence[str] = (), config: str | Path | None = None
     """The study's settings: ``recipes/study/locomotion.yaml``, then the YAML file ``config``
     (a variant of the study: other overrides, results folder, ...), then dot-list
     ``overrides``. Unknown keys are refused."""
-    from omegaconf import OmegaConf
-
-    from divo.cli import recipes_dir
-    from divo.errors import ConfigError
-
-    cfg = OmegaConf.load(recipes_dir() / STUDY_CONFIG)
-    layers = []
-    if config is not None:
-        if not Path(config).is_file():
-            raise ConfigError(f"study config {config} does not exist")
-        layers.append((str(config), OmegaConf.load(config)))
-    layers.append(("key=value settings", OmegaConf.from_dotlist(list(overrides))))
-    for where, extra in layers:
-        unknown = sorted(set(extra) - set(cfg))
-        if unknown:
-            raise ConfigError(
-                f"unknown study setting(s) {', '.join(unknown)} in {where}; the settings are "
-                f"{', '.join(cfg)} (recipes/{STUDY_CONFIG})"
-            )
-        cfg = OmegaConf.merge(cfg, extra)
+    cfg = study_settings(STUDY_CONFIG, overrides, config)
     # where the settings came from, for the page's header and its command (not a setting)
     cfg._source = str(config) if config is not None else None
     return cfg
@@ -479,25 +460,18 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
         log("  " + line)
     if backfilled:
         write_page(cfg, log)
-    failed = 0
-    lock = threading.Lock()
 
-    def one(cell: Cell) -> None:
-        nonlocal failed
+    def run_one(cell: Cell) -> tuple[bool, str]:
         log(f"  started {cell}")
-        ok, message = run_cell(cell, cfg)
-        with lock:
-            log("  " + message)
-            if ok:
-                write_page(cfg, log)
-                estimate = time_left(cfg, jobs)
-                if estimate:
-                    log("  " + estimate)
-            else:
-                failed += 1
+        return run_cell(cell, cfg)
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        list(pool.map(one, todo))
+    def after_each() -> None:
+        write_page(cfg, log)
+        estimate = time_left(cfg, jobs)
+        if estimate:
+            log("  " + estimate)
+
+    failed = run_cells(todo, run_one, after_each, jobs=jobs, log=log)
     write_page(cfg, log)
     return failed
 
@@ -505,26 +479,22 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
 def study_command(argv: Sequence[str]) -> int:
     """``divo study locomotion [key=value ...] [--config FILE] [--jobs N] [--page-only]
     [--dry-run]``."""
-    from divo.errors import ConfigError
 
-    parser = argparse.ArgumentParser(
-        prog="divo study locomotion",
-        description="DIVO, TD3+BC and DIVO's ablations over MuJoCo datasets and seeds; "
-        "resumable, rewrites the results page after every cell.",
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--config", default=None, help="a YAML file of settings merged over the shipped ones"
+        )
+        parser.add_argument("--jobs", type=int, default=None, help="cells side by side")
+        parser.add_argument("--dry-run", action="store_true", help="list the cells' commands")
+
+    ns = study_arguments(
+        "divo study locomotion",
+        "DIVO, TD3+BC and DIVO's ablations over MuJoCo datasets and seeds; resumable, rewrites "
+        "the results page after every cell.",
+        argv,
+        STUDY_CONFIG,
+        options,
     )
-    parser.add_argument("overrides", nargs="*", help="key=value (recipes/study/locomotion.yaml)")
-    parser.add_argument(
-        "--config", default=None, help="a YAML file of settings merged over the shipped ones"
-    )
-    parser.add_argument("--jobs", type=int, default=None, help="cells side by side")
-    parser.add_argument(
-        "--page-only", action="store_true", help="rewrite the page from finished cells only"
-    )
-    parser.add_argument("--dry-run", action="store_true", help="list the cells' commands")
-    ns = parser.parse_intermixed_args(list(argv))
-    bad = [o for o in ns.overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"study settings are key=value pairs, got {' '.join(bad)}")
     cfg = study_config(ns.overrides, ns.config)
     if ns.page_only:
         write_page(cfg)

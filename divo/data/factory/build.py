@@ -2,7 +2,7 @@
 
 The recipe D4RL used for its Gym locomotion data, step by step:
 
-1. train SAC online (``divo.factory.sac``), keeping a policy snapshot and its evaluation return
+1. train SAC online (``divo.data.factory.sac``), keeping a policy snapshot and its evaluation return
    every ``snapshot_every`` steps (resumable);
 2. pick snapshots (``select_snapshots``): ``expert`` = the best snapshot (or the final one),
    ``medium`` = the snapshot whose return is closest to ``medium_fraction`` (1/3) of the
@@ -34,10 +34,11 @@ import minari
 import numpy as np
 from minari.storage.datasets_root_dir import get_dataset_path
 
-from divo.datasets import float32_box, is_local, remove_local, write_minari_dataset
+from divo.data.factory.rollouts import episode_returns, run_episodes, torch_policy, uniform_policy
+from divo.data.factory.sac import SACRun, SACSettings, Snapshot, check_env, env_slug
+from divo.data.minari_io import float32_box, write_minari_dataset
+from divo.data.paths import is_local, remove_local
 from divo.errors import DatasetError
-from divo.factory.rollouts import episode_returns, run_episodes, torch_policy, uniform_policy
-from divo.factory.sac import SACRun, SACSettings, Snapshot, check_env, env_slug
 
 LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert")
 DEFAULT_LEVELS = ("medium", "medium-replay", "expert")

@@ -20,24 +20,21 @@ the table are rewritten after every cell.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from divo.studies.runner import run_cells, study_arguments, study_settings, write_json_atomic
+
 STUDY_CONFIG = "study/diffusion_ql_toy.yaml"
 
 
 def study_config(overrides: Sequence[str] = ()) -> Any:
-    """The study's settings with dot-list overrides applied."""
-    from omegaconf import OmegaConf
-
-    from divo.cli import recipes_dir
-
-    cfg = OmegaConf.load(recipes_dir() / STUDY_CONFIG)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    """The study's settings (``recipes/study/diffusion_ql_toy.yaml``) with dot-list overrides
+    applied; unknown keys are refused."""
+    return study_settings(STUDY_CONFIG, overrides)
 
 
 # ------------------------------------------------------------------------------------- tasks
@@ -51,8 +48,8 @@ class Task:
         self.name = name
         self.label = str(spec.label)
         if spec.get("dataset"):
-            from divo.agents.data import load_offline_data
-            from divo.envs.bandit import MODE_CENTERS, MODE_PAYOFFS
+            from divo.data.bandit import MODE_CENTERS, MODE_PAYOFFS
+            from divo.data.load import load_offline_data
 
             self.data = load_offline_data(str(spec.dataset)).data
             self.centers = torch.as_tensor(MODE_CENTERS)
@@ -83,7 +80,7 @@ class Task:
         import torch
 
         if not self.per_mode:
-            from divo.envs.bandit import bandit_reward
+            from divo.data.bandit import bandit_reward
 
             return torch.as_tensor(bandit_reward(actions.numpy()))
         return self.mode_values[torch.cdist(actions, self.centers).argmin(-1)]
@@ -161,7 +158,7 @@ def _run_cell(cfg: Any, task: Task, variant: str, seed: int, log=print) -> dict:
 
     from divo.agents.builder import build_agent
     from divo.agents.step import DeviceSampler, TrainStep
-    from divo.cli import compose_recipe
+    from divo.config import compose_recipe
 
     spec = cfg.variants[variant]
     steps = int(spec.steps)
@@ -239,13 +236,6 @@ def cell_done(cfg: Any, task: str, variant: str, seed: int) -> dict | None:
         return None
     record = json.loads(path.read_text())
     return record if record.get("steps") == int(cfg.variants[variant].steps) else None
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(obj) + "\n")
-    tmp.replace(path)
 
 
 # -------------------------------------------------------------------------------------- page
@@ -434,39 +424,37 @@ def run_study(overrides: Sequence[str] = (), page_only: bool = False, log=print)
     cfg = study_config(overrides)
     tasks: dict[str, Task] = {}
     records = []
+    todo = []
     for task_name, variant in cfg.cells:
         for seed in (int(s) for s in cfg.seeds):
             done = cell_done(cfg, task_name, variant, seed)
-            if done is not None or page_only:
-                records += [done] if done else []
-                continue
-            if task_name not in tasks:
-                tasks[task_name] = Task(task_name, cfg.tasks[task_name])
-            log(f"  {task_name} / {variant} / seed {seed}: {cfg.variants[variant].steps} steps")
-            record = run_cell(cfg, tasks[task_name], variant, seed, log)
-            write_json_atomic(cell_path(cfg, task_name, variant, seed), record)
-            records.append(record)
-            write_page(cfg, tasks, log)
+            if done is not None:
+                records.append(done)
+            elif not page_only:
+                todo.append((task_name, variant, seed))
+
+    def run_one(cell: tuple[str, str, int]) -> tuple[bool, str]:
+        task_name, variant, seed = cell
+        if task_name not in tasks:
+            tasks[task_name] = Task(task_name, cfg.tasks[task_name])
+        log(f"  {task_name} / {variant} / seed {seed}: {cfg.variants[variant].steps} steps")
+        record = run_cell(cfg, tasks[task_name], variant, seed, log)
+        write_json_atomic(cell_path(cfg, task_name, variant, seed), record)
+        records.append(record)
+        return True, f"{task_name} / {variant} / seed {seed}: done"
+
+    run_cells(todo, run_one, lambda: write_page(cfg, tasks, log), jobs=1, log=log)
     write_page(cfg, None, log)
     return records
 
 
 def study_command(argv: Sequence[str]) -> int:
     """``divo study diffusion-ql-toy [key=value ...] [--page-only]``."""
-    from divo.errors import ConfigError
-
-    parser = argparse.ArgumentParser(
-        prog="divo study diffusion-ql-toy",
-        description="Diffusion-QL on its own toy and on divo's bandit (recipes/study/"
-        "diffusion_ql_toy.yaml); finished cells are kept and skipped.",
+    ns = study_arguments(
+        "divo study diffusion-ql-toy",
+        "Diffusion-QL on its own toy and on divo's bandit; finished cells are kept and skipped.",
+        argv,
+        STUDY_CONFIG,
     )
-    parser.add_argument("overrides", nargs="*", help="key=value settings")
-    parser.add_argument(
-        "--page-only", action="store_true", help="rewrite the page from finished cells only"
-    )
-    ns = parser.parse_intermixed_args(list(argv))
-    bad = [o for o in ns.overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"study settings are key=value pairs, got {' '.join(bad)}")
     run_study(ns.overrides, page_only=ns.page_only)
     return 0

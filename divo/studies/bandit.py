@@ -24,17 +24,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from divo.errors import ConfigError
+from divo.studies.runner import study_arguments, study_settings
+
 STUDY_CONFIG = "study/bandit.yaml"
 
 
 def study_config(overrides: Sequence[str] = ()) -> Any:
-    """The study's settings (``recipes/study/bandit.yaml``) with dot-list overrides applied."""
-    from omegaconf import OmegaConf
-
-    from divo.cli import recipes_dir
-
-    cfg = OmegaConf.load(recipes_dir() / STUDY_CONFIG)
-    return OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    """The study's settings (``recipes/study/bandit.yaml``) with dot-list overrides applied;
+    unknown keys are refused."""
+    return study_settings(STUDY_CONFIG, overrides)
 
 
 def four_mode_data(num_samples: int, seed: int):
@@ -42,7 +41,7 @@ def four_mode_data(num_samples: int, seed: int):
     import numpy as np
     import torch
 
-    from divo.datasets import bandit_episodes
+    from divo.data.bandit import bandit_episodes
 
     episodes = bandit_episodes(num_samples, seed=seed)
     return torch.as_tensor(np.concatenate([e["actions"] for e in episodes]))
@@ -55,7 +54,7 @@ def mode_coverage(samples, radius: float = 0.2) -> list[float]:
     for none."""
     import torch
 
-    from divo.envs.bandit import MODE_CENTERS
+    from divo.data.bandit import MODE_CENTERS
 
     dist = torch.cdist(samples.float(), torch.as_tensor(MODE_CENTERS))
     nearest = dist.min(dim=-1)
@@ -68,7 +67,7 @@ def behavior_model_config(cfg: Any, name: str, **overrides: Any) -> dict:
     the caller's overrides, as a plain dict ready for ``hydra.utils.instantiate``."""
     from omegaconf import OmegaConf
 
-    from divo.cli import recipes_dir
+    from divo.config import recipes_dir
 
     spec = cfg.behavior_models.models[name]
     base = OmegaConf.load(recipes_dir() / "behavior_model" / f"{spec.group}.yaml")
@@ -155,8 +154,8 @@ def run_policies(cfg: Any, runs_dir: Path, log=print, reuse: bool = False) -> di
 
     from divo.agents.policy_io import load_policy
     from divo.agents.train import train
-    from divo.cli import compose_recipe
-    from divo.envs.bandit import best_action
+    from divo.config import compose_recipe
+    from divo.data.bandit import best_action
 
     logging.getLogger("torchrl").setLevel(logging.WARNING)  # its per-storage INFO lines
     pol = cfg.policies
@@ -197,7 +196,7 @@ def run_policies(cfg: Any, runs_dir: Path, log=print, reuse: bool = False) -> di
 
 
 def _scatter_panel(ax, title: str, reward_map=None) -> None:
-    from divo.envs.bandit import MODE_CENTERS, MODE_PAYOFFS
+    from divo.data.bandit import MODE_CENTERS, MODE_PAYOFFS
 
     if reward_map is not None:
         xs, ys, zs = reward_map
@@ -220,7 +219,7 @@ def make_figure(models: dict, policies: dict | None, cfg: Any, path: Path) -> No
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from divo.envs.bandit import bandit_reward
+    from divo.data.bandit import bandit_reward
 
     grid = np.linspace(-1, 1, 121)
     xx, yy = np.meshgrid(grid, grid)
@@ -345,33 +344,34 @@ def run_study(
     return numbers
 
 
-STUDIES = {"bandit": run_study}
-
-
 def study_command(argv: Sequence[str]) -> int:
-    """``divo study bandit [key=value ...] [--out PNG] [--runs DIR] [--models-only]``."""
-    from divo.errors import ConfigError
+    """``divo study bandit [key=value ...] [--out PNG] [--runs DIR] [--models-only]
+    [--reuse-runs]``."""
 
-    parser = argparse.ArgumentParser(
-        prog="divo study", description="Run a study and write its figure and numbers."
+    def options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--out", default="docs/bandit_study.png", help="figure path (.png)")
+        parser.add_argument("--runs", default=None, help="keep the training runs in this folder")
+        parser.add_argument(
+            "--models-only", action="store_true", help="fit the behaviour models only (part 1)"
+        )
+        parser.add_argument(
+            "--reuse-runs",
+            action="store_true",
+            help="with --runs: do not retrain runs already there (replot only)",
+        )
+
+    ns = study_arguments(
+        "divo study bandit",
+        "The 2-D bandit: where each behaviour model's samples land, and each recipe's policy.",
+        argv,
+        STUDY_CONFIG,
+        options,
     )
-    parser.add_argument("study", choices=sorted(STUDIES))
-    parser.add_argument("overrides", nargs="*", help="key=value settings (recipes/study/*.yaml)")
-    parser.add_argument("--out", default="docs/bandit_study.png", help="figure path (.png)")
-    parser.add_argument("--runs", default=None, help="keep the training runs in this folder")
-    parser.add_argument(
-        "--models-only", action="store_true", help="fit the behaviour models only (part 1)"
-    )
-    parser.add_argument(
-        "--reuse-runs",
-        action="store_true",
-        help="with --runs: do not retrain runs already there (replot only)",
-    )
-    ns = parser.parse_intermixed_args(list(argv))  # settings may follow --out etc.
-    bad = [o for o in ns.overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"study settings are key=value pairs, got {' '.join(bad)}")
+    if ns.page_only:
+        raise ConfigError(
+            "divo study bandit has no cells to keep: it reruns its figure; drop --page-only"
+        )
     if ns.reuse_runs and ns.runs is None:
         raise ConfigError("--reuse-runs needs --runs DIR (the folder of earlier runs)")
-    STUDIES[ns.study](ns.overrides, ns.out, ns.runs, ns.models_only, reuse_runs=ns.reuse_runs)
+    run_study(ns.overrides, ns.out, ns.runs, ns.models_only, reuse_runs=ns.reuse_runs)
     return 0

@@ -31,8 +31,8 @@ def _positive(text: str) -> int:
 
 
 def _build(argv: list[str]) -> int:
-    from divo.factory.build import DEFAULT_LEVELS, LEVELS, BuildSettings, build_datasets
-    from divo.factory.sac import SACSettings
+    from divo.data.factory.build import DEFAULT_LEVELS, LEVELS, BuildSettings, build_datasets
+    from divo.data.factory.sac import SACSettings
 
     sac_defaults, defaults = SACSettings(), BuildSettings()
     parser = argparse.ArgumentParser(
@@ -165,7 +165,7 @@ def _build(argv: list[str]) -> int:
 
 
 def _pointmaze(argv: list[str]) -> int:
-    from divo.factory import pointmaze
+    from divo.data.factory import pointmaze
 
     parser = argparse.ArgumentParser(
         prog="divo data pointmaze",

@@ -16,7 +16,7 @@ from tensordict import TensorDict
 from torchrl.envs.utils import ExplorationType, set_exploration_type
 from tqdm.auto import tqdm
 
-from divo.datasets import EpisodeRecorder
+from divo.data.minari_io import EpisodeRecorder
 
 Act = Callable[[np.ndarray], np.ndarray]  # observations [n, O] -> actions [n, A]
 
@@ -31,7 +31,7 @@ def run_episodes(
     num_envs: int = 8,
     progress: bool | str = False,
 ) -> list[dict[str, np.ndarray]]:
-    """Episodes of ``act`` in Minari's layout (see ``divo.datasets``).
+    """Episodes of ``act`` in Minari's layout (see ``divo.data.minari_io``).
 
     Exactly one of ``num_episodes`` (whole episodes) and ``num_steps`` (that many transitions;
     episodes still running when the budget is spent are cut off and their last step flagged

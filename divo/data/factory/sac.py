@@ -38,8 +38,8 @@ from torchrl.modules import MLP, ProbabilisticActor, TanhNormal, ValueOperator
 from torchrl.objectives import SACLoss, SoftUpdate
 from tqdm.auto import tqdm
 
+from divo.data.factory.rollouts import episode_returns, run_episodes, torch_policy
 from divo.errors import CheckpointError, DatasetError
-from divo.factory.rollouts import episode_returns, run_episodes, torch_policy
 from divo.files import atomic_save, load_file
 
 CHECKPOINT = "sac_checkpoint.pt"

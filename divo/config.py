@@ -1,0 +1,139 @@
+"""Recipes: where they live, resolving a name or a path, and composing one with overrides.
+
+``compose_recipe("divo", ["train.steps=2000"])`` gives the config ``divo train divo
+train.steps=2000`` runs; a misspelt key or recipe is a one-line :class:`ConfigError` with the
+closest names. The CLI, the studies and the report compose recipes through this module only.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.resources
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from divo.errors import ConfigError
+
+if not OmegaConf.has_resolver("slug"):
+    # ${slug:${dataset.id}} -> a dataset id usable as one folder name in run paths.
+    OmegaConf.register_new_resolver("slug", lambda s: str(s).replace("/", "-"))
+
+
+def recipes_dir() -> Path:
+    """The folder of shipped recipes (``recipes/`` of the repository, ``divo.recipes``)."""
+    return Path(str(importlib.resources.files("divo.recipes")))
+
+
+def available_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def resolve_recipe(recipe: str) -> tuple[Path, str, bool]:
+    """Recipe name or YAML path -> (config dir, config name, is a user file)."""
+    path = Path(recipe)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"recipe file {recipe} does not exist; check the path")
+        return path.resolve().parent, path.stem, True
+    if recipe in available_recipes():
+        return recipes_dir(), recipe, False
+    close = difflib.get_close_matches(recipe, available_recipes(), n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    raise ConfigError(
+        f"unknown recipe {recipe!r}{hint}; choose one of {', '.join(available_recipes())} or "
+        "pass a path to a .yaml file"
+    )
+
+
+def _missing_keys(node, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is ``???``, found without resolving interpolations (a value that
+    interpolates a missing one must not hide the missing one)."""
+    if isinstance(node, dict):
+        items = node.items()
+    elif isinstance(node, list):
+        items = enumerate(node)
+    else:
+        return [prefix] if node == "???" else []
+    return sorted(
+        key for k, v in items for key in _missing_keys(v, f"{prefix}.{k}" if prefix else str(k))
+    )
+
+
+def compose_recipe(recipe: str, overrides: Sequence[str] = ()) -> DictConfig:
+    """Compose a recipe with overrides, as ``divo train`` does, without running it."""
+    return compose_config(recipe, overrides, with_hydra=False)
+
+
+def compose_config(
+    recipe: str, overrides: Sequence[str] = (), *, with_hydra: bool = False
+) -> DictConfig:
+    """:func:`compose_recipe`; ``with_hydra`` keeps Hydra's own node (the run directory)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    config_dir, name, user = resolve_recipe(recipe)
+    overrides = list(overrides)
+    if user:
+        overrides.append(f"hydra.searchpath=[pkg://divo.recipes,file://{config_dir}]")
+    try:
+        with initialize_config_dir(config_dir=str(config_dir), version_base=None):
+            cfg = compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
+    except (HydraException, OmegaConfBaseException) as exc:
+        unknown = re.search(r"Could not override '([^']+)'", str(exc))
+        if unknown:
+            raise unknown_key_error(recipe, unknown.group(1), overrides) from None
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        raise ConfigError(
+            f"recipe {recipe!r} with overrides {' '.join(overrides) or '(none)'} does not "
+            f"compose: {' '.join(lines[:3])}; check the override names with `divo train "
+            f"{recipe} --cfg job`"
+        ) from None
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    missing = _missing_keys(container)
+    if missing:
+        raise ConfigError(
+            f"recipe {recipe!r} needs a value for {', '.join(missing)}; pass it as an override, "
+            f"e.g. {missing[0]}=..."
+        )
+    return cfg
+
+
+def config_keys(node, prefix: str = "") -> list[str]:
+    """Every dotted key of a config container (inner nodes too)."""
+    if not isinstance(node, dict):
+        return []
+    keys = []
+    for k, v in node.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        keys += [key, *config_keys(v, key)]
+    return keys
+
+
+def did_you_mean(key: str, keys: Sequence[str]) -> str:
+    """`` (did you mean a, b?)`` for the keys closest to a misspelt ``key``, or ``""``."""
+    same_depth = [k for k in keys if k.count(".") == key.count(".")]
+    close = difflib.get_close_matches(key, same_depth, n=2, cutoff=0.75)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def unknown_key_error(recipe: str, key: str, overrides: Sequence[str]) -> ConfigError:
+    """An override naming a key the recipe lacks: the closest keys it has, else how to add one."""
+    given = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
+    groups = [o for o in overrides if "=" in o and "." not in o.split("=", 1)[0]]
+    try:
+        cfg = compose_config(recipe, [g for g in groups if g != given])
+        keys = config_keys(OmegaConf.to_container(cfg, resolve=False))
+    except ConfigError:
+        keys = []
+    hint = did_you_mean(key, keys)
+    fix = (
+        "fix the name"
+        if hint
+        else f"list the keys with `divo train {recipe} --cfg job`, or add a new key with +{given}"
+    )
+    return ConfigError(f"recipe {recipe!r} has no key {key} (override {given}){hint}; {fix}")

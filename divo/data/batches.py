@@ -1,0 +1,163 @@
+"""Checks and adaptations of training batches, for replay buffers a user hands over.
+
+The trainer samples TED batches (``observation``, ``action``, ``("next", ...)``); a user's
+TorchRL buffer may store flags as ``[B]`` rather than ``[B, 1]``, hold NaN, or lack a key: each
+is found here once, before training starts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from tensordict import TensorDictBase
+
+from divo.errors import DatasetError
+
+# Added to the state standard deviation before dividing (TD3+BC's eps; method.md).
+OBS_STD_EPS = 1e-3
+
+# The keys one training batch must carry (TED layout).
+REQUIRED_BATCH_KEYS: tuple[str | tuple[str, ...], ...] = (
+    "observation",
+    "action",
+    ("next", "observation"),
+    ("next", "reward"),
+    ("next", "terminated"),
+)
+
+
+def check_batch_keys(td: TensorDictBase) -> None:
+    """Raise a one-line DatasetError if a (replay-buffer) batch lacks the TED keys training needs.
+
+    Required: ``observation``, ``action``, ``("next", "observation")``, ``("next", "reward")``,
+    ``("next", "terminated")``.
+    """
+    present = set(td.keys(include_nested=True))
+    missing = [key for key in REQUIRED_BATCH_KEYS if key not in present]
+    if missing:
+        names = ", ".join(key if isinstance(key, str) else "/".join(key) for key in missing)
+        raise DatasetError(
+            f"replay-buffer samples lack the TED key(s) {names}; divo needs observation, "
+            "action, next/observation, next/reward and next/terminated (TorchRL's TED layout, "
+            "as written by torchrl.data.datasets loaders or load_offline_data)"
+        )
+    if td.batch_dims != 1:
+        raise DatasetError(
+            f"replay-buffer samples have batch size {tuple(td.batch_size)}; divo trains on "
+            "a flat batch of transitions [B]: flatten the stored data (e.g. td.reshape(-1))"
+        )
+    (size,) = td.batch_size
+    obs, action = td["observation"], td["action"]
+    expected = {
+        "observation": (size, obs.shape[-1]),
+        "next/observation": (size, obs.shape[-1]),
+        "action": (size, action.shape[-1]),
+        "next/reward": (size, 1),
+        "next/terminated": (size, 1),
+    }
+    for name, shape in expected.items():
+        got = tuple(td[tuple(name.split("/"))].shape)
+        if got != shape:
+            raise DatasetError(
+                f"replay-buffer samples hold {name} of shape {got} in a batch of {size}; "
+                f"divo needs {shape} (TorchRL's TED shapes: [B, O], [B, A], and [B, 1] for "
+                "rewards and flags): reshape the stored data"
+            )
+
+
+TED_FLAG_KEYS = (
+    ("next", "reward"),
+    ("next", "terminated"),
+    ("next", "truncated"),
+    ("next", "done"),
+)
+
+
+def flat_flag_keys(td: TensorDictBase) -> tuple[tuple[str, str], ...]:
+    """The rewards and flags a (replay-buffer) batch holds as ``[B]`` rather than TED's
+    ``[B, 1]``; read once from a probe batch, then given to ``conform_batch`` at every step."""
+    return tuple(
+        key
+        for key in TED_FLAG_KEYS
+        if (value := td.get(key, None)) is not None and value.dim() == td.batch_dims
+    )
+
+
+def conform_batch(td: TensorDictBase, keys: Iterable[tuple[str, str]]) -> TensorDictBase:
+    """Give the ``[B]`` entries ``keys`` (see ``flat_flag_keys``) TED's shape ``[B, 1]``, in
+    place; returns ``td``. Other shapes are left for ``check_batch_keys`` to judge."""
+    for key in keys:
+        td.set(key, td.get(key).unsqueeze(-1))
+    return td
+
+
+# --------------------------------------------------------------------------------------------
+# Finding the dataset
+
+
+def buffer_observation_stats(
+    buffer: Any, chunk: int = 262_144
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Mean and std (plus ``OBS_STD_EPS``, as for a dataset) of the observations a TorchRL
+    replay buffer holds, read from its storage in chunks; None when its storage cannot be read
+    by index (then there is nothing to normalise with)."""
+    try:
+        n = len(buffer)
+        total = total_sq = None
+        for start in range(0, n, chunk):
+            obs = buffer[start : min(start + chunk, n)]["observation"].detach()
+            obs = obs.to("cpu", torch.float64).reshape(-1, obs.shape[-1])
+            part, part_sq = obs.sum(0), (obs * obs).sum(0)
+            total = part if total is None else total + part
+            total_sq = part_sq if total_sq is None else total_sq + part_sq
+    except Exception:  # noqa: BLE001 - any storage that cannot be read whole: no statistics
+        return None
+    if not n or total is None:
+        return None
+    mean = total / n
+    std = (total_sq / n - mean * mean).clamp_min(0.0).sqrt()
+    return mean.float(), (std + OBS_STD_EPS).float()
+
+
+FINITE_BATCH_KEYS = (
+    ("observation",),
+    ("action",),
+    ("next", "observation"),
+    ("next", "reward"),
+)
+
+
+def _non_finite_counts(td: TensorDictBase) -> dict[str, int]:
+    counts = {}
+    for key in FINITE_BATCH_KEYS:
+        value = td.get(key, None)
+        if value is not None and value.is_floating_point():
+            counts["/".join(key)] = int((~torch.isfinite(value)).sum())
+    return counts
+
+
+def check_buffer_finite(buffer: Any, probe: TensorDictBase, chunk: int = 262_144) -> None:
+    """Refuse a user's replay buffer holding NaN/inf in observations, actions or rewards, when
+    it is handed over: every stored transition when its storage can be read by index (as for
+    the observation statistics), else the probe batch ``probe`` sampled from it."""
+    whole = True
+    try:
+        n = len(buffer)
+        totals: dict[str, int] = {}
+        for start in range(0, n, chunk):
+            for name, count in _non_finite_counts(buffer[start : min(start + chunk, n)]).items():
+                totals[name] = totals.get(name, 0) + count
+    except Exception:  # noqa: BLE001 - a storage that cannot be read whole: check the sample
+        whole, totals = False, _non_finite_counts(probe)
+    bad = {name: count for name, count in totals.items() if count}
+    if bad:
+        what = ", ".join(f"{count} in {name}" for name, count in bad.items())
+        where = (
+            "the replay buffer holds" if whole else "a batch sampled from the replay buffer holds"
+        )
+        raise DatasetError(
+            f"{where} non-finite values (NaN/inf): {what}; clean the data (drop or repair the "
+            "affected transitions) before extending the buffer"
+        )

@@ -1,0 +1,247 @@
+"""Checks of a dataset's contents against its spaces and its environment.
+
+Each check either passes, adapts the data in a way it states in a warning (actions rescaled onto
+[-1, 1], stray actions clipped), or refuses with a :class:`DatasetError` that names the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+
+import gymnasium as gym
+import minari
+import numpy as np
+from gymnasium.envs.registration import EnvSpec, WrapperSpec
+
+from divo.data.envs import make_env
+from divo.data.transitions import observation_key_order
+from divo.errors import DatasetError
+
+# D4RL v2 reference returns (random / expert policy), used when a dataset stores none; keyed by
+# the environment's base name (``EnvSpec.name``: "Hopper" for "Hopper-v5"). Source: D4RL's
+# infos.py REF_MIN_SCORE / REF_MAX_SCORE for the -v2 locomotion datasets.
+D4RL_REFERENCE_SCORES: dict[str, tuple[float, float]] = {
+    "Hopper": (-20.272305, 3234.3),
+    "HalfCheetah": (-280.178953, 12135.0),
+    "Walker2d": (1.629008, 4592.3),
+    "Ant": (-325.6, 3879.7),
+}
+ACTION_BOUNDS = ("rescale", "refuse")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+
+
+def check_action_bounds(dataset_id: str, space: gym.spaces.Box, policy: str) -> bool:
+    """True when the action space must be rescaled onto [-1, 1] (``policy`` permitting)."""
+    if np.all(space.low == -1.0) and np.all(space.high == 1.0):
+        return False
+    bounds = f"[{space.low.min()}, {space.high.max()}]"
+    if not (np.all(np.isfinite(space.low)) and np.all(np.isfinite(space.high))):
+        raise DatasetError(
+            f"dataset {dataset_id!r} has unbounded actions ({bounds}), but divo's policies act "
+            "in [-1, 1]; store the data with a bounded action space"
+        )
+    if policy == "refuse":
+        raise DatasetError(
+            f"dataset {dataset_id!r} has actions bounded by {bounds}, but divo's policies act in "
+            "[-1, 1]; set dataset.action_bounds=rescale to map them onto [-1, 1], or rescale the "
+            "data yourself"
+        )
+    warnings.warn(
+        f"dataset {dataset_id!r}: actions bounded by {bounds} are rescaled linearly onto "
+        "[-1, 1]; evaluation wraps the environment with gymnasium's RescaleAction(-1, 1)",
+        stacklevel=3,
+    )
+    return True
+
+
+def observation_layout(
+    dataset_id: str, space: gym.Space, keys: Sequence[str] | None
+) -> tuple[list[str] | None, int]:
+    """(the Dict keys kept, in order, or None for a flat Box; the flat observation size)."""
+    if isinstance(space, gym.spaces.Box) and len(space.shape) == 1:
+        if keys is not None:
+            raise DatasetError(
+                f"dataset {dataset_id!r} has flat observations ({space}), but observation_keys "
+                f"{list(keys)} were given; they choose keys of a Dict observation space: drop "
+                "dataset.observation_keys"
+            )
+        return None, int(space.shape[0])
+    if isinstance(space, gym.spaces.Dict):
+        if keys is not None:
+            if isinstance(keys, str) or not len(keys):
+                raise DatasetError(
+                    f"observation_keys={keys!r} must be a non-empty list of keys of dataset "
+                    f"{dataset_id!r} (its keys: {', '.join(space.spaces)}), e.g. "
+                    f"dataset.observation_keys=[{next(iter(space.spaces))}]"
+                )
+            unknown = [key for key in keys if key not in space.spaces]
+            if unknown:
+                raise DatasetError(
+                    f"dataset {dataset_id!r} has no observation key(s) "
+                    f"{', '.join(map(repr, unknown))}; its keys are "
+                    f"{', '.join(space.spaces)}: fix dataset.observation_keys"
+                )
+        order = observation_key_order(space, keys)
+        not_box = [key for key in order if not _only_boxes(space[key])]
+        if not not_box:
+            return order, sum(int(gym.spaces.flatdim(space[key])) for key in order)
+        raise DatasetError(
+            f"dataset {dataset_id!r} has a Dict observation space whose key(s) "
+            f"{', '.join(not_box)} are not continuous (Box) arrays; leave them out with "
+            "dataset.observation_keys=[...] (its keys: " + ", ".join(space.spaces) + ")"
+        )
+    raise DatasetError(
+        f"dataset {dataset_id!r} has an observation space {space}, which divo does not support; "
+        "it needs continuous observations: a 1-D Box, or a Dict of Boxes (flattened)"
+    )
+
+
+def _only_boxes(space: gym.Space) -> bool:
+    """A Box, or a (nested) Dict whose every leaf is a Box."""
+    if isinstance(space, gym.spaces.Dict):
+        return all(_only_boxes(sub) for sub in space.spaces.values())
+    return isinstance(space, gym.spaces.Box)
+
+
+def with_flat_observations(spec: EnvSpec, keys: Sequence[str]) -> EnvSpec:
+    """The same env spec with FilterObservation(keys) + FlattenObservation wrappers, which give
+    the layout of the loaded data (kept by EnvSpec.to_json, so saved policies evaluate too)."""
+    wrappers = (
+        WrapperSpec(
+            name="FilterObservation",
+            entry_point="gymnasium.wrappers:FilterObservation",
+            kwargs={"filter_keys": list(keys)},
+        ),
+        WrapperSpec(
+            name="FlattenObservation",
+            entry_point="gymnasium.wrappers:FlattenObservation",
+            kwargs={},
+        ),
+    )
+    return dataclasses.replace(spec, additional_wrappers=(*spec.additional_wrappers, *wrappers))
+
+
+def with_rescaled_actions(spec: EnvSpec) -> EnvSpec:
+    """The same env spec with a RescaleAction(-1, 1) wrapper (kept by EnvSpec.to_json)."""
+    wrapper = WrapperSpec(
+        name="RescaleAction",
+        entry_point="gymnasium.wrappers:RescaleAction",
+        kwargs={"min_action": -1.0, "max_action": 1.0},
+    )
+    return dataclasses.replace(spec, additional_wrappers=(*spec.additional_wrappers, wrapper))
+
+
+def check_finite(dataset_id: str, raw: dict[str, np.ndarray]) -> None:
+    last = np.cumsum(raw["episode_length"]) - 1
+    counts = {
+        # every stored observation once: the first of each step plus each episode's final one
+        "observations": int((~np.isfinite(raw["observation"])).sum())
+        + int((~np.isfinite(raw["next_observation"][last])).sum()),
+        "actions": int((~np.isfinite(raw["action"])).sum()),
+        "rewards": int((~np.isfinite(raw["reward"])).sum()),
+    }
+    bad = {key: count for key, count in counts.items() if count}
+    if bad:
+        what = ", ".join(f"{count} in {key}" for key, count in bad.items())
+        raise DatasetError(
+            f"dataset {dataset_id!r} holds non-finite values (NaN/inf): {what}; clean the data "
+            "(drop or repair the affected episodes) and write the dataset again"
+        )
+
+
+def _make_env(spec: EnvSpec) -> gym.Env:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return make_env(spec)
+
+
+def check_environment(
+    dataset: minari.MinariDataset,
+    dataset_id: str,
+    raw: dict[str, np.ndarray],
+    observation_keys: Sequence[str] | None = None,
+) -> tuple[EnvSpec | None, EnvSpec | None]:
+    """Make the dataset's environments (wrapped to flatten Dict observations when
+    ``observation_keys`` are given); refuse data whose sizes do not fit them."""
+    env_spec = dataset.env_spec
+    if env_spec is None:
+        warnings.warn(
+            f"dataset {dataset_id!r} names no environment: training works, evaluation is "
+            "unavailable",
+            stacklevel=3,
+        )
+        return None, None
+    eval_spec = getattr(dataset, "_eval_env_spec", None) or env_spec
+    if observation_keys is not None:
+        same = eval_spec is env_spec
+        env_spec = with_flat_observations(env_spec, observation_keys)
+        eval_spec = env_spec if same else with_flat_observations(eval_spec, observation_keys)
+    made: dict[str, EnvSpec | None] = {}
+    for role, spec in (("environment", env_spec), ("evaluation environment", eval_spec)):
+        if role == "evaluation environment" and spec is env_spec:
+            made[role] = made["environment"]
+            continue
+        try:
+            env = _make_env(spec)
+        except Exception as exc:  # missing package, unregistered id, ...
+            warnings.warn(
+                f"dataset {dataset_id!r}: its {role} {spec.id} cannot be made here "
+                f"({type(exc).__name__}: {exc}); training works, evaluation is unavailable",
+                stacklevel=3,
+            )
+            made[role] = None
+            continue
+        try:
+            for name, key, space in (
+                ("observation", "observation", env.observation_space),
+                ("action", "action", env.action_space),
+            ):
+                data_size = raw[key].shape[1]
+                env_shape = getattr(space, "shape", None)
+                if env_shape is None or int(np.prod(env_shape)) != data_size:
+                    raise DatasetError(
+                        f"dataset {dataset_id!r} has {name}s of size {data_size} but its {role} "
+                        f"{spec.id} has a {name} space {space}; the data was not collected in "
+                        "this environment: fix the env spec stored with the dataset or pick "
+                        "the matching dataset"
+                    )
+        finally:
+            env.close()
+        made[role] = spec
+    return made["environment"], made["evaluation environment"]
+
+
+def clip_actions(dataset_id: str, action: np.ndarray, policy: str) -> np.ndarray:
+    outside = (action < -1.0) | (action > 1.0)
+    if outside.any() and policy == "refuse":
+        raise DatasetError(
+            f"dataset {dataset_id!r}: {int(outside.any(1).sum())} of {len(action)} actions lie "
+            "outside the action space; set dataset.action_bounds=rescale to clip them (with a "
+            "warning), or repair the data"
+        )
+    if outside.any():
+        warnings.warn(
+            f"dataset {dataset_id!r}: {int(outside.any(1).sum())} of {len(action)} actions "
+            f"({int(outside.sum())} entries) lie outside [-1, 1]; clipped to [-1, 1]",
+            stacklevel=3,
+        )
+        return np.clip(action, -1.0, 1.0)
+    return action
+
+
+def reference_scores(
+    dataset: minari.MinariDataset, env_spec: EnvSpec | None
+) -> tuple[float | None, float | None]:
+    metadata = dataset.storage.metadata
+    ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    if ref_min is not None and ref_max is not None:
+        return float(ref_min), float(ref_max)
+    spec = env_spec or dataset.env_spec
+    if spec is not None and spec.name in D4RL_REFERENCE_SCORES:
+        return D4RL_REFERENCE_SCORES[spec.name]
+    return None, None

@@ -1,0 +1,72 @@
+"""divo's environments and how evaluation environments are made.
+
+Importing this module registers divo's environments with Gymnasium (the multimodal bandit,
+``divo/MultimodalBandit-v0``). :func:`make_env` builds an environment from an id or a saved
+``EnvSpec``; a spec saved by an older divo that names an entry point since moved is mapped to
+its new home (``MOVED_ENTRY_POINTS``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import warnings
+from typing import Any
+
+import gymnasium as gym
+from gymnasium.envs.registration import EnvSpec
+
+BANDIT_ENV_ID = "divo/MultimodalBandit-v0"
+
+
+def register_envs() -> None:
+    """Register divo's environments with Gymnasium (idempotent: safe to call repeatedly)."""
+    if BANDIT_ENV_ID not in gym.registry:
+        gym.register(
+            id=BANDIT_ENV_ID,
+            # No max_episode_steps: the env ends every episode itself (terminated=True), and a
+            # TimeLimit would also flag the same step as truncated.
+            entry_point="divo.data.bandit:MultimodalBanditEnv",
+        )
+
+
+register_envs()
+
+# Entry points an older divo saved in policy files' environment specs -> where they live now
+MOVED_ENTRY_POINTS = {
+    "divo.envs.bandit:MultimodalBanditEnv": "divo.data.bandit:MultimodalBanditEnv",
+}
+
+
+def current_spec(spec: EnvSpec) -> EnvSpec:
+    """``spec`` with an entry point that has moved since it was saved mapped to its new home."""
+    moved = MOVED_ENTRY_POINTS.get(spec.entry_point) if isinstance(spec.entry_point, str) else None
+    return dataclasses.replace(spec, entry_point=moved) if moved else spec
+
+
+def make_env(spec: EnvSpec | str, **kwargs: Any) -> gym.Env:
+    """``gym.make(spec, **kwargs)`` for evaluation, without the noise of its wrappers.
+
+    gymnasium's ``RescaleAction`` (which divo adds to the spec of data whose actions are not in
+    [-1, 1]) builds float64 bounds for a float32 space and warns about the cast on every
+    environment made; the cast is exact for [-1, 1], so that warning is dropped. Maze envs' model
+    files are removed (``remove_maze_xml``).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+        env = gym.make(current_spec(spec) if isinstance(spec, EnvSpec) else spec, **kwargs)
+    remove_maze_xml(env)
+    return env
+
+
+def remove_maze_xml(env: gym.Env) -> None:
+    """Delete the MJCF file a gymnasium-robotics maze env leaves in the temp folder.
+
+    Every maze env writes its model to ``<tmp>/ant_maze<time>.xml`` (~8 kB) and never deletes
+    it; MuJoCo has read it once the env exists, so it can go. Other envs: nothing happens.
+    """
+    path = getattr(env.unwrapped, "tmp_xml_file_path", None)
+    if path:
+        with contextlib.suppress(OSError):
+            os.unlink(path)

@@ -1,0 +1,278 @@
+"""Minari dataset -> one TorchRL TED TensorDict, normalisation statistics and a replay buffer.
+
+``load_offline_data(dataset_id)`` is the single entry point. A dataset id goes down the layers
+of this package once: find (:mod:`divo.data.builtin`: the local Minari root, divo's built-in
+datasets written on first use, a download only as a last resort) -> read
+(:mod:`divo.data.transitions`) -> check (:mod:`divo.data.checks`) -> to TED (here). It
+returns an :class:`OfflineData` holding every transition in TorchRL's TED layout (batch size
+``[N]``)::
+
+    observation [N, O] float32          action [N, A] float32 (in [-1, 1])
+    ("next", "observation") [N, O]      ("next", "reward") [N, 1] float32
+    ("next", "terminated") [N, 1] bool  ("next", "truncated") [N, 1] bool
+    ("next", "done") [N, 1] bool        (= terminated | truncated)
+
+The next observation is the state the dataset stored after the step, also when an episode was
+cut by a time limit: such a step is ``truncated`` and NOT ``terminated``, so the TD target
+bootstraps from the real next state (TorchRL's D4RL loader zeroes it by default; we do not).
+Dict observations (Minari's D4RL maze datasets) are flattened, keys in gymnasium's order, and
+the environments are wrapped to flatten theirs the same way (``observation_keys``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import torch
+from gymnasium.envs.registration import EnvSpec
+from tensordict import TensorDict, TensorDictBase
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
+
+from divo.data.batches import OBS_STD_EPS
+from divo.data.builtin import open_dataset
+from divo.data.checks import (
+    ACTION_BOUNDS,
+    check_action_bounds,
+    check_environment,
+    check_finite,
+    clip_actions,
+    observation_layout,
+    reference_scores,
+    with_rescaled_actions,
+)
+from divo.data.envs import make_env
+from divo.data.transitions import read_transitions
+from divo.errors import DatasetError
+
+
+@dataclass
+class OfflineData:
+    """An offline dataset, converted and checked.
+
+    Attributes:
+        dataset_id: the Minari id it was read from.
+        data: every transition in TED layout, batch size ``[N]``, on ``device``.
+        observation_dim, action_dim: ``O`` and ``A``.
+        obs_mean, obs_std: ``[O]`` float32 state statistics over ``data["observation"]``
+            (``obs_std`` already includes ``OBS_STD_EPS``); normalise as ``(s - mean) / std``.
+        ref_min_score, ref_max_score: reference returns for normalised scores (the dataset's,
+            else D4RL v2's for its environment), None when unknown.
+        env_spec: the environment the dataset was collected in, None if unknown or not makeable.
+        eval_env_spec: the environment to evaluate in (the dataset's eval env, else env_spec).
+        num_episodes, num_transitions: ``E`` and ``N``.
+        behavior_return: the data's mean episode return (rewards as stored, before
+            ``reward_scale``/``reward_shift``; episodes cut off by the collector included): the
+            level a learned policy should beat.
+        batch_size: default batch size of ``replay_buffer()``.
+        device: where ``data`` and replay-buffer samples live.
+        reward_factor: the factor ``return_range`` multiplied the rewards by (1.0: none).
+    """
+
+    dataset_id: str
+    data: TensorDictBase
+    observation_dim: int
+    action_dim: int
+    obs_mean: torch.Tensor
+    obs_std: torch.Tensor
+    ref_min_score: float | None
+    ref_max_score: float | None
+    env_spec: EnvSpec | None
+    num_episodes: int
+    num_transitions: int
+    eval_env_spec: EnvSpec | None = None
+    behavior_return: float | None = None
+    batch_size: int = 256
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    reward_factor: float = 1.0
+
+    def replay_buffer(self, batch_size: int | None = None) -> TensorDictReplayBuffer:
+        """A uniform replay buffer holding every transition; samples come out on ``device``."""
+        buffer = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(self.num_transitions, device=self.device),
+            batch_size=self.batch_size if batch_size is None else batch_size,
+        )
+        buffer.extend(self.data)
+        return buffer
+
+    @property
+    def can_evaluate(self) -> bool:
+        """Whether the evaluation environment can be built."""
+        return self.eval_env_spec is not None
+
+    def make_env(self, **kwargs: Any) -> gym.Env:
+        """A fresh evaluation environment (``kwargs`` go to ``gym.make``)."""
+        if self.eval_env_spec is None:
+            raise DatasetError(
+                f"dataset {self.dataset_id!r} names no environment that can be built here, so "
+                "there is nothing to evaluate in; install the environment's package, or train "
+                "with evaluation disabled"
+            )
+        return make_env(self.eval_env_spec, **kwargs)
+
+
+def load_offline_data(
+    dataset_id: str,
+    *,
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    reward_scale: float = 1.0,
+    reward_shift: float = 0.0,
+    return_range: float | str | None = None,
+    download: bool = True,
+    action_bounds: str = "rescale",
+    observation_keys: Sequence[str] | None = None,
+) -> OfflineData:
+    """Read, check and convert a Minari dataset.
+
+    Args:
+        dataset_id: Minari id, e.g. ``"mujoco/hopper/medium-v0"`` or
+            ``"divo/bandit/multimodal-v0"`` (built-in: written on first use).
+        device: where the transitions (and replay-buffer samples) live.
+        batch_size: default batch size of ``OfflineData.replay_buffer()``.
+        reward_scale, reward_shift: stored reward ``r' = reward_scale * r + reward_shift``
+            (AntMaze's usual ``r - 1`` is ``reward_shift=-1``).
+        return_range: rescale the rewards first so that the data's best and worst episode
+            returns differ by this much: IQL's and IDQL's locomotion normalisation is
+            ``1000`` (``r * 1000 / (max return - min return)``, then ``reward_scale`` and
+            ``reward_shift``). ``"locomotion"``: 1000 on data from Gym's HalfCheetah, Hopper
+            or Walker2d and nothing elsewhere, as IQL's code decides; None (default): off.
+        download: when the dataset is neither local nor built-in, try Minari's remote server.
+        action_bounds: ``rescale`` (default): an action space other than [-1, 1] is mapped
+            linearly onto [-1, 1] (the evaluation environment is wrapped with
+            ``RescaleAction`` to match) and stray values outside the space are clipped, each
+            with a warning stating it; ``refuse``: either case is a DatasetError.
+        observation_keys: for a dataset with a Dict observation space (Minari's D4RL AntMaze
+            and PointMaze: ``observation``, ``achieved_goal``, ``desired_goal``), the keys kept;
+            default all. Their arrays are flattened and concatenated in gymnasium's order
+            (sorted by key; ``observation_key_order``), and the environments are wrapped with
+            ``FilterObservation`` + ``FlattenObservation``, so evaluation sees the same layout.
+
+    Raises:
+        DatasetError: the dataset cannot be found, is empty, holds NaN/inf, uses non-Box spaces,
+            or does not match its environment.
+    """
+    device = torch.device(device)
+    dataset = open_dataset(dataset_id, download=download)
+    obs_space, act_space = dataset.observation_space, dataset.action_space
+    keys, obs_size = observation_layout(dataset_id, obs_space, observation_keys)
+    if not isinstance(act_space, gym.spaces.Box) or len(act_space.shape) != 1:
+        raise DatasetError(
+            f"dataset {dataset_id!r} has an action space {act_space}, which divo does not "
+            "support; it needs flat continuous (1-D Box) actions"
+        )
+    if action_bounds not in ACTION_BOUNDS:
+        raise DatasetError(
+            f"action_bounds={action_bounds!r} is unknown; use one of {', '.join(ACTION_BOUNDS)}"
+        )
+    rescale = check_action_bounds(dataset_id, act_space, action_bounds)
+    if dataset.total_episodes == 0 or dataset.total_steps == 0:
+        raise DatasetError(
+            f"dataset {dataset_id!r} is empty (no transitions); write data into it or pick "
+            "another dataset"
+        )
+
+    raw = read_transitions(dataset, observation_keys=keys)
+    for name, key, space, size in (
+        ("observation", "observation", obs_space, obs_size),
+        ("action", "action", act_space, act_space.shape[0]),
+    ):
+        if raw[key].shape[1] != size:
+            raise DatasetError(
+                f"dataset {dataset_id!r} stores {name}s of size {raw[key].shape[1]} but declares "
+                f"a {name} space {space}; the dataset is inconsistent: write it again"
+            )
+    check_finite(dataset_id, raw)
+    env_spec, eval_env_spec = check_environment(dataset, dataset_id, raw, keys)
+    action = raw["action"]
+    if rescale:
+        low, high = act_space.low.astype(np.float64), act_space.high.astype(np.float64)
+        action = (2.0 * (action - low) / (high - low) - 1.0).astype(np.float32)
+        if eval_env_spec is not None:
+            eval_env_spec = with_rescaled_actions(eval_env_spec)
+    action = clip_actions(dataset_id, action, action_bounds)
+
+    terminated = raw["terminated"].copy()
+    truncated = raw["truncated"].copy()
+    # An episode's last step that is neither terminated nor truncated (data cut off by the
+    # collector) is a truncation: the episode goes on beyond it, but not in this dataset.
+    last = np.cumsum(raw["episode_length"]) - 1
+    truncated[last] |= ~terminated[last]
+    truncated &= ~terminated  # a terminal step is terminal, whatever else it is flagged as
+
+    starts = np.cumsum(raw["episode_length"]) - raw["episode_length"]
+    returns = np.add.reduceat(raw["reward"].astype(np.float64), starts)
+    factor = _return_range_factor(dataset_id, return_range, returns, env_spec)
+    reward = (reward_scale * factor * raw["reward"] + reward_shift).astype(np.float32)
+    n = len(reward)
+    data = TensorDict(
+        {
+            "observation": torch.from_numpy(raw["observation"]),
+            "action": torch.from_numpy(action),
+            "next": {
+                "observation": torch.from_numpy(raw["next_observation"]),
+                "reward": torch.from_numpy(reward).reshape(n, 1),
+                "terminated": torch.from_numpy(terminated).reshape(n, 1),
+                "truncated": torch.from_numpy(truncated).reshape(n, 1),
+                "done": torch.from_numpy(terminated | truncated).reshape(n, 1),
+            },
+        },
+        batch_size=[n],
+    ).to(device)
+
+    obs = raw["observation"].astype(np.float64)
+    obs_mean = torch.as_tensor(obs.mean(0), dtype=torch.float32, device=device)
+    obs_std = torch.as_tensor(obs.std(0) + OBS_STD_EPS, dtype=torch.float32, device=device)
+    ref_min, ref_max = reference_scores(dataset, env_spec)
+    return OfflineData(
+        dataset_id=dataset_id,
+        data=data,
+        observation_dim=obs_size,
+        action_dim=int(act_space.shape[0]),
+        obs_mean=obs_mean,
+        obs_std=obs_std,
+        ref_min_score=ref_min,
+        ref_max_score=ref_max,
+        env_spec=env_spec,
+        eval_env_spec=eval_env_spec,
+        num_episodes=int(len(raw["episode_length"])),
+        num_transitions=n,
+        behavior_return=float(returns.mean()),
+        batch_size=batch_size,
+        device=device,
+        reward_factor=factor,
+    )
+
+
+# IQL's code normalises rewards on these Gym tasks only (its `normalize` on locomotion)
+LOCOMOTION_ENVS = ("halfcheetah", "hopper", "walker2d")
+
+
+def _return_range_factor(
+    dataset_id: str, return_range: float | str | None, returns: np.ndarray, env_spec
+) -> float:
+    """The reward factor that makes max - min episode return equal ``return_range``."""
+    if return_range is None:
+        return 1.0
+    if isinstance(return_range, str):
+        if return_range != "locomotion":
+            raise DatasetError(
+                f"return_range={return_range!r} is unknown; use a number (IQL: 1000), "
+                "'locomotion' (1000 on HalfCheetah, Hopper and Walker2d data only) or null"
+            )
+        env_id = (env_spec.id if env_spec is not None else "").lower()
+        if not any(name in env_id for name in LOCOMOTION_ENVS):
+            return 1.0
+        return_range = 1000.0
+    if not return_range > 0:
+        raise DatasetError(f"return_range must be > 0 (IQL: 1000), got {return_range}")
+    span = float(returns.max() - returns.min())
+    if not span > 0:
+        raise DatasetError(
+            f"dataset {dataset_id!r}: every episode has the same return ({returns.max():.6g}), "
+            "so return_range cannot rescale its rewards; set dataset.return_range=null"
+        )
+    return float(return_range) / span

@@ -1,0 +1,128 @@
+"""What every study shares: its settings, its command line, its cells and its page.
+
+A study is a grid of *cells* (a training run, or a small experiment) whose finished outputs are
+kept as small files that can be committed, so a study spans sittings: run again, it skips the
+cells already done and rewrites its page after each new one. The three studies
+(:mod:`~divo.studies.bandit`, :mod:`~divo.studies.diffusion_ql_toy`,
+:mod:`~divo.studies.locomotion`) build on these pieces:
+
+- :func:`study_settings`: ``recipes/study/<name>.yaml``, then a variant's YAML file, then
+  ``key=value`` settings; an unknown setting is refused;
+- :func:`study_arguments`: the command line every study shares (``key=value`` settings,
+  ``--page-only``) plus its own options;
+- :func:`run_cells`: the cells still to run, ``jobs`` at a time, the page rewritten after each;
+- :func:`write_json_atomic`: a cell's record is never half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+
+from divo.config import recipes_dir
+from divo.errors import ConfigError
+
+Cell = TypeVar("Cell")
+
+
+def study_settings(
+    settings_file: str, overrides: Sequence[str] = (), config: str | Path | None = None
+) -> DictConfig:
+    """The study's settings: ``recipes/<settings_file>``, then the YAML file ``config`` (a
+    variant of the study: other overrides, results folder, ...), then dot-list ``overrides``.
+    A top-level key the shipped settings do not have is refused, naming the known ones."""
+    cfg = OmegaConf.load(recipes_dir() / settings_file)
+    layers = []
+    if config is not None:
+        if not Path(config).is_file():
+            raise ConfigError(f"study config {config} does not exist")
+        layers.append((str(config), OmegaConf.load(config)))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"study settings are key=value pairs, got {' '.join(bad)}")
+    layers.append(("key=value settings", OmegaConf.from_dotlist(list(overrides))))
+    for where, extra in layers:
+        unknown = sorted(set(extra) - set(cfg))
+        if unknown:
+            raise ConfigError(
+                f"unknown study setting(s) {', '.join(unknown)} in {where}; the settings are "
+                f"{', '.join(cfg)} (recipes/{settings_file})"
+            )
+        cfg = OmegaConf.merge(cfg, extra)
+    return cfg
+
+
+def study_arguments(
+    prog: str,
+    description: str,
+    argv: Sequence[str],
+    settings_file: str,
+    add: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """Parse a study's command line: ``key=value`` settings (``recipes/<settings_file>``),
+    ``--page-only`` and the options ``add`` declares; settings may follow the options."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("overrides", nargs="*", help=f"key=value (recipes/{settings_file})")
+    parser.add_argument(
+        "--page-only", action="store_true", help="rewrite the page from finished cells only"
+    )
+    if add is not None:
+        add(parser)
+    ns = parser.parse_intermixed_args(list(argv))
+    bad = [o for o in ns.overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"study settings are key=value pairs, got {' '.join(bad)}")
+    return ns
+
+
+def run_cells(
+    todo: Iterable[Cell],
+    run_one: Callable[[Cell], tuple[bool, str]],
+    after_each: Callable[[], None],
+    *,
+    jobs: int = 1,
+    log: Callable[[str], Any] = print,
+) -> int:
+    """Run each cell of ``todo`` (``jobs`` side by side); after each that finishes, log its
+    line and call ``after_each`` (rewrite the page), one at a time. ``run_one(cell)`` returns
+    (finished, a one-line account). Returns the number of cells that failed."""
+    failed = 0
+    lock = threading.Lock()
+
+    def one(cell: Cell) -> None:
+        nonlocal failed
+        ok, message = run_one(cell)
+        with lock:
+            log("  " + message)
+            if ok:
+                after_each()
+            else:
+                failed += 1
+
+    with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
+        list(pool.map(one, todo))
+    return failed
+
+
+def write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a reader (or a
+    study resumed after a crash) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=indent) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise

@@ -361,6 +361,50 @@ class Eta:
             )
 
 
+# the settings a run may change when it resumes (extend train.steps, another device, ...)
+RESUMABLE_KEYS = ("train", "device", "logger")
+
+
+def what_trains(config: dict) -> dict:
+    """A config without the keys a resume may change: two runs with equal ``what_trains``
+    train the same model."""
+    return {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+
+
+def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = sorted(set(old) | set(new), key=str)
+        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
+    """Refuse to train ``cfg`` into a folder that holds a run of other settings (its
+    config.yaml): only train.*, device and logger.* may differ, as on ``divo train <run>``.
+    Whatever route led there (a sweep's folder, ``hydra.run.dir``, the Python API), another
+    run's checkpoints are never resumed as this one's. Raised before anything changes."""
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    try:
+        saved = OmegaConf.to_container(OmegaConf.load(saved_file))
+    except Exception as exc:  # noqa: BLE001 - unreadable: refuse rather than overwrite it
+        raise ConfigError(
+            f"{saved_file} cannot be read ({type(exc).__name__}); use a new run directory"
+        ) from None
+    ours = OmegaConf.to_container(cfg, resolve=True)
+    changed = _differences(what_trains(saved), what_trains(ours))
+    if changed:
+        shown = "; ".join(changed[:3]) + (
+            f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        )
+        raise ConfigError(
+            f"{run_dir} holds a run with other settings ({shown}); only train.*, device and "
+            "logger.* may change when a run resumes: use a new run directory (or delete that "
+            "one to start it again)"
+        )
+
+
 def finished_result(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
     """The stored result of a run in ``run_dir`` that already finished ``cfg``'s steps (its
     result.json, policy.pt and a checkpoint at exactly ``train.steps``), else None."""
@@ -377,9 +421,6 @@ def finished_result(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:
         saved = OmegaConf.to_container(OmegaConf.load(run_dir / "config.yaml"))
     except Exception:  # noqa: BLE001 - unreadable: the normal resume path says what is wrong
         return None
-
-    def what_trains(config: dict) -> dict:  # all but the keys a resume may change
-        return {k: v for k, v in config.items() if k not in ("train", "device", "logger")}
 
     ours = OmegaConf.to_container(cfg, resolve=True)
     same = result.get("steps") == steps and what_trains(saved) == what_trains(ours)

@@ -30,6 +30,7 @@ from divo.agents.logging import MetricAccumulator, MetricsLogger, RunLog
 from divo.agents.runs import (
     Eta,
     check_finite,
+    check_same_run,
     check_steps,
     evaluate_at_start,
     evaluate_into_row,
@@ -106,6 +107,8 @@ def train(
             trust=trust,
         )
     run_dir = Path(run_dir)
+    if resume:
+        check_same_run(cfg, run_dir)
     finished = finished_result(cfg, run_dir) if resume else None
     if finished is not None:
         with RunLog(run_dir):  # the console only: a finished run's files are left alone

@@ -14,6 +14,7 @@ import importlib.resources
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from divo.config import (
     available_recipes,
@@ -198,8 +199,17 @@ def _train(argv: list[str]) -> int:
         cfg = compose_config(
             recipe, [o for o in overrides if not o.startswith("hydra.searchpath")], with_hydra=True
         )
+        run_dir = None
         with contextlib.suppress(Exception):  # e.g. a run dir naming Hydra's runtime values
-            keep |= _existing_folders(Path(str(cfg.hydra.run.dir)).parent)
+            run_dir = Path(str(cfg.hydra.run.dir))
+            keep |= _existing_folders(run_dir.parent)
+        if run_dir is not None:  # before Hydra writes its .hydra/ files into the folder
+            from divo.agents.runs import check_same_run
+
+            job_cfg = cfg.copy()
+            with open_dict(job_cfg):
+                job_cfg.pop("hydra")
+            check_same_run(job_cfg, run_dir)
 
     import hydra
     from hydra.core.hydra_config import HydraConfig
@@ -211,6 +221,8 @@ def _train(argv: list[str]) -> int:
     # exit status. A sweep's file lives in its sweep folder, which the launchers' nodes share
     # (pinned here so that the parent and every job agree on it); a single run's in /tmp.
     sweep_dir = _pinned_sweep_dir(recipe, overrides) if multirun else None
+    if multirun:  # jobs that differ in a swept value get folders of their own
+        overrides.append(_sweep_leaf_exclusions(overrides))
     if sweep_dir is not None:
         if not any(o.startswith("hydra.sweep.dir=") for o in overrides):
             overrides.append(f"hydra.sweep.dir={sweep_dir}")
@@ -257,6 +269,47 @@ def _train(argv: list[str]) -> int:
 
 
 RESUMABLE_OVERRIDES = ("train.", "device=", "logger.")
+# Parts of a job's folder already (recipes/common/base.yaml, hydra.sweep.subdir)
+_IN_SWEEP_SUBDIR = ("seed", "dataset", "dataset.id")
+_SWEEP_FUNCTION = re.compile(r"^(range|choice|glob|interval|sort|shuffle|tag)\(")
+
+
+def is_swept(value: str) -> bool:
+    """Whether an override's value sweeps (Hydra's ``a,b`` list or a sweep function) rather
+    than sets one value (commas inside brackets or quotes are one value: ``[1,2]``)."""
+    if _SWEEP_FUNCTION.match(value.strip()):
+        return True
+    depth, quote = 0, None
+    for char in value:
+        if quote:
+            quote = None if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth -= 1
+        elif char == "," and depth == 0:
+            return True
+    return False
+
+
+def _sweep_leaf_exclusions(overrides: Sequence[str]) -> str:
+    """The override that leaves out of each job's folder name every key the sweep does not vary
+    (and those the folder names anyway): a job's folder is then
+    ``<recipe>/<dataset>/seed<k>`` plus ``/key=value`` for each other swept key, so no two jobs
+    of a sweep share a folder (one would "resume" the other's run)."""
+    fixed = sorted(
+        {
+            key
+            for o in overrides
+            if "=" in o and not o.startswith("hydra")
+            for key in [o.split("=", 1)[0].lstrip("+~")]
+            if key in _IN_SWEEP_SUBDIR or not is_swept(o.split("=", 1)[1])
+        }
+        | set(_IN_SWEEP_SUBDIR)
+    )
+    return f"hydra.job.config.override_dirname.exclude_keys=[{','.join(fixed)}]"
 
 
 def _note_stretched_schedules(cfg: DictConfig, old_steps: int, step: int) -> None:

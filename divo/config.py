@@ -20,6 +20,12 @@ from divo.errors import ConfigError
 if not OmegaConf.has_resolver("slug"):
     # ${slug:${dataset.id}} -> a dataset id usable as one folder name in run paths.
     OmegaConf.register_new_resolver("slug", lambda s: str(s).replace("/", "-"))
+if not OmegaConf.has_resolver("sweep_leaf"):
+    # ${sweep_leaf:${hydra.job.override_dirname}} -> "" or "/<the swept key=value pairs>", one
+    # folder level, for a sweep job's folder (recipes/common/base.yaml)
+    OmegaConf.register_new_resolver(
+        "sweep_leaf", lambda s: f"/{str(s).replace('/', '-')}" if str(s) else ""
+    )
 
 
 def recipes_dir() -> Path:

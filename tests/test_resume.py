@@ -18,7 +18,7 @@ import torch
 from divo.agents.train import train
 from divo.cli import main
 from divo.config import compose_recipe
-from divo.errors import CheckpointError
+from divo.errors import CheckpointError, ConfigError
 
 SHORT = [
     "dataset=bandit",
@@ -185,10 +185,15 @@ def test_foreign_checkpoints_are_refused_and_nothing_changes(tmp_path, hopper_da
     # the same recipe on data of another observation size
     on_hopper = [o for o in SHORT if not o.startswith("dataset=")]
     cfg = compose_recipe("td3bc", [*on_hopper, "dataset=minari", f"dataset.id={hopper_dataset}"])
+    with pytest.raises(ConfigError, match="other settings .*dataset.id: 'divo/bandit"):
+        train(cfg, run)  # refused on its config.yaml before any checkpoint is read
+    assert snapshot(run) == before
+    (run / "config.yaml").rename(tmp_path / "config.yaml")  # and without it, on the checkpoint
     with pytest.raises(
         CheckpointError, match="observation/action sizes 1/2 but the data have 11/3"
     ):
         train(cfg, run)
+    (tmp_path / "config.yaml").rename(run / "config.yaml")
     assert snapshot(run) == before
 
 

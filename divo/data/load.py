@@ -133,8 +133,8 @@ def load_offline_data(
             ``"divo/bandit/multimodal-v0"`` (built-in: written on first use).
         device: where the transitions (and replay-buffer samples) live.
         batch_size: default batch size of ``OfflineData.replay_buffer()``.
-        reward_scale, reward_shift: stored reward ``r' = reward_scale * r + reward_shift``
-            (AntMaze's usual ``r - 1`` is ``reward_shift=-1``).
+        reward_scale: the stored reward is ``r' = reward_scale * r + reward_shift``.
+        reward_shift: see ``reward_scale`` (AntMaze's usual ``r - 1`` is ``reward_shift=-1``).
         return_range: rescale the rewards first so that the data's best and worst episode
             returns differ by this much: IQL's and IDQL's locomotion normalisation is
             ``1000`` (``r * 1000 / (max return - min return)``, then ``reward_scale`` and

@@ -1,7 +1,8 @@
 """Checkpoints and policy files of a run: what they hold, writing them, reading them back.
 
 ``<run>/checkpoints/step_*.pt`` hold everything an exact resume needs; ``<run>/policy.pt`` holds
-only what ``divo evaluate`` needs. Both are plain data (:mod:`divo.files`).
+only what ``divo evaluate`` needs. Both are plain data with the SHA-256 of their contents, checked
+whenever they are read (:mod:`divo.files`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from divo.agents.agent import OfflineAgent
-from divo.agents.policy_io import POLICY_FORMAT
+from divo.agents.policy_io import OLDER_POLICY_FORMATS, POLICY_FORMAT
 from divo.agents.runtime import (
     numpy_rng_state,
     rng_state,
@@ -22,10 +23,14 @@ from divo.agents.runtime import (
 from divo.agents.trust import Trust, check_config, config_modules, trusted_modules
 from divo.data.load import OfflineData
 from divo.errors import CheckpointError, DivoError, UntrustedFileError
-from divo.files import atomic_save, load_file, load_trusted_file
+from divo.files import atomic_save, damaged_file_error, read_file
 
-# v2: every RNG state as plain data, so that a checkpoint loads with weights_only=True
-CHECKPOINT_FORMAT = "divo-checkpoint-v2"
+# v2: every RNG state as plain data, so that a checkpoint loads with weights_only=True;
+# v3: the file carries the SHA-256 of its contents (divo.files.content_sha256), checked on load
+CHECKPOINT_FORMAT = "divo-checkpoint-v3"
+# written by an older divo as plain data, without a checksum: they load, unchecked (`divo
+# convert` adds one)
+OLDER_CHECKPOINT_FORMATS = ("divo-checkpoint-v2",)
 
 
 def spec_json(data: OfflineData | None) -> str | None:
@@ -63,19 +68,27 @@ def policy_payload(agent: OfflineAgent, cfg: DictConfig, data: OfflineData | Non
     }
 
 
+def save_policy_file(payload: dict[str, Any], path: Path) -> Path:
+    """Write a policy payload (:func:`policy_payload`), e.g. a run's ``policy.pt``: plain data
+    with the checksum of its contents, atomically."""
+    return atomic_save(payload, path, checksum=True)
+
+
 class Checkpointer:
     """``<run>/checkpoints/step_*.pt``: atomic writes, the newest ``keep`` kept."""
 
     def __init__(self, run_dir: Path, keep: int) -> None:
         self.dir = run_dir / "checkpoints"
         self.keep = max(1, keep)
+        self.damaged: set[Path] = set()  # files load_latest found damaged (until rewritten)
 
     def files(self) -> list[Path]:
         return sorted(self.dir.glob("step_*.pt"))
 
     def last_good(self) -> str:
-        """Where the last good state is, for an error message: a file that exists, or none."""
-        files = self.files()
+        """Where the last good state is, for an error message: a file that exists and was not
+        found damaged, or none."""
+        files = [f for f in self.files() if f not in self.damaged]
         return f"last good checkpoint: {files[-1]}" if files else "no checkpoint was written yet"
 
     def save(self, step: int, agent: OfflineAgent, cfg, data, extra: dict[str, Any]) -> Path:
@@ -94,14 +107,16 @@ class Checkpointer:
             "policy": policy_payload(agent, cfg, data, step),
             **extra,
         }
-        path = atomic_save(payload, self.dir / f"step_{step:09d}.pt")
+        path = atomic_save(payload, self.dir / f"step_{step:09d}.pt", checksum=True)
+        self.damaged.discard(path)
         for old in self.files()[: -self.keep]:
             old.unlink()
         return path
 
     def load_latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest readable checkpoint and its path; a damaged one is skipped with a
-        warning, one that holds a pickled object is refused (:func:`load_checkpoint`)."""
+        """The newest readable checkpoint and its path; a damaged one (unreadable, or not
+        matching its checksum) is skipped with a warning, one that holds a pickled object is
+        refused (:func:`load_checkpoint`)."""
         files = self.files()
         for path in reversed(files):
             try:
@@ -109,6 +124,7 @@ class Checkpointer:
             except UntrustedFileError:
                 raise
             except CheckpointError as exc:
+                self.damaged.add(path)
                 warnings.warn(f"{exc}; falling back to the previous checkpoint", stacklevel=2)
         if files:
             raise CheckpointError(
@@ -118,17 +134,32 @@ class Checkpointer:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    """A checkpoint file of this format, read as plain data (:func:`load_file`)."""
-    payload = load_file(path)
-    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-        found = payload.get("format") if isinstance(payload, dict) else None
-        if isinstance(found, str) and found.startswith("divo-checkpoint"):
-            raise CheckpointError(
-                f"{path} is a {found} file, not {CHECKPOINT_FORMAT}; if you trust it, convert "
-                f"it with `divo convert {path}`"
+    """A checkpoint file of this format (its checksum checked) or of an older plain-data one,
+    read as plain data (:func:`divo.files.read_file`)."""
+    payload, checked = read_file(path)
+    return accept_checkpoint(payload, checked, path)
+
+
+def accept_checkpoint(payload: Any, checked: bool, path: Path) -> dict[str, Any]:
+    """``payload`` read from ``path`` if it is a checkpoint divo reads: this format with its
+    checksum, or an older plain-data format (no checksum to check)."""
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if found == CHECKPOINT_FORMAT:
+        if not checked:
+            raise damaged_file_error(
+                path, f"a {found} file carries the checksum of its contents, and it has none"
             )
-        raise CheckpointError(f"{path} is not a divo checkpoint")
-    return payload
+        return payload
+    if found in OLDER_CHECKPOINT_FORMATS:
+        return payload
+    if found == "divo-checkpoint-v1":
+        raise CheckpointError(f"{path} is a {found} file; convert it with `divo convert {path}`")
+    if isinstance(found, str) and found.startswith("divo-checkpoint"):
+        raise CheckpointError(
+            f"{path} is a {found} file, which this divo version does not read (it reads "
+            f"{CHECKPOINT_FORMAT}); use the divo version that wrote it"
+        )
+    raise CheckpointError(f"{path} is not a divo checkpoint")
 
 
 def check_trusted(
@@ -181,36 +212,40 @@ def _resume_hint(saved: dict, where: Path) -> str:
 
 
 def convert_file(path: str | Path) -> str:
-    """Rewrite a policy file or checkpoint of an older divo as plain data in this version's
-    format (in place, atomically); returns what was done, for one line of output.
+    """Rewrite a policy file or checkpoint of an older divo as plain data with a checksum, in
+    this version's format (in place, atomically); returns what was done, for one line of output.
 
-    UNPICKLES the file (``torch.load(weights_only=False)``), which runs whatever it holds: only
-    for files the user trusts. A file that already loads as plain data is left as it is.
+    Reads the file as plain data plus the NumPy array an older divo pickled
+    (:data:`divo.files.LEGACY_GLOBALS`), and nothing else: a file whose pickle names anything
+    more is refused without running it (:class:`UntrustedFileError`) and left as it is, and so
+    is a file that does not match its checksum. A file of this version is left as it is.
     """
     path = Path(path)
-    try:
-        payload = load_file(path)
-        if isinstance(payload, dict) and payload.get("format") in (
-            POLICY_FORMAT,
-            CHECKPOINT_FORMAT,
-        ):
-            return f"{path}: already plain data ({payload['format']}), left as it is"
-    except UntrustedFileError:
-        pass
-    payload = load_trusted_file(path)
+    payload, checked = read_file(path, legacy=True)
     found = payload.get("format") if isinstance(payload, dict) else None
+    if found in (POLICY_FORMAT, CHECKPOINT_FORMAT):
+        if not checked:
+            raise damaged_file_error(
+                path, f"a {found} file carries the checksum of its contents, and it has none"
+            )
+        return f"{path}: already plain data with a checksum ({found}), left as it is"
     if found == "divo-checkpoint-v1":  # v1 kept NumPy's RNG state as a pickled ndarray
         rng = dict(payload["rng"])
         rng["numpy"] = numpy_rng_state(rng["numpy"])
         converted = {**payload, "format": CHECKPOINT_FORMAT, "rng": rng}
-    elif found in (POLICY_FORMAT, CHECKPOINT_FORMAT):
-        converted = payload
+    elif found in OLDER_CHECKPOINT_FORMATS:
+        converted = {**payload, "format": CHECKPOINT_FORMAT}
+    elif found in OLDER_POLICY_FORMATS:
+        converted = {**payload, "format": POLICY_FORMAT}
     else:
         raise CheckpointError(
             f"{path} is not a divo policy file or checkpoint (format {found!r}); nothing converted"
         )
-    atomic_save(converted, path)  # refuses (and keeps the file) if objects remain
-    return f"{path}: {found} -> {converted['format']}, plain data"
+    policy = converted.get("policy")
+    if found != converted["format"] and isinstance(policy, dict):  # a checkpoint's policy
+        converted["policy"] = {**policy, "format": POLICY_FORMAT}
+    atomic_save(converted, path, checksum=True)  # refuses (and keeps the file) if objects remain
+    return f"{path}: {found} -> {converted['format']}, plain data with a checksum"
 
 
 def run_files(path: str | Path) -> list[Path]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from divo.errors import ConfigError, install_hint
+from divo.files import RunLock
 
 BACKENDS = ("csv", "tensorboard", "wandb")
 
@@ -167,6 +168,64 @@ def _is_console(handler: logging.Handler) -> bool:
     return not isinstance(handler, logging.FileHandler) and stream in consoles
 
 
+def file_handler_for(path: str | Path, logger: logging.Logger) -> logging.FileHandler | None:
+    """The file handler a record of ``logger`` reaches that writes ``path`` (e.g. Hydra's job
+    log of the run), if any."""
+    target = Path(path).resolve()
+    return next(
+        (
+            h
+            for h in _handlers_of(logger)
+            if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve() == target
+        ),
+        None,
+    )
+
+
+def log_size(path: str | Path) -> int | None:
+    """The size of a log file in bytes (None: there is none); every line written through a
+    logging handler is flushed, so this is where the next line goes."""
+    try:
+        return Path(path).stat().st_size
+    except FileNotFoundError:
+        return None
+
+
+def drop_interrupted_lines(path: str | Path, offset: int | None, own_start: int | None) -> int:
+    """Take out of the log at ``path`` what an interrupted run wrote after the checkpoint a
+    resume starts from: the bytes from ``offset`` (the log's size when that checkpoint was
+    saved) to ``own_start`` (its size when this process began; the lines this process wrote
+    since stay). Returns the number of lines taken out (0 when the log does not go past
+    ``offset``, e.g. a checkpoint of an older divo, which records none)."""
+    path = Path(path)
+    if offset is None or own_start is None or not path.is_file() or offset >= own_start:
+        return 0
+    with path.open("r+b") as f:
+        if offset > 0:  # a line ends there, unless the log was edited since: then keep it all
+            f.seek(offset - 1)
+            if f.read(1) != b"\n":
+                return 0
+        dropped = f.read(own_start - offset)
+        tail = f.read()
+        f.seek(offset)
+        f.write(tail)
+        f.truncate()
+    return dropped.count(b"\n")
+
+
+def error_record(exc: BaseException, logger: str = "divo.train") -> logging.LogRecord:
+    """The train.log line of an error that ends a run: ``error: <its one-line message>``."""
+    from divo.errors import DivoError, first_line
+
+    if isinstance(exc, DivoError):
+        text = f"error: {exc}"
+    elif isinstance(exc, KeyboardInterrupt):
+        text = "interrupted (KeyboardInterrupt); resume with `divo train <run dir>`"
+    else:
+        text = f"error: {type(exc).__name__}: {first_line(exc)}"
+    return logging.LogRecord(logger, logging.ERROR, __file__, 0, text, None, None)
+
+
 class RunLog:
     """A run's ``train.log`` and its console lines, the same with or without Hydra.
 
@@ -176,27 +235,29 @@ class RunLog:
     handler appending to ``<run>/train.log``. Lines logged before :meth:`commit` are held in
     memory and written only once the run is accepted, so that a refused run (or a refused
     resume) changes nothing on disk. divo's warnings during the run go to ``train.log`` as well
-    (the console shows them as usual).
+    (the console shows them as usual), and so does an error that ends an accepted run.
+
+    ``lock=True``: the run directory is held for this process (:class:`divo.files.RunLock`)
+    from the start (from :meth:`commit` when it does not exist yet); a directory another
+    process holds is refused (:class:`divo.errors.RunInUseError`) before anything is logged.
     """
 
-    def __init__(self, run_dir: str | Path, logger: str = "divo") -> None:
+    def __init__(self, run_dir: str | Path, logger: str = "divo", *, lock: bool = False) -> None:
         self.path = Path(run_dir) / "train.log"
         self.logger = logging.getLogger(logger)
         self._added: list[logging.Handler] = []
         self._pending: list[logging.LogRecord] | None = None
         self._file: logging.Handler | None = None
+        self._lock = RunLock(run_dir) if lock else None
+        self.committed = False
+        self._start: int | None = None
 
     def __enter__(self) -> RunLog:
+        if self._lock is not None:
+            self._lock.acquire()  # refused here: nothing was logged or written
+        self._start = log_size(self.path)  # where this process's lines begin
         reached = _handlers_of(self.logger)
-        target = self.path.resolve()
-        self._file = next(
-            (
-                h
-                for h in reached
-                if isinstance(h, logging.FileHandler) and Path(h.baseFilename).resolve() == target
-            ),
-            None,
-        )
+        self._file = file_handler_for(self.path, self.logger)
         if self._file is None:  # no Hydra job log for this run: hold lines until commit()
             self._pending = []
             self._add(_ListHandler(self._pending))
@@ -226,10 +287,23 @@ class RunLog:
         elif self._file is not None:
             self._file.handle(record)
 
-    def commit(self) -> None:
-        """The run is accepted: write the held lines to ``train.log`` and append from now on."""
+    def size(self) -> int | None:
+        """train.log's size now (for a checkpoint: where a resume from it cuts the log)."""
+        return log_size(self.path)
+
+    def commit(self, resume_offset: int | None = None) -> int:
+        """The run is accepted: write the held lines to ``train.log`` and append from now on.
+        ``resume_offset``: train.log's size when the checkpoint this run resumes from was saved;
+        the lines an interrupted run logged after it are taken out (:func:`drop_interrupted_lines`),
+        so that the log reads like an uninterrupted run's. Returns how many lines were taken out.
+        """
+        if self._lock is not None:
+            self._lock.acquire(create=True)  # a run directory made now: hold it from here on
+            self._lock.commit()
+        self.committed = True
+        dropped = drop_interrupted_lines(self.path, resume_offset, self._start)
         if self._pending is None:
-            return
+            return dropped
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(self.path, mode="a", encoding="utf-8")
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -240,13 +314,20 @@ class RunLog:
         self._added.remove(buffer)
         self._add(handler)
         self._file, self._pending = handler, None
+        return dropped
 
-    def __exit__(self, *exc_info) -> None:  # noqa: ANN002
-        warnings.showwarning = self._showwarning
-        for handler in self._added:
-            self.logger.removeHandler(handler)
-            handler.close()
-        self.logger.setLevel(self._level)
+    def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        try:
+            if exc is not None and self.committed and self._file is not None:
+                self._file.handle(error_record(exc))  # the console gets it from the caller
+        finally:
+            warnings.showwarning = self._showwarning
+            for handler in self._added:
+                self.logger.removeHandler(handler)
+                handler.close()
+            self.logger.setLevel(self._level)
+            if self._lock is not None:
+                self._lock.release()
 
 
 class _ListHandler(logging.Handler):

@@ -3,7 +3,8 @@
 Needs nothing of the training state: the actor's config, its weights with the normalisation
 statistics, the environment spec and the score references travel in the file.
 
-A policy file is data: it is read without unpickling objects (:func:`load_file`), and the
+A policy file is data: it is read without unpickling objects (:func:`read_file`), its contents
+are checked against the SHA-256 saved with them (a damaged file is refused, not used), and the
 classes its config names and the environment its spec names are checked against an allow-list
 (:mod:`divo.agents.trust`) before anything is imported or built.
 """
@@ -23,9 +24,12 @@ from divo.agents.runtime import resolve_device
 from divo.agents.trust import Trust, check_config, check_env_spec
 from divo.data.envs import make_env
 from divo.errors import CheckpointError, ConfigError
-from divo.files import load_file
+from divo.files import damaged_file_error, read_file
 
-POLICY_FORMAT = "divo-policy-v1"
+# v2: the file carries the SHA-256 of its contents (divo.files.content_sha256), checked on load
+POLICY_FORMAT = "divo-policy-v2"
+# written by an older divo, without a checksum: they load, unchecked (`divo convert` adds one)
+OLDER_POLICY_FORMATS = ("divo-policy-v1",)
 
 
 def find_policy_file(path: str | Path) -> Path:
@@ -47,6 +51,27 @@ def find_policy_file(path: str | Path) -> Path:
             f"{path} holds no policy.pt and no checkpoints/step_*.pt; is it a run directory?"
         )
     return path
+
+
+def _read_policy(file: Path) -> dict:
+    """The policy payload of a policy file or checkpoint, its checksum checked (a file of an
+    older divo has none: it loads unchecked)."""
+    payload, checked = read_file(file)
+    found = payload.get("format") if isinstance(payload, dict) else None
+    if isinstance(found, str) and found.startswith("divo-checkpoint"):
+        from divo.agents.checkpoints import accept_checkpoint
+
+        payload = accept_checkpoint(payload, checked, file).get("policy")
+    elif found == POLICY_FORMAT and not checked:
+        raise damaged_file_error(
+            file, f"a {found} file carries the checksum of its contents, and it has none"
+        )
+    if not isinstance(payload, dict) or payload.get("format") not in (
+        POLICY_FORMAT,
+        *OLDER_POLICY_FORMATS,
+    ):
+        raise CheckpointError(f"{file} is not a divo policy or checkpoint file")
+    return payload
 
 
 def check_policy_payload(payload: dict, trust: Trust, where: str | Path) -> EnvSpec | None:
@@ -111,11 +136,7 @@ def load_policy(
     code's pick or IDQL's inference sweep; the policy's class checks them as it is built.
     """
     file = find_policy_file(path)
-    payload = load_file(file)
-    if isinstance(payload, dict) and str(payload.get("format", "")).startswith("divo-checkpoint"):
-        payload = payload.get("policy")
-    if not isinstance(payload, dict) or payload.get("format") != POLICY_FORMAT:
-        raise CheckpointError(f"{file} is not a divo policy or checkpoint file")
+    payload = _read_policy(file)
     spec = check_policy_payload(payload, trust, file)
     config = payload["policy_config"]
     if settings:

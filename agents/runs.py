@@ -10,8 +10,10 @@ import csv
 import json
 import logging
 import math
+import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -296,12 +298,27 @@ def progress_bar(cfg: DictConfig, start_step: int, what: str):
         mininterval=1.0,
         dynamic_ncols=True,
     )
+    # only the loggers that print to the console: tqdm's redirect gives every logger it is
+    # handed a console handler of its own, so a divo line would print once for ``divo`` and
+    # again for the root logger it propagates to
+    printing = [lg for lg in (logging.root, logging.getLogger("divo")) if _prints(lg)]
     redirect = (
-        logging_redirect_tqdm([logging.root, logging.getLogger("divo")])
-        if cfg.train.progress
+        logging_redirect_tqdm(printing)
+        if cfg.train.progress and printing
         else contextlib.nullcontext()
     )
     return bar, redirect
+
+
+def _prints(logger: logging.Logger) -> bool:
+    """Whether ``logger`` has a handler of its own that writes to the console."""
+    consoles = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    return any(
+        isinstance(h, logging.StreamHandler)
+        and not isinstance(h, logging.FileHandler)
+        and h.stream in consoles
+        for h in logger.handlers
+    )
 
 
 def _duration(seconds: float) -> str:
@@ -314,8 +331,16 @@ def _duration(seconds: float) -> str:
 
 class Eta:
     """Announces the plan of a run (steps, device) before training, and once the first steps'
-    rate is known the expected remaining time; warns when a CPU run would take longer than
-    ``CPU_WARN_S``. ``update(step)`` is called after every step and costs one clock read."""
+    rate is known the expected remaining time, evaluations included; warns when a CPU run would
+    take longer than ``CPU_WARN_S``. ``update(step)`` is called after every step and costs one
+    clock read; each evaluation runs inside :meth:`evaluation`, which times it (and keeps it
+    out of the step rate).
+
+    ``eval_every``: the run evaluates at every multiple of it and at the last step (as the
+    training loops do). The time to go counts the evaluations left at the mean duration of
+    those timed so far (the step-0 evaluation, ``train.eval_at_start``, is the first); when none
+    was timed yet the ETA says so, and once the first is, a second line gives the total.
+    """
 
     WARMUP_STEPS = 10  # not timed: compilation, allocator and cache warm-up
     MEASURE_STEPS = 200  # the rate is measured over this many steps ...
@@ -323,17 +348,64 @@ class Eta:
     CPU_WARN_S = 3 * 3600.0
 
     def __init__(
-        self, start_step: int, steps: int, device: torch.device, log: logging.Logger = _log
+        self,
+        start_step: int,
+        steps: int,
+        device: torch.device,
+        log: logging.Logger = _log,
+        *,
+        eval_every: int | None = None,
     ) -> None:
         self.start, self.steps, self.device, self.log = start_step, steps, device, log
+        self.eval_every = eval_every
         self._t0: float | None = None
         self._done = steps - start_step <= self.WARMUP_STEPS
+        self._rate: float | None = None  # steps/s, once measured
+        self._eval_s: list[float] = []  # durations of the evaluations timed so far
+        self._total_pending = False  # the ETA was given without evaluation time
+        self._warned = False
         where = f"{device} ({device_name(device)})"
         if start_step:
             plan = f"steps {start_step + 1}-{steps} ({steps - start_step} to go)"
         else:
             plan = f"{steps} steps"
         log.info("training %s on %s; ETA after the first steps", plan, where)
+
+    def evaluations_left(self, step: int) -> int:
+        """How many evaluations the run makes after ``step``."""
+        if not self.eval_every or step >= self.steps:
+            return 0
+        every = self.eval_every
+        return self.steps // every - step // every + (1 if self.steps % every else 0)
+
+    @contextlib.contextmanager
+    def evaluation(self, step: int | None = None) -> Iterator[None]:
+        """Time the evaluation run inside (at ``step``; None: before training)."""
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            took = time.perf_counter() - t
+            self._eval_s.append(took)
+            if self._t0 is not None and not self._done:
+                self._t0 += took  # the step rate is measured over training steps only
+            if self._total_pending and step is not None:
+                self._total_pending = False
+                left = self._left(step)
+                self.log.info(
+                    "evaluations take about %s each: about %s to go in all (step %d of %d)",
+                    _duration(self._eval_mean()), _duration(left), step, self.steps,
+                )  # fmt: skip
+                self._warn(left, stacklevel=4)  # through contextlib to the training loop
+
+    def _eval_mean(self) -> float:
+        return sum(self._eval_s) / len(self._eval_s)
+
+    def _left(self, step: int) -> float:
+        left = (self.steps - step) / self._rate
+        if self._eval_s:
+            left += self.evaluations_left(step) * self._eval_mean()
+        return left
 
     def update(self, step: int) -> None:
         if self._done:
@@ -347,17 +419,30 @@ class Eta:
         if done < self.MEASURE_STEPS and elapsed < self.MEASURE_S:
             return
         self._done = True
-        rate = done / max(elapsed, 1e-9)
-        left = (self.steps - step) / rate
+        self._rate = done / max(elapsed, 1e-9)
+        left = self._left(step)
+        evals = self.evaluations_left(step)
+        if not evals:
+            note = ""
+        elif self._eval_s:
+            note = f", {evals} evaluation(s) of about {_duration(self._eval_mean())} included"
+        else:
+            note = f", plus {evals} evaluation(s), timed at the first"
+            self._total_pending = True
         self.log.info(
-            "%.0f steps/s: about %s to go (step %d of %d)",
-            rate, _duration(left), step, self.steps,
+            "%.0f steps/s: about %s to go (step %d of %d%s)",
+            self._rate, _duration(left), step, self.steps, note,
         )  # fmt: skip
-        if self.device.type == "cpu" and left > self.CPU_WARN_S:
+        self._warn(left)
+
+    def _warn(self, left: float, stacklevel: int = 3) -> None:
+        if self.device.type == "cpu" and left > self.CPU_WARN_S and not self._warned:
+            self._warned = True
             warnings.warn(
                 f"this CPU run of {self.steps} steps needs about {_duration(left)} more at "
-                f"{rate:.0f} steps/s; train on a GPU (device=cuda) or set a smaller train.steps",
-                stacklevel=2,
+                f"{self._rate:.0f} steps/s; train on a GPU (device=cuda) or set a smaller "
+                "train.steps",
+                stacklevel=stacklevel,
             )
 
 

@@ -24,6 +24,7 @@ from divo.agents.checkpoints import (
     check_resumable,
     check_trusted,
     policy_payload,
+    save_policy_file,
     spec_json,
 )
 from divo.agents.logging import MetricAccumulator, MetricsLogger, RunLog
@@ -56,7 +57,6 @@ from divo.data.batches import (
     flat_flag_keys,
 )
 from divo.errors import ConfigError, DatasetError
-from divo.files import atomic_save
 
 _log = logging.getLogger("divo.train")
 
@@ -119,7 +119,7 @@ def train(
                 finished["steps"],
             )
         return finished
-    with RunLog(run_dir) as run_log:
+    with RunLog(run_dir, lock=True) as run_log:  # a second process on run_dir is refused
         return _train(cfg, run_dir, replay_buffer, obs_stats, resume, run_log, trust)
 
 
@@ -211,9 +211,19 @@ def _train(
         set_rng_state(ckpt["rng"])  # last: nothing above may draw random numbers after it
     check_steps(cfg, start_step, run_dir)
 
-    run_log.commit()  # every check passed: from here on the run's files are written
+    # every check passed: from here on the run's files are written (train.log loses what an
+    # interrupted run logged after the checkpoint, as metrics.csv loses its rows)
+    dropped = run_log.commit(ckpt.get("log_bytes") if ckpt is not None else None)
     if ckpt is not None:
-        _log.info("resumed from step %d (checkpoints/step_%09d.pt)", start_step, start_step)
+        _log.info(
+            "resumed from step %d (checkpoints/step_%09d.pt)%s",
+            start_step,
+            start_step,
+            f"; the {dropped} line(s) logged after it by the interrupted run were taken out of "
+            "train.log"
+            if dropped
+            else "",
+        )
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     logger = MetricsLogger(
         run_dir,
@@ -231,13 +241,15 @@ def _train(
             "metrics": acc.state_dict(),
             "last_eval": last_eval,
             "wall_clock_s": elapsed_before + time.perf_counter() - start,
+            "log_bytes": run_log.size(),  # where a resume from here cuts train.log
         }
         checkpointer.save(step, agent, cfg, data, extra)
 
     steps = int(cfg.train.steps)
-    eta = Eta(start_step, steps, device)
+    eta = Eta(start_step, steps, device, eval_every=int(cfg.train.eval_every))
     if start_step == 0 and cfg.train.get("eval_at_start", False):
-        evaluate_at_start(agent, data, cfg, device, logger)
+        with eta.evaluation():
+            evaluate_at_start(agent, data, cfg, device, logger)
     bar, redirect = progress_bar(cfg, start_step, data.dataset_id if data else "")
     agent.train()
     # plain ints: an OmegaConf lookup per step costs more than a CUDA-graph replay
@@ -253,7 +265,8 @@ def _train(
                 row.update(acc.mean())
                 check_finite(row, step, checkpointer)
             if step % eval_every == 0 or step == steps:
-                last_eval = evaluate_into_row(agent, data, cfg, device, step, row)
+                with eta.evaluation(step):
+                    last_eval = evaluate_into_row(agent, data, cfg, device, step, row)
                 agent.train()
                 if last_eval is not None:
                     score = last_eval["normalized_score"]
@@ -266,7 +279,7 @@ def _train(
             if step % checkpoint_every == 0 or step == steps:
                 checkpoint(step)
 
-    atomic_save(policy_payload(agent, cfg, data, steps), run_dir / "policy.pt")
+    save_policy_file(policy_payload(agent, cfg, data, steps), run_dir / "policy.pt")
     wall_clock_s = elapsed_before + time.perf_counter() - start
     result = run_result(cfg, data, behavior_score, last_eval, wall_clock_s, device, run_dir)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")

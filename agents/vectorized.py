@@ -47,9 +47,17 @@ from divo.agents.checkpoints import (
     check_trusted,
     load_checkpoint,
     policy_payload,
+    save_policy_file,
     spec_json,
 )
-from divo.agents.logging import MetricAccumulator, MetricsLogger
+from divo.agents.logging import (
+    MetricAccumulator,
+    MetricsLogger,
+    drop_interrupted_lines,
+    error_record,
+    file_handler_for,
+    log_size,
+)
 from divo.agents.runs import (
     Eta,
     check_finite,
@@ -69,7 +77,7 @@ from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compi
 from divo.agents.trust import Trust
 from divo.data.batches import check_batch_keys
 from divo.errors import ConfigError, DivoError, first_line
-from divo.files import atomic_save
+from divo.files import RunLock
 
 MULTIRUN_HINT = "use train.num_seeds=1 (or a multirun: `divo train <recipe> -m seed=0,1,2`)"
 
@@ -492,8 +500,11 @@ class _SeedLogs:
 
     FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
-    def __init__(self, seed_dirs: Sequence[Path], seeds: Sequence[int]) -> None:
+    def __init__(self, seed_dirs: Sequence[Path], seeds: Sequence[int], run_dir: Path) -> None:
         self.shared = logging.getLogger("divo.train")
+        # the run's own train.log, when Hydra's job log writes it (its size before this run)
+        self.parent = file_handler_for(run_dir / "train.log", self.shared)
+        self.parent_size = log_size(run_dir / "train.log") if self.parent is not None else None
         self.loggers = [logging.getLogger(f"divo.train.seed{s}") for s in seeds]
         self.handlers = []
         self.accepted = False  # set once every check passed, before the run writes its files
@@ -515,6 +526,35 @@ class _SeedLogs:
         self._level = self.shared.level
         if self.shared.getEffectiveLevel() > logging.INFO:  # e.g. outside Hydra's logging setup
             self.shared.setLevel(logging.INFO)
+        self._showwarning = warnings.showwarning
+        warnings.showwarning = self._show_warning
+
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None):  # noqa: ANN001
+        """A warning of the run (e.g. a damaged checkpoint skipped) goes to the train.log files
+        as well as the console."""
+        self._showwarning(message, category, filename, lineno, file, line)
+        self.to_files(
+            logging.LogRecord(
+                "py.warnings", logging.WARNING, filename, lineno, str(message), None, None
+            )
+        )
+
+    def to_files(self, record: logging.LogRecord) -> None:
+        """``record`` into every seed's train.log and the run's own (Hydra's), not the console."""
+        for h in (*self.handlers, *([self.parent] if self.parent is not None else [])):
+            h.handle(record)
+
+    def drop_interrupted_lines(self, ckpts: Sequence[Mapping]) -> int:
+        """What the logs hold past the checkpoints a resume starts from (lines an interrupted
+        run wrote after them) is taken out, as from a single run's train.log; returns how many
+        lines of the seeds' logs were."""
+        dropped = 0
+        for (path, size), ckpt in zip(self.sizes.items(), ckpts, strict=True):
+            dropped += drop_interrupted_lines(path, ckpt.get("log_bytes"), size)
+        if self.parent is not None:
+            offset = ckpts[0].get("run_log_bytes")
+            drop_interrupted_lines(self.parent.baseFilename, offset, self.parent_size)
+        return dropped
 
     def per_seed(self) -> None:
         for log, h in zip(self.loggers, self.handlers, strict=True):
@@ -522,6 +562,7 @@ class _SeedLogs:
             log.addHandler(h)
 
     def close(self) -> None:
+        warnings.showwarning = self._showwarning
         for log, h in zip(self.loggers, self.handlers, strict=True):
             self.shared.removeHandler(h)
             log.removeHandler(h)
@@ -581,22 +622,41 @@ def train_vectorized(
     seed_dirs = [run_dir / f"seed{s}" for s in seeds]
     cfgs = [_seed_config(cfg, s) for s in seeds]
     new_dirs = [d for d in (run_dir, *seed_dirs) if not d.exists()]
-    run_dir.mkdir(parents=True, exist_ok=True)
-    logs = _SeedLogs(seed_dirs, seeds)
+
+    def remove_new_dirs() -> None:
+        for d in reversed(new_dirs):  # seed folders first, then the run's own
+            if d.is_dir() and not any(d.iterdir()):
+                d.rmdir()
+
+    # the run and each seed's folder (`divo train <run>/seed<k>` resumes one seed alone) are
+    # held by this process; one another process holds is refused with nothing changed
+    lock = RunLock(run_dir, *seed_dirs)
     try:
-        return _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs)
+        lock.acquire(create=True)
     except DivoError:
-        if not logs.accepted:  # refused on its input (data, recipe, checkpoint): no trace
-            logs.undo()
-            for d in reversed(new_dirs):  # seed folders first, then the run's own
-                if d.is_dir() and not any(d.iterdir()):
-                    d.rmdir()
+        remove_new_dirs()
         raise
+    try:
+        logs = _SeedLogs(seed_dirs, seeds, run_dir)
+        try:
+            return _train_seeds(
+                cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs, lock
+            )
+        except BaseException as exc:
+            if logs.accepted:  # an error that ends the run: in train.log too
+                logs.to_files(error_record(exc))
+            elif isinstance(exc, DivoError):  # refused on its input (data, recipe, checkpoint)
+                logs.undo()  # no trace
+                lock.release()
+                remove_new_dirs()
+            raise
+        finally:
+            logs.close()
     finally:
-        logs.close()
+        lock.release()
 
 
-def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs):
+def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, logs, lock):
     n = len(seeds)
     start = time.perf_counter()
     seed_everything(seeds[0])
@@ -643,10 +703,19 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
         elapsed_before = [float(c.get("wall_clock_s", 0.0)) for c in ckpts]
         set_rng_state(ckpts[0]["rng"])  # last: nothing above may draw random numbers after it
     check_steps(cfg, start_step, run_dir)
-    if found is not None:
-        logs.shared.info("resumed from step %d", start_step)
 
     logs.accepted = True  # every check passed: from here on the run writes its files
+    lock.commit()
+    if found is not None:
+        dropped = logs.drop_interrupted_lines(ckpts)
+        logs.shared.info(
+            "resumed from step %d%s",
+            start_step,
+            f"; the {dropped} line(s) the seeds' interrupted run logged after it were taken "
+            "out of their train.log files"
+            if dropped
+            else "",
+        )
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     loggers = []
     for seed_cfg, d in zip(cfgs, seed_dirs, strict=True):
@@ -672,6 +741,9 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
                 "metrics": acc.seed_state_dict(i),
                 "last_eval": last_evals[i],
                 "wall_clock_s": elapsed_before[i] + time.perf_counter() - start,
+                # where a resume from here cuts the seed's train.log and the run's own
+                "log_bytes": log_size(seed_dirs[i] / "train.log"),
+                "run_log_bytes": log_size(run_dir / "train.log"),
             }
             keep, c.keep = c.keep, c.keep + 1
             try:
@@ -684,10 +756,13 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
 
     train_step = TrainStep(vec, sampler.sample, device=device, **compile_options(cfg))
     steps = int(cfg.train.steps)
-    eta = Eta(start_step, steps, device, logs.shared)
+    eta = Eta(start_step, steps, device, logs.shared, eval_every=int(cfg.train.eval_every))
     if start_step == 0 and cfg.train.get("eval_at_start", False):
-        for i in range(n):
-            evaluate_at_start(vec.seed_agent(i), data, cfgs[i], device, loggers[i], logs.loggers[i])
+        with eta.evaluation():
+            for i in range(n):
+                evaluate_at_start(
+                    vec.seed_agent(i), data, cfgs[i], device, loggers[i], logs.loggers[i]
+                )
         vec.train()
     bar, redirect = progress_bar(cfg, start_step, f"{data.dataset_id} x{n} seeds")
     vec.train()
@@ -704,10 +779,11 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
                     rows[i].update(means)
                     check_finite(rows[i], step, checkpointers[i])
             if step % eval_every == 0 or step == steps:
-                for i in range(n):
-                    last_evals[i] = evaluate_into_row(
-                        vec.seed_agent(i), data, cfgs[i], device, step, rows[i], logs.loggers[i]
-                    )
+                with eta.evaluation(step):
+                    for i in range(n):
+                        last_evals[i] = evaluate_into_row(
+                            vec.seed_agent(i), data, cfgs[i], device, step, rows[i], logs.loggers[i]
+                        )
                 vec.train()
                 scores = [e["normalized_score"] for e in last_evals if e is not None]
                 if scores and all(s is not None for s in scores):
@@ -721,7 +797,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
     results = []
     for i, d in enumerate(seed_dirs):
         payload = policy_payload(vec.seed_agent(i), cfgs[i], data, steps)
-        atomic_save(payload, d / "policy.pt")
+        save_policy_file(payload, d / "policy.pt")
         wall = elapsed_before[i] + time.perf_counter() - start
         result = run_result(cfgs[i], data, behavior_score, last_evals[i], wall, device, d)
         (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -39,6 +39,11 @@ class UntrustedFileError(CheckpointError):
     disk; a resumed run never falls back past such a file."""
 
 
+class RunInUseError(DivoError):
+    """Another process holds the run directory (its ``.lock``): two processes writing one run
+    would interleave its metrics, logs and checkpoints. Refused before anything changes."""
+
+
 def type_name(obj: object) -> str:
     """``module.Class`` of ``obj``'s type, to name a user's plugged-in part in an error."""
     return f"{type(obj).__module__}.{type(obj).__qualname__}"

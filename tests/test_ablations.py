@@ -17,7 +17,8 @@ from torch import nn
 from divo.agents.builder import build_agent
 from divo.agents.diffusion_ql import DiffusionQLAgent
 from divo.behavior_models import DDPM
-from divo.cli import available_recipes, compose_recipe, main
+from divo.cli import main
+from divo.config import available_recipes, compose_recipe
 from divo.errors import ConfigError
 from divo.objectives import (
     DiffusionQLActorLoss,
@@ -304,14 +305,13 @@ def test_saved_policy_rebuilds_from_its_config_and_state_dict_alone(recipe):
 def test_deployed_consistency_model_saves_with_its_extra_state(recipe, tmp_path):
     """A deployed sampler over the consistency model carries non-tensor extra state (its
     curriculum position): policy.pt keeps it and `divo evaluate`'s loader rebuilds the policy."""
-    from divo.agents.checkpoints import policy_payload
+    from divo.agents.checkpoints import policy_payload, save_policy_file
     from divo.agents.policy_io import load_policy
-    from divo.files import atomic_save
 
     agent = make_agent(recipe, "behavior_model=consistency")
     agent.update(random_batch())
     cfg = compose_recipe(recipe, ["behavior_model=consistency"])
-    atomic_save(policy_payload(agent, cfg, None, 1), tmp_path / "policy.pt")
+    save_policy_file(policy_payload(agent, cfg, None, 1), tmp_path / "policy.pt")
     policy, _ = load_policy(tmp_path / "policy.pt", torch.device("cpu"))
     obs = torch.randn(6, O)
     torch.manual_seed(1)

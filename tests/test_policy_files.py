@@ -20,9 +20,10 @@ from test_resume import assert_same_training_state, final_state, snapshot
 from divo.agents.policy_io import load_policy
 from divo.agents.train import train
 from divo.behavior_models import GaussianBehavior
-from divo.cli import compose_recipe, main
+from divo.cli import main
+from divo.config import compose_recipe
 from divo.errors import CheckpointError, UntrustedFileError
-from divo.files import atomic_save
+from divo.files import CHECKSUM_KEY, atomic_save, content_sha256
 
 SHORT = [
     "dataset=bandit",
@@ -70,6 +71,14 @@ def _read(path: Path) -> dict:
     return torch.load(path, weights_only=True)  # every file divo writes is plain data
 
 
+def _save(payload: dict, path: Path) -> None:
+    """Write an edited file as an attacker would: with the checksum of what it now holds, so
+    that what refuses it is the check of its contents, not the checksum."""
+    payload = {k: v for k, v in payload.items() if k != CHECKSUM_KEY}
+    payload[CHECKSUM_KEY] = content_sha256(payload)
+    torch.save(payload, path)
+
+
 def _one_line_error(args, capsys) -> str:
     assert main(args) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
@@ -92,19 +101,19 @@ def _outside_env_module(tmp_path: Path, monkeypatch, marker: Path) -> str:
 
 
 def test_every_file_of_a_run_loads_as_plain_data(trained):
-    assert _read(trained / "policy.pt")["format"] == "divo-policy-v1"
+    assert _read(trained / "policy.pt")["format"] == "divo-policy-v2"
     for ckpt in (trained / "checkpoints").glob("step_*.pt"):
-        assert _read(ckpt)["format"] == "divo-checkpoint-v2"
+        assert _read(ckpt)["format"] == "divo-checkpoint-v3"
 
 
 def test_a_pickled_object_in_a_policy_file_is_refused_and_never_runs(run, tmp_path, capsys):
     marker = tmp_path / "marker"
     payload = _read(run / "policy.pt")
     payload["ref_min_score"] = CreatesFile(marker)
-    torch.save(payload, run / "policy.pt")
+    _save(payload, run / "policy.pt")
     line = _one_line_error(["evaluate", str(run), "--episodes", "1"], capsys)
     assert "holds a pickled Python object (io.open)" in line
-    assert f"divo convert {run / 'policy.pt'}" in line
+    assert "convert" not in line.replace(str(run), "")  # `divo convert` would refuse it too
     with pytest.raises(UntrustedFileError):
         load_policy(run)
     assert not marker.exists()
@@ -125,7 +134,7 @@ def test_a_policy_config_naming_code_is_refused_without_the_call(run, tmp_path, 
     payload = _read(run / "policy.pt")
     fill = [a.format(marker=str(marker)) if isinstance(a, str) else a for a in args]
     payload["policy_config"]["actor"] = {"_target_": target, "_args_": fill}
-    torch.save(payload, run / "policy.pt")
+    _save(payload, run / "policy.pt")
     with pytest.raises(UntrustedFileError, match=f"_target_={target} \\(at actor._target_\\)"):
         load_policy(run)
     assert not marker.exists()
@@ -134,7 +143,7 @@ def test_a_policy_config_naming_code_is_refused_without_the_call(run, tmp_path, 
 def test_an_outside_target_names_the_way_to_trust_it(run, capsys):
     payload = _read(run / "policy.pt")
     payload["policy_config"]["actor"]["_target_"] = "my_pkg.models.Actor"
-    torch.save(payload, run / "policy.pt")
+    _save(payload, run / "policy.pt")
     line = _one_line_error(["evaluate", str(run)], capsys)
     assert "names _target_=my_pkg.models.Actor" in line
     assert "--trust my_pkg (trust=['my_pkg'] in Python)" in line
@@ -145,7 +154,7 @@ def test_an_interpolation_in_a_policy_config_is_refused(run, tmp_path):
     payload = _read(run / "policy.pt")  # oc.create would build a node with its own _target_
     payload["policy_config"]["actor"] = "${oc.create:{_target_: os.system, _args_: "
     payload["policy_config"]["actor"] += f"['touch {marker}']}}}}"
-    torch.save(payload, run / "policy.pt")
+    _save(payload, run / "policy.pt")
     with pytest.raises(UntrustedFileError, match="holds an interpolation at actor"):
         load_policy(run)
     assert not marker.exists()
@@ -155,7 +164,7 @@ def test_an_environment_outside_gymnasium_and_divo_is_refused(run, tmp_path, mon
     marker = tmp_path / "marker"
     payload = _read(run / "policy.pt")
     payload["env_spec"] = _outside_env_module(tmp_path, monkeypatch, marker)
-    torch.save(payload, run / "policy.pt")
+    _save(payload, run / "policy.pt")
     line = _one_line_error(["evaluate", str(run), "--episodes", "1"], capsys)
     assert "environment OutsideEnv-v0 with entry_point outside_env_mod:Env" in line
     assert "--trust outside_env_mod" in line
@@ -164,7 +173,7 @@ def test_an_environment_outside_gymnasium_and_divo_is_refused(run, tmp_path, mon
     spec = json.loads(payload["env_spec"])
     spec["entry_point"] = "gymnasium.envs.registration:make"
     payload["env_spec"] = json.dumps(spec)
-    torch.save(payload, run / "policy.pt")
+    _save(payload, run / "policy.pt")
     with pytest.raises(UntrustedFileError, match="make, which is not a gymnasium.core.Env"):
         load_policy(run)
 
@@ -180,7 +189,7 @@ def test_a_pickled_object_in_a_checkpoint_stops_the_resume(run, tmp_path, capsys
     marker = tmp_path / "marker"
     ckpt = _read(_newest(run))
     ckpt["last_eval"] = CreatesFile(marker)
-    torch.save(ckpt, _newest(run))
+    _save(ckpt, _newest(run))
     before = snapshot(run)
     line = _one_line_error(["train", str(run), "train.steps=6", "--quiet"], capsys)
     assert "step_000000004.pt holds a pickled Python object (io.open)" in line
@@ -212,7 +221,7 @@ def test_a_checkpoint_naming_code_is_refused(run, tmp_path, where, capsys):
         ckpt["config"]["selector"] = evil
     else:
         ckpt["policy"]["policy_config"]["actor"] = evil
-    torch.save(ckpt, _newest(run))
+    _save(ckpt, _newest(run))
     before = snapshot(run)
     line = _one_line_error(["train", str(run), "train.steps=6", "--quiet"], capsys)
     assert "step_000000004.pt names _target_=builtins.exec" in line
@@ -223,7 +232,7 @@ def test_a_checkpoint_with_an_outside_environment_is_refused(run, tmp_path, monk
     marker = tmp_path / "marker"
     ckpt = _read(_newest(run))
     ckpt["policy"]["env_spec"] = _outside_env_module(tmp_path, monkeypatch, marker)
-    torch.save(ckpt, _newest(run))
+    _save(ckpt, _newest(run))
     before = snapshot(run)
     line = _one_line_error(["train", str(run), "train.steps=6", "--quiet"], capsys)
     assert "environment OutsideEnv-v0 with entry_point outside_env_mod:Env" in line
@@ -269,8 +278,11 @@ def test_trust_must_name_a_module(run, capsys):
 
 
 def _as_version_one(path: Path) -> None:
-    """Rewrite a checkpoint as divo-checkpoint-v1 wrote it (NumPy's RNG state pickled)."""
+    """Rewrite a checkpoint as divo-checkpoint-v1 wrote it (NumPy's RNG state pickled, no
+    checksum)."""
     ckpt = _read(path)
+    del ckpt[CHECKSUM_KEY]
+    ckpt["policy"]["format"] = "divo-policy-v1"
     np_state = ckpt["rng"]["numpy"]
     ckpt["rng"]["numpy"] = (
         np_state["kind"],
@@ -293,19 +305,20 @@ def test_old_checkpoints_are_refused_then_converted_and_resume_exactly(tmp_path,
     assert f"convert it with `divo convert {_newest(part)}`" in line
     assert main(["convert", str(part)]) == 0
     out = capsys.readouterr().out
-    assert "step_000000004.pt: divo-checkpoint-v1 -> divo-checkpoint-v2" in out
-    assert "policy.pt: already plain data" in out
+    assert "step_000000004.pt: divo-checkpoint-v1 -> divo-checkpoint-v3" in out
+    assert "policy.pt: already plain data with a checksum" in out
     assert main(["train", str(part), "train.steps=6", "--quiet"]) == 0
     assert_same_training_state(final_state(full), final_state(part))
 
 
-def test_convert_keeps_a_file_that_still_holds_objects(run, tmp_path, capsys):
+def test_convert_refuses_an_object_no_divo_wrote_and_keeps_the_file(run, tmp_path, capsys):
     payload = _read(run / "policy.pt")
     payload["ref_min_score"] = np.float64(1.0)  # a NumPy scalar: an object, not plain data
-    torch.save(payload, run / "policy.pt")
+    _save(payload, run / "policy.pt")
     before = (run / "policy.pt").read_bytes()
     line = _one_line_error(["convert", str(run / "policy.pt")], capsys)
-    assert "cannot write" in line and "would hold a pickled" in line
+    assert "holds a pickled Python object (numpy." in line
+    assert "convert" not in line.replace(str(run), "")
     assert (run / "policy.pt").read_bytes() == before
 
 

@@ -15,7 +15,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from divo.agents.agent import OfflineAgent
-from divo.agents.policy_io import OLDER_POLICY_FORMATS, POLICY_FORMAT
+from divo.agents.formats import (
+    CHECKPOINT_FORMAT,
+    OLDER_CHECKPOINT_FORMATS,
+    OLDER_POLICY_FORMATS,
+    POLICY_FORMAT,
+    accept_checkpoint,
+)
 from divo.agents.runtime import (
     numpy_rng_state,
     rng_state,
@@ -24,13 +30,6 @@ from divo.agents.trust import Trust, check_config, config_modules, trusted_modul
 from divo.data.load import OfflineData
 from divo.errors import CheckpointError, DivoError, UntrustedFileError
 from divo.files import atomic_save, damaged_file_error, read_file
-
-# v2: every RNG state as plain data, so that a checkpoint loads with weights_only=True;
-# v3: the file carries the SHA-256 of its contents (divo.files.content_sha256), checked on load
-CHECKPOINT_FORMAT = "divo-checkpoint-v3"
-# written by an older divo as plain data, without a checksum: they load, unchecked (`divo
-# convert` adds one)
-OLDER_CHECKPOINT_FORMATS = ("divo-checkpoint-v2",)
 
 
 def spec_json(data: OfflineData | None) -> str | None:
@@ -138,28 +137,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     read as plain data (:func:`divo.files.read_file`)."""
     payload, checked = read_file(path)
     return accept_checkpoint(payload, checked, path)
-
-
-def accept_checkpoint(payload: Any, checked: bool, path: Path) -> dict[str, Any]:
-    """``payload`` read from ``path`` if it is a checkpoint divo reads: this format with its
-    checksum, or an older plain-data format (no checksum to check)."""
-    found = payload.get("format") if isinstance(payload, dict) else None
-    if found == CHECKPOINT_FORMAT:
-        if not checked:
-            raise damaged_file_error(
-                path, f"a {found} file carries the checksum of its contents, and it has none"
-            )
-        return payload
-    if found in OLDER_CHECKPOINT_FORMATS:
-        return payload
-    if found == "divo-checkpoint-v1":
-        raise CheckpointError(f"{path} is a {found} file; convert it with `divo convert {path}`")
-    if isinstance(found, str) and found.startswith("divo-checkpoint"):
-        raise CheckpointError(
-            f"{path} is a {found} file, which this divo version does not read (it reads "
-            f"{CHECKPOINT_FORMAT}); use the divo version that wrote it"
-        )
-    raise CheckpointError(f"{path} is not a divo checkpoint")
 
 
 def check_trusted(

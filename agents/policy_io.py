@@ -20,16 +20,12 @@ from gymnasium.envs.registration import EnvSpec
 from hydra.utils import instantiate
 
 from divo.agents.evaluate import evaluate_policy
+from divo.agents.formats import OLDER_POLICY_FORMATS, POLICY_FORMAT, accept_checkpoint
 from divo.agents.runtime import resolve_device
 from divo.agents.trust import Trust, check_config, check_env_spec
 from divo.data.envs import make_env
 from divo.errors import CheckpointError, ConfigError
 from divo.files import damaged_file_error, read_file
-
-# v2: the file carries the SHA-256 of its contents (divo.files.content_sha256), checked on load
-POLICY_FORMAT = "divo-policy-v2"
-# written by an older divo, without a checksum: they load, unchecked (`divo convert` adds one)
-OLDER_POLICY_FORMATS = ("divo-policy-v1",)
 
 
 def find_policy_file(path: str | Path) -> Path:
@@ -59,8 +55,6 @@ def _read_policy(file: Path) -> dict:
     payload, checked = read_file(file)
     found = payload.get("format") if isinstance(payload, dict) else None
     if isinstance(found, str) and found.startswith("divo-checkpoint"):
-        from divo.agents.checkpoints import accept_checkpoint
-
         payload = accept_checkpoint(payload, checked, file).get("policy")
     elif found == POLICY_FORMAT and not checked:
         raise damaged_file_error(

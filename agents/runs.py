@@ -333,19 +333,25 @@ class Eta:
     """Announces the plan of a run (steps, device) before training, and once the first steps'
     rate is known the expected remaining time, evaluations included; warns when a CPU run would
     take longer than ``CPU_WARN_S``. ``update(step)`` is called after every step and costs one
-    clock read; each evaluation runs inside :meth:`evaluation`, which times it (and keeps it
-    out of the step rate).
+    clock read until the rate is known, none after; each evaluation runs inside
+    :meth:`evaluation`, which times it and keeps it out of the step rate.
 
     ``eval_every``: the run evaluates at every multiple of it and at the last step (as the
-    training loops do). The time to go counts the evaluations left at the mean duration of
-    those timed so far (the step-0 evaluation, ``train.eval_at_start``, is the first); when none
-    was timed yet the ETA says so, and once the first is, a second line gives the total.
+    training loops do). The time to go counts the evaluations left at the duration of the
+    latest one (the step-0 evaluation, ``train.eval_at_start``, is the first timed); when none
+    was timed yet the ETA says so, and a second line gives the total once the first is.
+    Evaluations grow longer as the policy learns to stay up (an untrained Hopper falls within a
+    few steps), so after each one the end is projected again, from the step rate measured so
+    far and that evaluation's duration, and a projection that moved by more than
+    ``REVISE_FRACTION`` of the time left (and ``REVISE_MIN_S``) is logged as a revised ETA.
     """
 
     WARMUP_STEPS = 10  # not timed: compilation, allocator and cache warm-up
     MEASURE_STEPS = 200  # the rate is measured over this many steps ...
     MEASURE_S = 3.0  # ... or this many seconds, whichever comes first
     CPU_WARN_S = 3 * 3600.0
+    REVISE_FRACTION = 0.25
+    REVISE_MIN_S = 30.0
 
     def __init__(
         self,
@@ -358,10 +364,11 @@ class Eta:
     ) -> None:
         self.start, self.steps, self.device, self.log = start_step, steps, device, log
         self.eval_every = eval_every
-        self._t0: float | None = None
+        self._t0: float | None = None  # when timing began, moved on by each evaluation's time
         self._done = steps - start_step <= self.WARMUP_STEPS
         self._rate: float | None = None  # steps/s, once measured
-        self._eval_s: list[float] = []  # durations of the evaluations timed so far
+        self._eval_s: float | None = None  # the latest evaluation's duration
+        self._end: float | None = None  # when the last announced ETA expects the run to end
         self._total_pending = False  # the ETA was given without evaluation time
         self._warned = False
         where = f"{device} ({device_name(device)})"
@@ -378,6 +385,12 @@ class Eta:
         every = self.eval_every
         return self.steps // every - step // every + (1 if self.steps % every else 0)
 
+    def _left(self, step: int) -> float:
+        left = (self.steps - step) / self._rate
+        if self._eval_s is not None:
+            left += self.evaluations_left(step) * self._eval_s
+        return left
+
     @contextlib.contextmanager
     def evaluation(self, step: int | None = None) -> Iterator[None]:
         """Time the evaluation run inside (at ``step``; None: before training)."""
@@ -385,27 +398,32 @@ class Eta:
         try:
             yield
         finally:
-            took = time.perf_counter() - t
-            self._eval_s.append(took)
-            if self._t0 is not None and not self._done:
-                self._t0 += took  # the step rate is measured over training steps only
-            if self._total_pending and step is not None:
-                self._total_pending = False
-                left = self._left(step)
-                self.log.info(
-                    "evaluations take about %s each: about %s to go in all (step %d of %d)",
-                    _duration(self._eval_mean()), _duration(left), step, self.steps,
-                )  # fmt: skip
-                self._warn(left, stacklevel=4)  # through contextlib to the training loop
+            now = time.perf_counter()
+            self._eval_s = now - t
+            if self._t0 is not None:
+                self._t0 += self._eval_s  # the step rate is measured over training steps only
+            if self._rate is not None and step is not None:
+                self._project(step, now)
 
-    def _eval_mean(self) -> float:
-        return sum(self._eval_s) / len(self._eval_s)
-
-    def _left(self, step: int) -> float:
-        left = (self.steps - step) / self._rate
-        if self._eval_s:
-            left += self.evaluations_left(step) * self._eval_mean()
-        return left
+    def _project(self, step: int, now: float) -> None:
+        """The end projected again after the evaluation at ``step``; logged when it moved."""
+        timed = step - self.start - self.WARMUP_STEPS
+        if timed > 0 and now > self._t0:
+            self._rate = timed / (now - self._t0)  # every step since the warm-up
+        left = self._left(step)
+        pending, self._total_pending = self._total_pending, False
+        moved = abs(now + left - self._end)
+        if pending:
+            message = "evaluations take about %s each: about %s to go in all (step %d of %d)"
+        elif moved > max(self.REVISE_FRACTION * left, self.REVISE_MIN_S):
+            message = (
+                "ETA revised (evaluations now take about %s each): about %s to go (step %d of %d)"
+            )
+        else:
+            return
+        self._end = now + left
+        self.log.info(message, _duration(self._eval_s), _duration(left), step, self.steps)
+        self._warn(left, stacklevel=5)  # through _project, contextlib, to the training loop
 
     def update(self, step: int) -> None:
         if self._done:
@@ -415,17 +433,19 @@ class Eta:
             if done == 0:
                 self._t0 = time.perf_counter()
             return
-        elapsed = time.perf_counter() - self._t0
+        now = time.perf_counter()
+        elapsed = now - self._t0
         if done < self.MEASURE_STEPS and elapsed < self.MEASURE_S:
             return
         self._done = True
         self._rate = done / max(elapsed, 1e-9)
         left = self._left(step)
+        self._end = now + left
         evals = self.evaluations_left(step)
         if not evals:
             note = ""
-        elif self._eval_s:
-            note = f", {evals} evaluation(s) of about {_duration(self._eval_mean())} included"
+        elif self._eval_s is not None:
+            note = f", {evals} evaluation(s) of about {_duration(self._eval_s)} included"
         else:
             note = f", plus {evals} evaluation(s), timed at the first"
             self._total_pending = True

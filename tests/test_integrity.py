@@ -415,6 +415,33 @@ def test_the_eta_without_a_timed_evaluation_gives_the_total_after_the_first(monk
     )
 
 
+def test_the_eta_is_revised_when_evaluations_grow_longer(monkeypatch, caplog):
+    """An untrained policy's evaluation is short (its episodes end at once); once the policy
+    stays up, evaluations take longer, and the ETA says so once, not after every one."""
+    import divo.agents.runs as runs
+
+    clock = _Clock()
+    monkeypatch.setattr(runs.time, "perf_counter", clock)
+    log = logging.getLogger("test.eta")
+    caplog.set_level(logging.INFO, logger="test.eta")
+    eta = Eta(0, 1000, torch.device("cpu"), log, eval_every=100)
+    with eta.evaluation():
+        clock.now += 1.0
+    for step in range(1, 501):
+        clock.now += 0.001
+        eta.update(step)
+        if step % 100 == 0:
+            with eta.evaluation(step):
+                clock.now += 1.0 if step < 300 else 30.0
+    lines = _eta_lines(caplog)
+    assert len(lines) == 3, lines
+    assert "about 9 s to go (step 210 of 1000, 8 evaluation(s) of about 1 s included)" in lines[1]
+    # at step 300: 0.7 s of steps and 7 evaluations of 30 s
+    assert lines[2] == (
+        "ETA revised (evaluations now take about 30 s each): about 4 min to go (step 300 of 1000)"
+    )
+
+
 # --- item 8: one process per run directory ------------------------------------------------------
 
 HOLDER = """

@@ -5,10 +5,10 @@ Every part is a config node with a ``_target_``. Parts that need sizes known onl
 ``action_dim`` here. A group left out of the recipe (``behavior_model: null``) is absent.
 
 The recipe's top-level ``algorithm`` key picks the agent class (``ALGORITHMS``): ``offline``
-(the default when absent: :class:`OfflineAgent`, for DIVO, its ablations and TD3+BC) or
-``diffusion_ql`` (:class:`DiffusionQLAgent`). Every agent gets a ``policy_config``: a
-self-contained Hydra config that rebuilds its deployable ``policy`` from the policy's
-``state_dict`` alone (what ``divo evaluate`` does with ``policy.pt``).
+(the default when absent: :class:`OfflineAgent`, for DIVO, its ablations and TD3+BC),
+``diffusion_ql`` (:class:`DiffusionQLAgent`) or ``fql`` (:class:`FQLAgent`). Every agent gets a
+``policy_config``: a self-contained Hydra config that rebuilds its deployable ``policy`` from the
+policy's ``state_dict`` alone (what ``divo evaluate`` does with ``policy.pt``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from divo.agents.agent import OfflineAgent, cosine_decay
 from divo.agents.diffusion_ql import DiffusionQLAgent
+from divo.agents.fql import FQLAgent
 from divo.agents.step import optimizer_options
 from divo.behavior_models.base import check_behavior_model
 from divo.errors import ConfigError
@@ -86,7 +87,7 @@ def build_agent(
     obs_mean: torch.Tensor,
     obs_std: torch.Tensor,
     device: torch.device | str = "cpu",
-) -> OfflineAgent | DiffusionQLAgent:
+) -> OfflineAgent | DiffusionQLAgent | FQLAgent:
     """Instantiate the agent of the recipe's ``algorithm``, its parts and optimisers, on
     ``device``."""
     algorithm = cfg.get("algorithm") or "offline"
@@ -306,7 +307,65 @@ def build_diffusion_ql_agent(
     return agent
 
 
-ALGORITHMS = {"offline": build_offline_agent, "diffusion_ql": build_diffusion_ql_agent}
+def build_fql_agent(
+    cfg: DictConfig,
+    *,
+    observation_dim: int,
+    action_dim: int,
+    obs_mean: torch.Tensor,
+    obs_std: torch.Tensor,
+    device: torch.device | str = "cpu",
+) -> FQLAgent:
+    """FQL: ``behavior_model`` is the BC flow, ``actor`` the one-step policy mu(s, z) (deployed),
+    ``critic.loss`` FQL's critic loss and ``fql.actor_loss`` its actor loss."""
+    sizes = {"observation_dim": observation_dim, "action_dim": action_dim}
+    flow = _behavior_model(cfg, **sizes)
+    if flow is None or not callable(getattr(flow, "sample_from_noise", None)):
+        name = type(flow).__name__ if flow is not None else "none"
+        raise ConfigError(
+            f"recipe {cfg.get('recipe', '?')!r} distils a flow into its one-step actor: it needs "
+            f"a behaviour model with sample_from_noise(observation, noise) (behavior_model=flow), "
+            f"got {name}"
+        )
+    actor_cfg = cfg.actor
+    actor = make(actor_cfg.network, "actor.network", **sizes)
+    if not callable(getattr(actor, "act", None)):
+        raise ConfigError(
+            f"actor.network {type(actor).__name__} has no act(observation, noise): FQL's actor "
+            "is divo.objectives.NoiseConditionedActor"
+        )
+    critic = make(cfg.critic.network, "critic.network", **sizes)
+    try:
+        agent = FQLAgent(
+            normalizer=ObservationNormalizer(obs_mean, obs_std),
+            actor=actor,
+            flow=flow,
+            critic=critic,
+            critic_loss=make(cfg.critic.loss, "critic.loss"),
+            actor_loss=make(cfg.fql.actor_loss, "fql.actor_loss"),
+            tau=cfg.critic.tau,
+            policy_delay=actor_cfg.policy_delay,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"recipe {cfg.get('recipe', '?')!r} is inconsistent: {exc}") from None
+    agent.policy_config = policy_config(
+        actor_cfg.network, observation_dim=observation_dim, action_dim=action_dim
+    )
+    agent.to(device)
+    agent.optimizers = {
+        "critic": _opt(cfg, agent.critic.parameters(), cfg.critic.lr, device),
+        "actor": _opt(cfg, agent.actor.parameters(), actor_cfg.lr, device),
+        "behavior": _opt(cfg, agent.behavior_model.parameters(), cfg.behavior.lr, device),
+    }
+    agent.lr_schedules = _lr_schedules(cfg, agent.optimizers)
+    return agent
+
+
+ALGORITHMS = {
+    "offline": build_offline_agent,
+    "diffusion_ql": build_diffusion_ql_agent,
+    "fql": build_fql_agent,
+}
 
 
 def _module_config(node: Any, **sizes: int) -> dict:

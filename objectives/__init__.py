@@ -10,6 +10,7 @@ from divo.objectives.actor import (
 from divo.objectives.behavior import WeightedBehaviorLoss
 from divo.objectives.critic import TD3CriticLoss, TwinQ
 from divo.objectives.diffusion_ql import DiffusionQLActorLoss, DiffusionQLCriticLoss
+from divo.objectives.fql import FQLActorLoss, FQLCriticLoss, NoiseConditionedActor
 from divo.objectives.keys import DEFAULT_KEYS, Keys
 from divo.objectives.selectors import (
     ADPOSelector,
@@ -42,7 +43,10 @@ __all__ = [
     "DiffusionQLActorLoss",
     "ExpAWRWeight",
     "ExpectileResamplingPolicy",
+    "FQLActorLoss",
+    "FQLCriticLoss",
     "Keys",
+    "NoiseConditionedActor",
     "NormalizedPolicy",
     "ObservationNormalizer",
     "ResamplingPolicy",

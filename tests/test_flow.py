@@ -510,3 +510,24 @@ def test_divo_with_a_flow_behaviour_model_settles_on_the_best_bandit_mode(tmp_pa
         for seed in (0, 1, 2)
     ]
     assert sum(s == 1.0 for s in shares) >= 2, shares
+
+
+def test_sampling_benchmark_reports_every_part(tmp_path, capsys):
+    """benchmarks/bench_sampling.py (the inference-cost table) runs and reports each part;
+    speed itself is never asserted."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_sampling.py"
+    spec = importlib.util.spec_from_file_location("bench_sampling", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "sampling.json"
+    assert bench.main(["--repeats", "2", "--device", "cpu", "--json", str(out)]) == 0
+    parts = json.loads(out.read_text())["parts"]
+    assert set(parts) == set(bench.PARTS)
+    for row in parts.values():
+        assert row["ms_batch_1"] > 0 and row["ms_batch_256"] > 0
+    assert parts["flow, K = 10 (behavior_model=flow)"]["network_calls"] == 10
+    assert "flow, K = 10" in capsys.readouterr().out

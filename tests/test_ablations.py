@@ -393,5 +393,6 @@ def test_every_recipe_trains_a_few_hundred_steps_and_its_policy_file_evaluates(
     assert main(["evaluate", str(run_dir), "--episodes", "2", "--seed", "100", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["recipe"] == recipe and math.isfinite(evaluated["return_mean"])
-    if recipe not in ("resampling", "diffusion_ql", "idql"):  # deterministic ones replay exactly
+    # deterministic ones replay exactly (fql: its one-step actor draws a fresh noise per action)
+    if recipe not in ("resampling", "diffusion_ql", "idql", "fql"):
         assert evaluated["return_mean"] == pytest.approx(result["return_mean"])

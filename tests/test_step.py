@@ -362,8 +362,9 @@ def test_graph_mode_logic_replays_the_right_step_kind(recipe, stacked):
         metrics = [{k: v.clone() for k, v in step().items()} for _ in range(11)]
         state = agent.tensors if stacked else agent.state_dict()
         runs.append((agent.num_updates, metrics, {k: v.clone() for k, v in state.items()}))
-    # one recorded step per kind: critic-only / with actor (Diffusion-QL: without / with EMA)
-    assert set(step._graphs) == {False, True}
+    # one recorded step per kind: critic-only / with actor (Diffusion-QL: without / with EMA;
+    # FQL: one kind, its actor steps every update)
+    assert set(step._graphs) == ({True} if recipe == "fql" else {False, True})
     (n_eager, *eager), (n_graph, *graph) = runs
     assert n_eager == n_graph == 11
     assert_identical_runs(eager, graph)  # metric keys too: the actor every 2nd step

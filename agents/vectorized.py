@@ -3,9 +3,10 @@
 Every parameter and buffer of the N agents is stacked along a leading seed dimension (a
 :class:`tensordict.TensorDict` of ``[N, ...]`` tensors). :class:`VectorizedStages` runs each stage
 of the agent's ``run_update`` (:class:`OfflineAgent`: DIVO, its ablations, TD3+BC;
-:class:`DiffusionQLAgent`) through ``torch.func.vmap(..., randomness="different")`` with
-seed ``i``'s slice swapped into one template agent (``params.to_module``): one
-batched call per stage for all seeds, each seed drawing its own random numbers.
+:class:`DiffusionQLAgent`; :class:`FQLAgent`) through
+``torch.func.vmap(..., randomness="different")`` with seed ``i``'s slice swapped into one
+template agent (``params.to_module``): one batched call per stage for all seeds, each seed
+drawing its own random numbers.
 
 Gradients: the stage's loss is summed over seeds and backpropagated once. Seeds share no
 parameters, so each seed's slice receives exactly its own gradient. One Adam per part over the
@@ -163,8 +164,8 @@ def clip_grad_norm_per_seed(grads: Sequence[torch.Tensor | None], max_norm: floa
 
 
 class VectorizedAgent:
-    """N agents of the same recipe (:class:`OfflineAgent` or :class:`DiffusionQLAgent`), trained
-    together with stacked weights.
+    """N agents of the same recipe (:class:`OfflineAgent`, :class:`DiffusionQLAgent` or
+    :class:`FQLAgent`), trained together with stacked weights.
 
     Args:
         agents: N agents built from the same recipe (same parts and sizes), e.g. by
@@ -359,7 +360,7 @@ def _per_seed(value, stacked: torch.Tensor) -> bool:
     return torch.is_tensor(value) and value.dim() > 0 and value.shape == stacked.shape
 
 
-STACKABLE_ALGORITHMS = ("offline", "diffusion_ql")
+STACKABLE_ALGORITHMS = ("offline", "diffusion_ql", "fql")
 
 
 def _check_stackable(cfg: DictConfig) -> None:

@@ -531,3 +531,25 @@ def test_sampling_benchmark_reports_every_part(tmp_path, capsys):
         assert row["ms_batch_1"] > 0 and row["ms_batch_256"] > 0
     assert parts["flow, K = 10 (behavior_model=flow)"]["network_calls"] == 10
     assert "flow, K = 10" in capsys.readouterr().out
+
+
+def test_fql_stacks_seeds_with_per_seed_metrics():
+    """train.num_seeds: FQL's stages run vmapped over stacked seeds, each seed its own draws."""
+    from divo.agents.vectorized import build_vectorized_agent
+
+    cfg = compose_recipe(
+        "fql",
+        ["critic.network.hidden=[16]", "actor.network.hidden=[16]", "behavior_model.hidden=[16]"],
+    )
+    sizes = {"observation_dim": O, "action_dim": A}
+    vec = build_vectorized_agent(
+        cfg, range(2), **sizes, obs_mean=torch.zeros(O), obs_std=torch.ones(O)
+    )
+    for step in range(3):
+        batch = torch.stack([random_batch(10 * step), random_batch(10 * step + 1)])
+        metrics = vec.update(batch)
+    assert {"loss_critic", "loss_actor", "loss_behavior", "actor_distill"} <= set(metrics)
+    assert all(v.shape == (2,) and torch.isfinite(v).all() for v in metrics.values())
+    assert not torch.equal(metrics["loss_actor"][0], metrics["loss_actor"][1])
+    assert vec.training_state(1)["num_updates"] == 3
+    assert vec.policy(0)(torch.zeros(4, O)).shape == (4, A)

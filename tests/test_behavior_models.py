@@ -10,6 +10,7 @@ from divo.behavior_models import (
     CVAE,
     DDPM,
     ConsistencyModel,
+    FlowMatching,
     GaussianBehavior,
 )
 from divo.behavior_models.base import draw_indices
@@ -30,6 +31,15 @@ MODEL_FACTORIES = {
         ConsistencyModel, hidden=(32,), sample_sigmas=(80.0, 0.8)
     ),
     "gaussian": functools.partial(GaussianBehavior, hidden=(32,)),
+    "flow": functools.partial(FlowMatching, hidden=(32, 32), num_steps=3),
+    "flow_1step": functools.partial(FlowMatching, hidden=(16,), num_steps=1),
+    "flow_fql_network": functools.partial(  # FQL's: GELU, LayerNorm, Xavier init
+        FlowMatching,
+        hidden=(32, 32),
+        activation="gelu_tanh",
+        layer_norm=True,
+        init="xavier_uniform",
+    ),
 }
 
 

@@ -1,10 +1,10 @@
 """Flow matching as a behaviour model, and FQL (flow Q-learning) as a recipe: losses, sampler and
-update checked by hand; the recipe's per-environment settings; learning on the 2-D bandit."""
+update checked by hand; the recipe's per-environment settings; learning on the 2-D bandit. (The
+flow model runs the plug-in contract in tests/test_behavior_models.py, with every shipped model.)"""
 
 from __future__ import annotations
 
 import copy
-import functools
 import math
 
 import pytest
@@ -22,27 +22,8 @@ from divo.objectives import (
     TwinQ,
     WeightedBehaviorLoss,
 )
-from divo.testing import BehaviorModelContract
 
 O, A, B = 3, 2, 6  # noqa: E741 - observation size, action size, batch size
-
-
-class TestFlowMatchingContract(BehaviorModelContract):
-    """The plug-in contract, unchanged, with the shipped defaults' form and FQL's network."""
-
-    @pytest.fixture(params=["mish_mlp", "fql_network", "one_step"])
-    def model_factory(self, request):
-        return {
-            "mish_mlp": functools.partial(FlowMatching, hidden=(32, 32), num_steps=3),
-            "fql_network": functools.partial(
-                FlowMatching,
-                hidden=(32, 32),
-                activation="gelu_tanh",
-                layer_norm=True,
-                init="xavier_uniform",
-            ),
-            "one_step": functools.partial(FlowMatching, hidden=(16,), num_steps=1),
-        }[request.param]
 
 
 # ----- the flow-matching loss -------------------------------------------------------------------

@@ -534,3 +534,19 @@ def test_fql_stacks_seeds_with_per_seed_metrics():
     assert not torch.equal(metrics["loss_actor"][0], metrics["loss_actor"][1])
     assert vec.training_state(1)["num_updates"] == 3
     assert vec.policy(0)(torch.zeros(4, O)).shape == (4, A)
+
+
+def test_divo_with_a_flow_stacks_seeds():
+    from divo.agents.vectorized import build_vectorized_agent
+
+    small = [f"{part}.hidden=[16]" for part in ("critic.network", "actor.network", "value.network")]
+    cfg = compose_recipe("divo", ["behavior_model=flow", "behavior_model.hidden=[16]", *small])
+    sizes = {"observation_dim": O, "action_dim": A}
+    vec = build_vectorized_agent(
+        cfg, range(2), **sizes, obs_mean=torch.zeros(O), obs_std=torch.ones(O)
+    )
+    for step in range(2):  # the second step draws the flow's candidates for ADPO
+        batch = torch.stack([random_batch(10 * step), random_batch(10 * step + 1)])
+        metrics = vec.update(batch)
+    assert {"loss_behavior", "loss_actor", "target_from_model_frac"} <= set(metrics)
+    assert all(v.shape == (2,) and torch.isfinite(v).all() for v in metrics.values())

@@ -50,6 +50,7 @@ from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compi
 from divo.agents.trust import Trust
 from divo.agents.vectorized import train_vectorized
 from divo.data.batches import (
+    buffer_action_transform,
     buffer_observation_stats,
     check_batch_keys,
     check_buffer_finite,
@@ -155,6 +156,7 @@ def _train(
     if replay_buffer is not None:
         check_buffer_finite(replay_buffer, probe)
     obs_dim, act_dim = probe["observation"].shape[-1], probe["action"].shape[-1]
+    to_unit_actions = None
     if data is not None:
         if (obs_dim, act_dim) != (data.observation_dim, data.action_dim):
             raise DatasetError(
@@ -163,6 +165,15 @@ def _train(
                 "pass the matching dataset.id"
             )
         mean, std = data.obs_mean, data.obs_std
+        if replay_buffer is not None:  # checked against the dataset's space, as the loader is
+            to_unit_actions = buffer_action_transform(
+                replay_buffer,
+                probe,
+                data.dataset_id,
+                data.action_low,
+                data.action_high,
+                data.action_bounds,
+            )
     elif obs_stats is not None:
         mean, std = obs_stats
     else:
@@ -190,6 +201,8 @@ def _train(
         batch = buffer.sample()
         if flat_keys:
             batch = conform_batch(batch, flat_keys)
+        if to_unit_actions is not None:  # a new TensorDict: the buffer's own stays as it is
+            batch = batch.clone(False).set("action", to_unit_actions(batch["action"]))
         return batch if batch.device == device else batch.to(device)
 
     train_step = TrainStep(agent, sample, device=device, **compile_options(cfg))

@@ -30,6 +30,7 @@ from divo.config import (
     compose_config,
     config_keys,
     did_you_mean,
+    group_options,
     resolve_recipe,
 )
 from divo.errors import CheckpointError, ConfigError, DivoError
@@ -186,6 +187,9 @@ def _train(argv: list[str]) -> int:
         )
     config_dir, name, user = resolve_recipe(recipe)
     overrides = [a for a in args if "=" in a and not a.startswith("-")]
+    if any(a in ("-h", "--help") for a in args):
+        print(_recipe_help(recipe, overrides, config_dir))
+        return 0
     if quiet:
         overrides.append("train.progress=false")
     if user:
@@ -220,6 +224,8 @@ def _train(argv: list[str]) -> int:
     # failed job appends its one-line error to this file, which the parent reads to set the
     # exit status. A sweep's file lives in its sweep folder, which the launchers' nodes share
     # (pinned here so that the parent and every job agree on it); a single run's in /tmp.
+    if multirun and not any(f in hydra_flags for f in ("--cfg", "-c", "--help", "-h", "--info")):
+        _validate_sweep(recipe, overrides)  # every job's settings, before any job starts
     sweep_dir = _pinned_sweep_dir(recipe, overrides) if multirun else None
     if multirun:  # jobs that differ in a swept value get folders of their own
         overrides.append(_sweep_leaf_exclusions(overrides))
@@ -264,7 +270,9 @@ def _train(argv: list[str]) -> int:
         if sweep_dir is not None and made_sweep_dir:  # nothing ran: leave no empty folder
             _remove_empty_folders(sweep_dir, keep)
     if failed and multirun:
-        print(f"divo: {len(failed)} job(s) of the sweep failed (see above)", file=sys.stderr)
+        print(f"divo: {len(failed)} job(s) of the sweep failed:", file=sys.stderr)
+        for line in failed:  # "<job folder>: <its one-line error>"
+            print(f"  {line}", file=sys.stderr)
     return 2 if failed else 0
 
 
@@ -292,6 +300,65 @@ def is_swept(value: str) -> bool:
         elif char == "," and depth == 0:
             return True
     return False
+
+
+# config-group folders of recipes/ that are not a recipe's parts (shared base, study settings,
+# Hydra's launchers): not listed in a recipe's --help
+_INTERNAL_GROUPS = ("common", "study", "hydra")
+
+
+def _recipe_help(recipe: str, overrides: Sequence[str], config_dir: Path) -> str:
+    """``divo train <recipe> --help``: the recipe's parts (its config groups) with their options,
+    the recipe's choice of each marked, and how to see every setting."""
+    cfg = compose_config(recipe, overrides, with_hydra=True)
+    choices = dict(cfg.hydra.runtime.choices)
+    groups = sorted(
+        g
+        for g in choices
+        if "/" not in g and g not in _INTERNAL_GROUPS and not g.startswith("hydra")
+    )
+    lines = [
+        f"usage: divo train {recipe} [group=option ...] [key=value ...] [-m]",
+        "",
+        f"Configuration groups of {recipe} (its choice in brackets; group=option picks another):",
+    ]
+    for group in groups:
+        options = [
+            f"[{o}]" if choices.get(group) == o else o for o in group_options(group, config_dir)
+        ]
+        lines.append(f"  {group}: {', '.join(options)}")
+    lines += [
+        "",
+        f"Every setting and its value: divo train {recipe} --cfg job   (recipes: docs/recipes.md)",
+    ]
+    return "\n".join(lines)
+
+
+def _validate_sweep(recipe: str, overrides: Sequence[str]) -> None:
+    """Compose every value of every swept key (the others at their first value) as a single run
+    would, so that a misspelt key or option is refused in one line before any job starts and
+    nothing is left behind."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    plain = [o for o in overrides if not o.startswith("hydra.searchpath")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(plain)
+    except HydraException as exc:
+        raise ConfigError(
+            f"cannot parse the sweep's overrides: {str(exc).splitlines()[0]}"
+        ) from None
+    values = [list(o.sweep_string_iterator()) if o.is_sweep_override() else None for o in parsed]
+    firsts = [
+        f"{o.get_key_element()}={v[0]}" if v else text
+        for o, v, text in zip(parsed, values, plain, strict=True)
+    ]
+    combos = [firsts]
+    for i, (o, v) in enumerate(zip(parsed, values, strict=True)):
+        for value in (v or [])[1:]:
+            combos.append([*firsts[:i], f"{o.get_key_element()}={value}", *firsts[i + 1 :]])
+    for combo in combos:
+        compose_config(recipe, combo)
 
 
 def _sweep_leaf_exclusions(overrides: Sequence[str]) -> str:

@@ -92,6 +92,10 @@ def compose_config(
         unknown = re.search(r"Could not override '([^']+)'", str(exc))
         if unknown:
             raise unknown_key_error(recipe, unknown.group(1), overrides) from None
+        option = re.search(r"Could not find '([\w-]+)/([^']+)'", str(exc))
+        if option:
+            error = unknown_option_error(recipe, option.group(1), option.group(2), config_dir)
+            raise error from None
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         raise ConfigError(
             f"recipe {recipe!r} with overrides {' '.join(overrides) or '(none)'} does not "
@@ -100,6 +104,7 @@ def compose_config(
         ) from None
     container = OmegaConf.to_container(cfg, resolve=False)
     container.pop("hydra", None)
+    _check_added_keys(recipe, overrides, container)
     missing = _missing_keys(container)
     if missing:
         raise ConfigError(
@@ -107,6 +112,53 @@ def compose_config(
             f"e.g. {missing[0]}=..."
         )
     return cfg
+
+
+def group_options(group: str, config_dir: Path | None = None) -> list[str]:
+    """The options of a config group: its YAML files in the shipped recipes (and in a user
+    recipe's folder)."""
+    folders = {recipes_dir() / group} | ({config_dir / group} if config_dir else set())
+    return sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+
+
+def unknown_option_error(
+    recipe: str, group: str, option: str, config_dir: Path | None = None
+) -> ConfigError:
+    """``group=option`` names no file of the group: every option it has, the closest first."""
+    options = group_options(group, config_dir)
+    close = difflib.get_close_matches(option, options, n=2, cutoff=0.6)
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return ConfigError(
+        f"recipe {recipe!r}: {group} has no option {option!r}{hint}; its options are "
+        f"{', '.join(options)}"
+    )
+
+
+# Sections divo reads key by key: a key added there with +key is never read, so it would be
+# ignored in silence (a component's own node, e.g. +behavior_model.num_components=4, goes to
+# its constructor, which refuses an unknown argument itself)
+RUN_SECTIONS = ("train", "dataset", "logger", "optim")
+
+
+def _check_added_keys(recipe: str, overrides: Sequence[str], container: dict) -> None:
+    """Refuse ``+key=value`` at the top level or in a section divo reads key by key: such a key
+    is new (``+`` only adds), so divo would never read it (``+train.step=100`` would start a
+    run with the default ``train.steps``). A component's node takes new keys: they are its
+    constructor's arguments, which it checks itself."""
+    added = [o for o in overrides if o.startswith("+") and "=" in o]
+    for override in added:
+        key = override.split("=", 1)[0].lstrip("+")
+        section = key.split(".", 1)[0]
+        if "." in key and (section not in RUN_SECTIONS or key.startswith("optim.adam.")):
+            continue  # a component's argument, or torch.optim.Adam's (recipes/common/base.yaml)
+        new = {o.split("=", 1)[0].lstrip("+") for o in added}
+        keys = [k for k in config_keys(container) if k not in new]
+        hint = did_you_mean(key, keys)
+        fix = "fix the name" if hint else f"list them with `divo train {recipe} --cfg job`"
+        raise ConfigError(
+            f"recipe {recipe!r} has no setting {key} (override {override}), and divo never "
+            f"reads a new one there{hint}; {fix}"
+        )
 
 
 def config_keys(node, prefix: str = "") -> list[str]:
@@ -137,9 +189,8 @@ def unknown_key_error(recipe: str, key: str, overrides: Sequence[str]) -> Config
     except ConfigError:
         keys = []
     hint = did_you_mean(key, keys)
-    fix = (
-        "fix the name"
-        if hint
-        else f"list the keys with `divo train {recipe} --cfg job`, or add a new key with +{given}"
-    )
+    component = "." in key and key.split(".", 1)[0] not in RUN_SECTIONS
+    fix = "fix the name" if hint else f"list the keys with `divo train {recipe} --cfg job`"
+    if not hint and component:  # a component's constructor argument may be added
+        fix += f", or pass a new argument of that part with +{given.lstrip('+')}"
     return ConfigError(f"recipe {recipe!r} has no key {key} (override {given}){hint}; {fix}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import gymnasium as gym
 import pytest
@@ -38,6 +39,18 @@ def minari_root(tmp_path_factory: pytest.TempPathFactory):
         patch.setenv("MINARI_DATASETS_PATH", str(root))
         patch.setattr(divo.data.bandit, "BANDIT_NUM_SAMPLES", TEST_BANDIT_SAMPLES)
         yield root
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_mujoco_log_in_the_checkout():
+    """MuJoCo writes its warnings (e.g. a simulation that went unstable under the hostile-input
+    tests' actions) to MUJOCO_LOG.TXT in the working directory: one the test session made is
+    removed from the checkout at its end (a file that was there before is left alone)."""
+    log = Path.cwd() / "MUJOCO_LOG.TXT"
+    existed = log.exists()
+    yield
+    if not existed:
+        log.unlink(missing_ok=True)
 
 
 @pytest.fixture(autouse=True)

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
         (["--help"], "usage: divo <command>"),
         (["train", "--help"], "usage: divo train <recipe"),
         (["train", "-h"], "divo train <run dir>"),
-        (["train", "td3bc", "--help"], "Configuration groups"),
+        (["train", "td3bc", "--help"], "Configuration groups of td3bc"),
         (["evaluate", "--help"], "usage: divo evaluate"),
         (["report", "--help"], "usage: divo report"),
         (["study", "--help"], "usage: divo study"),
@@ -93,7 +93,15 @@ def test_a_misspelt_key_gets_did_you_mean_not_hydras_append_hint(tmp_path, capsy
     assert "did you mean behavior_model?" in line
     # a key far from every key of the recipe: how to list the keys, or add a new one
     line = _error(["train", "td3bc", "train.zzzzzz=1"], capsys)
-    assert "--cfg job" in line and "+train.zzzzzz=1" in line
+    assert "--cfg job" in line and "+train.zzzzzz" not in line  # divo would never read it
+    line = _error(["train", "td3bc", "actor.zzzzzz=1"], capsys)
+    assert "--cfg job" in line and "+actor.zzzzzz=1" in line  # a constructor argument
+    # a new key where divo reads its settings by name is refused (Hydra would take it, and the
+    # run would start with the setting it meant to change at its default)
+    line = _error(["train", "td3bc", "+train.step=100"], capsys)
+    assert "no setting train.step" in line and "did you mean train.steps?" in line
+    line = _error(["train", "divo", "behavior_model=cvea"], capsys)
+    assert "did you mean cvae?" in line and "consistency, custom, cvae, ddpm" in line
     # the same on a resume
     run = tmp_path / "run"
     fast = ["dataset=bandit", "train.steps=2", "train.eval_episodes=0", "train.batch_size=8"]

@@ -14,6 +14,7 @@ import torch
 from minari.data_collector import EpisodeBuffer
 from synthetic import hopper_like_episode, write_hopper_like
 from tensordict import TensorDict
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
 from divo.data.batches import OBS_STD_EPS, check_batch_keys
 from divo.data.checks import D4RL_REFERENCE_SCORES
@@ -361,3 +362,51 @@ def test_nested_dict_observations_flatten_as_gymnasium_flattens_them():
     expected = np.stack([gym.spaces.flatten(space, o) for o in samples])
     np.testing.assert_array_equal(flatten_observations(stacked, keys), expected)
     assert expected.shape == (4, 8)
+
+
+def _buffer_of(td) -> TensorDictReplayBuffer:
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(len(td)), batch_size=8)
+    rb.extend(td)
+    return rb
+
+
+def test_a_users_buffer_is_checked_against_the_datasets_action_space(tmp_path, monkeypatch):
+    """A buffer of Pendulum's raw actions ([-2, 2]) trains on the [-1, 1] the policy acts in
+    (rescaled, said in a warning), as the loader's own copy does; actions outside the space are
+    refused; refuse policy refuses the raw units."""
+    from divo.agents.train import train
+    from divo.config import compose_recipe
+
+    dataset_id = _pendulum_dataset("test/pendulum/buffer-v0")
+    with pytest.warns(UserWarning, match="rescaled linearly"):
+        data = load_offline_data(dataset_id)
+    raw = data.data.clone()
+    raw["action"] = raw["action"] * 2.0  # the dataset's own units, as a user's buffer holds them
+    short = ["dataset=minari", f"dataset.id={dataset_id}", "train.steps=2", "train.eval_every=2",
+             "train.log_every=1", "train.eval_episodes=1", "train.batch_size=8"]  # fmt: skip
+    seen = []
+    import divo.agents.agent as agent_module
+
+    original = agent_module.OfflineAgent.update
+
+    def spy(self, batch, *args, **kwargs):
+        seen.append(batch["action"].abs().max().item())
+        return original(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(agent_module.OfflineAgent, "update", spy)
+    with pytest.warns(UserWarning, match=r"units of dataset .* rescaled linearly onto \[-1, 1\]"):
+        train(compose_recipe("td3bc", short), tmp_path / "raw", replay_buffer=_buffer_of(raw))
+    assert seen and max(seen) <= 1.0  # the agent saw unit actions, never raw ones
+    # the loader's (already rescaled) copy is used as it is, with a note
+    with pytest.warns(UserWarning, match="taken as already rescaled"):
+        train(
+            compose_recipe("td3bc", short), tmp_path / "unit", replay_buffer=_buffer_of(data.data)
+        )
+    far = data.data.clone()
+    far["action"] = far["action"] * 5.0
+    with pytest.raises(DatasetError, match="outside both \\[-1, 1\\] and dataset"):
+        train(compose_recipe("td3bc", short), tmp_path / "far", replay_buffer=_buffer_of(far))
+    assert not (tmp_path / "far").exists()
+    refuse = compose_recipe("td3bc", [*short, "dataset.action_bounds=refuse"])
+    with pytest.raises(DatasetError):
+        train(refuse, tmp_path / "refused", replay_buffer=_buffer_of(raw))

@@ -109,3 +109,33 @@ def test_the_python_api_refuses_another_runs_folder_too(tmp_path):
     with pytest.raises(ConfigError, match="other settings"):
         train(compose_recipe("td3bc", [*short, "seed=3"]), tmp_path / "run")
     assert snapshot(tmp_path / "run") == before
+
+
+@pytest.mark.parametrize(
+    "bad, said",
+    [
+        ("train.stepz=3,4", "did you mean train.steps?"),
+        ("+train.step=100", "no setting train.step"),
+        ("weighting=binary,expawr", "did you mean exp_awr?"),
+    ],
+)
+def test_a_sweep_is_checked_like_a_single_run_before_any_job_starts(
+    bad, said, tmp_path, capsys, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "divo", "-m", bad, "seed=0,1", *TINY])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == 2 and len(err) == 1 and said in err[0], err
+    assert not list(tmp_path.iterdir())  # no stray multirun folder
+
+
+def test_a_sweeps_summary_names_each_failed_job(tmp_path, capsys):
+    sweep = tmp_path / "sweep"
+    code = main(["train", "td3bc", "-m", "train.batch_size=0,8", *TINY, f"hydra.sweep.dir={sweep}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "1 job(s) of the sweep failed:" in err
+    failed = err.split("1 job(s) of the sweep failed:")[1].strip().splitlines()
+    assert len(failed) == 1 and "train.batch_size=0" in failed[0]
+    assert "must be a positive integer" in failed[0]
+    assert len(_sweep_runs(sweep)) == 1  # the other job ran

@@ -7,7 +7,8 @@ is found here once, before training starts.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -161,3 +162,102 @@ def check_buffer_finite(buffer: Any, probe: TensorDictBase, chunk: int = 262_144
             f"{where} non-finite values (NaN/inf): {what}; clean the data (drop or repair the "
             "affected transitions) before extending the buffer"
         )
+
+
+# actions within this of a bound count as on it (float32 storage of a bound value)
+ACTION_TOLERANCE = 1e-4
+
+
+def buffer_action_range(
+    buffer: Any, probe: TensorDictBase, chunk: int = 262_144
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Per-dimension (min, max) of the actions a replay buffer holds, read from its storage in
+    chunks, and whether the whole buffer was read (else: the probe batch only)."""
+    try:
+        n = len(buffer)
+        low = high = None
+        for start in range(0, n, chunk):
+            act = buffer[start : min(start + chunk, n)]["action"].detach()
+            act = act.to("cpu", torch.float32).reshape(-1, act.shape[-1])
+            low = act.amin(0) if low is None else torch.minimum(low, act.amin(0))
+            high = act.amax(0) if high is None else torch.maximum(high, act.amax(0))
+        if low is not None:
+            return low, high, True
+    except Exception:  # noqa: BLE001 - a storage that cannot be read whole: the probe
+        pass
+    act = probe["action"].detach().to("cpu", torch.float32).reshape(-1, probe["action"].shape[-1])
+    return act.amin(0), act.amax(0), False
+
+
+def buffer_action_transform(
+    buffer: Any,
+    probe: TensorDictBase,
+    dataset_id: str,
+    space_low: torch.Tensor | None,
+    space_high: torch.Tensor | None,
+    policy: str,
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How a user's buffer's actions must be mapped to the [-1, 1] divo's policies act in, as
+    the loader maps the dataset's own (``space_low``/``space_high``: the dataset's action space
+    when it is not [-1, 1], else None; ``policy``: ``dataset.action_bounds``).
+
+    - actions within [-1, 1]: used as they are (with a space other than [-1, 1], taken as
+      already rescaled, as ``load_offline_data`` returns them; said in a warning);
+    - actions in the dataset's own units (outside [-1, 1], inside its space): rescaled onto
+      [-1, 1] at every batch, with a warning, or refused when ``policy`` is ``refuse``;
+    - actions outside the space: refused, naming the range found and the range expected (with
+      a [-1, 1] space and ``policy=rescale``, stray values are clipped, as the loader does).
+    """
+    low, high, whole = buffer_action_range(buffer, probe)
+    where = "the replay buffer holds" if whole else "a batch sampled from the replay buffer has"
+    found = f"[{low.min().item():.4g}, {high.max().item():.4g}]"
+    tol = ACTION_TOLERANCE
+    if bool((low >= -1 - tol).all() and (high <= 1 + tol).all()):
+        if space_low is not None:
+            warnings.warn(
+                f"{where} actions in {found}, within [-1, 1], while dataset {dataset_id!r} acts "
+                f"in [{space_low.min().item():.4g}, {space_high.max().item():.4g}]: they are "
+                "taken as already rescaled onto [-1, 1] (as load_offline_data returns them)",
+                stacklevel=3,
+            )
+        return None
+    if space_low is None:
+        if policy == "refuse":
+            raise DatasetError(
+                f"{where} actions in {found}, outside the [-1, 1] of dataset {dataset_id!r}'s "
+                "action space; rescale them to [-1, 1], or set dataset.action_bounds=rescale to "
+                "clip them"
+            )
+        warnings.warn(
+            f"{where} actions in {found}, outside the [-1, 1] of dataset {dataset_id!r}'s "
+            "action space: each batch's actions are clipped to [-1, 1]",
+            stacklevel=3,
+        )
+        return lambda action: action.clamp(-1.0, 1.0)
+    space = f"[{space_low.min().item():.4g}, {space_high.max().item():.4g}]"
+    inside = bool((low >= space_low - tol).all() and (high <= space_high + tol).all())
+    if not inside:
+        raise DatasetError(
+            f"{where} actions in {found}, outside both [-1, 1] and dataset {dataset_id!r}'s "
+            f"action space {space}: they were not collected in its environment, or in other "
+            "units; fix the buffer or pass the matching dataset.id"
+        )
+    if policy == "refuse":
+        raise DatasetError(
+            f"{where} actions in {found}, in the units of dataset {dataset_id!r}'s action space "
+            f"{space}, but divo's policies act in [-1, 1]; set dataset.action_bounds=rescale to "
+            "map them onto [-1, 1], or rescale the buffer yourself"
+        )
+    warnings.warn(
+        f"{where} actions in {found}, in the units of dataset {dataset_id!r}'s action space "
+        f"{space}: each batch's actions are rescaled linearly onto [-1, 1], as the dataset's "
+        "own are (evaluation runs the environment through RescaleAction(-1, 1))",
+        stacklevel=3,
+    )
+    span = space_high - space_low
+
+    def rescale(action: torch.Tensor) -> torch.Tensor:
+        lo, width = space_low.to(action.device), span.to(action.device)
+        return (2.0 * (action - lo) / width - 1.0).clamp(-1.0, 1.0)
+
+    return rescale

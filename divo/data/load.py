@@ -70,6 +70,9 @@ class OfflineData:
         batch_size: default batch size of ``replay_buffer()``.
         device: where ``data`` and replay-buffer samples live.
         reward_factor: the factor ``return_range`` multiplied the rewards by (1.0: none).
+        action_low, action_high: ``[A]`` bounds of the stored action space when its actions
+            were rescaled onto [-1, 1] (None when the space is [-1, 1] already).
+        action_bounds: the ``action_bounds`` policy the data were loaded with.
     """
 
     dataset_id: str
@@ -88,6 +91,9 @@ class OfflineData:
     batch_size: int = 256
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     reward_factor: float = 1.0
+    action_low: torch.Tensor | None = None
+    action_high: torch.Tensor | None = None
+    action_bounds: str = "rescale"
 
     def replay_buffer(self, batch_size: int | None = None) -> TensorDictReplayBuffer:
         """A uniform replay buffer holding every transition; samples come out on ``device``."""
@@ -244,6 +250,9 @@ def load_offline_data(
         batch_size=batch_size,
         device=device,
         reward_factor=factor,
+        action_low=torch.as_tensor(act_space.low, dtype=torch.float32) if rescale else None,
+        action_high=torch.as_tensor(act_space.high, dtype=torch.float32) if rescale else None,
+        action_bounds=action_bounds,
     )
 
 

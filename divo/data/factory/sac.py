@@ -233,6 +233,7 @@ class SACRun:
                 "torch_rng": torch.get_rng_state(),
             },
             self.checkpoint_path,
+            checksum=True,  # checked on load: a damaged file is refused, not resumed from
         )
         self._write_table()
 
@@ -281,7 +282,7 @@ class SACRun:
         relative = f"{SNAPSHOT_DIR}/actor_{self.step:09d}.pt"
         path = self.work_dir / relative
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(self.actor.state_dict(), path)
+        atomic_save(self.actor.state_dict(), path, checksum=True)
         mean_return = self.evaluate(
             self.actor, self.settings.eval_episodes, seed=10_000_019 + self.seed
         )

@@ -22,6 +22,8 @@ def test_one_command_makes_the_bandit_figure(tmp_path, capsys):
             "bandit",
             "--out",
             str(out),
+            "--runs",
+            str(tmp_path / "runs"),
             "behavior_models.fit.steps=30",
             "behavior_models.num_samples=100",
             "policies.seeds=[0]",
@@ -39,9 +41,23 @@ def test_one_command_makes_the_bandit_figure(tmp_path, capsys):
         "consistency_1call",
         "cvae",
         "gaussian",
+        "flow",
     }
     assert numbers["behavior_models"]["data"]["mode_shares"] == pytest.approx([0.25] * 4, abs=1e-3)
-    assert set(numbers["policies"]) == {"divo", "td3bc", "diffusion_ql", "iql", "idql"}
+    assert set(numbers["policies"]) == {
+        "divo",
+        "uniform_weight",
+        "soft_weight",
+        "divo_flow",
+        "td3bc",
+        "diffusion_ql",
+        "iql",
+        "idql",
+        "fql",
+    }
+    # a row: a recipe with overrides of its own
+    flow_run = (tmp_path / "runs" / "divo_flow-seed0" / "config.yaml").read_text()
+    assert "recipe: divo" in flow_run and "FlowMatching" in flow_run
     run = numbers["policies"]["diffusion_ql"]["runs"][0]
     assert run["seed"] == 0 and isinstance(run["normalized_score"], float)
 

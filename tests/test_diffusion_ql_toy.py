@@ -109,3 +109,18 @@ def test_seed_intervals_are_student_t():
 
     assert _mean_ci([1.0, 2.0, 3.0]) == "2.00 +- 2.48"  # 4.303 x 1 / sqrt(3)
     assert _mean_ci([5.0]) == "5.00" and _mean_ci([]) == "-"
+
+
+@pytest.mark.parametrize("variant, recipe", [("fql", "fql"), ("divo_flow", "divo")])
+def test_fql_and_divo_with_a_flow_model_run_as_cells(variant, recipe):
+    """The study's FQL and DIVO-with-flow rows: a cell of each runs through the same driver,
+    records its recipe, samples of its policy (FQL's one-step actor, DIVO's flow proposals),
+    the critic's grid and its deployed actions; no greedy pick (Diffusion-QL's only)."""
+    cfg = study_config(["num_samples=50", "snapshots=1", "grid=5"])
+    cfg.variants[variant].steps = 3
+    task = Task("ours", cfg.tasks.ours)
+    record = run_cell(cfg, task, variant, 0, log=lambda *_: None)
+    assert record["recipe"] == recipe and "deployed_greedy" not in record
+    snap = record["snapshots"][-1]
+    assert len(snap["samples"]) == 50 and len(snap["q_grid"]) == 5
+    assert 0.0 <= record["deployed"]["on_best_mode"] <= 1.0

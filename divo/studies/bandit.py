@@ -161,12 +161,16 @@ def run_policies(cfg: Any, runs_dir: Path, log=print, reuse: bool = False) -> di
     pol = cfg.policies
     best = torch.as_tensor(best_action())
     out: dict[str, dict] = {}
-    for recipe in pol.recipes:
-        entry = {"label": pol.labels.get(recipe, recipe), "seeds": []}
+    rows = pol.get("rows") or {}
+    for name in pol.recipes:
+        row = rows.get(name) or {}
+        recipe = row.get("recipe", name)
+        entry = {"label": pol.labels.get(name, name), "seeds": []}
         for seed in pol.seeds:
             start = time.perf_counter()
-            overrides = ["dataset=bandit", *pol.overrides, f"seed={seed}", "train.progress=false"]
-            run_dir = runs_dir / f"{recipe}-seed{seed}"
+            overrides = ["dataset=bandit", *(row.get("overrides") or []), *pol.overrides,
+                         f"seed={seed}", "train.progress=false"]  # fmt: skip
+            run_dir = runs_dir / f"{name}-seed{seed}"
             if reuse and (run_dir / "result.json").is_file() and (run_dir / "policy.pt").is_file():
                 result = json.loads((run_dir / "result.json").read_text())  # trained before
             else:
@@ -191,7 +195,7 @@ def run_policies(cfg: Any, runs_dir: Path, log=print, reuse: bool = False) -> di
                 f"{result['normalized_score']:.1f}, {on_best.float().mean().item():.0%} of its "
                 f"actions on the best mode [{time.perf_counter() - start:.0f} s]"
             )
-        out[recipe] = entry
+        out[name] = entry
     return out
 
 

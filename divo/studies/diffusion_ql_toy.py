@@ -163,7 +163,8 @@ def _run_cell(cfg: Any, task: Task, variant: str, seed: int, log=print) -> dict:
     spec = cfg.variants[variant]
     steps = int(spec.steps)
     overrides = ["dataset=bandit", f"seed={seed}", "device=cpu", *list(spec.overrides)]
-    recipe = compose_recipe("diffusion_ql", overrides)
+    name = str(spec.get("recipe", "diffusion_ql"))
+    recipe = compose_recipe(name, overrides)
     torch.manual_seed(seed)
     agent = build_agent(
         recipe, observation_dim=1, action_dim=2, obs_mean=torch.zeros(1), obs_std=torch.ones(1)
@@ -181,9 +182,7 @@ def _run_cell(cfg: Any, task: Task, variant: str, seed: int, log=print) -> dict:
         if i not in at:
             continue
         with torch.no_grad():
-            samples = agent.actor.sample(
-                torch.zeros(int(cfg.num_samples), 1), generator=draw
-            ).reshape(-1, 2)
+            samples = policy_samples(agent, int(cfg.num_samples), draw).reshape(-1, 2)
             q = (
                 agent.critic(torch.zeros(len(grid), 1), grid)
                 .min(0)
@@ -198,7 +197,11 @@ def _run_cell(cfg: Any, task: Task, variant: str, seed: int, log=print) -> dict:
             "q_at_best_centre": q_best,
             "q_max": float(q.max()),
             "q_argmax": [round(float(v), 3) for v in grid[arg]],
-            "actor_bc": float(metrics["actor_bc"]) if "actor_bc" in metrics else None,
+            # how far the policy is from the data: the BC term (Diffusion-QL), the
+            # distillation term (FQL), None for DIVO (its actor's BC is on its targets)
+            "actor_bc": next(
+                (float(metrics[k]) for k in ("actor_bc", "actor_distill") if k in metrics), None
+            ),
             "samples": [[round(float(x), 3), round(float(y), 3)] for x, y in samples[:200]],
             "q_grid": [[round(float(v), 3) for v in row] for row in q],
         }
@@ -209,14 +212,9 @@ def _run_cell(cfg: Any, task: Task, variant: str, seed: int, log=print) -> dict:
             f"{snap['score']:.1f}; Q(best centre) {q_best:.2f}, max Q {snap['q_max']:.2f} at "
             f"{snap['q_argmax']} [{time.perf_counter() - start:.0f} s]"
         )
-    from divo.objectives.selectors import ResamplingPolicy
-
-    settings = {**agent.eval_settings, "temperature": 0.0}
-    greedy = ResamplingPolicy(agent.normalizer, agent.actor, agent.critic_target, **settings)
     with torch.no_grad():
         deployed = agent.policy(torch.zeros(int(cfg.num_samples), 1))
-        deployed_greedy = greedy(torch.zeros(int(cfg.num_samples), 1))
-    return {
+    record = {
         "task": task.name,
         "variant": variant,
         "seed": seed,
@@ -224,10 +222,32 @@ def _run_cell(cfg: Any, task: Task, variant: str, seed: int, log=print) -> dict:
         "overrides": list(spec.overrides),
         "snapshots": snapshots,
         "deployed": landing(task, deployed, cfg),
-        "deployed_greedy": landing(task, deployed_greedy, cfg),  # argmax Q of the 50
         "deployed_samples": [[round(float(x), 3), round(float(y), 3)] for x, y in deployed[:200]],
         "seconds": round(time.perf_counter() - start, 1),
     }
+    if name != "diffusion_ql":
+        return {**record, "recipe": name}
+    from divo.objectives.selectors import ResamplingPolicy
+
+    settings = {**agent.eval_settings, "temperature": 0.0}
+    greedy = ResamplingPolicy(agent.normalizer, agent.actor, agent.critic_target, **settings)
+    with torch.no_grad():
+        deployed_greedy = greedy(torch.zeros(int(cfg.num_samples), 1))
+    record["deployed_greedy"] = landing(task, deployed_greedy, cfg)  # argmax Q of the 50
+    return record
+
+
+def policy_samples(agent: Any, n: int, generator: Any) -> Any:
+    """``n`` draws of what the recipe's policy samples at the bandit's one state: Diffusion-QL's
+    diffusion policy, FQL's one-step actor (fresh noise each), and for DIVO (a deterministic
+    actor) the behaviour model whose samples guide it."""
+    import torch
+
+    obs = torch.zeros(n, 1)
+    sample = getattr(agent.actor, "sample", None)
+    if sample is not None:
+        return sample(obs, generator=generator)
+    return agent.behavior_model.sample(obs[:1], n, generator=generator)[0]
 
 
 def cell_done(cfg: Any, task: str, variant: str, seed: int) -> dict | None:

@@ -12,7 +12,9 @@ records
   the action square, with their mean reward;
 * the critic's min(Q1, Q2) over a lattice of the action square (what the Q term climbs);
 
-and at the end the same shares for the deployed policy (50 samples, one drawn by softmax(Q)).
+and at the end the same shares for the deployed policy (Diffusion-QL's: 50 samples, one drawn by
+softmax(Q)). A variant may name another ``recipe`` (FQL, DIVO with a flow model): its samples
+are what that recipe's policy samples (:func:`policy_samples`), its deployed policy its own.
 A finished cell's numbers go to ``<results>/cells/<task>-<variant>-seed<k>.json`` and are not
 recomputed by a later call; the page (``docs/diffusion_ql_toy.md``), a figure and a JSON file of
 the table are rewritten after every cell.
@@ -346,12 +348,14 @@ def make_figure(cfg: Any, tasks: dict[str, Task], records: list[dict], path: Pat
             )
         ax = ax_row[len(record["snapshots"])]
         d = np.asarray(record["deployed_samples"])
-        ax.scatter(d[:, 0], d[:, 1], s=3, color="tab:purple", alpha=0.5, rasterized=True)
         ax.scatter(centers[:, 0], centers[:, 1], marker="+", color="k", s=30)
+        ax.scatter(d[:, 0], d[:, 1], s=5, color="tab:purple", alpha=0.5, rasterized=True)
         dep = record["deployed"]
+        how = {"fql": "one-step actor", "divo": "DIVO's actor"}.get(
+            record.get("recipe", "diffusion_ql"), "softmax Q of 50"
+        )
         ax.set_title(
-            f"deployed (softmax Q of 50)\non best {dep['on_best_mode']:.2f}, "
-            f"score {dep['score']:.0f}",
+            f"deployed ({how})\non best {dep['on_best_mode']:.2f}, score {dep['score']:.0f}",
             fontsize=7,
         )
         for extra in ax_row[len(record["snapshots"]) + 1 :]:
@@ -404,8 +408,11 @@ def write_page(cfg: Any, tasks: dict[str, Task] | None = None, log=print) -> Pat
         "itself at the last step, per seed, with the mean +- a Student-t 95% CI over seeds. "
         "Score: 0 = a uniform random action, 100 = the best mode's centre (the paper's toy "
         "pays a sample its nearest mode's mean reward; divo's bandit its reward bumps). "
-        "`deployed`: the recipe's deployed policy (50 samples, one drawn by softmax(Q)); "
-        "`argmax`: the same 50 samples, the one with the largest Q.",
+        "`deployed`: the recipe's deployed policy (Diffusion-QL: 50 samples, one drawn by "
+        "softmax(Q); FQL: its one-step actor with fresh noise; DIVO: its deterministic actor); "
+        "`argmax`: Diffusion-QL's same 50 samples, the one with the largest Q. The samples "
+        "are the policy's own (FQL: its one-step actor's; DIVO: its behaviour model's, the "
+        "candidates its actor is guided towards).",
         "",
         "| task | variant | steps | nearest mode = best | on the best mode (< 0.2) | at a corner "
         "| score (samples) | score (deployed) | score (argmax) | max Q - Q(best centre) |",

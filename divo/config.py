@@ -138,6 +138,19 @@ def unknown_option_error(
 # ignored in silence (a component's own node, e.g. +behavior_model.num_components=4, goes to
 # its constructor, which refuses an unknown argument itself)
 RUN_SECTIONS = ("train", "dataset", "logger", "optim")
+# top-level settings divo reads when a recipe has them and defaults when it does not
+OPTIONAL_SETTINGS = (
+    "algorithm",
+    "compile",
+    "graph_stages",
+    "normalize_observations",
+    "evaluation_policy",
+    "actor",
+    "behavior_model",
+    "selector",
+    "value",
+    "weighting",
+)
 
 
 def _check_added_keys(recipe: str, overrides: Sequence[str], container: dict) -> None:
@@ -151,6 +164,8 @@ def _check_added_keys(recipe: str, overrides: Sequence[str], container: dict) ->
         section = key.split(".", 1)[0]
         if "." in key and (section not in RUN_SECTIONS or key.startswith("optim.adam.")):
             continue  # a component's argument, or torch.optim.Adam's (recipes/common/base.yaml)
+        if key in OPTIONAL_SETTINGS:
+            continue  # read when present (e.g. +algorithm=diffusion_ql in a recipe of one's own)
         new = {o.split("=", 1)[0].lstrip("+") for o in added}
         keys = [k for k in config_keys(container) if k not in new]
         hint = did_you_mean(key, keys)

@@ -14,7 +14,6 @@ import importlib.resources
 import json
 import logging
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -279,27 +278,18 @@ def _train(argv: list[str]) -> int:
 RESUMABLE_OVERRIDES = ("train.", "device=", "logger.")
 # Parts of a job's folder already (recipes/common/base.yaml, hydra.sweep.subdir)
 _IN_SWEEP_SUBDIR = ("seed", "dataset", "dataset.id")
-_SWEEP_FUNCTION = re.compile(r"^(range|choice|glob|interval|sort|shuffle|tag)\(")
 
 
 def is_swept(value: str) -> bool:
-    """Whether an override's value sweeps (Hydra's ``a,b`` list or a sweep function) rather
-    than sets one value (commas inside brackets or quotes are one value: ``[1,2]``)."""
-    if _SWEEP_FUNCTION.match(value.strip()):
-        return True
-    depth, quote = 0, None
-    for char in value:
-        if quote:
-            quote = None if char == quote else quote
-        elif char in "'\"":
-            quote = char
-        elif char in "[{(":
-            depth += 1
-        elif char in "]})":
-            depth -= 1
-        elif char == "," and depth == 0:
-            return True
-    return False
+    """Whether an override's value sweeps (``a,b`` or a sweep function such as ``range(0,3)``)
+    rather than sets one value (``[1,2]``, ``'a,b'``), as Hydra's own override parser reads it."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_override(f"key={value}").is_sweep_override()
+    except HydraException:
+        return False  # not valid Hydra syntax: the single-run check says what is wrong
 
 
 # config-group folders of recipes/ that are not a recipe's parts (shared base, study settings,

@@ -8,7 +8,7 @@ is found here once, before training starts.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -94,12 +94,20 @@ def conform_batch(td: TensorDictBase, keys: Iterable[tuple[str, str]]) -> Tensor
     return td
 
 
-# --------------------------------------------------------------------------------------------
-# Finding the dataset
+# rows of a replay buffer's storage read at a time by the whole-buffer checks below
+READ_CHUNK = 262_144
+
+
+def storage_chunks(buffer: Any, chunk: int = READ_CHUNK) -> Iterator[TensorDictBase]:
+    """The rows a TorchRL replay buffer holds, ``chunk`` at a time, by index (raises whatever
+    the storage raises when it cannot be read by index)."""
+    n = len(buffer)
+    for start in range(0, n, chunk):
+        yield buffer[start : min(start + chunk, n)]
 
 
 def buffer_observation_stats(
-    buffer: Any, chunk: int = 262_144
+    buffer: Any, chunk: int = READ_CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Mean and std (plus ``OBS_STD_EPS``, as for a dataset) of the observations a TorchRL
     replay buffer holds, read from its storage in chunks; None when its storage cannot be read
@@ -107,8 +115,8 @@ def buffer_observation_stats(
     try:
         n = len(buffer)
         total = total_sq = None
-        for start in range(0, n, chunk):
-            obs = buffer[start : min(start + chunk, n)]["observation"].detach()
+        for rows in storage_chunks(buffer, chunk):
+            obs = rows["observation"].detach()
             obs = obs.to("cpu", torch.float64).reshape(-1, obs.shape[-1])
             part, part_sq = obs.sum(0), (obs * obs).sum(0)
             total = part if total is None else total + part
@@ -139,16 +147,15 @@ def _non_finite_counts(td: TensorDictBase) -> dict[str, int]:
     return counts
 
 
-def check_buffer_finite(buffer: Any, probe: TensorDictBase, chunk: int = 262_144) -> None:
+def check_buffer_finite(buffer: Any, probe: TensorDictBase, chunk: int = READ_CHUNK) -> None:
     """Refuse a user's replay buffer holding NaN/inf in observations, actions or rewards, when
     it is handed over: every stored transition when its storage can be read by index (as for
     the observation statistics), else the probe batch ``probe`` sampled from it."""
     whole = True
     try:
-        n = len(buffer)
         totals: dict[str, int] = {}
-        for start in range(0, n, chunk):
-            for name, count in _non_finite_counts(buffer[start : min(start + chunk, n)]).items():
+        for rows in storage_chunks(buffer, chunk):
+            for name, count in _non_finite_counts(rows).items():
                 totals[name] = totals.get(name, 0) + count
     except Exception:  # noqa: BLE001 - a storage that cannot be read whole: check the sample
         whole, totals = False, _non_finite_counts(probe)
@@ -169,15 +176,14 @@ ACTION_TOLERANCE = 1e-4
 
 
 def buffer_action_range(
-    buffer: Any, probe: TensorDictBase, chunk: int = 262_144
+    buffer: Any, probe: TensorDictBase, chunk: int = READ_CHUNK
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """Per-dimension (min, max) of the actions a replay buffer holds, read from its storage in
     chunks, and whether the whole buffer was read (else: the probe batch only)."""
     try:
-        n = len(buffer)
         low = high = None
-        for start in range(0, n, chunk):
-            act = buffer[start : min(start + chunk, n)]["action"].detach()
+        for rows in storage_chunks(buffer, chunk):
+            act = rows["action"].detach()
             act = act.to("cpu", torch.float32).reshape(-1, act.shape[-1])
             low = act.amin(0) if low is None else torch.minimum(low, act.amin(0))
             high = act.amax(0) if high is None else torch.maximum(high, act.amax(0))

@@ -232,6 +232,30 @@ def _lr_schedules(cfg: DictConfig, optimizers: Mapping[str, Any]) -> dict:
     return out
 
 
+def lr_schedule_record(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """What each scheduled learning rate ran, for ``result.json``: per part with an
+    ``lr_schedule``, its kind, the horizon it decays over (``decay_steps``; from
+    ``lr_decay_steps``, or the run's ``train.steps`` when that is null), where the horizon came
+    from (``horizon``: ``set`` or ``compressed into the run``) and the fraction of the starting
+    rate the run's last update used (``final_rate_fraction``)."""
+    out = {}
+    run_steps = int(cfg.train.steps)
+    for part in ("critic", "actor", "value", "behavior"):
+        node = cfg.get(part)
+        kind = node.get("lr_schedule") if isinstance(node, Mapping) else None
+        if kind is None:
+            continue
+        set_steps = node.get("lr_decay_steps")
+        steps = int(set_steps or run_steps)
+        out[part] = {
+            "schedule": str(kind),
+            "decay_steps": steps,
+            "horizon": "set" if set_steps else "compressed into the run",
+            "final_rate_fraction": round(cosine_decay(max(run_steps - 1, 0), steps), 6),
+        }
+    return out
+
+
 def _picker_needs(picker: Any, what: str, default: bool = False) -> bool:
     """Whether the evaluation policy's class asks for part ``what`` (its ``needs_<what>``
     attribute; ``default`` when it has none)."""

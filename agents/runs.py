@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+from divo.agents.builder import lr_schedule_record
 from divo.agents.checkpoints import Checkpointer
 from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized_score
 from divo.agents.logging import MetricsLogger, check_backend
@@ -273,6 +274,9 @@ def run_result(
         # model selection, as Diffusion-QL's paper reports: the best evaluation during training,
         # beside (never instead of) the final policy's numbers above
         "best_during_training": best_evaluation(run_dir),
+        # each scheduled learning rate's horizon (a reference run's length, or compressed into
+        # this run's steps) and the share of its starting rate the last update used
+        "lr_schedules": lr_schedule_record(cfg),
     }
 
 

@@ -264,18 +264,38 @@ class BehaviorModePolicy(nn.Module):
         return self.behavior_model.mode(self.normalizer(observation))
 
 
+IMPLICIT_WEIGHT_FORMS = ("expectile", "quantile")
+
+
+def implicit_policy_weights(
+    advantage: torch.Tensor, tau: float, form: str = "expectile", eps: float = 1e-6
+) -> torch.Tensor:
+    """IDQL's weights of behaviour samples (Hansen-Estruch et al. 2023): the implicit policy of
+    a value V fitted to Q with the loss f(Q - V) weighs an action by w = f'(A) / A, A = Q - V.
+
+    ``form="expectile"``: V is an expectile of Q, f(u) = |tau - 1[u < 0]| u^2, so
+    w = |tau - 1[A < 0]| (IDQL's code, ``sample_implicit_policy``, for its expectile critic);
+    ``form="quantile"``: V is a quantile of Q, f(u) = |tau - 1[u < 0]| |u|, so
+    w = |tau - 1[A < 0]| / |A| (|A| floored at ``eps``).
+    advantage [*B, N] -> unnormalised weights [*B, N]."""
+    if form not in IMPLICIT_WEIGHT_FORMS:
+        raise ValueError(
+            f"form={form!r} is not an implicit-policy weight; choose one of "
+            f"{', '.join(IMPLICIT_WEIGHT_FORMS)}"
+        )
+    w = torch.where(advantage < 0, 1.0 - tau, tau).to(advantage.dtype)
+    if form == "quantile":
+        w = w / advantage.abs().clamp_min(eps)
+    return w
+
+
 def expectile_importance_weights(
     advantage: torch.Tensor, expectile: float, divide_by_advantage: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
-    """IDQL's weights of behaviour samples under an expectile critic (Hansen-Estruch et al.
-    2023, the implicit policy of an expectile V): w = |tau - 1[A < 0]| / |A| (the paper), or
-    |tau - 1[A < 0]| (``divide_by_advantage=False``: its public code's
-    ``sample_implicit_policy``, which its evaluation does not call).
-    advantage [*B, N] -> unnormalised weights [*B, N]; |A| is floored at ``eps``."""
-    w = torch.where(advantage < 0, 1.0 - expectile, expectile).to(advantage.dtype)
-    if divide_by_advantage:
-        w = w / advantage.abs().clamp_min(eps)
-    return w
+    """The older spelling of :func:`implicit_policy_weights`: ``divide_by_advantage=True`` is
+    its ``quantile`` form, ``False`` its ``expectile`` form."""
+    form = "quantile" if divide_by_advantage else "expectile"
+    return implicit_policy_weights(advantage, expectile, form, eps)
 
 
 class ExpectileResamplingPolicy(nn.Module):
@@ -284,17 +304,21 @@ class ExpectileResamplingPolicy(nn.Module):
     to and V itself. Saved whole (normaliser, behaviour model, critic, value).
 
     ``selection``:
-      ``importance`` (default, the paper): drawn with probability proportional to IDQL's
-      importance weight |tau - 1[A < 0]| / |A| (:func:`expectile_importance_weights`);
-      ``expectile``: proportional to |tau - 1[A < 0]| (its code's ``sample_implicit_policy``);
-      ``argmax``: the candidate of largest min Q (its code's ``eval_actions``, what its
+      ``expectile`` (default): drawn with probability proportional to |tau - 1[A < 0]|, the
+      implicit policy of an expectile V (the V IDQL's recipe trains; IDQL's code's
+      ``sample_implicit_policy``), :func:`implicit_policy_weights`;
+      ``quantile``: proportional to |tau - 1[A < 0]| / |A|, the implicit policy of a quantile
+      V (with an expectile V, a mismatch: it favours the candidates with A nearest 0);
+      ``argmax``: the candidate of largest min Q (IDQL's code's ``eval_actions``, what its
       ``evaluate`` deploys; V does not change the choice).
-    ``divide_by_advantage`` is the older spelling (true: ``importance``, false:
-    ``expectile``), kept so policies saved before ``selection`` load as they were.
+    Older spellings, kept so policies saved before them load as they were: ``importance`` (the
+    name this form had) is ``quantile``; ``divide_by_advantage`` true is ``quantile``, false
+    ``expectile``.
     """
 
     needs_value = True  # the builder passes the value network
-    SELECTIONS = ("importance", "expectile", "argmax")
+    SELECTIONS = ("expectile", "quantile", "argmax")
+    ALIASES = {"importance": "quantile"}
 
     def __init__(
         self,
@@ -304,7 +328,7 @@ class ExpectileResamplingPolicy(nn.Module):
         value: nn.Module,
         expectile: float = 0.7,
         num_samples: int = 64,
-        selection: str = "importance",
+        selection: str = "expectile",
         divide_by_advantage: bool | None = None,
     ) -> None:
         super().__init__()
@@ -313,7 +337,8 @@ class ExpectileResamplingPolicy(nn.Module):
         if not 0.0 < expectile < 1.0:
             raise ValueError(f"expectile must be in (0, 1), got {expectile}")
         if divide_by_advantage is not None:
-            selection = "importance" if divide_by_advantage else "expectile"
+            selection = "quantile" if divide_by_advantage else "expectile"
+        selection = self.ALIASES.get(selection, selection)
         if selection not in self.SELECTIONS:
             raise ValueError(
                 f"selection={selection!r} is not an IDQL selection; choose one of "
@@ -336,7 +361,7 @@ class ExpectileResamplingPolicy(nn.Module):
         if self.selection == "argmax":
             return gather_candidate(candidates, q.argmax(dim=-1))
         adv = q - self.value(obs)  # V(s) [*B, 1] broadcasts over the N candidates
-        w = expectile_importance_weights(adv, self.expectile, self.selection == "importance")
+        w = implicit_policy_weights(adv, self.expectile, self.selection)
         # draw i with probability w_i / sum w: resampling at temperature 1 on log w
         return gather_candidate(candidates, resample_index(w.log(), 1.0))
 

@@ -126,7 +126,7 @@ def test_iql_policy_loss_is_awr_weighted_log_likelihood_with_the_updated_v():
 
 
 def test_iql_deploys_the_gaussian_mean_and_its_lr_decays_by_cosine():
-    agent = agent_of("iql", "train.steps=4")
+    agent = agent_of("iql", "train.steps=4", "behavior.lr_decay_steps=null")  # compressed
     obs = torch.randn(5, O)
     mean, _ = agent.behavior_model.distribution_parameters(obs)
     torch.testing.assert_close(agent.policy(obs), mean.clamp(-1, 1))
@@ -176,7 +176,7 @@ def test_idql_policy_draws_candidates_in_proportion_to_the_weights():
     1.4): frequencies 0.0909, 0.2727, 0.6364."""
     policy = ExpectileResamplingPolicy(
         nn.Identity(), _Fixed(), _QIsAction(), lambda s: torch.full((*s.shape[:-1], 1), 0.5),
-        expectile=0.7, num_samples=3,
+        expectile=0.7, num_samples=3, selection="quantile",
     )  # fmt: skip
     torch.manual_seed(0)
     picks = policy(torch.zeros(40000, 1)).flatten()
@@ -203,7 +203,8 @@ def test_idql_selections_expectile_weights_and_argmax():
     torch.testing.assert_close(freq, torch.tensor([0.3, 0.3, 0.7]) / 1.3, atol=0.01, rtol=0)
     assert (picker(selection="argmax")(torch.zeros(50, 1)) == 1.0).all()
     assert picker(divide_by_advantage=False).selection == "expectile"
-    assert picker(divide_by_advantage=True).selection == "importance"
+    assert picker(divide_by_advantage=True).selection == "quantile"
+    assert picker(selection="importance").selection == "quantile"  # the form's older name
     with pytest.raises(ValueError, match="selection='greedy' is not an IDQL selection"):
         picker(selection="greedy")
 
@@ -214,7 +215,7 @@ def test_idql_recipe_deploys_the_weighted_picker_saved_whole():
     policy = agent.policy
     assert isinstance(policy, ExpectileResamplingPolicy) and agent.actor is None
     assert policy.num_samples == 64 and policy.expectile == 0.7
-    assert policy.selection == "importance"
+    assert policy.selection == "expectile"  # the weight of the expectile V it trains
     assert policy.critic is agent.critic_target and policy.value is agent.value
     # IDQL samples the moving average of its behaviour model, not the model being trained
     assert policy.behavior_model is agent.behavior_model_ema
@@ -268,7 +269,10 @@ def test_bootstrap_min_value_loss_by_hand():
 
 
 def test_a2pr_value_regresses_to_the_smaller_of_target_and_online_td_targets():
-    agent = agent_of("a2pr", "critic.loss.policy_noise=0", "value.network.hidden=[16,16]")
+    agent = agent_of(  # gamma 0.99: its code's default (its README's Hopper preset: 0.995)
+        "a2pr", "critic.loss.policy_noise=0", "value.network.hidden=[16,16]",
+        "critic.loss.gamma=0.99",
+    )  # fmt: skip
     data = batch(2)
     before = copy.deepcopy(agent)
     metrics = agent.update(data)  # update 1: critic, value, behaviour (no actor, no Polyak)
@@ -353,7 +357,7 @@ def test_a2pr_actor_bc_term_pulls_through_the_reconstruction_of_pi():
 
 
 def test_a2pr_recipe_settings_follow_its_code():
-    cfg = compose_recipe("a2pr")
+    cfg = compose_recipe("a2pr", ["dataset.id=divo/bandit/multimodal-v0"])  # no README preset
     assert list(cfg.critic.network.hidden) == [256] * 4 == list(cfg.value.network.hidden)
     assert list(cfg.actor.network.hidden) == [256] * 3
     assert cfg.behavior.lr == 1e-3 and cfg.selector.mask_scale == 0.5

@@ -77,7 +77,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 def test_resume_continues_exactly_like_an_uninterrupted_run(recipe, tmp_path):
     """In-process version of the kill test: stop at step 4 (as if killed), resume to 6."""
     full, part = tmp_path / "full", tmp_path / "part"
-    # idql's cosine decays over train.steps by default, which the stopped half sets to 4: fix it
+    # idql's cosine decays over a fixed horizon (its reference's 3M steps); a short one here
     extra = ["behavior.lr_decay_steps=6"] if recipe == "idql" else []
     train(compose_recipe(recipe, [*SHORT, *extra]), full)
     train(compose_recipe(recipe, [*SHORT, *extra, "train.steps=4"]), part)
@@ -153,10 +153,12 @@ def test_cli_resumes_a_run_directory_and_extends_it(tmp_path, capsys):
 
 
 def test_extending_a_run_says_how_its_cosine_schedule_moves(tmp_path, capsys):
-    """IQL's policy lr decays over train.steps: extending a finished 6-step run to 12 restarts
-    it at the factor of step 6 of 12 (0.5), and the note says how to keep the old schedule."""
+    """IQL's policy lr compressed into train.steps (lr_decay_steps=null): extending a finished
+    6-step run to 12 restarts it at the factor of step 6 of 12 (0.5), and the note says how to
+    keep the old schedule."""
     run = tmp_path / "run"
     small = ["behavior_model.hidden=[16]", "value.network.hidden=[16]"]
+    small.append("behavior.lr_decay_steps=null")
     assert main(["train", "iql", "--quiet", *SHORT, *small, f"hydra.run.dir={run}"]) == 0
     capsys.readouterr()
     assert main(["train", str(run), "train.steps=12"]) == 0

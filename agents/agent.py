@@ -2,7 +2,9 @@
 
 One class serves DIVO, its ablations and TD3+BC: which parts exist is decided by the recipe
 (see :mod:`divo.agents.builder`). The update order is written out, top to bottom, in
-:meth:`OfflineAgent.run_update`.
+:meth:`OfflineAgent.run_update`; each stage it runs (critic, value, advantage, behaviour model,
+actor) is a method of :class:`divo.objectives.stages.DIVOStages`, which the TorchRL loss module
+:class:`divo.objectives.losses.DIVOLoss` runs too: one implementation of each loss.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from divo.objectives.actor import NormalizedPolicy, ObservationNormalizer, TD3BC
 from divo.objectives.behavior import WeightedBehaviorLoss
 from divo.objectives.critic import TD3CriticLoss, TwinQ
 from divo.objectives.functional import polyak_update
-from divo.objectives.functional import td_target as td_target_of
 from divo.objectives.keys import DEFAULT_KEYS, Keys
 from divo.objectives.selectors import TargetSelector
+from divo.objectives.stages import DIVOStages
 from divo.objectives.value import Advantage, StateValue, ValueLoss
 from divo.objectives.weighting import WeightingScheme
 
@@ -64,23 +66,6 @@ class TrainableAgent(nn.Module):
     ) -> dict[str, torch.Tensor]:
         """The update, top to bottom, with each stage executed by ``stages``."""
         raise NotImplementedError  # pragma: no cover - abstract
-
-    def _critic_losses(
-        self, observation, next_observation, action, reward, terminated, target_policy
-    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Normalise the states, compute the TD target y (next actions from ``target_policy``)
-        and the critic loss: (normalised observation, y, the loss's outputs)."""
-        obs = self.normalizer(observation)
-        next_obs = self.normalizer(next_observation)
-        y = self.critic_loss.target(
-            reward.to(obs.dtype),
-            terminated,
-            next_obs,
-            self.critic_target,
-            target_policy,
-            self._generator,
-        )
-        return obs, y, self.critic_loss(obs, action, y, self.critic)
 
     def make_stages(
         self,
@@ -173,7 +158,7 @@ def apply_lr_schedule(agent: TrainableAgent, name: str, opt: torch.optim.Optimiz
         group["lr"] = group["initial_lr"] * factor
 
 
-class OfflineAgent(TrainableAgent):
+class OfflineAgent(DIVOStages, TrainableAgent):
     """TD3+BC-based agent with an optional value function and an optional behaviour model.
 
     Parts (all ``nn.Module``):
@@ -255,74 +240,6 @@ class OfflineAgent(TrainableAgent):
             list(self.critic.parameters()) + list(actors[1].parameters()),
         )
 
-    def _check_parts(self) -> None:
-        if self.actor is None:
-            self.selector = self.actor_loss = None  # nothing reads them without an actor
-        selector = self.selector
-        needs_adv = (selector is not None and selector.needs_advantage) or (
-            self.weighting is not None and self.weighting.needs_advantage
-        )
-        has_value = self.value is not None and self.value_loss is not None
-        if needs_adv and (not has_value or self.advantage is None):
-            raise ValueError("this weighting/selector needs advantages: configure a value function")
-        bootstrap = getattr(self.critic_loss, "bootstrap", "policy")
-        if bootstrap == "value" and not has_value:
-            raise ValueError(
-                "critic.loss.bootstrap=value bootstraps from V(s'): configure a value function"
-            )
-        if bootstrap == "policy" and self.actor is None:
-            raise ValueError(
-                "the critic's TD3 target needs the target actor, and the recipe has none: set "
-                "critic.loss.bootstrap=value (IQL) or configure an actor"
-            )
-        if (
-            has_value
-            and self.value_loss.objective == "bootstrap_min"
-            and (bootstrap != "policy" or self.actor is None)
-        ):
-            raise ValueError(
-                "value objective bootstrap_min compares the target and online critics at the "
-                "TD3 target's next action: it needs critic.loss.bootstrap=policy and an actor"
-            )
-        if selector is None:
-            if self.actor is not None:
-                raise ValueError("an actor needs a target selector (e.g. selector=dataset)")
-        elif selector.candidate == "policy_reconstruction":
-            if not callable(getattr(self.behavior_model, "reconstruct", None)):
-                raise ValueError(
-                    "selector.candidate=policy_reconstruction needs a behaviour model with "
-                    "reconstruct(observation, action) (behavior_model=cvae)"
-                )
-        elif selector.num_candidates and self.behavior_model is None:
-            raise ValueError(
-                f"selector {type(self.selector).__name__} samples candidates: configure a "
-                "behaviour model"
-            )
-        if self.behavior_model is not None and (
-            self.weighting is None or self.behavior_loss is None
-        ):
-            raise ValueError("a behaviour model needs a weighting scheme and a behaviour loss")
-        self._needs_advantage = needs_adv
-        self._reuse_target_q = False
-        if self.advantage is not None and self.value_loss is not None:
-            self.advantage.pair_with(self.value_loss.objective)
-            # the value step's min Q_target(s, a) is exactly the advantage's Q of the dataset
-            # actions when A takes min Q of the target critic (IQL's pairing, the default)
-            self._reuse_target_q = (
-                self.value_loss.objective == "expectile"
-                and bool(self.advantage.uses_target_critic)
-                and self.advantage.head == "min"
-            )
-
-    @property
-    def advantage_critic(self) -> TwinQ:
-        """The critic advantages are computed with: the one V is fitted to (see
-        :class:`divo.objectives.value.Advantage`): the target critic for IQL's expectile V,
-        the online critic for A2PR's bootstrap V."""
-        if self.advantage is not None and self.advantage.uses_target_critic:
-            return self.critic_target
-        return self.critic
-
     @property
     def deployed_behavior_model(self) -> nn.Module | None:
         """The behaviour model a deployed sampler draws from: its moving average when
@@ -353,7 +270,8 @@ class OfflineAgent(TrainableAgent):
         (every ``policy_delay`` steps) candidates -> target selection -> actor -> Polyak targets.
         Each stage is executed by ``stages``: eagerly (:class:`EagerStages`, what ``update``
         uses), compiled, or vectorised over stacked seeds (:mod:`divo.agents.vectorized`). Every
-        stage is a method of this class whose arguments and results are tensors only."""
+        stage is a method (from :class:`~divo.objectives.stages.DIVOStages`) whose arguments
+        and results are tensors only."""
         k = self.keys
         obs = batch.get(k.observation)
         next_obs = batch.get(k.next_observation)
@@ -427,131 +345,6 @@ class OfflineAgent(TrainableAgent):
                 metrics.update(out)
             stages.polyak(self._target_pairs[0], self._target_pairs[1], self.tau)
         return metrics
-
-    # ------------------------------------------------------------------ stages (tensors in/out)
-    def critic_stage(self, observation, next_observation, action, reward, terminated):
-        """Normalise the states, compute the TD target y and the critic loss (and, for value
-        objective bootstrap_min, return s' and the next action a' of y)."""
-        obs = self.normalizer(observation)
-        next_obs = self.normalizer(next_observation)
-        y, next_action = self.critic_loss.target_and_next_action(
-            reward.to(obs.dtype),
-            terminated,
-            next_obs,
-            self.critic_target,
-            self.actor_target,
-            self._generator,
-            value=self.value,
-        )
-        out = {"observation": obs, "td_target": y, **self.critic_loss(obs, action, y, self.critic)}
-        if self.value_loss is not None and self.value_loss.objective == "bootstrap_min":
-            out.update(next_observation=next_obs, next_action=next_action)
-        return out
-
-    def value_stage(
-        self, obs, action, td_target, reward=None, terminated=None, next_obs=None, next_action=None
-    ):
-        online_y = None
-        if next_action is not None:  # bootstrap_min: the online critic's own TD target
-            with torch.no_grad():
-                online_y = td_target_of(
-                    reward.to(obs.dtype),
-                    terminated,
-                    self.critic.min_q(next_obs, next_action),
-                    self.critic_loss.gamma,
-                )
-        return self.value_loss(
-            obs,
-            self.value,
-            action=action,
-            critic_target=self.critic_target,
-            td_target=td_target,
-            online_td_target=online_y,
-        )
-
-    @torch.no_grad()
-    def advantage_stage(self, obs, action, state_value=None):
-        v = self.value(obs) if state_value is None else state_value
-        adv = self.advantage(obs, action, self.advantage_critic, self.value, state_value=v)
-        return self._advantage_out(adv, v)
-
-    @torch.no_grad()
-    def target_q_advantage_stage(self, obs, target_q, state_value=None):
-        """The same advantage under IQL's pairing, whose Q(s, a), min Q_target(s, a), is V's
-        target in the value step (the target critic has not moved since): no twin-Q pass."""
-        v = self.value(obs) if state_value is None else state_value
-        return self._advantage_out(target_q - v, v)
-
-    @staticmethod
-    def _advantage_out(adv, v):
-        return {
-            "advantage": adv,
-            "state_value": v,
-            "advantage_mean": adv.mean(),
-            "advantage_std": adv.std(),
-            "advantage_pos_frac": (adv > 0).to(adv.dtype).mean(),
-        }
-
-    def behavior_stage(self, obs, action, advantage):
-        weight = self.weighting(advantage)
-        model = self.behavior_model
-        if callable(getattr(model, "loss_terms", None)):  # e.g. the CVAE's unweighted KL term
-            per_sample, unweighted = model.loss_terms(action, obs, generator=self._generator)
-        else:
-            per_sample = model.per_sample_loss(action, obs, generator=self._generator)
-            unweighted = None
-        out = self.behavior_loss(per_sample, weight, unweighted)
-        clip = getattr(self.weighting, "clip", None)
-        if clip is not None:  # e.g. exp_awr's w_max: how many weights saturate
-            out["weight_clip_frac"] = (weight >= clip).to(weight.dtype).mean()
-        return out
-
-    def actor_stage(self, obs, action, advantage=None, state_value=None):
-        if self.selector.candidate == "policy_reconstruction":
-            return self._reconstruction_actor_stage(obs, action, advantage, state_value)
-        metrics = {}
-        candidates = cand_adv = None
-        with torch.no_grad():
-            if self.selector.num_candidates:
-                candidates = self.behavior_model.sample(
-                    obs, self.selector.num_candidates, generator=self._generator
-                )
-                cand_adv = self.advantage(
-                    obs, candidates, self.advantage_critic, self.value, state_value=state_value
-                )
-            target, mask = self.selector(candidates, cand_adv, action, advantage)
-            if candidates is not None:
-                # the share of BC targets that are model samples, not dataset actions
-                metrics["target_from_model_frac"] = (
-                    (target != action).any(-1).to(action.dtype).mean()
-                )
-            if cand_adv is not None and advantage is not None:
-                # is the behaviour model better than its data? A of its samples minus A of
-                # the dataset actions, at the same states
-                metrics["sample_advantage_gap"] = cand_adv.mean() - advantage.mean()
-                metrics["bc_mask_mean"] = mask.mean()
-        out = self.actor_loss(obs, target, mask, self.actor, self.critic)
-        return {**out, **metrics}
-
-    def _reconstruction_actor_stage(self, obs, action, advantage, state_value):
-        """A2PR's code: the candidate is the behaviour model's reconstruction of the actor's own
-        action, a_gen = dec(s, z), z ~ q(z | s, pi(s)), WITH gradient into pi; it competes with
-        the dataset action by advantage (the selector's rule and mask), and the BC term pulls pi
-        towards the winner, through a_gen where a_gen wins."""
-        pi = self.actor(obs)
-        candidate = self.behavior_model.reconstruct(obs, pi, generator=self._generator)
-        candidate = candidate.unsqueeze(-2)  # [*B, 1, A]
-        cand_adv = self.advantage(
-            obs, candidate.detach(), self.advantage_critic, self.value, state_value=state_value
-        )
-        target, mask = self.selector.select(candidate, cand_adv, action, advantage)
-        out = self.actor_loss(obs, target, mask, self.actor, self.critic, pi=pi)
-        with torch.no_grad():
-            from_model = (target != action).any(-1).to(action.dtype)
-            out["target_from_model_frac"] = from_model.mean()
-            out["sample_advantage_gap"] = cand_adv.mean() - advantage.mean()
-            out["bc_mask_mean"] = mask.mean()
-        return out
 
 
 class Stages:

@@ -26,9 +26,10 @@ from divo.objectives.critic import TwinQ
 from divo.objectives.diffusion_ql import DiffusionQLActorLoss, DiffusionQLCriticLoss
 from divo.objectives.keys import DEFAULT_KEYS, Keys
 from divo.objectives.selectors import ResamplingPolicy
+from divo.objectives.stages import DiffusionQLStages
 
 
-class DiffusionQLAgent(TrainableAgent):
+class DiffusionQLAgent(DiffusionQLStages, TrainableAgent):
     """Diffusion policy + twin-Q critic, EMA policy, Polyak critic target; owns its optimisers.
 
     Args:
@@ -156,14 +157,3 @@ class DiffusionQLAgent(TrainableAgent):
             stages.polyak(self._ema_pairs[0], self._ema_pairs[1], 1.0 - self.ema_decay)
         stages.polyak(self._critic_pairs[0], self._critic_pairs[1], self.tau)
         return metrics
-
-    # ------------------------------------------------------------------ stages (tensors in/out)
-    def critic_stage(self, observation, next_observation, action, reward, terminated):
-        """Normalise the states, compute the TD target from the EMA policy and the critic loss."""
-        obs, _, out = self._critic_losses(
-            observation, next_observation, action, reward, terminated, self.actor_ema
-        )
-        return {"observation": obs, **out}
-
-    def actor_stage(self, obs, action):
-        return self.actor_loss(obs, action, self.actor, self.critic, self._generator)

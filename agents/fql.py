@@ -29,9 +29,10 @@ from divo.objectives.actor import NormalizedPolicy, ObservationNormalizer
 from divo.objectives.critic import TwinQ
 from divo.objectives.fql import FQLActorLoss, FQLCriticLoss, NoiseConditionedActor
 from divo.objectives.keys import DEFAULT_KEYS, Keys
+from divo.objectives.stages import FQLStages
 
 
-class FQLAgent(TrainableAgent):
+class FQLAgent(FQLStages, TrainableAgent):
     """One-step actor + flow BC model + twin critic with a Polyak target; owns its optimisers.
 
     Args:
@@ -141,29 +142,3 @@ class FQLAgent(TrainableAgent):
         # 5. Polyak critic target, every update.
         stages.polyak(self._critic_pairs[0], self._critic_pairs[1], self.tau)
         return metrics
-
-    # ------------------------------------------------------------------ stages (tensors in/out)
-    @torch.no_grad()
-    def target_stage(self, observation, next_observation, reward, terminated):
-        """Normalise the states and compute the TD target y."""
-        obs = self.normalizer(observation)
-        next_obs = self.normalizer(next_observation)
-        y = self.critic_loss.target(
-            reward.to(obs.dtype),
-            terminated,
-            next_obs,
-            self.critic_target,
-            self.actor,
-            self._generator,
-        )
-        return {"observation": obs, "td_target": y}
-
-    def actor_stage(self, obs):
-        return self.actor_loss(obs, self.actor, self.behavior_model, self.critic, self._generator)
-
-    def behavior_stage(self, obs, action):
-        per_sample = self.behavior_model.per_sample_loss(action, obs, generator=self._generator)
-        return {"loss_behavior": per_sample.mean()}
-
-    def critic_stage(self, obs, action, td_target):
-        return self.critic_loss(obs, action, td_target, self.critic)

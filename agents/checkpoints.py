@@ -64,6 +64,8 @@ def policy_payload(agent: OfflineAgent, cfg: DictConfig, data: OfflineData | Non
         "env_spec": spec_json(data),
         "ref_min_score": data.ref_min_score if data is not None else None,
         "ref_max_score": data.ref_max_score if data is not None else None,
+        # what the normalised score measures: "return" (D4RL's) or "success" (OGBench's)
+        "score": data.score if data is not None else "return",
     }
 
 

@@ -3,13 +3,15 @@ estimate checked against the returns the rollouts earned.
 
 Protocol (method.md): 10 episodes per evaluation (100 for sparse navigation tasks), evaluation
 env seed = run seed + 100 (the caller passes it), normalised score
-``100 * (return - ref_min) / (ref_max - ref_min)`` on the mean return.
+``100 * (return - ref_min) / (ref_max - ref_min)`` on the mean return. On goal-reaching tasks
+scored by success (OGBench: 50 episodes, ``score="success"``), the normalised score is the
+percentage of episodes whose last step reports ``info["success"]``.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -17,6 +19,7 @@ import numpy as np
 import torch
 
 Policy = Callable[[torch.Tensor], torch.Tensor]
+SCORES = ("return", "success")
 
 
 def normalized_score(
@@ -41,6 +44,8 @@ def evaluate_policy(
     ref_min_score: float | None = None,
     ref_max_score: float | None = None,
     record: bool = False,
+    score: str = "return",
+    envs: Sequence[gym.Env] | None = None,
 ) -> dict[str, Any]:
     """Run ``episodes`` episodes side by side, one batched policy call per time step.
 
@@ -57,58 +62,96 @@ def evaluate_policy(
             and ``action`` ``[T, A]`` (float32, as the policy gave it), environment ``reward``
             ``[T]`` and whether it ended ``terminated`` (else truncated); see
             :func:`critic_calibration`.
+        score: ``"return"``: the normalised score is D4RL's, of the mean return;
+            ``"success"``: it is ``100 *`` the share of episodes whose last step's ``info``
+            says ``success`` (OGBench's protocol).
+        envs: environments to reuse instead of making ``episodes`` fresh ones (for
+            environments slow to build, e.g. OGBench's, ~1-2 s each): the episodes then run in
+            waves of ``len(envs)`` side by side, episode ``i`` still reset with ``seed + i``;
+            the caller keeps and closes them.
 
     Returns:
         ``return_mean``, ``return_std`` (population std over episodes), ``normalized_score``
-        (of the mean return; None without references), ``episodes``, ``episode_length_mean``,
-        and per-episode ``returns`` / ``lengths`` lists (and ``trajectories`` with ``record``).
+        (of the mean return, or the success percentage; None without references),
+        ``success_rate`` (share of episodes ending with ``info["success"]``; None when the
+        environment reports no success), ``episodes``, ``episode_length_mean``, and
+        per-episode ``returns`` / ``lengths`` lists (and ``trajectories`` with ``record``).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
     device = torch.device(device)
-    envs = [make_env() for _ in range(episodes)]
+    own = envs is None
+    pool = [make_env() for _ in range(episodes)] if own else list(envs)
+    if not pool:
+        raise ValueError("envs must hold at least one environment")
     returns = np.zeros(episodes, dtype=np.float64)
     lengths = np.zeros(episodes, dtype=np.int64)
     steps: list[list[tuple[np.ndarray, np.ndarray, float]]] = [[] for _ in range(episodes)]
     terminal = np.zeros(episodes, dtype=bool)
+    success: list[bool | None] = [None] * episodes
     was_training = isinstance(policy, torch.nn.Module) and policy.training
     if isinstance(policy, torch.nn.Module):
         policy.eval()
     try:
-        observations = [env.reset(seed=seed + i)[0] for i, env in enumerate(envs)]
-        alive = list(range(episodes))
-        with torch.no_grad():
-            while alive:
-                obs = np.stack([np.asarray(observations[i], dtype=np.float32) for i in alive])
-                actions = policy(torch.as_tensor(obs, device=device))
-                actions = actions.detach().to("cpu", torch.float32).numpy()
-                if actions.shape[0] != len(alive):
-                    raise ValueError(
-                        f"policy returned {actions.shape[0]} actions for {len(alive)} observations"
-                    )
-                still_alive = []
-                for row, i in enumerate(alive):
-                    observation, reward, terminated, truncated, _ = envs[i].step(actions[row])
-                    returns[i] += float(reward)
-                    lengths[i] += 1
-                    if record:
-                        steps[i].append((obs[row], actions[row].copy(), float(reward)))
-                    if terminated or truncated:
-                        terminal[i] = bool(terminated)
-                        continue
-                    observations[i] = observation
-                    still_alive.append(i)
-                alive = still_alive
+        # episodes in waves of len(pool) side by side (one wave when the envs are made here)
+        for first in range(0, episodes, len(pool)):
+            wave = list(range(first, min(first + len(pool), episodes)))
+            env_of = {i: pool[i - first] for i in wave}
+            observations = {i: env_of[i].reset(seed=seed + i)[0] for i in wave}
+            alive = wave
+            with torch.no_grad():
+                while alive:
+                    obs = np.stack([np.asarray(observations[i], dtype=np.float32) for i in alive])
+                    actions = policy(torch.as_tensor(obs, device=device))
+                    actions = actions.detach().to("cpu", torch.float32).numpy()
+                    if actions.shape[0] != len(alive):
+                        raise ValueError(
+                            f"policy returned {actions.shape[0]} actions for {len(alive)} "
+                            "observations"
+                        )
+                    still_alive = []
+                    for row, i in enumerate(alive):
+                        observation, reward, terminated, truncated, info = env_of[i].step(
+                            actions[row]
+                        )
+                        returns[i] += float(reward)
+                        lengths[i] += 1
+                        if record:
+                            steps[i].append((obs[row], actions[row].copy(), float(reward)))
+                        if terminated or truncated:
+                            terminal[i] = bool(terminated)
+                            if "success" in info:
+                                success[i] = bool(info["success"])
+                            continue
+                        observations[i] = observation
+                        still_alive.append(i)
+                    alive = still_alive
     finally:
         if was_training:
             policy.train()
-        for env in envs:
-            env.close()
+        if own:
+            for env in pool:
+                env.close()
     return_mean = float(returns.mean())
+    success_rate = None
+    if all(s is not None for s in success):
+        success_rate = float(np.mean([bool(s) for s in success]))
+    if score == "success":
+        if success_rate is None:
+            raise ValueError(
+                "score='success' needs an environment whose last step's info holds 'success'; "
+                "this one reports none"
+            )
+        normalized = 100.0 * success_rate
+    else:
+        normalized = normalized_score(return_mean, ref_min_score, ref_max_score)
     result = {
         "return_mean": return_mean,
         "return_std": float(returns.std()),
-        "normalized_score": normalized_score(return_mean, ref_min_score, ref_max_score),
+        "normalized_score": normalized,
+        "success_rate": success_rate,
         "episodes": episodes,
         "episode_length_mean": float(lengths.mean()),
         "returns": returns.tolist(),

@@ -185,6 +185,7 @@ def evaluate_saved_policy(
         device=dev,
         ref_min_score=meta.get("ref_min_score"),
         ref_max_score=meta.get("ref_max_score"),
+        score=meta.get("score", "return"),  # files before OGBench support: D4RL's score
     )
     result["source"] = meta["file"]
     result["step"] = meta.get("step")

@@ -71,6 +71,8 @@ def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
             ref_min_score=data.ref_min_score,
             ref_max_score=data.ref_max_score,
             record=True,
+            score=data.score,
+            envs=data.evaluation_envs(cfg.train.eval_episodes),
         )
     trajectories = result.pop("trajectories")
     try:
@@ -122,10 +124,16 @@ def load_run_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | 
             download=cfg.dataset.get("download", True),
             action_bounds=cfg.dataset.get("action_bounds", "rescale"),
             observation_keys=_observation_keys(cfg),
+            source=cfg.dataset.get("source", "auto"),
+            data_dir=cfg.dataset.get("dir"),
+            files=cfg.dataset.get("files", "auto"),
+            generate=cfg.dataset.get("generate", True),
         )
         behavior_score = normalized_score(
             data.behavior_return, data.ref_min_score, data.ref_max_score
         )
+        if data.provenance:
+            _log.info("data %s: %s", data.dataset_id, data.provenance)
         _log.info(
             "data %s: %d transitions in %d episodes; behaviour: mean episode return %.1f%s",
             data.dataset_id,
@@ -178,16 +186,33 @@ def evaluate_into_row(
         row["eval_return_mean"] = last_eval["return_mean"]
         row["eval_return_std"] = last_eval["return_std"]
         row["normalized_score"] = last_eval["normalized_score"]
+        row["eval_episode_length_mean"] = last_eval["episode_length_mean"]
+        if last_eval.get("success_rate") is not None:
+            row["eval_success_rate"] = last_eval["success_rate"]
         row.update(last_eval.get("critic") or {})
         score = last_eval["normalized_score"]
-        log.info(
-            "step %d: normalized score %s (return %.2f +- %.2f over %d episodes)",
-            step,
-            f"{score:.1f}" if score is not None else "n/a",
-            last_eval["return_mean"],
-            last_eval["return_std"],
-            last_eval["episodes"],
-        )
+        success = last_eval.get("success_rate")
+        if success is None:
+            log.info(
+                "step %d: normalized score %s (return %.2f +- %.2f over %d episodes)",
+                step,
+                f"{score:.1f}" if score is not None else "n/a",
+                last_eval["return_mean"],
+                last_eval["return_std"],
+                last_eval["episodes"],
+            )
+        else:  # goal-reaching tasks: how many episodes succeeded, and how fast
+            log.info(
+                "step %d: normalized score %s (success in %d of %d episodes; return %.2f +- "
+                "%.2f, mean episode length %.1f)",
+                step,
+                f"{score:.1f}" if score is not None else "n/a",
+                round(success * last_eval["episodes"]),
+                last_eval["episodes"],
+                last_eval["return_mean"],
+                last_eval["return_std"],
+                last_eval["episode_length_mean"],
+            )
         if last_eval.get("critic"):
             log.info(
                 "step %d: critic min Q %.2f, discounted return %.2f on the policy's own steps "
@@ -255,7 +280,7 @@ def run_result(
     run_dir: Path,
 ) -> dict[str, Any]:
     """The run's ``result.json`` contents."""
-    return {
+    result = {
         "recipe": cfg.get("recipe"),
         "dataset_id": data.dataset_id if data is not None else None,
         "seed": int(cfg.seed),
@@ -278,6 +303,12 @@ def run_result(
         # this run's steps) and the share of its starting rate the last update used
         "lr_schedules": lr_schedule_record(cfg),
     }
+    if data is not None and data.score == "success":  # goal-reaching data (OGBench)
+        result["score"] = "success rate (percent of evaluation episodes)"
+        result["success_rate"] = last_eval.get("success_rate") if last_eval else None
+        result["episode_length_mean"] = last_eval["episode_length_mean"] if last_eval else None
+        result["data_provenance"] = data.provenance
+    return result
 
 
 def check_steps(cfg: DictConfig, start_step: int, run_dir: Path) -> None:

@@ -9,8 +9,8 @@ code by name. The names are allowed only from:
 - modules the user trusts by name when loading (``divo evaluate RUN --trust my_pkg``,
   ``trust=["my_pkg"]`` in Python): classes and functions defined in them or their submodules
   (plugged-in behaviour models, weightings, selectors);
-- for environments, also gymnasium and gymnasium-robotics (``gymnasium.Env`` and wrapper
-  classes), and ids registered with gymnasium in this process under their registered entry
+- for environments, also gymnasium, gymnasium-robotics and ogbench (``gymnasium.Env`` and
+  wrapper classes), and ids registered with gymnasium in this process under their registered entry
   point.
 
 Anything else is refused with one line (:class:`UntrustedFileError`) before it is imported.
@@ -31,7 +31,7 @@ from torch import nn
 from divo.errors import CheckpointError, ConfigError, UntrustedFileError, first_line
 
 DIVO = ("divo",)
-ENV_PACKAGES = ("gymnasium", "gymnasium_robotics", "divo")
+ENV_PACKAGES = ("gymnasium", "gymnasium_robotics", "ogbench", "divo")
 _MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
 
 Trust = str | Iterable[str] | None
@@ -151,8 +151,8 @@ def _check_entry_point(
     if not trusted and not _under(module, ENV_PACKAGES):
         raise UntrustedFileError(
             f"{where} records environment {spec.id} with {what} {point}, outside gymnasium, "
-            "gymnasium-robotics, divo and the modules trusted for loading; if you trust the "
-            f"file and that module, load it with {_how_to_trust(module)}"
+            "gymnasium-robotics, ogbench, divo and the modules trusted for loading; if you trust "
+            f"the file and that module, load it with {_how_to_trust(module)}"
         )
     if trusted or base is None:
         return
@@ -174,7 +174,7 @@ def _check_entry_point(
 def check_env_spec(spec_json: str, trust: Trust, where: str) -> EnvSpec:
     """The environment spec saved in a file, if building it runs only allowed code: its entry
     point, vector entry point and wrappers' entry points are in gymnasium, gymnasium-robotics,
-    divo or a trusted module, or it is a registered id with its registered entry point."""
+    ogbench, divo or a trusted module, or it is a registered id with its registered entry point."""
     try:
         spec = EnvSpec.from_json(spec_json)
     except (ValueError, TypeError, KeyError, json.JSONDecodeError) as exc:

@@ -813,7 +813,7 @@ def _summary(cfg: DictConfig, results: list[dict], run_dir: Path) -> dict[str, A
     scores = [r["normalized_score"] for r in results if r["normalized_score"] is not None]
     seeds = [r["seed"] for r in results]
     mean = sum(returns) / len(returns) if returns else None
-    return {
+    summary = {
         **results[0],
         "seed": f"{seeds[0]}..{seeds[-1]}",
         "seeds": seeds,
@@ -825,3 +825,8 @@ def _summary(cfg: DictConfig, results: list[dict], run_dir: Path) -> dict[str, A
         "run_dir": str(run_dir),
         "results": results,
     }
+    if "success_rate" in results[0]:  # goal-reaching data: the seeds' mean success rate
+        rates = [r["success_rate"] for r in results]
+        ok = all(rate is not None for rate in rates)
+        summary["success_rate"] = sum(rates) / len(rates) if ok else None
+    return summary

@@ -17,6 +17,8 @@ from typing import Any
 import gymnasium as gym
 from gymnasium.envs.registration import EnvSpec
 
+from divo.errors import DatasetError, install_hint
+
 BANDIT_ENV_ID = "divo/MultimodalBandit-v0"
 
 
@@ -70,3 +72,48 @@ def remove_maze_xml(env: gym.Env) -> None:
     if path:
         with contextlib.suppress(OSError):
             os.unlink(path)
+
+
+# --------------------------------------------------------------------------------------------
+# OGBench (the ogbench extra): importing it registers its environments with gymnasium.
+
+# The ogbench releases whose singletask rewards divo reads: since 1.2.0 the reward, the mask and
+# success are computed on the state s of a transition (1.1.x: on s'); see divo.data.ogbench.
+OGBENCH_PINNED_SERIES = "1.2."
+
+
+def ogbench_version() -> str | None:
+    """The installed ogbench's version, None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ogbench")
+    except PackageNotFoundError:
+        return None
+
+
+def require_ogbench() -> Any:
+    """Import ogbench (registering its environments), or say which extra installs it; a
+    release outside the pinned series is refused (its singletask rewards may differ)."""
+    try:
+        with warnings.catch_warnings():  # glfw's "no DISPLAY" on import: divo never renders
+            warnings.simplefilter("ignore")
+            import ogbench  # noqa: F401  (registers OGBench's environments with gymnasium)
+            import ogbench.utils
+        # OGBench's environments build float64 bounds for float32 spaces at their first reset,
+        # and gymnasium warns about the (exact) cast every time: not the user's concern
+        warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+    except ImportError as exc:
+        raise DatasetError(
+            f"OGBench datasets need the ogbench package ({exc.name or 'ogbench'} is missing): "
+            f"{install_hint('ogbench')}"
+        ) from None
+    version = ogbench_version()
+    if version is not None and not version.startswith(OGBENCH_PINNED_SERIES):
+        raise DatasetError(
+            f"divo reads OGBench data as ogbench {OGBENCH_PINNED_SERIES}x defines them (reward, "
+            f"mask and success on the state s), but ogbench {version} is installed, whose "
+            "definitions "
+            f"may differ; install the pinned one: {install_hint('ogbench')}"
+        )
+    return ogbench

@@ -32,6 +32,7 @@ from gymnasium.envs.registration import EnvSpec
 from tensordict import TensorDict, TensorDictBase
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 
+from divo.data import ogbench
 from divo.data.batches import OBS_STD_EPS
 from divo.data.builtin import open_dataset
 from divo.data.checks import (
@@ -47,6 +48,10 @@ from divo.data.checks import (
 from divo.data.envs import make_env
 from divo.data.transitions import read_transitions
 from divo.errors import DatasetError
+
+SOURCES = ("auto", "minari", "ogbench")
+# OGBench's environments take 1-2 s each to build: evaluations reuse this many (in waves)
+OGBENCH_EVAL_ENVS = 10
 
 
 @dataclass
@@ -73,6 +78,14 @@ class OfflineData:
         action_low, action_high: ``[A]`` bounds of the stored action space when its actions
             were rescaled onto [-1, 1] (None when the space is [-1, 1] already).
         action_bounds: the ``action_bounds`` policy the data were loaded with.
+        score: what the normalised score measures: ``"return"`` (D4RL's
+            ``100 * (return - ref_min) / (ref_max - ref_min)``) or ``"success"`` (OGBench: the
+            percentage of evaluation episodes that end in success).
+        provenance: where the data came from, when that needs saying (OGBench: OGBench's hosted
+            file or one divo generated).
+        eval_env_pool: evaluate in this many environments made once and reused by every
+            evaluation (``evaluation_envs``), for environments slow to build (OGBench's take
+            1-2 s each); None: fresh environments for each evaluation.
     """
 
     dataset_id: str
@@ -94,6 +107,10 @@ class OfflineData:
     action_low: torch.Tensor | None = None
     action_high: torch.Tensor | None = None
     action_bounds: str = "rescale"
+    score: str = "return"
+    provenance: str | None = None
+    eval_env_pool: int | None = None
+    _envs: list[gym.Env] = field(default_factory=list, repr=False, compare=False)
 
     def replay_buffer(self, batch_size: int | None = None) -> TensorDictReplayBuffer:
         """A uniform replay buffer holding every transition; samples come out on ``device``."""
@@ -119,6 +136,16 @@ class OfflineData:
             )
         return make_env(self.eval_env_spec, **kwargs)
 
+    def evaluation_envs(self, episodes: int) -> list[gym.Env] | None:
+        """The environments an evaluation of ``episodes`` episodes reuses (at most
+        ``eval_env_pool``, made on first need and kept for later evaluations), or None when
+        evaluations make fresh ones (``eval_env_pool`` unset)."""
+        if not self.eval_env_pool:
+            return None
+        while len(self._envs) < min(self.eval_env_pool, episodes):
+            self._envs.append(self.make_env())
+        return self._envs[: min(self.eval_env_pool, episodes)]
+
 
 def load_offline_data(
     dataset_id: str,
@@ -131,8 +158,12 @@ def load_offline_data(
     download: bool = True,
     action_bounds: str = "rescale",
     observation_keys: Sequence[str] | None = None,
+    source: str = "auto",
+    data_dir: str | None = None,
+    files: str = "auto",
+    generate: bool = True,
 ) -> OfflineData:
-    """Read, check and convert a Minari dataset.
+    """Read, check and convert a Minari dataset or an OGBench singletask dataset.
 
     Args:
         dataset_id: Minari id, e.g. ``"mujoco/hopper/medium-v0"`` or
@@ -156,12 +187,59 @@ def load_offline_data(
             default all. Their arrays are flattened and concatenated in gymnasium's order
             (sorted by key; ``observation_key_order``), and the environments are wrapped with
             ``FilterObservation`` + ``FlattenObservation``, so evaluation sees the same layout.
+        source: ``auto`` (default): an id without a Minari namespace that names an OGBench
+            singletask dataset (``cube-single-play-singletask-v0``) is read as OGBench data,
+            anything else as Minari data; ``minari`` or ``ogbench`` force one.
+        data_dir: OGBench only: the folder of OGBench's hosted files (default
+            ``~/.ogbench/data``).
+        files: OGBench only: ``auto`` (hosted files if present, else divo-generated ones),
+            ``hosted`` or ``generated`` (see :mod:`divo.data.ogbench`).
+        generate: OGBench only: generate missing files with OGBench's oracles
+            (``divo data ogbench``; about half an hour per 1M transitions on one core).
 
     Raises:
         DatasetError: the dataset cannot be found, is empty, holds NaN/inf, uses non-Box spaces,
             or does not match its environment.
     """
     device = torch.device(device)
+    if action_bounds not in ACTION_BOUNDS:
+        raise DatasetError(
+            f"action_bounds={action_bounds!r} is unknown; use one of {', '.join(ACTION_BOUNDS)}"
+        )
+    if source not in SOURCES:
+        raise DatasetError(f"dataset.source={source!r} is unknown; use one of {', '.join(SOURCES)}")
+    options = {
+        "device": device,
+        "batch_size": batch_size,
+        "reward_scale": reward_scale,
+        "reward_shift": reward_shift,
+        "return_range": return_range,
+        "action_bounds": action_bounds,
+    }
+    if source == "ogbench" or (source == "auto" and ogbench.looks_like_ogbench(dataset_id)):
+        if observation_keys is not None:
+            raise DatasetError(
+                "OGBench observations are flat vectors; drop dataset.observation_keys"
+            )
+        raw = ogbench.read_ogbench(
+            dataset_id, data_dir=data_dir, files=files, download=download, generate=generate
+        )
+        ogbench.check_spaces(dataset_id, raw)
+        act_space = raw["action_space"]
+        return _to_offline_data(
+            dataset_id,
+            raw,
+            act_space,
+            int(raw["observation_space"].shape[0]),
+            rescale=check_action_bounds(dataset_id, act_space, action_bounds),
+            env_spec=raw["env_spec"],
+            eval_env_spec=raw["env_spec"],
+            references=(None, None),
+            score="success",
+            provenance=raw["provenance"],
+            eval_env_pool=OGBENCH_EVAL_ENVS,
+            **options,
+        )
     dataset = open_dataset(dataset_id, download=download)
     obs_space, act_space = dataset.observation_space, dataset.action_space
     keys, obs_size = observation_layout(dataset_id, obs_space, observation_keys)
@@ -169,10 +247,6 @@ def load_offline_data(
         raise DatasetError(
             f"dataset {dataset_id!r} has an action space {act_space}, which divo does not "
             "support; it needs flat continuous (1-D Box) actions"
-        )
-    if action_bounds not in ACTION_BOUNDS:
-        raise DatasetError(
-            f"action_bounds={action_bounds!r} is unknown; use one of {', '.join(ACTION_BOUNDS)}"
         )
     rescale = check_action_bounds(dataset_id, act_space, action_bounds)
     if dataset.total_episodes == 0 or dataset.total_steps == 0:
@@ -191,8 +265,42 @@ def load_offline_data(
                 f"dataset {dataset_id!r} stores {name}s of size {raw[key].shape[1]} but declares "
                 f"a {name} space {space}; the dataset is inconsistent: write it again"
             )
-    check_finite(dataset_id, raw)
     env_spec, eval_env_spec = check_environment(dataset, dataset_id, raw, keys)
+    return _to_offline_data(
+        dataset_id,
+        raw,
+        act_space,
+        obs_size,
+        rescale=rescale,
+        env_spec=env_spec,
+        eval_env_spec=eval_env_spec,
+        references=reference_scores(dataset, env_spec),
+        **options,
+    )
+
+
+def _to_offline_data(
+    dataset_id: str,
+    raw: dict[str, Any],
+    act_space: gym.spaces.Box,
+    obs_size: int,
+    *,
+    rescale: bool,
+    env_spec: EnvSpec | None,
+    eval_env_spec: EnvSpec | None,
+    references: tuple[float | None, float | None],
+    device: torch.device,
+    batch_size: int,
+    reward_scale: float,
+    reward_shift: float,
+    return_range: float | str | None,
+    action_bounds: str,
+    score: str = "return",
+    provenance: str | None = None,
+    eval_env_pool: int | None = None,
+) -> OfflineData:
+    """Checked raw transitions (whatever their source) -> TED TensorDict and statistics."""
+    check_finite(dataset_id, raw)
     action = raw["action"]
     if rescale:
         low, high = act_space.low.astype(np.float64), act_space.high.astype(np.float64)
@@ -232,7 +340,7 @@ def load_offline_data(
     obs = raw["observation"].astype(np.float64)
     obs_mean = torch.as_tensor(obs.mean(0), dtype=torch.float32, device=device)
     obs_std = torch.as_tensor(obs.std(0) + OBS_STD_EPS, dtype=torch.float32, device=device)
-    ref_min, ref_max = reference_scores(dataset, env_spec)
+    ref_min, ref_max = references
     return OfflineData(
         dataset_id=dataset_id,
         data=data,
@@ -253,6 +361,9 @@ def load_offline_data(
         action_low=torch.as_tensor(act_space.low, dtype=torch.float32) if rescale else None,
         action_high=torch.as_tensor(act_space.high, dtype=torch.float32) if rescale else None,
         action_bounds=action_bounds,
+        score=score,
+        provenance=provenance,
+        eval_env_pool=eval_env_pool,
     )
 
 

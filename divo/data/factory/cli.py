@@ -2,6 +2,7 @@
 
 divo data build <env id> [--levels ...] [--sac-steps N] [--size N] [--seed S] ...
 divo data pointmaze <umaze|medium> [--steps N] [--seed S] ...
+divo data ogbench <env> [--episodes N] [--kind play|noisy] [--seed S] [--dir D] ...
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 
@@ -20,6 +22,7 @@ USAGE = """usage: divo data <command> ...
 commands:
   build <env id> [options]       train SAC and write D4RL-style Minari datasets (--help)
   pointmaze <umaze|medium> [...] sparse-reward maze data from a waypoint planner (--help)
+  ogbench <env> [options]        OGBench manipulation data from OGBench's own oracles (--help)
 """
 
 
@@ -230,7 +233,55 @@ def _pointmaze(argv: list[str]) -> int:
     return 0
 
 
-SUBCOMMANDS = {"build": _build, "pointmaze": _pointmaze}
+def _ogbench(argv: list[str]) -> int:
+    from divo.data import ogbench as reader
+    from divo.data.factory import ogbench
+
+    parser = argparse.ArgumentParser(
+        prog="divo data ogbench",
+        description=(
+            "Generate an OGBench manipulation dataset with OGBench's own scripted oracles, in "
+            "OGBench's file layout (<env>-<kind>-v0.npz and its -val.npz), with the episode "
+            "length, counts and noise of OGBench's generation commands. Rerun the same command "
+            "to resume an interrupted generation."
+        ),
+    )
+    parser.add_argument("env", help=f"one of {', '.join(ogbench.GENERATED_ENVS)}")
+    parser.add_argument(
+        "--episodes",
+        type=_positive,
+        default=ogbench.EPISODES,
+        help="training episodes of 1,000 transitions, plus a tenth as many for validation "
+        "(default %(default)s, OGBench's)",
+    )
+    parser.add_argument("--kind", choices=ogbench.KINDS, default="play")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="output folder (default: divo's folder for generated OGBench data, "
+        f"{reader.generated_dir()})",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    ns = parser.parse_args(argv)
+    settings = ogbench.generation_settings(ns.env, ns.kind, ns.episodes, ns.seed)
+    directory = reader.generated_dir() if ns.dir is None else ns.dir
+    print(f"divo data: {settings.dataset_name}: {ogbench.estimate(settings)}", flush=True)
+    record = ogbench.generate_ogbench_dataset(
+        settings, directory, progress=not ns.quiet, overwrite=ns.overwrite
+    )
+    train, val, _ = ogbench.dataset_paths(Path(directory).expanduser(), settings.dataset_name)
+    print(
+        f"divo data: wrote {train} ({record['transitions']['train']:,} transitions) and {val} "
+        f"({record['transitions']['val']:,}); the oracle completed "
+        f"{100 * record['oracle_subtask_success_rate']:.1f}% of its "
+        f"{record['oracle_subtasks']:,} sub-tasks"
+    )
+    return 0
+
+
+SUBCOMMANDS = {"build": _build, "pointmaze": _pointmaze, "ogbench": _ogbench}
 
 
 def data_command(argv: list[str]) -> int:
@@ -246,7 +297,8 @@ def data_command(argv: list[str]) -> int:
     except KeyboardInterrupt:
         print(
             "divo data: interrupted; rerun the same command to resume (SAC goes on from its "
-            "last snapshot, finished datasets are kept)",
+            "last snapshot, OGBench generation from its last finished chunk of episodes; "
+            "finished datasets are kept)",
             file=sys.stderr,
         )
         return 130

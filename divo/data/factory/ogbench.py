@@ -1,0 +1,413 @@
+"""OGBench manipulation datasets made here by OGBench's own scripted oracles.
+
+OGBench (Park et al., 2024; PyPI ``ogbench``) collects its cube, scene and puzzle datasets with
+oracle policies that ship inside its wheel (``ogbench.manipspace.oracles``); the driver that
+runs them lives only in OGBench's git repository. This module is divo's driver, written from
+OGBench's documented generation settings:
+
+- the environment in ``data_collection`` mode, never ending at a goal, episodes of 1,001 steps
+  (so 1,000 transitions each after loading); 1,000 training episodes plus a tenth as many
+  validation episodes for cube-single, cube-double, scene, puzzle-3x3 and puzzle-4x4;
+- ``play`` data: the plan oracles (keyframes interpolated into a plan) with temporally
+  correlated noise, noise level 0.1 and Gaussian smoothing 0.5 (the oracle scales it by
+  [0.05, 0.05, 0.05, 0.3, 1.0] for x, y, z, yaw and gripper);
+- ``noisy`` data: the closed-loop Markov oracles (minimum action norm 0.4) with Gaussian noise
+  of per-episode level xi ~ U(0, 0.1), scaled [xi, xi, xi, 3 xi, 10 xi], and a uniformly random
+  action with probability 0.1 (cube, scene) or 0.2 (puzzle);
+- a new sub-task as soon as the oracle finishes one; cube stacking with probability 0 (single)
+  or U(0, 0.25) per episode (double); the puzzle oracle keeps its gripper closed; scene episodes
+  whose cube leaves the visible table are redrawn (OGBench's health check);
+- per step: the observation, the clipped action, ``terminals`` (the episode's last step), and
+  the simulator state before the action (``qpos``, ``qvel``, and ``button_states`` for scene
+  and puzzle), which OGBench's loader uses to compute singletask rewards.
+
+The files are OGBench's layout, ``<env>-<kind>-v0.npz`` and ``<env>-<kind>-v0-val.npz``, read
+by :mod:`divo.data.ogbench` exactly as hosted ones are. They are not bit-identical to the
+hosted files (other random draws, another MuJoCo build).
+
+Generation is resumable: finished chunks of episodes are kept in a hidden scratch folder beside
+the output, each episode is seeded from (seed, episode index) so a resumed run writes what an
+uninterrupted one would, and the final files appear under their names only when whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from divo.data.envs import require_ogbench
+from divo.errors import DatasetError
+
+# Environments whose datasets OGBench generates with 1,000 episodes of 1,000 transitions (plus
+# 10% validation episodes): its data_gen_scripts/commands.sh
+GENERATED_ENVS = ("cube-single", "cube-double", "scene", "puzzle-3x3", "puzzle-4x4")
+KINDS = ("play", "noisy")
+EPISODES = 1000
+EPISODE_STEPS = 1001  # stored steps per episode: 1,000 transitions once the loader pairs them
+PLAY_NOISE, PLAY_SMOOTHING = 0.1, 0.5
+MARKOV_NOISE, MARKOV_MIN_NORM = 0.1, 0.4
+CHUNK_EPISODES = 10  # episodes per resumable chunk (about 25 s of simulation here)
+GENERATOR_VERSION = 1
+
+
+@dataclass(frozen=True)
+class OGBenchGeneration:
+    """What a generation writes; a resumed run must match the settings of the partial one."""
+
+    env: str
+    kind: str = "play"
+    episodes: int = EPISODES
+    val_episodes: int = EPISODES // 10
+    seed: int = 0
+    episode_steps: int = EPISODE_STEPS
+    noise: float = PLAY_NOISE
+    noise_smoothing: float = PLAY_SMOOTHING
+    min_norm: float = MARKOV_MIN_NORM
+    p_random_action: float = 0.0
+    generator_version: int = GENERATOR_VERSION
+
+    @property
+    def dataset_name(self) -> str:
+        return f"{self.env}-{self.kind}-v0"
+
+    @property
+    def total_episodes(self) -> int:
+        return self.episodes + self.val_episodes
+
+
+def generation_settings(
+    env: str, kind: str = "play", episodes: int = EPISODES, seed: int = 0
+) -> OGBenchGeneration:
+    """OGBench's settings for ``env`` and ``kind`` with ``episodes`` training episodes (and a
+    tenth as many, at least one, for validation)."""
+    if env not in GENERATED_ENVS:
+        raise DatasetError(
+            f"divo generates OGBench data for {', '.join(GENERATED_ENVS)}, not {env!r}; pick "
+            "one of those (the other OGBench datasets need downloaded files or expert policies)"
+        )
+    if kind not in KINDS:
+        raise DatasetError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    if episodes < 1:
+        raise DatasetError(f"episodes must be >= 1, got {episodes}")
+    if kind == "play":
+        return OGBenchGeneration(env, kind, episodes, max(1, episodes // 10), seed)
+    p_random = 0.2 if env.startswith("puzzle") else 0.1
+    return OGBenchGeneration(
+        env,
+        kind,
+        episodes,
+        max(1, episodes // 10),
+        seed,
+        noise=MARKOV_NOISE,
+        noise_smoothing=0.0,
+        p_random_action=p_random,
+    )
+
+
+def _oracles(env: Any, settings: OGBenchGeneration) -> dict[str, Any]:
+    """One oracle per sub-task type the environment proposes (its ``privileged/target_task``)."""
+    from ogbench.manipspace.oracles.markov.button_markov import ButtonMarkovOracle
+    from ogbench.manipspace.oracles.markov.cube_markov import CubeMarkovOracle
+    from ogbench.manipspace.oracles.markov.drawer_markov import DrawerMarkovOracle
+    from ogbench.manipspace.oracles.markov.window_markov import WindowMarkovOracle
+    from ogbench.manipspace.oracles.plan.button_plan import ButtonPlanOracle
+    from ogbench.manipspace.oracles.plan.cube_plan import CubePlanOracle
+    from ogbench.manipspace.oracles.plan.drawer_plan import DrawerPlanOracle
+    from ogbench.manipspace.oracles.plan.window_plan import WindowPlanOracle
+
+    if settings.kind == "play":
+        plan = {"noise": settings.noise, "noise_smoothing": settings.noise_smoothing}
+        if settings.env.startswith("cube"):
+            return {"cube": CubePlanOracle(env=env, **plan)}
+        if settings.env == "scene":
+            return {
+                "cube": CubePlanOracle(env=env, **plan),
+                "button": ButtonPlanOracle(env=env, **plan),
+                "drawer": DrawerPlanOracle(env=env, **plan),
+                "window": WindowPlanOracle(env=env, **plan),
+            }
+        return {"button": ButtonPlanOracle(env=env, gripper_always_closed=True, **plan)}
+    norm = {"min_norm": settings.min_norm}
+    if settings.env.startswith("cube"):
+        return {"cube": CubeMarkovOracle(env=env, **norm)}
+    if settings.env == "scene":
+        return {
+            "cube": CubeMarkovOracle(env=env, max_step=100, **norm),
+            "button": ButtonMarkovOracle(env=env, **norm),
+            "drawer": DrawerMarkovOracle(env=env, **norm),
+            "window": WindowMarkovOracle(env=env, **norm),
+        }
+    return {"button": ButtonMarkovOracle(env=env, gripper_always_closed=True, **norm)}
+
+
+def _stack_probability(env: str, rng: np.random.Generator) -> float:
+    if env == "cube-single":
+        return 0.0
+    if env == "cube-double":
+        return float(rng.uniform(0.0, 0.25))
+    return 0.5  # OGBench's value for environments without cube stacking choices
+
+
+def _healthy(env: str, qpos: np.ndarray) -> bool:
+    """OGBench's scene check: the cube never leaves the visible table unless in the drawer."""
+    if env != "scene":
+        return True
+    xyz = qpos[:, 14:17]
+    too_far_right = (xyz[:, 1] >= 0.29).any()
+    off_left = ((xyz[:, 1] <= -0.3) & ((xyz[:, 2] < 0.06) | (xyz[:, 2] > 0.08))).any()
+    return not (too_far_right or off_left)
+
+
+def _episode_seed(seed: int, episode: int, attempt: int) -> int:
+    return int(np.random.SeedSequence([seed, episode, attempt]).generate_state(1)[0])
+
+
+def collect_episode(
+    env: Any, oracles: dict[str, Any], settings: OGBenchGeneration, episode: int
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """One episode of ``settings.episode_steps`` steps, seeded from (seed, episode)."""
+    has_buttons = hasattr(env.unwrapped, "_cur_button_states")
+    for attempt in range(100):
+        seed = _episode_seed(settings.seed, episode, attempt)
+        np.random.seed(seed % 2**32)  # the oracles draw from numpy's global generator
+        rng = np.random.default_rng(seed)
+        ob, info = env.reset(seed=seed)
+        p_stack = _stack_probability(settings.env, rng)
+        xi = float(rng.uniform(0.0, settings.noise)) if settings.kind == "noisy" else 0.0
+        agent = oracles[info["privileged/target_task"]]
+        agent.reset(ob, info)
+        steps: dict[str, list[np.ndarray]] = {
+            key: [] for key in ("observations", "actions", "terminals", "qpos", "qvel")
+        }
+        if has_buttons:
+            steps["button_states"] = []
+        subtasks = {"started": 1, "succeeded": 0}
+        done = False
+        while not done:
+            if settings.p_random_action > 0 and rng.uniform() < settings.p_random_action:
+                action = env.action_space.sample()
+            else:
+                action = np.asarray(agent.select_action(ob, info), dtype=np.float64)
+                if settings.kind == "noisy":
+                    scale = np.array([xi, xi, xi, 3 * xi, 10 * xi])
+                    action = action + rng.normal(0.0, scale, action.shape)
+            action = np.clip(action, -1.0, 1.0)
+            next_ob, _, terminated, truncated, info = env.step(action)
+            done = bool(terminated or truncated)
+            if agent.done:  # the sub-task ended: score it, and start the next one
+                subtasks["succeeded"] += int(bool(info["success"]))
+                agent_ob, agent_info = env.unwrapped.set_new_target(p_stack=p_stack)
+                agent = oracles[agent_info["privileged/target_task"]]
+                agent.reset(agent_ob, agent_info)
+                if not done:
+                    subtasks["started"] += 1
+            steps["observations"].append(ob)
+            steps["actions"].append(action)
+            steps["terminals"].append(done)
+            steps["qpos"].append(info["prev_qpos"])
+            steps["qvel"].append(info["prev_qvel"])
+            if has_buttons:
+                steps["button_states"].append(info["prev_button_states"])
+            ob = next_ob
+        arrays = _as_arrays(steps)
+        if _healthy(settings.env, arrays["qpos"]):
+            return arrays, subtasks
+    raise DatasetError(
+        f"episode {episode} of {settings.dataset_name}: 100 draws in a row failed OGBench's "
+        "health check; the environment build may differ from OGBench's"
+    )
+
+
+def _as_arrays(steps: dict[str, list[Any]]) -> dict[str, np.ndarray]:
+    dtypes = {"terminals": bool, "button_states": np.int64}
+    return {
+        key: np.asarray(value, dtype=dtypes.get(key, np.float32)) for key, value in steps.items()
+    }
+
+
+def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compressed: bool) -> None:
+    fd, scratch = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            (np.savez_compressed if compressed else np.savez)(file, **arrays)
+        os.replace(scratch, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+        raise
+
+
+def dataset_paths(directory: Path, dataset_name: str) -> tuple[Path, Path, Path]:
+    """(training file, validation file, divo's record of how they were made)."""
+    return (
+        directory / f"{dataset_name}.npz",
+        directory / f"{dataset_name}-val.npz",
+        directory / f"{dataset_name}.divo.json",
+    )
+
+
+def estimate(settings: OGBenchGeneration, steps_per_second: float = 350.0) -> str:
+    """The size and time of a generation, stated before it starts."""
+    steps = settings.total_episodes * settings.episode_steps
+    minutes = steps / steps_per_second / 60
+    return (
+        f"{settings.total_episodes} episodes ({settings.episodes} training + "
+        f"{settings.val_episodes} validation) of {settings.episode_steps} steps = {steps:,} "
+        f"environment steps, about {minutes:.0f} min on one CPU core"
+    )
+
+
+def generate_ogbench_dataset(
+    settings: OGBenchGeneration,
+    directory: str | Path,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Generate ``settings`` into ``directory`` (resuming a partial run of the same settings).
+
+    Returns the record also written beside the files (``<name>.divo.json``): the settings, the
+    package versions, the oracle's sub-task success rate, steps and time.
+    """
+    require_ogbench()
+    import gymnasium as gym
+    import mujoco
+    import ogbench
+
+    directory = Path(directory).expanduser()
+    directory.mkdir(parents=True, exist_ok=True)
+    train_path, val_path, record_path = dataset_paths(directory, settings.dataset_name)
+    if train_path.exists() and not overwrite:
+        raise DatasetError(
+            f"{train_path} exists already; pass --overwrite to replace it (or another --dir)"
+        )
+    partial = directory / f".{settings.dataset_name}.partial"
+    wanted = asdict(settings)
+    settings_file = partial / "settings.json"
+    if partial.is_dir():
+        try:
+            previous = json.loads(settings_file.read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != wanted:
+            log(f"divo data: discarding a partial generation with other settings in {partial}")
+            shutil.rmtree(partial)
+    partial.mkdir(exist_ok=True)
+    if not settings_file.exists():
+        settings_file.write_text(json.dumps(wanted, indent=2))
+
+    with warnings.catch_warnings():  # gymnasium's float32 casts of OGBench's bounds
+        warnings.simplefilter("ignore")
+        env = gym.make(
+            f"{settings.env}-v0",
+            terminate_at_goal=False,
+            mode="data_collection",
+            max_episode_steps=settings.episode_steps,
+        )
+    oracles = _oracles(env, settings)
+    total = settings.total_episodes
+    chunks = [
+        (start, min(start + CHUNK_EPISODES, total)) for start in range(0, total, CHUNK_EPISODES)
+    ]
+    done_chunks = [c for c in chunks if (partial / f"chunk-{c[0]:06d}-{c[1]:06d}.npz").is_file()]
+    resumed = sum(end - start for start, end in done_chunks)
+    if resumed:
+        log(f"divo data: resuming {settings.dataset_name}: {resumed} of {total} episodes done")
+    bar = tqdm(
+        total=total,
+        initial=resumed,
+        unit="episode",
+        desc=settings.dataset_name,
+        disable=not progress,
+        dynamic_ncols=True,
+    )
+    t0, new_steps = time.perf_counter(), 0
+    try:
+        for start, end in chunks:
+            chunk = partial / f"chunk-{start:06d}-{end:06d}.npz"
+            if chunk.is_file():
+                continue
+            episodes, started, succeeded = [], 0, 0
+            for episode in range(start, end):
+                arrays, subtasks = collect_episode(env, oracles, settings, episode)
+                episodes.append(arrays)
+                started += subtasks["started"]
+                succeeded += subtasks["succeeded"]
+                new_steps += len(arrays["terminals"])
+                bar.update(1)
+                bar.set_postfix(steps_per_s=f"{new_steps / (time.perf_counter() - t0):.0f}")
+            merged = {key: np.concatenate([e[key] for e in episodes]) for key in episodes[0]}
+            merged["subtasks"] = np.array([started, succeeded], dtype=np.int64)
+            _write_npz_atomic(chunk, merged, compressed=False)
+    finally:
+        bar.close()
+        env.close()
+    seconds = time.perf_counter() - t0
+
+    parts = [np.load(partial / f"chunk-{s:06d}-{e:06d}.npz") for s, e in chunks]
+    subtasks = np.sum([part["subtasks"] for part in parts], axis=0)
+    keys = [key for key in parts[0].files if key != "subtasks"]
+    data = {key: np.concatenate([part[key] for part in parts]) for key in keys}
+    for part in parts:
+        part.close()
+    cut = settings.episodes * settings.episode_steps
+    _write_npz_atomic(val_path, {k: v[cut:] for k, v in data.items()}, compressed=True)
+    _write_npz_atomic(train_path, {k: v[:cut] for k, v in data.items()}, compressed=True)
+    record = {
+        "dataset": settings.dataset_name,
+        "made_by": "divo data ogbench (OGBench's oracles, divo's driver)",
+        "settings": wanted,
+        "versions": {
+            "ogbench": getattr(ogbench, "__version__", _version("ogbench")),
+            "mujoco": mujoco.__version__,
+        },
+        "oracle_subtasks": int(subtasks[0]),
+        "oracle_subtask_success_rate": float(subtasks[1] / max(1, subtasks[0])),
+        "transitions": {
+            "train": settings.episodes * (settings.episode_steps - 1),
+            "val": settings.val_episodes * (settings.episode_steps - 1),
+        },
+        "generation_seconds_this_run": round(seconds, 1),
+        "steps_per_second_this_run": round(new_steps / seconds, 1) if new_steps else None,
+    }
+    fd, scratch = tempfile.mkstemp(dir=directory, prefix=f".{record_path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as file:
+        json.dump(record, file, indent=2)
+    os.replace(scratch, record_path)
+    shutil.rmtree(partial, ignore_errors=True)
+    return record
+
+
+def _version(package: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+__all__ = [
+    "EPISODES",
+    "GENERATED_ENVS",
+    "KINDS",
+    "OGBenchGeneration",
+    "collect_episode",
+    "dataset_paths",
+    "estimate",
+    "generate_ogbench_dataset",
+    "generation_settings",
+]

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import difflib
 import importlib.resources
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -56,6 +58,7 @@ commands:
                                             (resumable; writes docs/diffusion_ql_toy.md)
   data build <env id> [options]             train SAC, write D4RL-style Minari datasets
   data pointmaze <umaze|medium> [options]   sparse-reward maze data from a waypoint planner
+  data ogbench <env> [options]              OGBench manipulation data from its own oracles
 recipes: {recipes}
 """
 
@@ -110,10 +113,11 @@ def _remove_empty_folders(path: Path, keep: set[Path]) -> None:
         folder.rmdir()
 
 
-def _pinned_sweep_dir(recipe: str, overrides: Sequence[str]) -> Path | None:
-    """The sweep folder ``hydra.sweep.dir`` resolves to (its ``${now:...}`` read once, here),
-    from the recipe and the overrides that are not swept; None when it cannot be resolved
-    without a job's values (then failures go through /tmp, which only local jobs share)."""
+def _check_ray_cluster(recipe: str, overrides: Sequence[str]) -> None:
+    """For a Ray launcher that joins a running cluster: connect here, before Hydra's launcher
+    does, so that a cluster that cannot be reached is one line naming its address (Ray retries
+    an unreachable address for minutes, and Hydra prints the launcher's traceback). Hydra's
+    Ray launcher then finds Ray connected and uses that connection."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -121,10 +125,76 @@ def _pinned_sweep_dir(recipe: str, overrides: Sequence[str]) -> Path | None:
             [o for o in overrides if not o.startswith("hydra.searchpath")]
         )
         fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
-        cfg = compose_config(recipe, fixed, with_hydra=True)
-        return Path(str(cfg.hydra.sweep.dir))
-    except Exception:  # noqa: BLE001 - e.g. a sweep folder naming a swept key
-        return None
+        launcher = compose_config(recipe, fixed, with_hydra=True).hydra.get("launcher")
+        if launcher is None or not str(launcher.get("_target_", "")).endswith("RayLauncher"):
+            return
+        init = OmegaConf.to_container(launcher.ray.init, resolve=True) or {}
+    except Exception:  # noqa: BLE001 - not a Ray sweep we can read: the launcher decides
+        return
+    address = init.get("address")
+    if address is None:  # a local Ray instance, started by the launcher
+        return
+    shown = (os.environ.get("RAY_ADDRESS") or address) if address == "auto" else address
+    setting = "RAY_ADDRESS" if shown != address else "hydra.launcher.ray.init.address"
+    host, _, port = str(shown).removeprefix("ray://").rpartition(":")
+    if host and port.isdigit():  # a TCP address: refused or unreachable fails fast here
+        import socket
+
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot connect to the Ray cluster at {shown} ({setting}): "
+                f"{exc.strerror or exc}; start it (ray start --head) or point {setting} at it"
+            ) from None
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(**init)
+    except (ConnectionError, TimeoutError) as exc:
+        raise ConfigError(
+            f"cannot connect to the Ray cluster at {shown} ({setting}): "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from None
+
+
+_NOW = re.compile(r"\$\{now:([^}]*)\}")
+
+
+def _sweep_folders(recipe: str, overrides: Sequence[str]) -> tuple[str | None, Path]:
+    """Where a sweep writes, read once here: (the value of ``hydra.sweep.dir`` every job is to
+    use, its ``${now:...}`` read once so that all jobs agree, or None when it cannot be read
+    here; the folder the failed jobs' records go through).
+
+    The records go through the sweep folder, or, when that folder names a job's values (e.g.
+    ``.../steps${train.steps}``), through the folder all the jobs' sweep folders lie under:
+    either is on the file system the jobs share (SLURM and Ray nodes do not share the
+    submitting machine's /tmp)."""
+    try:
+        combos = _sweep_combos(overrides)
+        cfg = compose_config(recipe, combos[0], with_hydra=True)
+        raw = str(OmegaConf.to_container(cfg.hydra.sweep, resolve=False)["dir"])
+    except Exception:  # noqa: BLE001 - the launcher will say what is wrong
+        return None, Path.cwd().resolve()
+    stamp = datetime.datetime.now()
+    pinned = _NOW.sub(lambda m: stamp.strftime(m.group(1)), raw)
+    folders = []
+    for combo in combos:  # each swept value at least once
+        try:
+            job = compose_config(recipe, [*combo, f"hydra.sweep.dir={pinned}"], with_hydra=True)
+            folders.append(str(job.hydra.sweep.dir))
+        except Exception:  # noqa: BLE001 - e.g. ${hydra.job.num}: known to the job only
+            folders = []
+            break
+    if folders and len(set(folders)) == 1:  # one sweep folder for every job
+        return folders[0], Path(folders[0]).resolve()
+    if folders:
+        return pinned, Path(os.path.commonpath([str(Path(f).resolve()) for f in folders]))
+    static = pinned.split("${", 1)[0]  # the part no job changes
+    root = Path(static) if static.endswith("/") or not static else Path(static).parent
+    return pinned, root.resolve()
 
 
 def _existing_folders(path: Path) -> set[Path]:
@@ -221,21 +291,25 @@ def _train(argv: list[str]) -> int:
 
     # Jobs may run in other processes (joblib) or on other machines (SLURM, Ray launchers): each
     # failed job appends its one-line error to this file, which the parent reads to set the
-    # exit status. A sweep's file lives in its sweep folder, which the launchers' nodes share
-    # (pinned here so that the parent and every job agree on it); a single run's in /tmp.
-    if multirun and not any(f in hydra_flags for f in ("--cfg", "-c", "--help", "-h", "--info")):
+    # exit status. A sweep's file lives where the launchers' nodes share it: in its sweep
+    # folder (pinned here so that the parent and every job agree on it), or, when that folder
+    # names a job's values, in the folder all the jobs' folders lie under; a single run's in
+    # /tmp.
+    launching = not any(f in hydra_flags for f in ("--cfg", "-c", "--help", "-h", "--info"))
+    if multirun and launching:
         _validate_sweep(recipe, overrides)  # every job's settings, before any job starts
-    sweep_dir = _pinned_sweep_dir(recipe, overrides) if multirun else None
+        _check_ray_cluster(recipe, overrides)
+    sweep_dir, record_dir = _sweep_folders(recipe, overrides) if multirun else (None, None)
     if multirun:  # jobs that differ in a swept value get folders of their own
         overrides.append(_sweep_leaf_exclusions(overrides))
-    if sweep_dir is not None:
-        if not any(o.startswith("hydra.sweep.dir=") for o in overrides):
-            overrides.append(f"hydra.sweep.dir={sweep_dir}")
-        keep |= _existing_folders(sweep_dir.parent)
-        made_sweep_dir = not sweep_dir.exists()
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+    if sweep_dir is not None and not any(o.startswith("hydra.sweep.dir=") for o in overrides):
+        overrides.append(f"hydra.sweep.dir={sweep_dir}")
+    if record_dir is not None:
+        keep |= _existing_folders(record_dir.parent)
+        made_record_dir = not record_dir.exists()
+        record_dir.mkdir(parents=True, exist_ok=True)
         fd, failures_path = tempfile.mkstemp(
-            prefix=".divo-failures-", suffix=".txt", dir=sweep_dir.resolve()
+            prefix=".divo-failures-", suffix=".txt", dir=record_dir.resolve()
         )
     else:
         fd, failures_path = tempfile.mkstemp(prefix="divo-failures-", suffix=".txt")
@@ -266,8 +340,8 @@ def _train(argv: list[str]) -> int:
     finally:
         sys.argv = argv_before
         Path(failures_path).unlink(missing_ok=True)
-        if sweep_dir is not None and made_sweep_dir:  # nothing ran: leave no empty folder
-            _remove_empty_folders(sweep_dir, keep)
+        if record_dir is not None and made_record_dir:  # nothing ran: leave no empty folder
+            _remove_empty_folders(record_dir, keep)
     if failed and multirun:
         print(f"divo: {len(failed)} job(s) of the sweep failed:", file=sys.stderr)
         for line in failed:  # "<job folder>: <its one-line error>"
@@ -328,6 +402,13 @@ def _validate_sweep(recipe: str, overrides: Sequence[str]) -> None:
     """Compose every value of every swept key (the others at their first value) as a single run
     would, so that a misspelt key or option is refused in one line before any job starts and
     nothing is left behind."""
+    for combo in _sweep_combos(overrides):
+        compose_config(recipe, combo)
+
+
+def _sweep_combos(overrides: Sequence[str]) -> list[list[str]]:
+    """The overrides of the sweep's first job (every swept key at its first value), then one
+    list per other value of each swept key (the other keys at their first values)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
@@ -347,8 +428,7 @@ def _validate_sweep(recipe: str, overrides: Sequence[str]) -> None:
     for i, (o, v) in enumerate(zip(parsed, values, strict=True)):
         for value in (v or [])[1:]:
             combos.append([*firsts[:i], f"{o.get_key_element()}={value}", *firsts[i + 1 :]])
-    for combo in combos:
-        compose_config(recipe, combo)
+    return combos
 
 
 def _sweep_leaf_exclusions(overrides: Sequence[str]) -> str:

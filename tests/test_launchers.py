@@ -7,6 +7,7 @@ plugin is missing."""
 from __future__ import annotations
 
 import contextlib
+import datetime
 import importlib.util
 import json
 import os
@@ -153,15 +154,7 @@ def test_a_sweeps_failures_go_through_its_sweep_folder(tmp_path, capsys, monkeyp
     """SLURM and Ray jobs run on other machines, which share the sweep folder, not /tmp: the
     failures record lives in the sweep folder that the parent pins (hydra.sweep.dir resolved
     once), and nothing goes through /tmp."""
-    made = []
-    mkstemp = tempfile.mkstemp
-
-    def recorded(*args, **kwargs):
-        fd, path = mkstemp(*args, **kwargs)
-        made.append(Path(path))
-        return fd, path
-
-    monkeypatch.setattr(tempfile, "mkstemp", recorded)
+    made = _record_temporary_files(monkeypatch)
     monkeypatch.chdir(tmp_path)
     args = ["train", "td3bc", "-m", "dataset=bandit", "train.steps=0,-1", "hydra/launcher=local",
             "hydra.launcher.n_jobs=2"]  # fmt: skip
@@ -173,11 +166,85 @@ def test_a_sweeps_failures_go_through_its_sweep_folder(tmp_path, capsys, monkeyp
     assert not made[0].exists()  # read by the parent, then removed
 
 
+def _record_temporary_files(monkeypatch) -> list[Path]:
+    """The files tempfile.mkstemp makes from now on (the failures record among them)."""
+    made = []
+    mkstemp = tempfile.mkstemp
+
+    def recorded(*args, **kwargs):
+        fd, path = mkstemp(*args, **kwargs)
+        made.append(Path(path))
+        return fd, path
+
+    monkeypatch.setattr(tempfile, "mkstemp", recorded)
+    return made
+
+
+def test_a_sweep_folder_naming_a_job_value_is_read_once_with_a_root_the_jobs_share(
+    tmp_path, monkeypatch
+):
+    """hydra.sweep.dir is read here once: a folder that names no job value is pinned (its
+    ${now} read once), one that names a job's value keeps that for the jobs and gives the
+    folder every job's folder lies under for the failures record, never /tmp."""
+    from divo.cli import _sweep_folders
+
+    monkeypatch.chdir(tmp_path)
+    pinned, record = _sweep_folders("td3bc", ["seed=0,1", "dataset=bandit"])
+    assert pinned.startswith("runs/multirun/") and "${" not in pinned
+    assert record == (tmp_path / pinned).resolve()
+
+    shared = tmp_path / "shared"
+    by_steps = [f"hydra.sweep.dir={shared}/${{now:%Y}}/steps${{train.steps}}", "train.steps=4,-1"]
+    pinned, record = _sweep_folders("td3bc", ["dataset=bandit", *by_steps])
+    year = str(datetime.date.today().year)
+    assert pinned == f"{shared}/{year}/steps${{train.steps}}"  # ${now} read, the job value kept
+    assert record == (shared / year).resolve()
+
+    # known to the job only (Hydra sets it at launch): the part before it
+    by_num = f"hydra.sweep.dir={shared}/sweep/job${{hydra.job.num}}"
+    pinned, record = _sweep_folders("td3bc", ["dataset=bandit", "seed=0,1", by_num])
+    assert pinned == f"{shared}/sweep/job${{hydra.job.num}}" and record == shared / "sweep"
+
+
+TINY_UNSWEPT = [a for a in TINY if not a.startswith("train.steps=")]
+
+
+def _one_failed_job_by_steps(root: Path) -> list[str]:
+    """A two-job sweep whose folder names a job value (train.steps), one job refused."""
+    return ["train", "td3bc", "-m", "train.steps=4,-1", "dataset=bandit", *TINY_UNSWEPT,
+            f"hydra.sweep.dir={root}/steps${{train.steps}}"]  # fmt: skip
+
+
+def _assert_one_failed_job_recorded_under(root: Path, err: str, made: list[Path]) -> None:
+    assert "1 job(s) of the sweep failed" in err
+    failed = root / "steps-1" / SEED_DIRS[0] / "train.steps=-1"
+    assert f"  {failed}: train.steps=-1 must be" in err  # the failed job, named by its folder
+    records = [p for p in made if p.name.startswith(".divo-failures-")]
+    assert [p.parent for p in records] == [root.resolve()]  # under the sweep's root, not /tmp
+    assert not records[0].exists()  # read by the parent, then removed
+    assert _run_dirs(root / "steps4") == [f"{SEED_DIRS[0]}/train.steps=4"]  # the other ran
+
+
 def _run_dirs(sweep: Path) -> list[str]:
     return [p.parent.relative_to(sweep).as_posix() for p in sorted(sweep.rglob("result.json"))]
 
 
 SEED_DIRS = ["td3bc/divo-bandit-multimodal-v0/seed0", "td3bc/divo-bandit-multimodal-v0/seed1"]
+SLURM_ON_CPU = ["hydra/launcher=slurm", "hydra.launcher.partition=cpu",
+                "hydra.launcher.gpus_per_node=0", "hydra.launcher.timeout_min=10"]  # fmt: skip
+
+
+def _submit_locally(monkeypatch) -> None:
+    """submitit's local executor in place of sbatch: the plugin's SlurmLauncher runs as on a
+    cluster (each job pickled, run in a process of its own, its result collected)."""
+    import submitit
+
+    class LocalAutoExecutor(submitit.AutoExecutor):
+        def __init__(self, folder, cluster=None, **kwargs):
+            assert cluster == "slurm", cluster  # the launcher asked for SLURM
+            super().__init__(folder, cluster="local", **kwargs)
+
+    monkeypatch.setattr(submitit, "AutoExecutor", LocalAutoExecutor)
 
 
 @pytest.mark.slow
@@ -187,21 +254,12 @@ def test_slurm_config_runs_a_sweep_on_submitits_local_executor(tmp_path, capsys,
     plugin's SlurmLauncher builds the executor from slurm.yaml (its SLURM-only keys checked
     against submitit's SLURM executor as slurm_<key>), pickles each job and collects the
     results exactly as on a cluster; only the submission runs local processes."""
-    import submitit
-
     from divo.data.builtin import ensure_builtin
 
-    class LocalAutoExecutor(submitit.AutoExecutor):
-        def __init__(self, folder, cluster=None, **kwargs):
-            assert cluster == "slurm", cluster  # the launcher asked for SLURM
-            super().__init__(folder, cluster="local", **kwargs)
-
-    monkeypatch.setattr(submitit, "AutoExecutor", LocalAutoExecutor)
+    _submit_locally(monkeypatch)
     ensure_builtin("divo/bandit/multimodal-v0")  # the session's small bandit, for the jobs
     sweep = tmp_path / "sweep"
-    args = ["train", "td3bc", "-m", "seed=0,1", "dataset=bandit", "hydra/launcher=slurm",
-            "hydra.launcher.partition=cpu", "hydra.launcher.gpus_per_node=0",
-            "hydra.launcher.timeout_min=10"]  # fmt: skip
+    args = ["train", "td3bc", "-m", "seed=0,1", "dataset=bandit", *SLURM_ON_CPU]  # fmt: skip
     code = main([*args, *TINY, f"hydra.sweep.dir={sweep}"])
     out = capsys.readouterr()
     assert code == 0, out.err
@@ -211,6 +269,23 @@ def test_slurm_config_runs_a_sweep_on_submitits_local_executor(tmp_path, capsys,
         assert json.loads(path.read_text())["steps"] == 4
     # each job ran in its own submitit process, which logged into the launcher's folder
     assert len(list((sweep / ".submitit").rglob("*_log.out"))) == 2
+
+
+@pytest.mark.slow
+@skip_without("slurm")
+def test_a_failed_job_of_a_sweep_whose_folder_names_a_job_value_on_submitit(
+    tmp_path, capsys, monkeypatch
+):
+    """SLURM through submitit's local executor: the jobs run in processes of their own; the
+    failed job's record goes through the sweep's root, which cluster nodes share."""
+    from divo.data.builtin import ensure_builtin
+
+    _submit_locally(monkeypatch)
+    ensure_builtin("divo/bandit/multimodal-v0")
+    made = _record_temporary_files(monkeypatch)
+    root = tmp_path / "shared"
+    assert main([*_one_failed_job_by_steps(root), *SLURM_ON_CPU]) == 2
+    _assert_one_failed_job_recorded_under(root, capsys.readouterr().err, made)
 
 
 def _free_port() -> int:
@@ -292,3 +367,47 @@ def test_ray_cluster_sweep_runs_two_jobs_on_a_running_cluster(ray_head, tmp_path
     for path in sweep.rglob("result.json"):
         result = json.loads(path.read_text())
         assert result["steps"] == 4 and result["normalized_score"] is not None
+
+
+@pytest.mark.slow
+@skip_without("ray_cluster")
+def test_a_failed_job_of_a_sweep_whose_folder_names_a_job_value_on_a_ray_cluster(
+    ray_head, tmp_path, capsys, monkeypatch
+):
+    """The same sweep on a running Ray cluster: the jobs run in the cluster's worker
+    processes; the failed job's record goes through the sweep's root."""
+    import ray
+
+    from divo.data.builtin import ensure_builtin
+
+    ensure_builtin("divo/bandit/multimodal-v0")
+    monkeypatch.setenv("RAY_ADDRESS", ray_head)
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    made = _record_temporary_files(monkeypatch)
+    root = tmp_path / "shared"
+    try:
+        code = main([*_one_failed_job_by_steps(root), "hydra/launcher=ray_cluster"])
+    finally:
+        ray.shutdown()
+    assert code == 2
+    _assert_one_failed_job_recorded_under(root, capsys.readouterr().err, made)
+
+
+@skip_without("ray_cluster")
+@pytest.mark.parametrize("through", ["override", "RAY_ADDRESS"])
+def test_a_ray_cluster_that_cannot_be_reached_is_one_line_naming_its_address(
+    through, tmp_path, capsys, monkeypatch
+):
+    address = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    args = ["train", "td3bc", "-m", "seed=0,1", "dataset=bandit", "hydra/launcher=ray_cluster",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}"]  # fmt: skip
+    if through == "override":
+        args.append(f"hydra.launcher.ray.init.address={address}")
+    else:
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("divo: error: cannot connect to the Ray cluster at " + address)
+    assert ("RAY_ADDRESS" if through == "RAY_ADDRESS" else "ray.init.address") in err[0]
+    assert not (tmp_path / "sweep").exists()  # nothing launched, nothing left

@@ -290,6 +290,22 @@ def test_targets_are_torchrl_target_params_moved_by_soft_update():
         torch.testing.assert_close(a, 0.5 * b + 0.5 * p)
 
 
+def test_after_a_move_soft_update_still_moves_the_targets_the_stages_read():
+    """``.to()`` (a dtype here, a device alike) keeps the target parameters and the target
+    networks the stages call one set of tensors."""
+    loss_module = direct_divo_loss().to(torch.float64)
+    updater = SoftUpdate(loss_module, tau=1.0)  # tau 1: the targets become the online nets
+    with torch.no_grad():
+        for p in loss_module.actor.parameters():
+            p.add_(1.0)
+    updater.step()
+    for target, online in zip(
+        loss_module.actor_target.parameters(), loss_module.actor.parameters(), strict=True
+    ):
+        assert target.dtype == torch.float64
+        torch.testing.assert_close(target, online)
+
+
 def test_make_value_estimator_sets_the_discount_of_the_one_step_target():
     loss_module = direct_divo_loss()
     assert loss_module.make_value_estimator(gamma=0.9) is loss_module

@@ -111,8 +111,8 @@ def train_agent(agent, data) -> None:
         agent.update(batch, generator=g)
 
 
-# every DIVO-family recipe the issue names, plus TD3+BC, IQL (its cosine schedule off: a plain
-# Adam loop), A2PR's value pairing and the policy-reconstruction candidate
+# every DIVO-family recipe the issue names, plus TD3+BC, IQL and IDQL (their cosine schedules
+# off: a plain Adam loop), A2PR, resampling, and A2PR's pairing and candidate on their own
 DIVO_CASES = [
     ("divo",),
     ("soft_weight",),
@@ -124,6 +124,9 @@ DIVO_CASES = [
     ("iql", "behavior.lr_schedule=null"),
     ("divo", "value=bootstrap"),
     ("cvae", "selector.candidate=policy_reconstruction", "value=bootstrap"),
+    ("a2pr",),
+    ("resampling",),
+    ("idql", "behavior.lr_schedule=null"),  # its behaviour model's moving average too
 ]
 
 

@@ -1,6 +1,7 @@
 """The TorchRL loss modules (divo.objectives.losses) against the agents `divo train` runs: the
 same updates through a TorchRL loop (the example's, for DIVO's recipes) give the same
-parameters; keys are renamed with set_keys; the example runs with a tiny step budget."""
+parameters as the agents' updates and as `divo train` itself; keys are renamed with set_keys;
+the example runs with a tiny step budget."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ import pytest
 import torch
 from tensordict import TensorDict
 from tensordict.nn import TensorDictModule
+from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
 from torchrl.objectives import SoftUpdate
 from torchrl.objectives.utils import ValueEstimators
 
+import divo
 from divo.agents.builder import build_agent
+from divo.agents.checkpoints import Checkpointer
+from divo.agents.runtime import seed_everything
 from divo.behavior_models.ddpm import DDPM
 from divo.config import compose_recipe
 from divo.objectives import (
@@ -153,6 +158,44 @@ def test_the_examples_loop_equals_the_agents_updates(example, case):
     online = dict(agent_b.critic.named_parameters())
     moved = [not torch.equal(p, online[n]) for n, p in agent_b.critic_target.named_parameters()]
     assert any(moved)
+
+
+def test_the_examples_loop_equals_divo_train(example, tmp_path):
+    """`divo train` (through divo.train, with the example's replay buffer) and the example's
+    TorchRL loop, from the same seed, draw the same batches and noise in the same order and
+    end with the same parameters, targets included, after N updates."""
+    steps, batch_size, seed = STEPS, 32, 3
+    run = [f"train.steps={steps}", "train.eval_every=1000", f"train.checkpoint_every={steps}",
+           f"train.log_every={steps}", "train.eval_episodes=1", f"train.batch_size={batch_size}",
+           "train.progress=false", f"seed={seed}"]  # fmt: skip
+    cfg = divo.compose("divo", [*small("divo"), *run])
+    data = divo.load_offline_data(cfg.dataset.id)
+
+    def replay_buffer():
+        buffer = TensorDictReplayBuffer(
+            storage=LazyTensorStorage(data.num_transitions), batch_size=batch_size
+        )
+        buffer.extend(data.data)
+        return buffer
+
+    divo.train(cfg, tmp_path / "run", replay_buffer=replay_buffer())
+    trained = Checkpointer(tmp_path / "run", 1).load_latest()[1]["agent"]["modules"]
+
+    buffer = replay_buffer()
+    seed_everything(seed)  # as divo train: seed, a probe batch, the networks, then the updates
+    buffer.sample()
+    loss_module, agent, _ = example.make_loss(data, "divo", [*small("divo"), *run])
+    initial = {k: v.clone() for k, v in agent.state_dict().items()}
+    optimizers = example.make_optimizers(loss_module, cfg)
+    updater = SoftUpdate(loss_module, tau=cfg.critic.tau)
+    for step in range(steps):
+        example.update(loss_module, optimizers, updater, buffer.sample(), step)
+    state = agent.state_dict()
+    assert state.keys() == trained.keys()
+    for name in state:
+        torch.testing.assert_close(state[name], trained[name], rtol=1e-5, atol=1e-6, msg=name)
+    # (the bandit's states are one constant: the first layer gets no gradient)
+    assert not torch.equal(state["actor.net.4.weight"], initial["actor.net.4.weight"])
 
 
 def torchrl_loop(loss_module, optimizers, updater, data, grad_norm: float = 0.0) -> None:

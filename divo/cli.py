@@ -87,10 +87,17 @@ def _summary(result: dict) -> str:
     parts = [f"divo: {result['recipe']} on {result['dataset_id']} seed {result['seed']}"]
     if ret is not None:
         score_txt = f"normalized score {score:.1f}" if score is not None else "no normalized score"
-        parts.append(
-            f"{score_txt} (return {ret:.3f} +- {result['return_std']:.3f} over "
-            f"{result['episodes']} episodes)"
-        )
+        success = result.get("success_rate")
+        if success is not None:  # goal-reaching data (OGBench): the score is the success rate
+            parts.append(
+                f"{score_txt} (success in {round(success * result['episodes'])} of "
+                f"{result['episodes']} episodes; return {ret:.3f} +- {result['return_std']:.3f})"
+            )
+        else:
+            parts.append(
+                f"{score_txt} (return {ret:.3f} +- {result['return_std']:.3f} over "
+                f"{result['episodes']} episodes)"
+            )
     parts.append(f"after {result['steps']} steps in {result['wall_clock_s']:.1f} s")
     return ": ".join(parts[:2]) + " " + " ".join(parts[2:]) + f" -> {result['run_dir']}"
 
@@ -582,9 +589,19 @@ def _evaluate(argv: list[str]) -> int:
     else:
         score = result["normalized_score"]
         score_txt = f"normalized score {score:.1f}" if score is not None else "no normalized score"
+        success = result.get("success_rate")
+        detail = f"over {result['episodes']} episodes"
+        if success is not None:  # goal-reaching tasks: the score is the success rate
+            detail = (
+                f"success in {round(success * result['episodes'])} of {result['episodes']} "
+                f"episodes, mean length {result['episode_length_mean']:.1f}"
+            )
         print(
             f"divo: {result['source']}: {score_txt} (return {result['return_mean']:.3f} +- "
-            f"{result['return_std']:.3f} over {result['episodes']} episodes)"
+            f"{result['return_std']:.3f}, {detail})"
+            if success is not None
+            else f"divo: {result['source']}: {score_txt} (return {result['return_mean']:.3f} +- "
+            f"{result['return_std']:.3f} {detail})"
         )
     return 0
 

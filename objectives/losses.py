@@ -130,12 +130,29 @@ class OfflineLossModule(LossModule):
     def _read(self, td: TensorDictBase, *names: str) -> list[torch.Tensor]:
         return [td.get(getattr(self.tensor_keys, name)) for name in names]
 
+    def networks(self) -> dict[str, nn.Module]:
+        """Optimiser name -> the network its loss trains (build one optimiser per entry)."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    _isolating = False  # set by forward: each stage reads the other networks detached
+
     def _run(self, stage, *args, generator: torch.Generator | None = None) -> dict:
+        """``stage(*args)`` with ``generator`` for its random draws; in ``forward``, with
+        every network but the stage's own (``<name>_stage`` trains ``name``) detached."""
         self._generator = generator
+        swapped = []  # (network, its own parameters while it runs detached)
         try:
+            if self._isolating:
+                own = stage.__name__.removesuffix("_stage")
+                for name, network in self.networks().items():
+                    if name != own:
+                        detached = TensorDict.from_module(network).detach()
+                        swapped.append((network, detached.to_module(network)))
             return stage(*args)
         finally:
             self._generator = None
+            for network, params in reversed(swapped):
+                params.to_module(network)
 
     @staticmethod
     def _losses(out: dict) -> TensorDict:
@@ -171,11 +188,16 @@ class OfflineLossModule(LossModule):
 
     def forward(self, tensordict: TensorDictBase) -> TensorDict:
         """Every loss of one update computed on ``tensordict`` from the current parameters
-        (no stage is stepped in between), with detached diagnostics. The losses touch
-        disjoint parameters, so their sum can be back-propagated at once."""
+        (no stage is stepped in between), with detached diagnostics. Each ``loss_<name>``
+        reaches network ``name`` only (the others are read detached, as in TorchRL's
+        losses), so the sum of the losses can be back-propagated at once."""
         out = TensorDict({}, batch_size=[])
-        for _, losses in self.stages(tensordict):
-            out.update(losses)
+        self._isolating = True
+        try:
+            for _, losses in self.stages(tensordict):
+                out.update(losses)
+        finally:
+            self._isolating = False
         return out
 
     def make_value_estimator(

@@ -250,6 +250,48 @@ def test_diffusion_ql_and_fql_losses_equal_their_agents_updates(recipe, extra, l
     assert_same_state(agent_a, agent_b)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("divo",),
+        ("cvae", "selector.candidate=policy_reconstruction", "value=bootstrap"),
+        ("diffusion_ql",),
+        ("fql",),
+    ],
+    ids=lambda c: "-".join(c),
+)
+def test_forward_losses_each_reach_their_own_network_so_their_sum_can_be_stepped(case):
+    """forward: loss_<name> reaches network <name> only (Diffusion-QL's Q term reads the
+    critic, A2PR's reconstruction candidate the behaviour model: detached there), so one
+    backward of the sum gives each network the gradient of its own loss."""
+    recipe, *extra = case
+    loss_module = loss_from_agent(agent_of(compose_recipe(recipe, small(recipe, *extra))))
+    params = dict(loss_module.named_parameters())
+    batch = batches(1)[0]
+    torch.manual_seed(5)
+    out = loss_module(batch)
+    names = [k for k in out.keys() if k.startswith("loss_")]
+    loss_module.zero_grad()
+    sum(out[k] for k in names).backward()
+    summed = {n: p.grad for n, p in params.items()}
+
+    torch.manual_seed(5)
+    again = loss_module(batch)
+    for key in names:
+        own = {id(p) for p in loss_module.networks()[key.removeprefix("loss_")].parameters()}
+        loss_module.zero_grad()
+        again[key].backward(retain_graph=True)
+        for name, p in params.items():
+            if id(p) in own:
+                torch.testing.assert_close(p.grad, summed[name], msg=f"{key} -> {name}")
+            else:
+                assert p.grad is None or not p.grad.any(), f"{key} reaches {name}"
+    # the networks hold their own parameters again (the optimisers' references)
+    assert {n: id(p) for n, p in loss_module.named_parameters()} == {
+        n: id(p) for n, p in params.items()
+    }
+
+
 def direct_divo_loss(**keys) -> DIVOLoss:
     """DIVO's loss from the user's own TensorDictModules (keys named as the user likes)."""
     torch.manual_seed(3)

@@ -116,14 +116,15 @@ def test_missing_files_are_refused_with_the_ways_to_get_them(tmp_path, monkeypat
 
 
 def _tiny(**kw) -> factory.OGBenchGeneration:
-    settings = dict(env="cube-single", episodes=2, val_episodes=1, episode_steps=41)
+    settings = dict(env="cube-single", episodes=2, val_episodes=1, episode_steps=121)
     return factory.OGBenchGeneration(**{**settings, **kw})
 
 
 def test_generation_resumes_to_the_same_files_and_never_leaves_half_a_file(tmp_path, monkeypatch):
     monkeypatch.setattr(factory, "CHUNK_EPISODES", 1)
     whole = factory.generate_ogbench_dataset(_tiny(), tmp_path / "a", progress=False)
-    assert whole["oracle_subtasks"] >= 3 and 0 <= whole["oracle_subtask_success_rate"] <= 1
+    assert whole["oracle_subtasks_finished"] >= 2  # a pick-and-place takes ~50 steps
+    assert 0 < whole["oracle_subtask_success_rate"] <= 1
 
     real = factory.collect_episode
 
@@ -151,7 +152,7 @@ def test_generation_resumes_to_the_same_files_and_never_leaves_half_a_file(tmp_p
             for key in a.files:
                 np.testing.assert_array_equal(a[key], b[key])
     with np.load(tmp_path / "a" / "cube-single-play-v0.npz") as train:
-        assert train["observations"].shape == (2 * 41, 28)
+        assert train["observations"].shape == (2 * 121, 28)
         assert train["terminals"].sum() == 2 and train["terminals"][-1]
         assert np.abs(train["actions"]).max() <= 1.0
     assert not (tmp_path / "b" / ".cube-single-play-v0.partial").exists()
@@ -169,7 +170,7 @@ def test_generated_files_load_and_a_different_partial_is_discarded(tmp_path, mon
     factory.generate_ogbench_dataset(_tiny(), tmp_path, progress=False, log=logged.append)
     assert any("discarding" in line for line in logged)
     data = load_offline_data("cube-single-play-singletask-v0", files="generated", generate=False)
-    assert data.num_transitions == 2 * 40 and data.observation_dim == 28
+    assert data.num_transitions == 2 * 120 and data.observation_dim == 28
     assert "divo-generated" in data.provenance and "2 episodes" in data.provenance
     assert data.data["next", "truncated"].sum() + data.data["next", "terminated"].sum() >= 2
 

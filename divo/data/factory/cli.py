@@ -274,9 +274,9 @@ def _ogbench(argv: list[str]) -> int:
     train, val, _ = ogbench.dataset_paths(Path(directory).expanduser(), settings.dataset_name)
     print(
         f"divo data: wrote {train} ({record['transitions']['train']:,} transitions) and {val} "
-        f"({record['transitions']['val']:,}); the oracle completed "
-        f"{100 * record['oracle_subtask_success_rate']:.1f}% of its "
-        f"{record['oracle_subtasks']:,} sub-tasks"
+        f"({record['transitions']['val']:,}); the oracle reached its target in "
+        f"{100 * record['oracle_subtask_success_rate']:.1f}% of the "
+        f"{record['oracle_subtasks_finished']:,} sub-tasks it finished"
     )
     return 0
 

@@ -193,7 +193,7 @@ def collect_episode(
         }
         if has_buttons:
             steps["button_states"] = []
-        subtasks = {"started": 1, "succeeded": 0}
+        subtasks = {"finished": 0, "succeeded": 0}  # the oracle's sub-tasks run to their end
         done = False
         while not done:
             if settings.p_random_action > 0 and rng.uniform() < settings.p_random_action:
@@ -207,12 +207,11 @@ def collect_episode(
             next_ob, _, terminated, truncated, info = env.step(action)
             done = bool(terminated or truncated)
             if agent.done:  # the sub-task ended: score it, and start the next one
+                subtasks["finished"] += 1
                 subtasks["succeeded"] += int(bool(info["success"]))
                 agent_ob, agent_info = env.unwrapped.set_new_target(p_stack=p_stack)
                 agent = oracles[agent_info["privileged/target_task"]]
                 agent.reset(agent_ob, agent_info)
-                if not done:
-                    subtasks["started"] += 1
             steps["observations"].append(ob)
             steps["actions"].append(action)
             steps["terminals"].append(done)
@@ -340,17 +339,17 @@ def generate_ogbench_dataset(
             chunk = partial / f"chunk-{start:06d}-{end:06d}.npz"
             if chunk.is_file():
                 continue
-            episodes, started, succeeded = [], 0, 0
+            episodes, finished, succeeded = [], 0, 0
             for episode in range(start, end):
                 arrays, subtasks = collect_episode(env, oracles, settings, episode)
                 episodes.append(arrays)
-                started += subtasks["started"]
+                finished += subtasks["finished"]
                 succeeded += subtasks["succeeded"]
                 new_steps += len(arrays["terminals"])
                 bar.update(1)
                 bar.set_postfix(steps_per_s=f"{new_steps / (time.perf_counter() - t0):.0f}")
             merged = {key: np.concatenate([e[key] for e in episodes]) for key in episodes[0]}
-            merged["subtasks"] = np.array([started, succeeded], dtype=np.int64)
+            merged["subtasks"] = np.array([finished, succeeded], dtype=np.int64)
             _write_npz_atomic(chunk, merged, compressed=False)
     finally:
         bar.close()
@@ -374,7 +373,8 @@ def generate_ogbench_dataset(
             "ogbench": getattr(ogbench, "__version__", _version("ogbench")),
             "mujoco": mujoco.__version__,
         },
-        "oracle_subtasks": int(subtasks[0]),
+        # sub-tasks the oracle ran to their end, and the share that ended with the target reached
+        "oracle_subtasks_finished": int(subtasks[0]),
         "oracle_subtask_success_rate": float(subtasks[1] / max(1, subtasks[0])),
         "transitions": {
             "train": settings.episodes * (settings.episode_steps - 1),

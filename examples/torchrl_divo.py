@@ -43,7 +43,7 @@ def update(loss_module, optimizers, target_updater, batch, step, generator=None)
         optimizers[name].zero_grad()
         losses[f"loss_{name}"].backward()
         optimizers[name].step()
-        metrics.update({k: v.item() for k, v in losses.items()})
+        metrics.update({k: v.detach() for k, v in losses.items()})  # no host sync here
     loss_module.update_behavior_ema()  # no-op unless the recipe keeps a moving average
     if loss_module.updates_targets(step):
         target_updater.step()
@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
     for step in range(args.steps):
         metrics = update(loss_module, optimizers, target_updater, buffer.sample(), step)
         if step % 1000 == 0 or step == args.steps - 1:
-            print(f"step {step}: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+            print(f"step {step}: " + ", ".join(f"{k} {v.item():.3g}" for k, v in metrics.items()))
 
     returns = evaluate(
         agent.policy, data.eval_env_spec.id, args.eval_episodes, args.max_episode_steps, args.seed

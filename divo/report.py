@@ -47,6 +47,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import itertools
 import json
 import math
 import os
@@ -450,6 +451,22 @@ def assign_labels(runs: list[Run]) -> None:
         run.label = label
 
 
+def _label_runs(runs: list[Run], dirs: Sequence[str | Path], tags: dict[str, str]) -> None:
+    """Labels per folder of ``tags``: the runs under a tagged folder are labelled among
+    themselves, then get `` <tag>`` appended; the other runs are labelled together."""
+    tagged = {Path(d).resolve(): t for d, t in tags.items()}
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        path = run.path.resolve()
+        tag = next((t for d, t in tagged.items() if path.is_relative_to(d)), "")
+        groups[tag].append(run)
+    for tag, members in groups.items():
+        assign_labels(members)
+        if tag:
+            for run in members:
+                run.label = f"{run.label} {tag}"
+
+
 def drop_duplicates(runs: list[Run]) -> None:
     """Of complete runs with the same label, dataset and seed, the newest counts."""
     latest: dict[tuple[str, str, int], Run] = {}
@@ -616,10 +633,14 @@ def compute_aggregate(
                 f"{label}: unequal seed counts across datasets; the aggregate uses the "
                 f"{matrix.shape[0]} lowest seeds of each dataset"
             )
-    with _seeded(seed):
-        point, intervals = library.get_interval_estimates(
-            matrices, aggregate_metrics, reps=reps, confidence_interval_size=ci
-        )
+    point, intervals = {}, {}
+    for label, matrix in matrices.items():  # each from the same seed: a recipe's interval does
+        with _seeded(seed):  # not move when another recipe joins the report
+            p, iv = library.get_interval_estimates(
+                {label: matrix}, aggregate_metrics, reps=reps, confidence_interval_size=ci
+            )
+        point.update(p)
+        intervals.update(iv)
     return Aggregate(
         labels=covered,
         datasets=datasets,
@@ -692,30 +713,179 @@ def paired_differences(cells: dict, a: str, b: str) -> list[dict[str, Any]]:
     return rows
 
 
-def mean_paired_difference(
-    cells: dict, a: str, b: str, *, reps: int, seed: int, ci: float = 0.95
-) -> dict[str, Any] | None:
-    """a - b over every dataset both were run on: the mean over datasets of the mean paired
-    (same-seed) difference, with a stratified percentile-bootstrap CI (seed pairs resampled
-    within each dataset). None when they share no dataset and seed."""
-    diffs = []
-    for row in paired_differences(cells, a, b):
-        diffs.append(np.array([float(d) for d in row["diffs"].split()]))
-    if not diffs:
-        return None
+def _with_intervals(row: dict[str, Any], *, reps: int, seed: int) -> dict[str, Any]:
+    """A per-dataset paired row with its 95% bootstrap CI (exact for few seeds) and its paired
+    t-test CI."""
+    diff = [np.array([float(d) for d in row["diffs"].split()])]
+    low, high, how = stratified_bootstrap_ci(diff, reps=reps, seed=seed)
+    t_low, t_high = stratified_t_ci(diff)
+    return {**row, "ci_low": low, "ci_high": high, "bootstrap": how, "t_low": t_low,
+            "t_high": t_high}  # fmt: skip
+
+
+EXACT_BOOTSTRAP_LIMIT = 1_000_000  # enumerate the bootstrap when it has at most this many points
+DEFAULT_REPS = 10_000  # resamples of a bootstrap that is not enumerated
+POWER = 0.8  # the power of the minimum detectable effect
+
+
+def _resample_means(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every distinct bootstrap resample of ``d`` (n values drawn with replacement, order
+    ignored) -> (their means, their probabilities): the multisets of n indices, each with its
+    multinomial weight n! / prod(c_i!) / n^n."""
+    n = len(d)
+    means, probs = [], []
+    for combo in itertools.combinations_with_replacement(range(n), n):
+        counts = np.bincount(combo, minlength=n)
+        ways = math.factorial(n) // math.prod(math.factorial(int(c)) for c in counts)
+        means.append(float(d[list(combo)].mean()))
+        probs.append(ways / n**n)
+    return np.array(means), np.array(probs)
+
+
+def _exact_size(diffs: Sequence[np.ndarray]) -> int:
+    """Points of the enumerated stratified bootstrap: prod over strata of C(2n - 1, n)."""
+    return math.prod(math.comb(2 * len(d) - 1, len(d)) for d in diffs)
+
+
+def _weighted_quantile(values: np.ndarray, probs: np.ndarray, q: float) -> float:
+    """The smallest value whose cumulative probability reaches ``q`` (the inverted-CDF
+    quantile, NumPy's ``method="inverted_cdf"`` for equal weights)."""
+    order = np.argsort(values, kind="stable")
+    cum = np.cumsum(probs[order])
+    i = int(np.searchsorted(cum, q - 1e-12, side="left"))
+    return float(values[order][min(i, len(values) - 1)])
+
+
+def stratified_bootstrap_ci(
+    diffs: Sequence[np.ndarray],
+    *,
+    reps: int = DEFAULT_REPS,
+    seed: int = 0,
+    ci: float = 0.95,
+    exact_limit: int = EXACT_BOOTSTRAP_LIMIT,
+) -> tuple[float, float, str]:
+    """Percentile CI of the mean over strata (datasets) of each stratum's mean, resampling the
+    values (seed pairs) within each stratum. When the resamples are few (at most
+    ``exact_limit`` distinct points: 3 seeds on 4 datasets make 10^4) the bootstrap
+    distribution is enumerated exactly; else ``reps`` resamples are drawn. Both use the
+    inverted-CDF quantile. Returns (low, high, how: ``exact`` or ``<reps> resamples``)."""
+    diffs = [np.asarray(d, dtype=float) for d in diffs]
+    lo_q, hi_q = (1 - ci) / 2, 1 - (1 - ci) / 2
+    if _exact_size(diffs) <= exact_limit:
+        values, probs = np.zeros(1), np.ones(1)
+        for d in diffs:
+            m, p = _resample_means(d)
+            values = (values[:, None] + m[None, :]).ravel()
+            probs = (probs[:, None] * p[None, :]).ravel()
+        values /= len(diffs)
+        low = _weighted_quantile(values, probs, lo_q)
+        return low, _weighted_quantile(values, probs, hi_q), "exact"
     rng = np.random.default_rng(seed)
     boot = np.zeros(reps)
     for d in diffs:
         boot += d[rng.integers(0, len(d), size=(reps, len(d)))].mean(axis=1)
     boot /= len(diffs)
+    low = float(np.quantile(boot, lo_q, method="inverted_cdf"))
+    high = float(np.quantile(boot, hi_q, method="inverted_cdf"))
+    return low, high, f"{reps} resamples"
+
+
+def _welch(variances: np.ndarray, n: np.ndarray, strata: int) -> tuple[float, float]:
+    """(standard error, Welch-Satterthwaite degrees of freedom) of the mean over ``strata``
+    of per-stratum means with sample variances ``variances`` over ``n`` values each."""
+    v = variances / n
+    se = float(np.sqrt(v.sum()) / strata)
+    denom = float(np.sum(v**2 / (n - 1)))
+    df = float(v.sum() ** 2 / denom) if denom > 0 else float("inf")
+    return se, df
+
+
+def stratified_t_ci(diffs: Sequence[np.ndarray], *, ci: float = 0.95) -> tuple[float, float]:
+    """t-based CI of the mean over strata of each stratum's mean: the estimate +- t(df) SE,
+    SE^2 = sum_d s_d^2 / n_d / D^2, df by Welch-Satterthwaite (one stratum: the paired t-test's
+    n - 1). (nan, nan) when a stratum has fewer than 2 values."""
+    from scipy import stats
+
+    diffs = [np.asarray(d, dtype=float) for d in diffs]
+    if any(len(d) < 2 for d in diffs):
+        return float("nan"), float("nan")
+    est = float(np.mean([d.mean() for d in diffs]))
+    var = np.array([d.var(ddof=1) for d in diffs])
+    se, df = _welch(var, np.array([len(d) for d in diffs], dtype=float), len(diffs))
+    if se == 0:
+        return est, est
+    half = float(stats.t.ppf(1 - (1 - ci) / 2, df)) * se
+    return est - half, est + half
+
+
+def minimum_detectable_effect(
+    diffs: Sequence[np.ndarray], seeds: int, *, alpha: float = 0.05, power: float = POWER
+) -> float:
+    """The smallest true mean difference a two-sided t-test at level ``alpha`` detects with
+    probability ``power`` when every stratum has ``seeds`` seed pairs, with each stratum's
+    spread at its observed sample variance: (t(1 - alpha/2, df) + t(power, df)) SE, SE and df
+    as :func:`stratified_t_ci`. nan when a stratum has fewer than 2 values."""
+    from scipy import stats
+
+    diffs = [np.asarray(d, dtype=float) for d in diffs]
+    if any(len(d) < 2 for d in diffs) or seeds < 2:
+        return float("nan")
+    var = np.array([d.var(ddof=1) for d in diffs])
+    se, df = _welch(var, np.full(len(diffs), float(seeds)), len(diffs))
+    return float((stats.t.ppf(1 - alpha / 2, df) + stats.t.ppf(power, df)) * se)
+
+
+def seeds_to_detect(
+    diffs: Sequence[np.ndarray], effect: float, *, most: int = 1000, **kw: Any
+) -> int | None:
+    """The fewest seeds per stratum whose :func:`minimum_detectable_effect` is at most
+    ``|effect|``; None past ``most`` (or without a spread to measure)."""
+    if not effect or not np.isfinite(minimum_detectable_effect(diffs, 2, **kw)):
+        return None
+    for n in range(2, most + 1):
+        if minimum_detectable_effect(diffs, n, **kw) <= abs(effect):
+            return n
+    return None
+
+
+def _seeds_needed_text(row: dict[str, Any]) -> str:
+    if row["seeds"] < 2 or not np.isfinite(row["mde"]):
+        return "n/a"  # no spread to measure with fewer than 2 pairs
+    return "more than 1000" if row["seeds_needed"] is None else str(row["seeds_needed"])
+
+
+def mean_paired_difference(
+    cells: dict, a: str, b: str, *, reps: int, seed: int, ci: float = 0.95
+) -> dict[str, Any] | None:
+    """a - b over every dataset both were run on: the mean over datasets of the mean paired
+    (same-seed) difference, with a stratified percentile-bootstrap CI (seed pairs resampled
+    within each dataset; enumerated exactly when the resamples are few), a t-based CI beside it
+    (Welch-Satterthwaite), and the minimum detectable effect at the seed count of the grid (the
+    fewest pairs of any dataset) with the seeds per dataset the estimate would need. None when
+    they share no dataset and seed."""
+    diffs = []
+    for row in paired_differences(cells, a, b):
+        diffs.append(np.array([float(d) for d in row["diffs"].split()]))
+    if not diffs:
+        return None
+    low, high, how = stratified_bootstrap_ci(diffs, reps=reps, seed=seed, ci=ci)
+    t_low, t_high = stratified_t_ci(diffs, ci=ci)
+    estimate = float(np.mean([d.mean() for d in diffs]))
+    grid = min(len(d) for d in diffs)
     return {
         "a": a,
         "b": b,
         "datasets": len(diffs),
         "pairs": int(sum(len(d) for d in diffs)),
-        "estimate": float(np.mean([d.mean() for d in diffs])),
-        "ci_low": float(np.quantile(boot, (1 - ci) / 2)),
-        "ci_high": float(np.quantile(boot, 1 - (1 - ci) / 2)),
+        "estimate": estimate,
+        "ci_low": low,
+        "ci_high": high,
+        "bootstrap": how,
+        "t_low": t_low,
+        "t_high": t_high,
+        "seeds": grid,
+        "mde": minimum_detectable_effect(diffs, grid),
+        "seeds_needed": seeds_to_detect(diffs, estimate),  # None: past 1000, or no spread
     }
 
 
@@ -989,18 +1159,25 @@ def make_report(
     out_dir: str | Path | None = None,
     *,
     compare: Sequence[str] | None = None,
-    reps: int = 2000,
+    reps: int = DEFAULT_REPS,
     seed: int = 0,
     figures: bool = True,
     formats: str | Sequence[str] = ("png",),
     dpi: int = DEFAULT_DPI,
     command: str | None = None,
     score: str = "final",
+    tags: dict[str, str] | None = None,
+    extra_pairs: Sequence[Sequence[str]] = (),
 ) -> Report:
     """Build the report (see the module docstring); returns where it went and the runs found.
 
     ``score``: ``final`` (each run's final evaluation, result.json) or ``last:K`` (the mean of
     its last K evaluations, metrics.csv).
+
+    ``tags``: folder (one of ``dirs``) -> a tag appended to the label of every run found under
+    it, e.g. runs of an older setting kept apart (``iql (compressed lr)``); the runs of each
+    folder get their labels among themselves. ``extra_pairs``: more (a, b) recipes or labels to
+    difference, beside ``compare``'s first against each other.
 
     ``formats`` are the figure formats (any of png, pdf, svg; report.md shows the PNG, else the
     SVG, else links the PDF), written at ``dpi`` dots per inch. Fewer than :data:`MIN_SEEDS`
@@ -1028,13 +1205,18 @@ def make_report(
             f"no runs found under {', '.join(map(str, dirs))}; a run directory holds result.json, "
             "config.yaml and metrics.csv (as `divo train` writes them)"
         )
-    assign_labels(runs)
+    _label_runs(runs, dirs, tags or {})
     drop_duplicates(runs)
     choose_score_kinds(runs)
     if last_k is not None:
         use_last_evaluations(runs, last_k)
     cells = build_cells(runs)
     compare_labels = resolve_compare(compare, runs) if compare else []
+    pair_list = [(compare_labels[0], other) for other in compare_labels[1:]]
+    for a, b in extra_pairs:
+        pair = tuple(resolve_compare([str(a), str(b)], runs))
+        if pair not in pair_list:
+            pair_list.append(pair)
     if not cells:
         counts = defaultdict(int)
         for r in runs:
@@ -1123,16 +1305,18 @@ def make_report(
     pairs: list[dict[str, Any]] = []
     overall: list[dict[str, Any]] = []
     improvements = []
-    for other in compare_labels[1:]:
-        a = compare_labels[0]
-        pairs += paired_differences(cells, a, other)
+    for a, other in pair_list:
+        pairs += [
+            _with_intervals(row, reps=reps, seed=seed)
+            for row in paired_differences(cells, a, other)
+        ]
         mean_diff = mean_paired_difference(cells, a, other, reps=reps, seed=seed)
         if mean_diff is not None:
             overall.append(mean_diff)
         poi = probability_of_improvement(cells, a, other, reps=reps, seed=seed)
         if poi is not None:
             improvements.append((a, other, *poi))
-    if compare_labels:
+    if pair_list:
         write_csv(
             out / "paired.csv",
             pairs,
@@ -1148,10 +1332,18 @@ def make_report(
                 "diff_max",
                 "a_better",
                 "b_better",
+                "ci_low",
+                "ci_high",
+                "bootstrap",
+                "t_low",
+                "t_high",
                 "diffs",
             ],
         )
         files.append(out / "paired.csv")
+        if overall:
+            write_csv(out / "paired_overall.csv", overall, list(overall[0]))
+            files.append(out / "paired_overall.csv")
 
     fewest = few_seeds(cells)
     if fewest:
@@ -1253,17 +1445,31 @@ def make_report(
         md += [""] + [f"Note: {n}." for n in agg.notes] + ([""] if agg.notes else [])
         if aggr_fig is not None:
             md += show("aggregate_intervals", "aggregate metrics")
-    if compare_labels:
+    if pair_list:
         md += [
             "## Paired differences",
             "",
             f"{score_name} (or return, on datasets marked *(return)* above) of the first "
             "recipe minus the other's, on the same seeds (mean +- sample std over the seed "
-            "pairs).",
+            "pairs), with two 95% intervals for the mean difference: the percentile bootstrap "
+            "of the seed pairs (enumerated exactly where the resamples are few, else "
+            f"{reps} resamples) and the paired t-test's. With 3 seeds the bootstrap can only "
+            "reshuffle three numbers and comes out far narrower than the t-interval: read the "
+            "t-interval.",
             "",
         ]
         md += _md_table(
-            ["dataset", "difference", "pairs", "mean +- std", "min", "max", "first better"],
+            [
+                "dataset",
+                "difference",
+                "pairs",
+                "mean +- std",
+                "min",
+                "max",
+                "first better",
+                "bootstrap CI",
+                "t CI",
+            ],
             [
                 [
                     p["dataset"],
@@ -1273,6 +1479,8 @@ def make_report(
                     _num(p["diff_min"]),
                     _num(p["diff_max"]),
                     f"{p['a_better']}/{p['pairs']}",
+                    f"[{_num(p['ci_low'])}, {_num(p['ci_high'])}]",
+                    f"[{_num(p['t_low'])}, {_num(p['t_high'])}]" if p["pairs"] > 1 else "n/a",
                 ]
                 for p in pairs
             ],
@@ -1282,19 +1490,35 @@ def make_report(
         if overall:
             md += [
                 "",
-                "Over datasets: the mean over datasets of the per-dataset mean paired difference, "
-                f"with a 95% stratified-bootstrap CI ({reps} resamples of the seed pairs within "
-                "each dataset).",
+                "Over datasets: the mean over datasets of the per-dataset mean paired difference; "
+                "its 95% stratified percentile-bootstrap CI (seed pairs resampled within each "
+                "dataset; *exact*: every resample enumerated) and its t-based CI (standard error "
+                "from each dataset's variance of the differences, Welch-Satterthwaite degrees of "
+                "freedom); the minimum detectable effect (MDE: the true difference a two-sided "
+                f"t-test at 5% finds with probability {POWER:.0%}) at the grid's seeds per "
+                "dataset, and the seeds per dataset at which the MDE falls to the estimate.",
                 "",
             ]
             md += _md_table(
-                ["difference", "datasets", "pairs", "estimate [95% CI]"],
+                [
+                    "difference",
+                    "datasets",
+                    "pairs",
+                    "estimate [bootstrap CI]",
+                    "t CI",
+                    "MDE (seeds)",
+                    "seeds to detect the estimate",
+                ],
                 [
                     [
                         f"{o['a']} - {o['b']}",
                         o["datasets"],
                         o["pairs"],
-                        _ci_text(o["estimate"], o["ci_low"], o["ci_high"]),
+                        _ci_text(o["estimate"], o["ci_low"], o["ci_high"])
+                        + (" exact" if o["bootstrap"] == "exact" else ""),
+                        "n/a" if o["seeds"] < 2 else f"[{_num(o['t_low'])}, {_num(o['t_high'])}]",
+                        "n/a" if o["seeds"] < 2 else f"{_num(o['mde'])} ({o['seeds']})",
+                        _seeds_needed_text(o),
                     ]
                     for o in overall
                 ],
@@ -1390,7 +1614,11 @@ def main(argv: Sequence[str]) -> int:
         help="paired differences of the first recipe against each other one (by seed)",
     )
     parser.add_argument(
-        "--reps", type=int, default=2000, help="bootstrap resamples (default 2000; rliable: 50000)"
+        "--reps",
+        type=int,
+        default=DEFAULT_REPS,
+        help=f"bootstrap resamples (default {DEFAULT_REPS}; rliable: 50000); a paired "
+        "difference's bootstrap with few combinations is enumerated exactly instead",
     )
     parser.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     parser.add_argument(

@@ -36,6 +36,8 @@ def settings(tmp_path) -> list[str]:
         "eval_every=20",
         "checkpoint_every=20",
         "overrides=[train.eval_episodes=2]",
+        "earlier_runs=null",
+        "extra_pairs=[]",
     ]
 
 
@@ -53,13 +55,15 @@ def test_the_study_runs_each_cell_once_keeps_its_outputs_and_resumes(tmp_path):
     page = (tmp_path / "results.md").read_text()
     assert "Status: 2 of 2 cells finished" in page
     assert "Hand-written reading of the numbers." in page
-    assert "Final normalised score per recipe and dataset" in page  # the report's tables
-    assert (tmp_path / "results" / "report" / "scores.csv").is_file()
-    # the same tables scored by the mean of the last 3 evaluations (steps 0, 20, 40)
-    assert "Robustness: the same tables with `--score last:3`" in page
+    # the declared primary score (the mean of the last 3 evaluations: steps 0, 20, 40) first
+    assert "**Primary score: `last:3`** (declared as `primary_score`" in page
     assert "### Mean normalised score of the last 3 evaluations" in page
-    robust = (tmp_path / "results" / "report-last3" / "scores.csv").read_text()
-    assert robust.count("td3bc") == 1
+    assert (tmp_path / "results" / "report" / "scores.csv").is_file()
+    # the same tables scored by the final evaluation, in a section of their own
+    assert "## The same tables with `--score final`" in page
+    assert "### Final normalised score per recipe and dataset" in page
+    other = (tmp_path / "results" / "report-final" / "scores.csv").read_text()
+    assert other.count("td3bc") == 1
 
     # a second call runs nothing: the kept result.json marks a cell done
     stamp = (kept / "seed0" / "result.json").stat().st_mtime_ns
@@ -226,9 +230,64 @@ def test_the_committed_cells_regenerate_the_results_page_identically(tmp_path, m
     shutil.copytree(
         root / "docs" / "results",
         tmp_path / "docs" / "results",
-        ignore=shutil.ignore_patterns("report", "report-last3", "design", "diffusion_ql_toy"),
+        ignore=shutil.ignore_patterns(
+            "report", "report-final", "report-last3", "design", "diffusion_ql_toy"
+        ),
     )
     monkeypatch.chdir(tmp_path)
     assert study_command(["--page-only"]) == 0
     page = (tmp_path / "docs" / "results.md").read_text()
     assert page == (root / "docs" / "results.md").read_text()
+
+
+def test_earlier_runs_are_tagged_and_their_schedule_is_tabled(tmp_path):
+    """An ``earlier_runs`` folder's cells are listed under their tag with the lr schedule each
+    row ran (compressed into the run, or the reference's horizon), and their deployment table
+    carries an over-datasets line: the subject minus the variant, both intervals, seed pairs."""
+    from divo.studies.locomotion import _deployment_section, _earlier_runs_lines, earlier_cells
+
+    old = tmp_path / "old"
+    args = [*settings(tmp_path), "recipes=[td3bc,idql]", "compare=[td3bc,idql]",
+            "deployments={idql: {argmax: [selection=argmax]}}"]  # fmt: skip
+    cfg = study_config(args)  # settings() clears the shipped earlier_runs; one of the test's:
+    cfg.earlier_runs = {str(old): "(compressed lr)"}
+    for root, decay, seeds in (
+        (old, "null", (0, 1)),
+        (tmp_path / "results" / "runs", 1000000, (0,)),
+    ):
+        for seed in seeds:
+            cell = root / Cell("idql", BANDIT, seed).rel
+            cell.mkdir(parents=True)
+            (cell / "result.json").write_text(json.dumps(
+                {"dataset_id": BANDIT, "seed": seed, "steps": 40, "normalized_score": 10.0}
+            ))  # fmt: skip
+            (cell / "config.yaml").write_text(
+                "train:\n  steps: 40\n  batch_size: 512\nbehavior:\n  lr_schedule: cosine\n"
+                f"  lr_decay_steps: {decay}\nevaluation_policy:\n  selection: importance\n"
+            )
+            if root == old:
+                (cell / "deploy-argmax.json").write_text(json.dumps({"normalized_score": 30.0}))
+    for seed, score in ((0, 25.0), (1, 15.0)):
+        cell = tmp_path / "results" / "runs" / Cell("td3bc", BANDIT, seed).rel
+        cell.mkdir(parents=True)
+        (cell / "result.json").write_text(json.dumps({"normalized_score": score, "steps": 40}))
+    assert [(c.recipe, c.seed, tag) for c, _, tag in earlier_cells(cfg)] == [
+        ("idql", 0, "(compressed lr)"),
+        ("idql", 1, "(compressed lr)"),
+    ]
+    lines = _earlier_runs_lines(cfg, [Cell("idql", BANDIT, 0)])
+    rows = [line for line in lines if line.startswith("| `idql")]
+    assert rows == [
+        "| `idql` | 1 | cosine | 1,000,000 steps (the reference run's length; last step at "
+        "100.0% of the start) | 512 | quantile (`importance`) |",
+        "| `idql (compressed lr)` | 2 | cosine | 40 steps (compressed into the run; last step at "
+        "0.2% of the start) | 512 | quantile (`importance`) |",
+    ]
+    section = _deployment_section(cfg, [Cell("idql", BANDIT, 0)])
+    assert "## `idql (compressed lr)` deployed otherwise" in section
+    # td3bc - argmax: 25 - 30 = -5 and 15 - 30 = -15 on the one dataset: mean -10
+    assert section[-1].startswith(
+        "Over the 1 datasets, `td3bc` minus the `selection=argmax` deployment (final scores): "
+        "-10.0, 95% bootstrap CI [-15.0, -5.0] (exact), t CI ["
+    )
+    assert section[-1].endswith("`td3bc` ahead on 0 of 2 seed pairs.")

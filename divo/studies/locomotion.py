@@ -220,6 +220,62 @@ def time_left(cfg: Any, jobs: int) -> str:
     )
 
 
+def earlier_folders(cfg: Any) -> dict[Path, str]:
+    """``earlier_runs``: folder -> tag, for the folders that exist."""
+    folders = {Path(str(k)): str(v) for k, v in (cfg.get("earlier_runs") or {}).items()}
+    return {folder: tag for folder, tag in folders.items() if folder.is_dir()}
+
+
+def earlier_cells(cfg: Any) -> list[tuple[Cell, Path, str]]:
+    """The finished cells kept under each ``earlier_runs`` folder: (cell, folder, tag)."""
+    out = []
+    for folder, tag in earlier_folders(cfg).items():
+        for path in sorted(folder.glob("*/*/seed*/result.json")):
+            result = json.loads(path.read_text())
+            recipe = path.parts[-4]
+            cell = Cell(recipe, str(result.get("dataset_id")), int(result.get("seed", -1)))
+            out.append((cell, folder, tag))
+    return out
+
+
+def _available(cfg: Any, done: list[Cell]) -> set[str]:
+    """The labels with finished cells: the recipes of the study's own, and ``<recipe> <tag>``
+    for those under an ``earlier_runs`` folder."""
+    return {c.recipe for c in done} | {f"{c.recipe} {tag}" for c, _, tag in earlier_cells(cfg)}
+
+
+def _report_settings(cfg: Any, done: list[Cell]) -> dict[str, Any]:
+    """What every report of the page shares: folders, tags, comparisons, resamples."""
+    results = Path(cfg.results)
+    have = _available(cfg, done)
+    compare = [str(c) for c in cfg.compare if str(c) in have]
+    compare = compare if len(compare) > 1 else []
+    pairs = [
+        [str(a), str(b)]
+        for a, b in (cfg.get("extra_pairs") or [])
+        if str(a) in have and str(b) in have
+    ]
+    folders = earlier_folders(cfg)
+    return {
+        "dirs": [results / "runs", *folders],
+        "tags": {str(folder): tag for folder, tag in folders.items()},
+        "compare": compare,
+        "extra_pairs": pairs,
+        "reps": int(cfg.get("reps") or 10000),
+    }
+
+
+def _report_command(opts: dict[str, Any], out: Path, score: str, figures: bool) -> str:
+    def quoted(name: str) -> str:
+        return f"'{name}'" if " " in name else name
+
+    text = "divo report " + " ".join(str(d) for d in opts["dirs"])
+    if opts["compare"]:
+        text += " --compare " + " ".join(quoted(c) for c in opts["compare"])
+    text += f" --score {score}" + ("" if figures else " --no-figures") + f" --out {out}"
+    return text
+
+
 def write_page(cfg: Any, log=print) -> Path:
     """Rerun ``divo report`` over the finished cells and write the results page."""
     from divo.errors import ConfigError
@@ -232,18 +288,19 @@ def write_page(cfg: Any, log=print) -> Path:
     report_dir = results / "report"
     rel_report = os.path.relpath(report_dir, page.parent)
     body: list[str] = []
-    finished = {c.recipe for c in done}  # the report compares recipes with finished cells only
-    compare = [str(c) for c in cfg.compare if str(c) in finished]
-    compare = compare if len(compare) > 1 else []
+    opts = _report_settings(cfg, done)
+    primary = str(cfg.get("primary_score") or "final")
     if done:
         try:
             make_report(
-                [results / "runs"],
+                opts["dirs"],
                 report_dir,
-                compare=compare or None,
-                command=f"divo report {results / 'runs'}"
-                + (f" --compare {' '.join(compare)}" if compare else "")
-                + f" --out {report_dir}",
+                compare=opts["compare"] or None,
+                reps=opts["reps"],
+                score=primary,
+                tags=opts["tags"],
+                extra_pairs=opts["extra_pairs"],
+                command=_report_command(opts, report_dir, primary, True),
             )
         except ConfigError as exc:
             body = [f"No report yet: {exc}"]
@@ -253,7 +310,7 @@ def write_page(cfg: Any, log=print) -> Path:
                 if line.startswith("## "):
                     line = "#" + line
                 body.append(_relink(line, rel_report))
-        body += _robustness_section(cfg, results, compare)
+        body += _other_score_section(cfg, results, opts)
         body += _deployment_section(cfg, done)
     else:
         body = ["No cell has finished yet."]
@@ -282,7 +339,10 @@ def write_page(cfg: Any, log=print) -> Path:
         f"`{results / 'runs'}`; `{command}` runs the rest (`--jobs 2` on two cores) "
         "and skips what is there.",
         "",
+        _score_declaration(cfg),
+        "",
     ]
+    lines += _earlier_runs_lines(cfg, done)
     if notes is not None and notes.is_file():
         lines += [notes.read_text().strip(), ""]
     lines += body
@@ -292,20 +352,91 @@ def write_page(cfg: Any, log=print) -> Path:
     return page
 
 
-ROBUST_SECTIONS = (
+def _score_declaration(cfg: Any) -> str:
+    primary = str(cfg.get("primary_score") or "final")
+    other = cfg.get("other_score")
+    tail = (
+        f"; the same tables scored by `{other}` follow in a section of their own." if other else "."
+    )
+    return (
+        f"**Primary score: `{primary}`** (declared as `primary_score` in the study's settings): "
+        "the tables below and the notes read it first" + tail
+    )
+
+
+def _schedule_text(config: dict[str, Any], steps: int) -> tuple[str, str]:
+    """(lr schedule, its horizon) of a run's policy optimiser, from its config.yaml."""
+    from divo.agents.agent import cosine_decay
+
+    behavior = config.get("behavior") or {}
+    kind = behavior.get("lr_schedule")
+    if not kind:
+        return "constant", "n/a"
+    horizon = int(behavior.get("lr_decay_steps") or steps)
+    where = "compressed into the run" if horizon <= steps else "the reference run's length"
+    rate = cosine_decay(max(steps - 1, 0), horizon)
+    return str(kind), f"{horizon:,} steps ({where}; last step at {rate:.1%} of the start)"
+
+
+def _earlier_runs_lines(cfg: Any, done: list[Cell]) -> list[str]:
+    """Which settings each scheduled baseline row ran: its lr schedule's horizon, its batch and
+    (IDQL) its deployed draw, read from one config.yaml per row."""
+    import yaml
+
+    rows = []
+    groups: list[tuple[str, Path]] = [
+        (r, Path(cfg.results) / "runs" / r) for r in sorted({c.recipe for c in done})
+    ]
+    groups += [
+        (f"{r} {tag}", folder / r)
+        for r, folder, tag in sorted({(c.recipe, f, t) for c, f, t in earlier_cells(cfg)})
+    ]
+    for label, folder in groups:
+        configs = sorted(folder.glob("*/seed*/config.yaml"))
+        if not configs:
+            continue
+        config = yaml.safe_load(configs[0].read_text()) or {}
+        if not (config.get("behavior") or {}).get("lr_schedule"):
+            continue
+        steps = int((config.get("train") or {}).get("steps") or cfg.steps)
+        kind, horizon = _schedule_text(config, steps)
+        picker = config.get("evaluation_policy") or {}
+        draw = picker.get("selection")
+        draw = {"importance": "quantile (`importance`)"}.get(draw, draw)
+        rows.append(
+            f"| `{label}` | {len(configs)} | {kind} | {horizon} | "
+            f"{(config.get('train') or {}).get('batch_size')} | {draw or 'its mean'} |"
+        )
+    if not rows:
+        return []
+    return [
+        "The baselines' learning-rate schedules and settings, per row (from each row's "
+        "config.yaml); a row tagged *(compressed lr)* is an earlier run kept under "
+        + ", ".join(f"`{f}`" for f in earlier_folders(cfg))
+        + ", tabled and compared beside the rerun but never counted as a cell of it:",
+        "",
+        "| row | cells | policy lr schedule | decays over | batch | deployed draw |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
+SCORE_SECTIONS = (
     "## Mean normalised score",
+    "## Final normalised score",
     "## Aggregate over datasets",
     "## Paired differences",
 )
 
 
-def _robustness_section(cfg: Any, results: Path, compare: list[str]) -> list[str]:
-    """The score, aggregate and paired tables again under ``robust_score`` (e.g. ``last:3``, the
-    mean of each run's last evaluations), from a report of their own in ``report-<score>``."""
+def _other_score_section(cfg: Any, results: Path, opts: dict[str, Any]) -> list[str]:
+    """The score, aggregate and paired tables again under ``other_score`` (e.g. ``final``),
+    from a report of their own in ``report-<score>``."""
     from divo.errors import ConfigError
     from divo.report import make_report
 
-    score = cfg.get("robust_score")
+    score = cfg.get("other_score")
     if not score:
         return []
     out = results / f"report-{str(score).replace(':', '')}"
@@ -313,28 +444,30 @@ def _robustness_section(cfg: Any, results: Path, compare: list[str]) -> list[str
         with warnings.catch_warnings():  # the few-seeds warning is on the page already
             warnings.simplefilter("ignore")
             make_report(
-                [results / "runs"],
+                opts["dirs"],
                 out,
-                compare=compare or None,
+                compare=opts["compare"] or None,
+                reps=opts["reps"],
                 figures=False,
                 score=str(score),
-                command=f"divo report {results / 'runs'}"
-                + (f" --compare {' '.join(compare)}" if compare else "")
-                + f" --score {score} --no-figures --out {out}",
+                tags=opts["tags"],
+                extra_pairs=opts["extra_pairs"],
+                command=_report_command(opts, out, str(score), False),
             )
     except ConfigError as exc:
-        return ["", f"## Robustness: `--score {score}`", "", f"No report yet: {exc}"]
-    lines = ["", f"## Robustness: the same tables with `--score {score}`", ""]
+        return ["", f"## The same tables with `--score {score}`", "", f"No report yet: {exc}"]
+    lines = ["", f"## The same tables with `--score {score}`", ""]
     lines += [
         "One evaluation is 10 episodes of one policy, and a policy's score swings from one "
-        "evaluation to the next; averaging each run's last evaluations (TD3+BC's protocol averages "
-        f"its final 10) damps that. Scored by `--score {score}`:",
+        "evaluation to the next; the mean of a run's last evaluations damps that (TD3+BC's "
+        f"protocol averages its final 10), the final one is what the DIVO paper reports. "
+        f"Scored by `--score {score}`:",
         "",
     ]
     keep = False
     for line in (out / "report.md").read_text().splitlines():
         if line.startswith("## "):
-            keep = line.startswith(ROBUST_SECTIONS)
+            keep = line.startswith(SCORE_SECTIONS)
             line = "#" + line
         if keep:
             lines.append(line)
@@ -342,17 +475,31 @@ def _robustness_section(cfg: Any, results: Path, compare: list[str]) -> list[str
 
 
 def _deployment_section(cfg: Any, done: list[Cell]) -> list[str]:
-    """Per recipe with deployment variants: per dataset, the final score as trained and under
+    """Per recipe with deployment variants (its study cells, and those of each
+    ``earlier_runs`` folder under their tag): per dataset, the final score as trained and under
     each variant, over the same seeds, and their mean paired difference (min, max); beside
     them the first ``compare`` recipe (the study's subject) on those seeds, and the variant's
     paired difference from it, so a re-deployed baseline is read against the subject too."""
     lines: list[str] = []
     compare = [str(r) for r in (cfg.get("compare") or [])]
-    for recipe, variants in (cfg.get("deployments") or {}).items():
-        cells = [c for c in done if c.recipe == str(recipe)]
-        if not cells or not variants:
+    # (label, recipe, the folder holding <recipe>/<dataset>/seed<k>, its cells)
+    groups: list[tuple[str, str, Path, list[Cell]]] = []
+    for recipe in cfg.get("deployments") or {}:
+        recipe = str(recipe)
+        kept = Path(cfg.results) / "runs"
+        groups.append((recipe, recipe, kept, [c for c in done if c.recipe == recipe]))
+        for folder, tag in earlier_folders(cfg).items():
+            cells = [c for c, f, _ in earlier_cells(cfg) if f == folder and c.recipe == recipe]
+            groups.append((f"{recipe} {tag}", recipe, folder, cells))
+    for label, recipe, kept, cells in groups:
+        named = {
+            str(name): items
+            for name, items in (cfg.deployments.get(recipe) or {}).items()
+            if any((kept / c.rel / f"deploy-{name}.json").is_file() for c in cells)
+        }
+        if not cells or not named:
             continue
-        subject = compare[0] if compare and compare[0] != str(recipe) else None
+        subject = compare[0] if compare and compare[0] != recipe else None
         head = "| dataset | variant | seeds | as trained | variant | variant - as trained "
         head += "(min, max) |"
         rule = "|---|---|---|---|---|---|"
@@ -361,25 +508,28 @@ def _deployment_section(cfg: Any, done: list[Cell]) -> list[str]:
             rule += "---|---|"
         lines += [
             "",
-            f"## `{recipe}` deployed otherwise",
+            f"## `{label}` deployed otherwise",
             "",
             "The same trained models, their final policy evaluated again (`divo evaluate --set`, "
             "10 episodes with the final evaluation's episode seeds) with other settings of the "
-            "deployed policy"
+            "deployed policy; every column is a final score (one evaluation), whatever the "
+            "primary score"
             + (f"; beside them `{subject}`'s final score on the same seeds:" if subject else ":"),
             "",
             head,
             rule,
         ]
-        for name, items in variants.items():
+        summaries: list[str] = []
+        for name, items in named.items():
+            by_dataset: list[list[float]] = []  # variant - subject, per dataset
             for dataset in cfg.datasets:
                 pairs: list[tuple[float, float]] = []
                 against: list[tuple[float, float]] = []  # (subject's score, variant's)
                 for cell in cells:
-                    path = deployment_file(cell, cfg, str(name))
+                    path = kept / cell.rel / f"deploy-{name}.json"
                     if cell.dataset != str(dataset) or not path.is_file():
                         continue
-                    trained = _final_score(cell, cfg)
+                    trained = _score_at(kept / cell.rel)
                     variant = json.loads(path.read_text()).get("normalized_score")
                     if trained is None or variant is None:
                         continue
@@ -395,6 +545,8 @@ def _deployment_section(cfg: Any, done: list[Cell]) -> list[str]:
                     f"{_mean(t for t, _ in pairs):.1f} | {_mean(v for _, v in pairs):.1f} | "
                     f"{_spread([v - t for t, v in pairs])} |"
                 )
+                if against:
+                    by_dataset.append([v - s for s, v in against])
                 if subject:
                     fewer = f" ({len(against)} seeds)" if len(against) < len(pairs) else ""
                     row += (
@@ -404,7 +556,40 @@ def _deployment_section(cfg: Any, done: list[Cell]) -> list[str]:
                         else " n/a | n/a |"
                     )
                 lines.append(row)
+            if subject and by_dataset:
+                summaries.append(_over_datasets(subject, " ".join(map(str, items)), by_dataset))
+        if summaries:
+            lines += ["", *summaries]
     return lines
+
+
+def _over_datasets(subject: str, variant: str, by_dataset: list[list[float]]) -> str:
+    """`subject` - variant over the datasets: the mean over datasets of the mean paired
+    difference, its bootstrap and t 95% intervals, and the seed pairs the subject leads."""
+    import numpy as np
+
+    from divo.report import stratified_bootstrap_ci, stratified_t_ci
+
+    diffs = [-np.asarray(d, dtype=float) for d in by_dataset]  # subject minus variant
+    low, high, how = stratified_bootstrap_ci(diffs)
+    t_low, t_high = stratified_t_ci(diffs)
+    estimate = float(np.mean([d.mean() for d in diffs]))
+    ahead = sum(int((d > 0).sum()) for d in diffs)
+    pairs = sum(len(d) for d in diffs)
+    return (
+        f"Over the {len(diffs)} datasets, `{subject}` minus the `{variant}` deployment (final "
+        f"scores): {estimate:+.1f}, 95% bootstrap CI [{low:.1f}, {high:.1f}] ({how}), t CI "
+        f"[{t_low:.1f}, {t_high:.1f}]; `{subject}` ahead on {ahead} of {pairs} seed pairs."
+    )
+
+
+def _score_at(folder: Path) -> float | None:
+    """The final normalised score kept in ``folder/result.json``; None when there is none."""
+    path = folder / "result.json"
+    if not path.is_file():
+        return None
+    score = json.loads(path.read_text()).get("normalized_score")
+    return None if score is None else float(score)
 
 
 def _final_score(cell: Cell, cfg: Any) -> float | None:

@@ -4,6 +4,7 @@ OGBench's oracles (resumable, never half-written), and scored as success rates."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import gymnasium as gym
@@ -156,6 +157,8 @@ def test_generation_resumes_to_the_same_files_and_never_leaves_half_a_file(tmp_p
         assert train["terminals"].sum() == 2 and train["terminals"][-1]
         assert np.abs(train["actions"]).max() <= 1.0
     assert not (tmp_path / "b" / ".cube-single-play-v0.partial").exists()
+    mode = (tmp_path / "b" / "cube-single-play-v0.npz").stat().st_mode & 0o777
+    assert mode & 0o044 == 0o044 or os.umask(os.umask(0)) & 0o044  # readable as any new file
     with pytest.raises(DatasetError, match="--overwrite"):
         factory.generate_ogbench_dataset(_tiny(), tmp_path / "b", progress=False)
 

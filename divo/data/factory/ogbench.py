@@ -241,11 +241,20 @@ def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray], compressed: boo
     try:
         with os.fdopen(fd, "wb") as file:
             (np.savez_compressed if compressed else np.savez)(file, **arrays)
-        os.replace(scratch, path)
+        _publish(scratch, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(scratch)
         raise
+
+
+def _publish(scratch: str, path: Path) -> None:
+    """Move a finished scratch file to its name, readable as a plain new file would be (a
+    scratch file is made private by ``mkstemp``)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(scratch, 0o666 & ~umask)
+    os.replace(scratch, path)
 
 
 def dataset_paths(directory: Path, dataset_name: str) -> tuple[Path, Path, Path]:
@@ -386,7 +395,7 @@ def generate_ogbench_dataset(
     fd, scratch = tempfile.mkstemp(dir=directory, prefix=f".{record_path.name}.", suffix=".tmp")
     with os.fdopen(fd, "w") as file:
         json.dump(record, file, indent=2)
-    os.replace(scratch, record_path)
+    _publish(scratch, record_path)
     shutil.rmtree(partial, ignore_errors=True)
     return record
 

@@ -56,6 +56,8 @@ commands:
                                             (resumable; writes docs/results.md)
   study diffusion-ql-toy [key=value...]     Diffusion-QL on its own toy and on divo's bandit
                                             (resumable; writes docs/diffusion_ql_toy.md)
+  study ogbench [key=value...] [--pilot]    DIVO vs FQL, IQL, TD3+BC on OGBench's singletask
+                                            tasks (resumable; writes docs/ogbench_study.md)
   data build <env id> [options]             train SAC, write D4RL-style Minari datasets
   data pointmaze <umaze|medium> [options]   sparse-reward maze data from a waypoint planner
   data ogbench <env> [options]              OGBench manipulation data from its own oracles

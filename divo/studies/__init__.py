@@ -11,4 +11,5 @@ STUDIES = {
     "bandit": "divo.studies.bandit",
     "locomotion": "divo.studies.locomotion",
     "diffusion-ql-toy": "divo.studies.diffusion_ql_toy",
+    "ogbench": "divo.studies.ogbench",
 }

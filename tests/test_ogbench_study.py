@@ -1,0 +1,90 @@
+"""`divo study ogbench`: the budget comes from the pilot before the grid runs; the data are
+prepared before the cells; the page shows the pilot's curves and the grid's report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("ogbench")
+
+from divo.data.factory import ogbench as factory  # noqa: E402
+from divo.errors import ConfigError  # noqa: E402
+from divo.studies import ogbench as study  # noqa: E402
+
+
+def _cfg(tmp_path: Path, *extra: str):
+    return study.study_config(
+        [
+            f"results={tmp_path / 'results'}",
+            f"work_dir={tmp_path / 'work'}",
+            f"page={tmp_path / 'page.md'}",
+            *extra,
+        ]
+    )
+
+
+def test_the_grid_waits_for_a_budget_chosen_from_the_pilot(tmp_path):
+    cfg = _cfg(tmp_path)
+    assert cfg.steps is None  # shipped: chosen from the pilot, never guessed
+    with pytest.raises(ConfigError, match=r"--pilot.*steps=N"):
+        study.run(cfg, pilot=False)
+    pilot = study.pilot_config(cfg)
+    assert pilot.steps == cfg.pilot.steps and list(pilot.recipes) == list(cfg.pilot.recipes)
+    assert Path(pilot.results) == tmp_path / "results" / "pilot"
+    assert Path(pilot.work_dir) == tmp_path / "work" / "pilot"
+    assert list(pilot.datasets) == [cfg.pilot.dataset]
+
+
+def test_the_page_tables_the_pilot_curves_as_they_grow(tmp_path):
+    cfg = _cfg(tmp_path)
+    pilot = study.pilot_config(cfg)
+    # one finished pilot (kept), one still running (its live run folder)
+    kept = Path(pilot.results) / "runs" / "divo" / str(cfg.pilot.dataset) / "seed0"
+    live = Path(pilot.work_dir) / "fql" / str(cfg.pilot.dataset) / "seed0"
+    for folder, rows in ((kept, [(0, 0.0), (5000, 4.0), (10000, 36.0)]), (live, [(0, 0.0)])):
+        folder.mkdir(parents=True)
+        lines = ["step,normalized_score,loss_critic"]
+        for step, score in rows:
+            lines += [f"{step},{score},", f"{step + 100},,0.5"]
+        (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
+    text = study.write_page(cfg, log=lambda _: None).read_text()
+    assert "| step | divo | fql |" in text
+    assert "| 10,000 | 36 |  |" in text and "| 0 | 0 | 0 |" in text
+    assert "not OGBench's hosted files" in text and "ogbench 1.2.2" in text
+    assert "Grid budget: not chosen yet" in text and "Primary score: `last:3`" in text
+
+
+def test_a_tiny_grid_prepares_its_data_runs_and_reports(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIVO_OGBENCH_DIR", str(tmp_path / "generated"))
+    small = factory.OGBenchGeneration("cube-single", episodes=2, val_episodes=1, episode_steps=61)
+    factory.generate_ogbench_dataset(small, tmp_path / "generated", progress=False)
+    cfg = _cfg(
+        tmp_path,
+        "recipes=[td3bc]",
+        "compare=[td3bc]",
+        "datasets=[cube-single-play-singletask-task1-v0]",
+        "seeds=[0]",
+        "steps=30",
+        "eval_every=10",  # three evaluations: the declared score is the mean of the last 3
+        "checkpoint_every=30",
+        "other_score=null",
+        "reps=200",
+        "overrides=[dataset=ogbench,train.eval_episodes=2,train.eval_at_start=false,"
+        "train.log_every=10]",
+    )
+    logged = []
+    assert study.run(cfg, pilot=False, log=logged.append) == 0
+    assert any("divo-generated file" in line for line in logged)  # found, not regenerated
+    kept = tmp_path / "results" / "runs" / "td3bc" / "cube-single-play-singletask-task1-v0"
+    result = json.loads((kept / "seed0" / "result.json").read_text())
+    assert result["steps"] == 30 and result["success_rate"] is not None
+    page = (tmp_path / "page.md").read_text()
+    assert "grid 1 of 1 cells finished" in page
+    assert "cube-single-play-singletask-task1-v0" in page
+    # run again: nothing to do, the page is written again from the kept files
+    logged.clear()
+    assert study.run(cfg, pilot=False, log=logged.append) == 0
+    assert any("1 of 1 cells done, 0 to run" in line for line in logged)

@@ -296,3 +296,21 @@ def test_train_on_generated_data_reports_success_and_refuses_a_misspelt_task(
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"eval_success_rate", "eval_episode_length_mean", "eval_return_mean"} <= set(header)
     assert "success in" in (run / "train.log").read_text()
+
+
+def test_a_failed_download_falls_back_to_generating(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("DIVO_OGBENCH_DIR", str(tmp_path / "generated"))
+
+    def offline(names, dataset_dir):
+        raise OSError("no network here")
+
+    monkeypatch.setattr(ogbench, "download_datasets", offline)
+    monkeypatch.setattr(factory, "generation_settings", lambda *args, **kw: _tiny())
+    ident = reader.parse_id("cube-single-play-singletask-v0")
+    hosted = str(tmp_path / "hosted")
+    with pytest.raises(DatasetError, match="downloading them failed.*no network"):
+        reader.find_files(ident, data_dir=hosted, download=True, generate=False)
+    with caplog.at_level("WARNING", logger="divo"):
+        found = reader.find_files(ident, data_dir=hosted, download=True)
+    assert found.source == "generated" and found.train.is_file()
+    assert "generating it here instead" in caplog.text

@@ -200,6 +200,25 @@ def find_files(
     from divo.data.factory.ogbench import GENERATED_ENVS
 
     can_generate = generate and files != "hosted" and ident.env in GENERATED_ENVS
+    if download and files != "generated":  # the hosted files first: what papers report on
+        ogbench = require_ogbench()
+        try:
+            ogbench.download_datasets([name], dataset_dir=str(hosted))
+            return FoundFiles(hosted / f"{name}.npz", "hosted", None)
+        except Exception as exc:  # no network, server down, ...
+            if not can_generate:
+                raise DatasetError(
+                    f"OGBench data {name} are not in {hosted} or {generated}, and downloading "
+                    f"them failed ({type(exc).__name__}: {exc}); download {name}.npz and "
+                    f"{name}-val.npz into {hosted}, or generate them: divo data ogbench "
+                    f"{ident.env}"
+                ) from exc
+            _log.warning(
+                "downloading OGBench's %s failed (%s: %s); generating it here instead",
+                name,
+                type(exc).__name__,
+                exc,
+            )
     if can_generate:
         from divo.data.factory import ogbench as factory
 
@@ -214,20 +233,8 @@ def find_files(
             ident.env,
         )
         factory.generate_ogbench_dataset(settings, generated)
-        return FoundFiles(
-            generated / f"{name}.npz", "generated", _record(generated / f"{name}.npz")
-        )
-    if download and files != "generated":
-        ogbench = require_ogbench()
-        try:
-            ogbench.download_datasets([name], dataset_dir=str(hosted))
-        except Exception as exc:  # no network, server down, ...
-            raise DatasetError(
-                f"OGBench data {name} are not in {hosted} or {generated}, and downloading them "
-                f"failed ({type(exc).__name__}: {exc}); download {name}.npz and {name}-val.npz "
-                f"into {hosted}, or generate them: divo data ogbench {ident.env}"
-            ) from exc
-        return FoundFiles(hosted / f"{name}.npz", "hosted", None)
+        train = generated / f"{name}.npz"
+        return FoundFiles(train, "generated", _record(train))
     ways = []
     if ident.env in GENERATED_ENVS:
         ways.append(f"generate them with `divo data ogbench {ident.env}`")

@@ -296,6 +296,10 @@ def test_train_on_generated_data_reports_success_and_refuses_a_misspelt_task(
     header = (run / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {"eval_success_rate", "eval_episode_length_mean", "eval_return_mean"} <= set(header)
     assert "success in" in (run / "train.log").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--episodes", "3"]) == 0  # scored as training scored it
+    out = capsys.readouterr().out
+    assert "success in" in out and "of 3 episodes" in out
 
 
 def test_a_failed_download_falls_back_to_generating(tmp_path, monkeypatch, caplog):

@@ -318,3 +318,25 @@ def test_a_failed_download_falls_back_to_generating(tmp_path, monkeypatch, caplo
         found = reader.find_files(ident, data_dir=hosted, download=True)
     assert found.source == "generated" and found.train.is_file()
     assert "generating it here instead" in caplog.text
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "pickled", "nan"])
+def test_damaged_or_hostile_files_are_refused_in_one_line(tmp_path, damage):
+    ident = reader.parse_id("cube-single-play-singletask-v0")
+    _hand_made(tmp_path, ident.dataset_name, ident.env_name, np.random.default_rng(1))
+    train = tmp_path / f"{ident.dataset_name}.npz"
+    if damage == "garbage":
+        train.write_bytes(b"not a zip file at all")
+    elif damage == "truncated":
+        train.write_bytes(train.read_bytes()[:200])
+    else:
+        with np.load(train) as stored:
+            arrays = {key: stored[key] for key in stored.files}
+        if damage == "pickled":  # an object array: loading it would unpickle (run code)
+            arrays["observations"] = np.array([object()] * len(arrays["actions"]), dtype=object)
+        else:
+            arrays["observations"][3, 0] = np.nan
+        np.savez(train, **arrays)
+    match = "non-finite" if damage == "nan" else "cannot be read"
+    with pytest.raises(DatasetError, match=match):
+        load_offline_data(ident.dataset_id, data_dir=str(tmp_path), files="hosted", download=False)

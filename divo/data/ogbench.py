@@ -38,6 +38,7 @@ import logging
 import os
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -269,7 +270,7 @@ def read_ogbench(
         with warnings.catch_warnings():  # gymnasium's float32 casts of OGBench's bounds
             warnings.simplefilter("ignore")
             env, train, _ = ogbench.make_env_and_datasets(dataset_id, dataset_path=str(found.train))
-    except (OSError, ValueError, KeyError, IndexError) as exc:
+    except (OSError, ValueError, KeyError, IndexError, EOFError, zipfile.BadZipFile) as exc:
         raise DatasetError(
             f"OGBench data {found.train} (and its -val.npz) cannot be read "
             f"({type(exc).__name__}: {exc}); delete them and generate or download them again"

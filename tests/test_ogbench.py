@@ -340,3 +340,14 @@ def test_damaged_or_hostile_files_are_refused_in_one_line(tmp_path, damage):
     match = "non-finite" if damage == "nan" else "cannot be read"
     with pytest.raises(DatasetError, match=match):
         load_offline_data(ident.dataset_id, data_dir=str(tmp_path), files="hosted", download=False)
+
+
+def test_generated_files_are_never_taken_for_hosted_ones(tmp_path, monkeypatch):
+    monkeypatch.setenv("DIVO_OGBENCH_DIR", str(tmp_path / "elsewhere"))
+    hosted = tmp_path / "hosted"  # generated into OGBench's own folder by mistake
+    factory.generate_ogbench_dataset(_tiny(), hosted, progress=False)
+    ident = reader.parse_id("cube-single-play-singletask-v0")
+    found = reader.find_files(ident, data_dir=str(hosted), generate=False)
+    assert found.source == "generated" and "divo-generated" in found.describe()
+    with pytest.raises(DatasetError, match="not found"):  # files=hosted: only OGBench's own
+        reader.find_files(ident, data_dir=str(hosted), files="hosted", generate=False)

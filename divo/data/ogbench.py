@@ -195,7 +195,9 @@ def find_files(
     hosted = hosted_dir(data_dir)
     generated = generated_dir()
     if files in ("auto", "hosted") and (train := _pair(hosted, name)) is not None:
-        return FoundFiles(train, "hosted", None)
+        record = _record(train)  # divo's record beside it: generated here, whatever the folder
+        if record is None or files == "auto":
+            return FoundFiles(train, "hosted" if record is None else "generated", record)
     if files in ("auto", "generated") and (train := _pair(generated, name)) is not None:
         return FoundFiles(train, "generated", _record(train))
     from divo.data.factory.ogbench import GENERATED_ENVS

@@ -285,7 +285,8 @@ def write_page(cfg: Any, log=print) -> Path:
     page = Path(cfg.page)
     cells = study_cells(cfg)
     done = [c for c in cells if is_done(c, cfg)]
-    report_dir = results / "report"
+    reports = Path(cfg.get("report_root") or results)  # where report/ and report-<score>/ go
+    report_dir = reports / "report"
     rel_report = os.path.relpath(report_dir, page.parent)
     body: list[str] = []
     opts = _report_settings(cfg, done)
@@ -310,7 +311,7 @@ def write_page(cfg: Any, log=print) -> Path:
                 if line.startswith("## "):
                     line = "#" + line
                 body.append(_relink(line, rel_report))
-        body += _other_score_section(cfg, results, opts)
+        body += _other_score_section(cfg, reports, opts)
         body += _deployment_section(cfg, done)
     else:
         body = ["No cell has finished yet."]

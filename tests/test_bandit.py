@@ -112,3 +112,26 @@ def test_builtin_dataset_is_created_on_first_use():
     assert data.can_evaluate
     # a second use reads the stored copy
     assert load_offline_data(BANDIT_DATASET_ID).num_transitions == size
+
+
+def test_the_rare_best_variant_holds_the_best_mode_in_five_percent_of_the_actions():
+    from divo.data.bandit import (
+        MODE_CENTERS,
+        RARE_BANDIT_DATASET_ID,
+        RARE_BEST_SHARE,
+        best_mode_index,
+        rare_best_shares,
+    )
+
+    shares = rare_best_shares()
+    assert shares[best_mode_index()] == RARE_BEST_SHARE and abs(shares.sum() - 1) < 1e-12
+    data = load_offline_data(RARE_BANDIT_DATASET_ID)
+    actions = data.data["action"].numpy()
+    nearest = ((actions[:, None, :] - MODE_CENTERS[None]) ** 2).sum(-1).argmin(1)
+    counts = np.bincount(nearest, minlength=len(MODE_CENTERS)) / len(actions)
+    np.testing.assert_allclose(counts, shares, atol=1.0 / len(actions))
+    assert data.ref_max_score == 1.0  # the same bandit, only the data differ
+    with pytest.raises(ValueError, match="shares summing to 1"):
+        from divo.data.bandit import bandit_episodes
+
+        bandit_episodes(10, mode_shares=np.array([0.5, 0.5, 0.5, 0.0]))

@@ -82,6 +82,22 @@ BANDIT_DATA_SEED = 0
 BANDIT_REF_MIN_SAMPLES = 1_000_000  # Monte Carlo samples of the uniform-random policy's return
 BANDIT_REF_MIN_SEED = 12345
 BANDIT_REF_MAX_SCORE = 1.0  # the best mode's payoff: r(best centre) = 1.0
+# The rare-best variant: the best-paying mode holds only this share of the actions, the other
+# three the rest equally; an unfiltered behaviour model seldom proposes the best mode there,
+# which is where filtering the model's training data by advantage (PAD) should matter, if
+# anywhere (issue 32).
+RARE_BANDIT_DATASET_ID = "divo/bandit/rare-best-v0"
+RARE_BEST_SHARE = 0.05
+
+
+def rare_best_shares(best_share: float = RARE_BEST_SHARE) -> np.ndarray:
+    """Mode shares ``[4]`` with ``best_share`` on the best-paying mode, the rest equal."""
+    if not 0.0 < best_share < 1.0:
+        raise ValueError(f"best_share must be in (0, 1), got {best_share}")
+    others = len(MODE_CENTERS) - 1
+    shares = np.full(len(MODE_CENTERS), (1.0 - best_share) / others)
+    shares[best_mode_index()] = best_share
+    return shares
 
 
 def bandit_random_return(
@@ -98,15 +114,26 @@ def bandit_episodes(
     *,
     std: float = BANDIT_MODE_STD,
     seed: int = BANDIT_DATA_SEED,
+    mode_shares: np.ndarray | None = None,
 ) -> list[dict[str, np.ndarray]]:
-    """Behaviour data for the bandit: ``num_samples`` one-step episodes, equally from each mode.
+    """Behaviour data for the bandit: ``num_samples`` one-step episodes, equally from each mode
+    (or in the proportions ``mode_shares`` ``[4]``, in the order of ``MODE_CENTERS``).
 
     Actions ~ N(centre_k, std^2 I) clipped to [-1, 1], with the modes in a shuffled order;
     rewards are the bandit's reward of the (clipped) action; every episode terminates.
     """
     rng = np.random.default_rng(seed)
     num_modes = len(MODE_CENTERS)
-    modes = np.arange(num_samples) % num_modes  # equal counts (up to one when not divisible)
+    if mode_shares is None:
+        modes = np.arange(num_samples) % num_modes  # equal counts (up to one when not divisible)
+    else:
+        shares = np.asarray(mode_shares, dtype=np.float64)
+        if shares.shape != (num_modes,) or (shares < 0).any() or abs(shares.sum() - 1) > 1e-9:
+            raise ValueError(f"mode_shares must be {num_modes} shares summing to 1, got {shares}")
+        # counts that add up to num_samples, each within one of its share
+        counts = np.diff(np.round(np.concatenate([[0.0], np.cumsum(shares)]) * num_samples))
+        counts = counts.astype(int)
+        modes = np.repeat(np.arange(num_modes), counts)
     rng.shuffle(modes)
     actions = MODE_CENTERS[modes] + std * rng.standard_normal((num_samples, MODE_CENTERS.shape[1]))
     actions = np.clip(actions, -1.0, 1.0).astype(np.float32)
@@ -126,25 +153,43 @@ def bandit_episodes(
 
 
 def build_bandit_dataset(
-    dataset_id: str = BANDIT_DATASET_ID, *, num_samples: int | None = None
+    dataset_id: str = BANDIT_DATASET_ID,
+    *,
+    num_samples: int | None = None,
+    mode_shares: np.ndarray | None = None,
 ) -> minari.MinariDataset:
-    """Write the multimodal-bandit dataset (deterministic: fixed seeds).
+    """Write the multimodal-bandit dataset (deterministic: fixed seeds); ``mode_shares`` as in
+    :func:`bandit_episodes` (default: equal).
 
     ``num_samples`` defaults to the module's ``BANDIT_NUM_SAMPLES``, read at call time.
     """
     num_samples = BANDIT_NUM_SAMPLES if num_samples is None else num_samples
+    shares = (
+        "equally"
+        if mode_shares is None
+        else (
+            "in the shares " + ", ".join(f"{x:.3g}" for x in mode_shares) + " (in the order below)"
+        )
+    )
     return write_minari_dataset(
         dataset_id,
-        bandit_episodes(num_samples),
+        bandit_episodes(num_samples, mode_shares=mode_shares),
         env=BANDIT_ENV_ID,
         ref_min_score=bandit_random_return(),
         ref_max_score=BANDIT_REF_MAX_SCORE,
         algorithm_name="four-gaussian-mixture",
         description=(
             f"Diffusion-QL's 2-D multimodal bandit: {num_samples} one-step episodes whose actions "
-            f"are drawn equally from four Gaussians (std {BANDIT_MODE_STD}, clipped to [-1, 1]) "
+            f"are drawn {shares} from four Gaussians (std {BANDIT_MODE_STD}, clipped to [-1, 1]) "
             "at (+-0.8, +-0.8), paying 1.0 at (-0.8, 0.8), 0.5 at (0.8, -0.8), 0.25 at "
             "(0.8, 0.8) and 0 at (-0.8, -0.8). ref_min_score: uniform random action; "
             "ref_max_score: the best mode's centre."
         ),
     )
+
+
+def build_rare_bandit_dataset(
+    dataset_id: str = RARE_BANDIT_DATASET_ID, *, num_samples: int | None = None
+) -> minari.MinariDataset:
+    """The rare-best bandit: the best-paying mode holds ``RARE_BEST_SHARE`` of the actions."""
+    return build_bandit_dataset(dataset_id, num_samples=num_samples, mode_shares=rare_best_shares())

@@ -22,7 +22,12 @@ import minari
 from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage.datasets_root_dir import get_dataset_path
 
-from divo.data.bandit import BANDIT_DATASET_ID, build_bandit_dataset
+from divo.data.bandit import (
+    BANDIT_DATASET_ID,
+    RARE_BANDIT_DATASET_ID,
+    build_bandit_dataset,
+    build_rare_bandit_dataset,
+)
 from divo.data.paths import is_local, minari_root, transitions_cache_path
 from divo.errors import DatasetError, install_hint
 
@@ -68,6 +73,7 @@ def copy_shipped_dataset(dataset_id: str) -> minari.MinariDataset:
 BUILTIN_DATASETS: dict[str, Callable[[str], Any]] = {
     **{dataset_id: copy_shipped_dataset for dataset_id in shipped_datasets()},
     BANDIT_DATASET_ID: build_bandit_dataset,
+    RARE_BANDIT_DATASET_ID: build_rare_bandit_dataset,  # the best mode in 5% of the actions
     # sparse-reward navigation (waypoint planner + PD controller; needs the maze extra)
     "divo/pointmaze/umaze-v0": _pointmaze_builder("umaze"),
     "divo/pointmaze/medium-v0": _pointmaze_builder("medium"),

@@ -276,43 +276,58 @@ def _report_command(opts: dict[str, Any], out: Path, score: str, figures: bool) 
     return text
 
 
-def write_page(cfg: Any, log=print) -> Path:
-    """Rerun ``divo report`` over the finished cells and write the results page."""
+def report_lines(cfg: Any, done: list[Cell], page: Path) -> list[str]:
+    """Rerun ``divo report`` over the finished cells (scored by ``primary_score``, then
+    ``other_score`` in a section of its own): its text for the page, links pointing into the
+    report folder, or why there is no report yet."""
     from divo.errors import ConfigError
     from divo.report import make_report
 
-    results = Path(cfg.results)
-    page = Path(cfg.page)
-    cells = study_cells(cfg)
-    done = [c for c in cells if is_done(c, cfg)]
-    reports = Path(cfg.get("report_root") or results)  # where report/ and report-<score>/ go
+    reports = Path(cfg.get("report_root") or cfg.results)  # where report/, report-<score>/ go
     report_dir = reports / "report"
     rel_report = os.path.relpath(report_dir, page.parent)
     body: list[str] = []
     opts = _report_settings(cfg, done)
     primary = str(cfg.get("primary_score") or "final")
+    try:
+        make_report(
+            opts["dirs"],
+            report_dir,
+            compare=opts["compare"] or None,
+            reps=opts["reps"],
+            score=primary,
+            tags=opts["tags"],
+            extra_pairs=opts["extra_pairs"],
+            command=_report_command(opts, report_dir, primary, True),
+        )
+    except ConfigError as exc:
+        body = [f"No report yet: {exc}"]
+    else:
+        text = (report_dir / "report.md").read_text().splitlines()
+        for line in text[1:]:  # the report without its title, links into report/
+            if line.startswith("## "):
+                line = "#" + line
+            body.append(_relink(line, rel_report))
+    return body + _other_score_section(cfg, reports, opts)
+
+
+def grid_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a grid study's command line: --config, --jobs, --dry-run."""
+    parser.add_argument(
+        "--config", default=None, help="a YAML file of settings merged over the shipped ones"
+    )
+    parser.add_argument("--jobs", type=int, default=None, help="cells side by side")
+    parser.add_argument("--dry-run", action="store_true", help="list the cells' commands")
+
+
+def write_page(cfg: Any, log=print) -> Path:
+    """Rerun ``divo report`` over the finished cells and write the results page."""
+    results = Path(cfg.results)
+    page = Path(cfg.page)
+    cells = study_cells(cfg)
+    done = [c for c in cells if is_done(c, cfg)]
     if done:
-        try:
-            make_report(
-                opts["dirs"],
-                report_dir,
-                compare=opts["compare"] or None,
-                reps=opts["reps"],
-                score=primary,
-                tags=opts["tags"],
-                extra_pairs=opts["extra_pairs"],
-                command=_report_command(opts, report_dir, primary, True),
-            )
-        except ConfigError as exc:
-            body = [f"No report yet: {exc}"]
-        else:
-            text = (report_dir / "report.md").read_text().splitlines()
-            for line in text[1:]:  # the report without its title, links into report/
-                if line.startswith("## "):
-                    line = "#" + line
-                body.append(_relink(line, rel_report))
-        body += _other_score_section(cfg, reports, opts)
-        body += _deployment_section(cfg, done)
+        body = report_lines(cfg, done, page) + _deployment_section(cfg, done)
     else:
         body = ["No cell has finished yet."]
     notes = Path(cfg.notes) if cfg.get("notes") else None  # null: a page without notes
@@ -666,20 +681,13 @@ def study_command(argv: Sequence[str]) -> int:
     """``divo study locomotion [key=value ...] [--config FILE] [--jobs N] [--page-only]
     [--dry-run]``."""
 
-    def options(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--config", default=None, help="a YAML file of settings merged over the shipped ones"
-        )
-        parser.add_argument("--jobs", type=int, default=None, help="cells side by side")
-        parser.add_argument("--dry-run", action="store_true", help="list the cells' commands")
-
     ns = study_arguments(
         "divo study locomotion",
         "DIVO, TD3+BC and DIVO's ablations over MuJoCo datasets and seeds; resumable, rewrites "
         "the results page after every cell.",
         argv,
         STUDY_CONFIG,
-        options,
+        grid_options,
     )
     cfg = study_config(ns.overrides, ns.config)
     if ns.page_only:

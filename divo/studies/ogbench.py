@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -30,12 +29,10 @@ from omegaconf import OmegaConf
 from divo.errors import ConfigError
 from divo.studies.locomotion import (
     Cell,
-    _other_score_section,
-    _relink,
-    _report_command,
-    _report_settings,
     _score_declaration,
+    grid_options,
     is_done,
+    report_lines,
     run_cell,
     study_cells,
     time_left,
@@ -182,9 +179,6 @@ def _pilot_section(cfg: Any) -> list[str]:
 
 def write_page(cfg: Any, log=print) -> Path:
     """The study's page: the data's provenance, the pilot, the grid's report."""
-    from divo.report import make_report
-
-    results = Path(cfg.results)
     page = Path(cfg.page)
     done: list[Cell] = []
     total = None
@@ -225,23 +219,7 @@ def write_page(cfg: Any, log=print) -> Path:
         lines += [notes.read_text().strip(), ""]
     lines += _pilot_section(cfg)
     if done:
-        report_dir = results / "report"
-        opts = _report_settings(cfg, done)
-        primary = str(cfg.get("primary_score") or "final")
-        make_report(
-            opts["dirs"],
-            report_dir,
-            compare=opts["compare"] or None,
-            reps=opts["reps"],
-            score=primary,
-            tags=opts["tags"],
-            extra_pairs=opts["extra_pairs"],
-            command=_report_command(opts, report_dir, primary, True),
-        )
-        rel = os.path.relpath(report_dir, page.parent)
-        for line in (report_dir / "report.md").read_text().splitlines()[1:]:
-            lines.append(_relink("#" + line if line.startswith("## ") else line, rel))
-        lines += _other_score_section(cfg, results, opts)
+        lines += report_lines(cfg, done, page)
     page.parent.mkdir(parents=True, exist_ok=True)
     page.write_text("\n".join(lines).rstrip() + "\n")
     log(f"{NAME}: page -> {page}")
@@ -256,11 +234,7 @@ def study_command(argv: Sequence[str]) -> int:
         parser.add_argument(
             "--pilot", action="store_true", help="run (or resume) the budget pilot's cells"
         )
-        parser.add_argument(
-            "--config", default=None, help="a YAML file of settings merged over the shipped ones"
-        )
-        parser.add_argument("--jobs", type=int, default=None, help="cells side by side")
-        parser.add_argument("--dry-run", action="store_true", help="list the cells' commands")
+        grid_options(parser)
 
     ns = study_arguments(
         NAME,

@@ -303,7 +303,6 @@ def read_ogbench(
         "observation_space": observation_space,
         "action_space": action_space,
         "provenance": found.describe(),
-        "source": found.source,
     }
 
 

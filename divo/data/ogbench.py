@@ -155,15 +155,20 @@ class FoundFiles:
     record: dict[str, Any] | None  # divo's generation record (generated files only)
 
     def describe(self) -> str:
+        """Where the files came from, the home folder written as ``~`` (this text goes into
+        result.json and train.log, which studies commit)."""
+        home = Path.home()
+        inside = self.train.is_relative_to(home)
+        shown = f"~/{self.train.relative_to(home)}" if inside else self.train
         if self.source == "hosted":
-            return f"OGBench's file {self.train}"
+            return f"OGBench's file {shown}"
         settings = (self.record or {}).get("settings", {})
         episodes = settings.get("episodes")
         note = ""
         if episodes is not None and episodes < 1000:
             note = f"; {episodes} episodes, OGBench's file has 1000"
         seed = settings.get("seed")
-        return f"divo-generated file {self.train} (OGBench's oracles, seed {seed}{note})"
+        return f"divo-generated file {shown} (OGBench's oracles, seed {seed}{note})"
 
 
 def _pair(directory: Path, name: str) -> Path | None:

@@ -177,6 +177,7 @@ def critic_calibration(
     gamma: float,
     reward_transform: Callable[[np.ndarray], np.ndarray] = lambda r: r,
     tail: float = 0.01,
+    reward_max: float | None = None,
     device: str | torch.device = "cpu",
     batch_size: int = 4096,
 ) -> dict[str, float] | None:
@@ -192,14 +193,33 @@ def critic_calibration(
 
     Returns ``eval_q`` (mean Q_t), ``eval_return_to_go`` (mean G_t) and ``eval_q_bias``
     (mean Q_t - G_t: > 0, the critic overestimates the deployed policy; on the same scale as
-    Q, so compare it with ``eval_q``), or None when no step qualifies.
+    Q, so compare it with ``eval_q``) over the steps that qualify.
+
+    ``reward_max``: the most one step can pay in training-reward units, when the task states it
+    (OGBench: 0). Then every step of every episode counts in a one-sided check: a truncated
+    episode's missing tail pays at most ``gamma^(T-t) max(reward_max, 0) / (1 - gamma)`` (an
+    episode may also terminate, after which nothing is paid), so ``G_t`` is at most the
+    observed part plus that, and ``eval_q_all`` (mean Q_t over all steps),
+    ``eval_return_to_go_max`` (mean bound on G_t) and ``eval_q_bias_min`` (mean Q_t minus the
+    bound: the critic overestimates the deployed policy on these steps by at least this much)
+    join the result. This is the check that remains when every episode runs into its time limit
+    (a goal-reaching policy that never succeeds).
+
+    Returns None when no step qualifies for either check.
     """
     if not 0.0 < tail < 1.0:
         raise ValueError(f"tail must be in (0, 1), got {tail}")
     if not 0.0 <= gamma <= 1.0:
         raise ValueError(f"gamma must be in [0, 1], got {gamma}")
     horizon = math.inf if gamma >= 1.0 else (math.log(tail) / math.log(gamma) if gamma > 0 else 0)
-    observations, actions, targets = [], [], []
+    bounded = reward_max is not None
+    if bounded and not math.isfinite(reward_max):
+        raise ValueError(f"reward_max must be finite, got {reward_max}")
+    if bounded and reward_max > 0 and gamma >= 1.0:
+        bounded = False  # an undiscounted tail of positive rewards has no finite bound
+    # the most a step's missing tail can pay, per unit of gamma^(steps to the truncation)
+    tail_max = 0.0 if not bounded or reward_max <= 0 else reward_max / (1.0 - gamma)
+    observations, actions, go_all, go_max, keeps = [], [], [], [], []
     for episode in trajectories:
         reward = np.asarray(reward_transform(np.asarray(episode["reward"], np.float64)))
         length = len(reward)
@@ -209,15 +229,19 @@ def critic_calibration(
             running = float(reward[t]) + gamma * running
             go[t] = running
         if episode["terminated"]:
-            keep = length
+            keep, bound = length, go
         else:  # the tail past the truncation is missing: keep steps where it weighs < tail
             keep = 0 if length < horizon else math.floor(length - horizon) + 1
-        if keep == 0:
+            bound = go + tail_max * gamma ** np.arange(length, 0, -1, dtype=np.float64)
+        if keep == 0 and not bounded:
             continue
-        observations.append(np.asarray(episode["observation"][:keep], np.float32))
-        actions.append(np.asarray(episode["action"][:keep], np.float32))
-        targets.append(go[:keep])
-    if not targets:
+        end = length if bounded else keep
+        observations.append(np.asarray(episode["observation"][:end], np.float32))
+        actions.append(np.asarray(episode["action"][:end], np.float32))
+        go_all.append(go[:end])
+        go_max.append(bound[:end])
+        keeps.append(np.arange(end) < keep)
+    if not observations or not sum(len(g) for g in go_all):
         return None
     obs = torch.as_tensor(np.concatenate(observations), device=device)
     act = torch.as_tensor(np.concatenate(actions), device=device)
@@ -229,12 +253,18 @@ def critic_calibration(
             ]
         )
     q = q.to("cpu", torch.float64).numpy()
-    go = np.concatenate(targets)
-    return {
-        "eval_q": float(q.mean()),
-        "eval_return_to_go": float(go.mean()),
-        "eval_q_bias": float((q - go).mean()),
-    }
+    go, keep = np.concatenate(go_all), np.concatenate(keeps)
+    out: dict[str, float] = {}
+    if keep.any():
+        out["eval_q"] = float(q[keep].mean())
+        out["eval_return_to_go"] = float(go[keep].mean())
+        out["eval_q_bias"] = float((q[keep] - go[keep]).mean())
+    if bounded:
+        bound = np.concatenate(go_max)
+        out["eval_q_all"] = float(q.mean())
+        out["eval_return_to_go_max"] = float(bound.mean())
+        out["eval_q_bias_min"] = float((q - bound).mean())
+    return out
 
 
 __all__ = ["Policy", "critic_calibration", "evaluate_policy", "normalized_score"]

@@ -95,6 +95,9 @@ def _critic_calibration(agent, data, cfg, trajectories, device) -> dict[str, flo
         return None
     factor = float(cfg.dataset.reward_scale) * float(data.reward_factor)
     shift = float(cfg.dataset.reward_shift)
+    reward_max = getattr(data, "reward_max", None)
+    if reward_max is not None:  # an upper bound stays one only under an increasing transform
+        reward_max = factor * reward_max + shift if factor >= 0 else None
     was_training = critic.training
     critic.eval()
     try:
@@ -103,6 +106,7 @@ def _critic_calibration(agent, data, cfg, trajectories, device) -> dict[str, flo
             lambda obs, act: critic.min_q(normalizer(obs), act),
             gamma=float(cfg.critic.loss.gamma),
             reward_transform=lambda r: factor * r + shift,
+            reward_max=reward_max,
             device=device,
         )
     finally:
@@ -159,6 +163,56 @@ def _observation_keys(cfg: DictConfig) -> list[str] | None:
     return [str(keys)] if isinstance(keys, str) else [str(key) for key in keys]
 
 
+# The critic check's alarm: after step 0, the critic's Q on the evaluation policy's own steps
+# exceeds the discounted return that followed by more than this share of the larger of the two
+# in size. Chosen on the committed locomotion cells: of their 120 evaluations after step 0 that
+# logged the check, one rings it (0.68, a run whose score had fallen to 11.7) and the others
+# stay at or below 0.21.
+OVERESTIMATION_ALARM = 0.5
+
+
+def critic_overestimation(row: dict[str, Any]) -> dict[str, Any] | None:
+    """The critic check's alarm on one evaluation's metrics (a metrics.csv row or the row
+    being logged): ``{"q", "return_to_go", "excess", "bound"}`` when the critic overestimates
+    the deployed policy by more than ``OVERESTIMATION_ALARM`` of the larger of Q and the return
+    in size, else None. ``bound``: the return is an upper bound (``eval_q_bias_min``, every
+    episode ran into its time limit with only the most the missing tail could pay added), so
+    the excess is at least this much; else it is the exact check (``eval_q_bias``)."""
+
+    def number(key: str) -> float | None:
+        value = row.get(key)
+        value = _float(value) if isinstance(value, str) else value
+        return float(value) if value is not None and math.isfinite(float(value)) else None
+
+    found = [
+        (number("eval_q"), number("eval_return_to_go"), number("eval_q_bias"), False),
+        (number("eval_q_all"), number("eval_return_to_go_max"), number("eval_q_bias_min"), True),
+    ]
+    for q, go, excess, bound in found:
+        if q is None or go is None or excess is None:
+            continue
+        if excess > OVERESTIMATION_ALARM * max(abs(q), abs(go)) and excess > 0:
+            return {"q": q, "return_to_go": go, "excess": excess, "bound": bound}
+    return None
+
+
+def critic_alarms(run_dir: Path) -> list[dict[str, Any]]:
+    """Every evaluation after step 0 in ``<run_dir>/metrics.csv`` where the critic check's alarm
+    rang (:func:`critic_overestimation`), in step order, for result.json."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.exists():
+        return []
+    alarms = []
+    with path.open(newline="") as f:
+        for row in csv.DictReader(f):
+            if int(row["step"]) == 0:
+                continue
+            found = critic_overestimation(row)
+            if found is not None:
+                alarms.append({"step": int(row["step"]), **found})
+    return alarms
+
+
 def check_finite(row: dict[str, float], step: int, checkpointer: Checkpointer) -> None:
     bad = [k for k, v in row.items() if not math.isfinite(v)]
     if bad:
@@ -213,14 +267,38 @@ def evaluate_into_row(
                 last_eval["return_std"],
                 last_eval["episode_length_mean"],
             )
-        if last_eval.get("critic"):
+        critic = last_eval.get("critic") or {}
+        if "eval_q_bias" in critic:
             log.info(
                 "step %d: critic min Q %.2f, discounted return %.2f on the policy's own steps "
                 "(Q - return %+.2f)",
                 step,
-                last_eval["critic"]["eval_q"],
-                last_eval["critic"]["eval_return_to_go"],
-                last_eval["critic"]["eval_q_bias"],
+                critic["eval_q"],
+                critic["eval_return_to_go"],
+                critic["eval_q_bias"],
+            )
+        if "eval_q_bias_min" in critic:
+            log.info(
+                "step %d: critic min Q %.2f on all the policy's steps, discounted return that "
+                "followed at most %.2f (Q - return >= %+.2f)",
+                step,
+                critic["eval_q_all"],
+                critic["eval_return_to_go_max"],
+                critic["eval_q_bias_min"],
+            )
+        alarm = critic_overestimation(critic) if step > 0 else None
+        if alarm is not None:
+            log.warning(
+                "step %d: the critic overestimates the policy it is checked on by %s%.2f (Q %.2f "
+                "against a discounted return of %s%.2f on the policy's own evaluation steps): an "
+                "actor that follows this critic's gradient is steered toward actions it "
+                "overvalues (see docs/runs.md, 'The critic check')",
+                step,
+                "at least " if alarm["bound"] else "",
+                alarm["excess"],
+                alarm["q"],
+                "at most " if alarm["bound"] else "",
+                alarm["return_to_go"],
             )
     return last_eval
 
@@ -299,6 +377,9 @@ def run_result(
         # model selection, as Diffusion-QL's paper reports: the best evaluation during training,
         # beside (never instead of) the final policy's numbers above
         "best_during_training": best_evaluation(run_dir),
+        # evaluations where the critic overestimated the deployed policy by more than
+        # OVERESTIMATION_ALARM of its scale (each one also a warning in train.log)
+        "critic_overestimation": critic_alarms(run_dir),
         # each scheduled learning rate's horizon (a reference run's length, or compressed into
         # this run's steps) and the share of its starting rate the last update used
         "lr_schedules": lr_schedule_record(cfg),

@@ -175,3 +175,76 @@ def test_critic_calibration_by_hand():
     assert whole["eval_return_to_go"] == pytest.approx((6 + 5 + 3) / 3)
     with pytest.raises(ValueError, match="tail"):
         critic_calibration([terminated], q_value, gamma=0.5, tail=0.0)
+
+
+def test_the_one_sided_critic_check_bounds_what_a_truncated_tail_could_pay():
+    """With a reward ceiling every step counts: the return that followed is at most the
+    observed part plus gamma^(T-t) max(ceiling, 0) / (1 - gamma), so Q minus that bound is at
+    least the critic's overestimation."""
+    truncated = {
+        "observation": np.zeros((4, 1), np.float32),
+        "action": np.full((4, 1), -1.0, np.float32),
+        "reward": -np.ones(4),
+        "terminated": False,
+    }
+    terminated = {
+        "observation": np.zeros((2, 1), np.float32),
+        "action": np.full((2, 1), -0.5, np.float32),
+        "reward": np.array([-1.0, 0.0]),
+        "terminated": True,
+    }
+
+    def q_value(obs, act):
+        return act[:, :1]
+
+    gamma = 0.5
+    observed = [sum(-(gamma**k) for k in range(4 - t)) for t in range(4)]
+    # ceiling 0 (OGBench): nothing is added; the exact check keeps only the terminated episode
+    out = critic_calibration([truncated, terminated], q_value, gamma=gamma, reward_max=0.0)
+    bound = np.array(observed + [-1.0, 0.0])
+    q = np.array([-1.0] * 4 + [-0.5] * 2)
+    assert out["eval_return_to_go_max"] == pytest.approx(bound.mean())
+    assert out["eval_q_all"] == pytest.approx(q.mean())
+    assert out["eval_q_bias_min"] == pytest.approx((q - bound).mean())
+    assert out["eval_q_bias"] == pytest.approx(np.mean([-0.5 - -1.0, -0.5 - 0.0]))
+    # a positive ceiling adds the most the missing tail could pay
+    out = critic_calibration([truncated], q_value, gamma=gamma, reward_max=2.0, tail=1e-4)
+    tail = [gamma ** (4 - t) * 2.0 / (1 - gamma) for t in range(4)]
+    assert "eval_q_bias" not in out  # nothing qualified for the exact check
+    assert out["eval_return_to_go_max"] == pytest.approx(np.mean(np.add(observed, tail)))
+    # a ceiling holds only when it is one: an undiscounted positive tail has no bound
+    assert critic_calibration([truncated], q_value, gamma=1.0, reward_max=1.0) is None
+    with pytest.raises(ValueError, match="finite"):
+        critic_calibration([truncated], q_value, gamma=gamma, reward_max=float("inf"))
+
+
+def test_the_critic_alarm_rings_on_overestimation_only(tmp_path):
+    """The alarm: excess over half the larger of |Q| and |return|, exact check first, else the
+    one-sided bound; read back from metrics.csv for result.json, step 0 left out."""
+    from divo.agents.runs import critic_alarms, critic_overestimation
+
+    assert (
+        critic_overestimation({"eval_q": -15.0, "eval_return_to_go": -16.0, "eval_q_bias": 1.0})
+        is None
+    )
+    assert critic_overestimation({"eval_q": 40.0, "eval_return_to_go": 11.0, "eval_q_bias": 29.0})
+    # an underestimating critic never rings, however far off
+    assert (
+        critic_overestimation({"eval_q": -90.0, "eval_return_to_go": -15.0, "eval_q_bias": -75.0})
+        is None
+    )
+    found = critic_overestimation(
+        {"eval_q_all": -15.0, "eval_return_to_go_max": -57.0, "eval_q_bias_min": 42.0}
+    )
+    assert found == {"q": -15.0, "return_to_go": -57.0, "excess": 42.0, "bound": True}
+    rows = [
+        "step,eval_q,eval_return_to_go,eval_q_bias,eval_q_all,eval_return_to_go_max,eval_q_bias_min",
+        "0,40,10,30,,,",  # the untrained critic: never an alarm
+        "1000,,,,,,",
+        "5000,10,9,1,,,",
+        "10000,,,,-15,-57,42",
+    ]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    alarms = critic_alarms(tmp_path)
+    assert [a["step"] for a in alarms] == [10000] and alarms[0]["bound"]
+    assert critic_alarms(tmp_path / "missing") == []

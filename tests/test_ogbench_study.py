@@ -44,15 +44,18 @@ def test_the_page_tables_the_pilot_curves_as_they_grow(tmp_path):
     # one finished pilot (kept), one still running (its live run folder)
     kept = Path(pilot.results) / "runs" / "divo" / str(cfg.pilot.dataset) / "seed0"
     live = Path(pilot.work_dir) / "fql" / str(cfg.pilot.dataset) / "seed0"
-    for folder, rows in ((kept, [(0, 0.0), (5000, 4.0), (10000, 36.0)]), (live, [(0, 0.0)])):
+    # the critic check: exact where logged, else the one-sided bound, else blank
+    divo_rows = [(0, 0.0, "", ""), (5000, 4.0, "", "44.4"), (10000, 36.0, "-2.5", "")]
+    for folder, rows in ((kept, divo_rows), (live, [(0, 0.0, "", "")])):
         folder.mkdir(parents=True)
-        lines = ["step,normalized_score,loss_critic"]
-        for step, score in rows:
-            lines += [f"{step},{score},", f"{step + 100},,0.5"]
+        lines = ["step,normalized_score,loss_critic,eval_q_bias,eval_q_bias_min"]
+        for step, score, exact, bound in rows:
+            lines += [f"{step},{score},,{exact},{bound}", f"{step + 100},,0.5,,"]
         (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
     text = study.write_page(cfg, log=lambda _: None).read_text()
-    assert "| step | divo | fql |" in text
-    assert "| 10,000 | 36 |  |" in text and "| 0 | 0 | 0 |" in text
+    assert "| step | divo | fql | divo: Q - G | fql: Q - G |" in text
+    assert "| 10,000 | 36 |  | -2.5 |  |" in text and "| 0 | 0 | 0 |  |  |" in text
+    assert "| 5,000 | 4 |  | >= +44.4 |  |" in text
     assert "not OGBench's hosted files" in text and "ogbench 1.2.2" in text
     assert "Grid budget: not chosen yet" in text and "Primary score: `last:3`" in text
 

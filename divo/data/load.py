@@ -52,6 +52,8 @@ from divo.errors import DatasetError
 SOURCES = ("auto", "minari", "ogbench")
 # OGBench's environments take 1-2 s each to build: evaluations reuse this many (in waves)
 OGBENCH_EVAL_ENVS = 10
+# OGBench's manipulation reward: (satisfied sub-goals) - (sub-goals), so at most 0
+OGBENCH_REWARD_MAX = 0.0
 
 
 @dataclass
@@ -86,6 +88,10 @@ class OfflineData:
         eval_env_pool: evaluate in this many environments made once and reused by every
             evaluation (``evaluation_envs``), for environments slow to build (OGBench's take
             1-2 s each); None: fresh environments for each evaluation.
+        reward_max: the most the task's reward can pay in one step, as stored (before
+            ``reward_scale``/``reward_shift``), when the task states it (OGBench: 0, every
+            sub-goal satisfied); None when unknown. It bounds what a truncated evaluation
+            episode's missing tail could have paid, for the critic's check.
     """
 
     dataset_id: str
@@ -110,6 +116,7 @@ class OfflineData:
     score: str = "return"
     provenance: str | None = None
     eval_env_pool: int | None = None
+    reward_max: float | None = None
     _envs: list[gym.Env] = field(default_factory=list, repr=False, compare=False)
 
     def replay_buffer(self, batch_size: int | None = None) -> TensorDictReplayBuffer:
@@ -238,6 +245,7 @@ def load_offline_data(
             score="success",
             provenance=raw["provenance"],
             eval_env_pool=OGBENCH_EVAL_ENVS,
+            reward_max=OGBENCH_REWARD_MAX,
             **options,
         )
     dataset = open_dataset(dataset_id, download=download)
@@ -298,6 +306,7 @@ def _to_offline_data(
     score: str = "return",
     provenance: str | None = None,
     eval_env_pool: int | None = None,
+    reward_max: float | None = None,
 ) -> OfflineData:
     """Checked raw transitions (whatever their source) -> TED TensorDict and statistics."""
     check_finite(dataset_id, raw)
@@ -364,6 +373,7 @@ def _to_offline_data(
         score=score,
         provenance=provenance,
         eval_env_pool=eval_env_pool,
+        reward_max=reward_max,
     )
 
 

@@ -123,8 +123,10 @@ def run(cfg: Any, *, pilot: bool, jobs: int | None = None, dry_run: bool = False
     return failed
 
 
-def _curve(folder: Path) -> list[tuple[int, float]]:
-    """(step, success %) of each evaluation in a run's metrics.csv."""
+def _curve(folder: Path) -> list[tuple[int, float, str]]:
+    """(step, success %, the critic check) of each evaluation in a run's metrics.csv; the
+    check is Q minus the return that followed on the policy's own steps (exact, else ">= x",
+    the one-sided bound; "" when the run logged neither)."""
     path = folder / "metrics.csv"
     if not path.is_file():
         return []
@@ -133,7 +135,13 @@ def _curve(folder: Path) -> list[tuple[int, float]]:
         for row in csv.DictReader(f):
             score = row.get("normalized_score") or ""
             if score.strip():
-                points.append((int(row["step"]), float(score)))
+                exact, bound = row.get("eval_q_bias") or "", row.get("eval_q_bias_min") or ""
+                check = (
+                    f"{float(exact):+.1f}"
+                    if exact.strip()
+                    else (f">= {float(bound):+.1f}" if bound.strip() else "")
+                )
+                points.append((int(row["step"]), float(score), check))
     return points
 
 
@@ -152,22 +160,25 @@ def _pilot_section(cfg: Any) -> list[str]:
         f"`{pilot.dataset}`, {int(pilot.steps):,} steps, evaluated every "
         f"{int(pilot.eval_every):,} steps (50 episodes; success in percent). The grid's step "
         "budget is chosen where these curves have clearly left zero, before any grid cell runs "
-        f"(`{NAME} --pilot` runs or resumes them).",
+        f"(`{NAME} --pilot` runs or resumes them). *Q - G*: the critic check on the evaluation "
+        "policy's own steps, the critic's min Q minus the discounted return that followed "
+        '(">=": a lower bound, the episodes having run into their time limit; docs/runs.md, '
+        '"The critic check"); blank where the run logged none.',
         "",
     ]
-    steps = sorted({s for points in curves.values() for s, _ in points})
+    steps = sorted({s for points in curves.values() for s, _, _ in points})
     if not steps:
         return [*lines, "No pilot evaluation yet.", ""]
+    names = list(curves)
     lines += [
-        "| step | " + " | ".join(curves) + " |",
-        "|---|" + "---|" * len(curves),
+        "| step | " + " | ".join(names) + " | " + " | ".join(f"{r}: Q - G" for r in names) + " |",
+        "|---|" + "---|" * (2 * len(names)),
     ]
     for step in steps:
-        cells = []
-        for points in curves.values():
-            value = dict(points).get(step)
-            cells.append(f"{value:.0f}" if value is not None else "")
-        lines.append(f"| {step:,} | " + " | ".join(cells) + " |")
+        found = {r: {s: (v, c) for s, v, c in curves[r]}.get(step) for r in names}
+        scores = [f"{found[r][0]:.0f}" if found[r] else "" for r in names]
+        checks = [found[r][1] if found[r] else "" for r in names]
+        lines.append(f"| {step:,} | " + " | ".join(scores + checks) + " |")
     chosen = cfg.steps
     lines += [
         "",

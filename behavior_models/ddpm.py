@@ -2,7 +2,8 @@
 
 K reverse steps (5 by default), VP schedule, epsilon prediction with an L2 loss at a uniformly
 drawn step, DDPM posterior sampling with the predicted x0 clipped to [-1, 1] at every step, no
-noise at the last step, the final sample clipped to [-1, 1].
+noise at the last step, the final sample clipped to [-1, 1]. ``sampler="idql"`` runs IDQL's
+code's reverse step instead (see :class:`DDPM`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import torch
 from divo.behavior_models.backbones import noise_network
 from divo.behavior_models.base import BehaviorModel, flatten_batch, repeat_for_samples
 from divo.behavior_models.schedules import DiffusionSchedule
+
+SAMPLERS = ("posterior", "idql")
 
 
 class DDPM(BehaviorModel):
@@ -34,6 +37,14 @@ class DDPM(BehaviorModel):
             or ``ln_resnet`` (IDQL's LayerNorm ResNet,
             :class:`~divo.behavior_models.backbones.ResidualNoiseNetwork`).
         dropout: ``ln_resnet``'s dropout rate, in the loss's pass only (IDQL: 0.1).
+        sampler: the reverse step. ``posterior`` (Diffusion-QL's and DIVO's): the posterior
+            mean from the predicted x0 (clipped with ``clip_denoised``) plus the posterior
+            standard deviation times N(0, I). ``idql`` (IDQL's code, ``ddpm_sampler`` with
+            ``clip_sampler=True``): x_(k-1) = (x_k - beta_k / sqrt(1 - abar_k) eps) /
+            sqrt(alpha_k) + sqrt(beta_k) z, x_(k-1) itself clipped to [-1, 1] after every
+            step, ``clip_denoised`` unused. Both add no noise at the last step and clip the
+            final sample; they are the same chain up to the noise's scale and where the
+            clipping acts.
     """
 
     def __init__(
@@ -48,8 +59,12 @@ class DDPM(BehaviorModel):
         clip_denoised: bool = True,
         network: str = "mlp",
         dropout: float = 0.0,
+        sampler: str = "posterior",
     ) -> None:
         super().__init__(observation_dim, action_dim)
+        if sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        self.sampler = sampler
         self.schedule = DiffusionSchedule(num_steps, schedule)
         self.num_steps = num_steps
         self.clip_denoised = clip_denoised
@@ -93,6 +108,13 @@ class DDPM(BehaviorModel):
         s = self.schedule
         kk = torch.full((1,), k, device=x.device, dtype=torch.long)  # same k for every row
         eps = self.network(x, kk, observation)
+        if self.sampler == "idql":
+            beta = s.betas[k]
+            x = (x - beta / s.sqrt_one_minus_alphas_cumprod[k] * eps) / (1.0 - beta).sqrt()
+            if k > 0:
+                noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
+                x = x + beta.sqrt() * noise
+            return x.clamp(-1.0, 1.0)
         x0 = s.sqrt_recip_alphas_cumprod[k] * x - s.sqrt_recipm1_alphas_cumprod[k] * eps
         if self.clip_denoised:
             x0 = x0.clamp(-1.0, 1.0)

@@ -25,6 +25,7 @@ MODEL_FACTORIES = {
     "ddpm_ln_resnet": functools.partial(
         DDPM, network="ln_resnet", hidden=(32, 32), time_dim=8, dropout=0.1
     ),
+    "ddpm_idql_sampler": functools.partial(DDPM, hidden=(32,), sampler="idql"),
     "cvae": functools.partial(CVAE, hidden=(32, 32)),
     "consistency_1step": functools.partial(ConsistencyModel, hidden=(32, 32)),
     "consistency_2step": functools.partial(
@@ -74,6 +75,35 @@ def test_ddpm_last_reverse_step_adds_no_noise():
     x, obs = torch.randn(4, A), torch.randn(4, O)
     torch.testing.assert_close(m.reverse_step(x, 0, obs), m.reverse_step(x, 0, obs))
     assert not torch.allclose(m.reverse_step(x, 2, obs), m.reverse_step(x, 2, obs))
+
+
+def test_idql_sampler_step_by_hand():
+    """IDQL's ddpm_sampler: x_(k-1) = (x_k - beta_k / sqrt(1 - abar_k) eps) / sqrt(alpha_k)
+    + sqrt(beta_k) z (no noise at the last step), x_(k-1) clipped to [-1, 1]."""
+    m = DDPM(O, A, hidden=(16,), sampler="idql")
+    eps = torch.full((4, A), 0.3)
+
+    class KnownNoise(torch.nn.Module):  # a known noise prediction
+        def forward(self, x, k, obs):
+            return eps
+
+    m.network = KnownNoise()
+    x, obs = torch.full((4, A), 0.2), torch.randn(4, O)
+    s = m.schedule
+    for k in (0, 2):
+        beta = s.betas[k]
+        mean = (x - beta / (1 - s.alphas_cumprod[k]).sqrt() * eps) / (1 - beta).sqrt()
+        gen = torch.Generator().manual_seed(5)
+        out = m.reverse_step(x, k, obs, gen)
+        if k == 0:  # deterministic, clipped
+            torch.testing.assert_close(out, mean.clamp(-1, 1))
+        else:
+            z = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+            torch.testing.assert_close(out, (mean + beta.sqrt() * z).clamp(-1, 1))
+    big = torch.full((4, A), 50.0)  # x itself is clipped, whatever the step
+    assert m.reverse_step(big, 3, obs).abs().max() <= 1.0
+    with pytest.raises(ValueError, match="sampler"):
+        DDPM(O, A, sampler="ddim")
 
 
 def test_ln_resnet_noise_network_by_hand():

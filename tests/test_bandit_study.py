@@ -29,6 +29,8 @@ def test_one_command_makes_the_bandit_figure(tmp_path, capsys):
             "policies.seeds=[0]",
             "policies.num_actions=20",
             "policies.overrides=[train.steps=20,train.eval_every=20,train.eval_episodes=2]",
+            "rare.recipes=[divo]",
+            "rare.seeds=[0]",
         ]
     )
     assert code == 0, capsys.readouterr().err
@@ -60,6 +62,24 @@ def test_one_command_makes_the_bandit_figure(tmp_path, capsys):
     assert "recipe: divo" in flow_run and "FlowMatching" in flow_run
     run = numbers["policies"]["diffusion_ql"]["runs"][0]
     assert run["seed"] == 0 and isinstance(run["normalized_score"], float)
+    # part 3: the rare-best bandit's rows, trained on that dataset
+    rare = json.loads((tmp_path / "study_rare.json").read_text())
+    assert rare["data_mode_shares"][0] == pytest.approx(0.05)
+    assert set(rare["policies"]) == {"divo"} and len(rare["policies"]["divo"]["runs"]) == 1
+    rare_run = (tmp_path / "runs" / "rare" / "divo-seed0" / "config.yaml").read_text()
+    assert "divo/bandit/rare-best-v0" in rare_run
+
+
+def test_the_rare_part_runs_alone(tmp_path, capsys):
+    out = tmp_path / "study.png"
+    args = ["study", "bandit", "--out", str(out), "--rare-only", "rare.recipes=[td3bc]"]
+    args += ["rare.seeds=[1]", "policies.num_actions=10"]
+    args += ["policies.overrides=[train.steps=10,train.eval_every=10,train.eval_episodes=1]"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert not out.exists()  # parts 1 and 2 did not run
+    rare = json.loads((tmp_path / "study_rare.json").read_text())
+    assert [r["seed"] for r in rare["policies"]["td3bc"]["runs"]] == [1]
+    assert main([*args, "--models-only"]) == 2
 
 
 def test_study_settings_errors_are_one_line(capsys):

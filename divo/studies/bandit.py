@@ -12,11 +12,15 @@ dot-list syntax).
 2. Offline-RL recipes (DIVO, TD3+BC, Diffusion-QL) are trained on the bandit, whose modes pay
    1.0 / 0.5 / 0.25 / 0.0, through the ordinary training entry point; the deployed policy of
    each run is rebuilt from its ``policy.pt`` and its actions are plotted over the reward map.
+3. The rare-best bandit (``rare``): DIVO and its ablations trained on the variant whose best
+   mode holds 5% of the actions; scores and where the deployed actions land, in a JSON file of
+   its own (``<out>_rare.json``; ``--rare-only`` runs this part alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import tempfile
 import time
@@ -143,11 +147,22 @@ def run_behavior_models(cfg: Any, log=print) -> dict[str, dict]:
     return results
 
 
-def run_policies(cfg: Any, runs_dir: Path, log=print, reuse: bool = False) -> dict[str, dict]:
+def run_policies(
+    cfg: Any,
+    runs_dir: Path,
+    log=print,
+    reuse: bool = False,
+    *,
+    recipes: Sequence[str] | None = None,
+    seeds: Sequence[int] | None = None,
+    dataset_overrides: Sequence[str] = ("dataset=bandit",),
+) -> dict[str, dict]:
     """Part 2: train each recipe on the bandit per seed; draw actions from the deployed policy.
 
     With ``reuse``, a run folder that already holds result.json and policy.pt is not retrained
-    (replotting after a change of the figure only)."""
+    (replotting after a change of the figure only). ``recipes``, ``seeds`` and
+    ``dataset_overrides`` default to part 2's (``policies``, the four-mode bandit); part 3
+    passes the rare-best bandit's."""
     import logging
 
     import torch
@@ -162,13 +177,13 @@ def run_policies(cfg: Any, runs_dir: Path, log=print, reuse: bool = False) -> di
     best = torch.as_tensor(best_action())
     out: dict[str, dict] = {}
     rows = pol.get("rows") or {}
-    for name in pol.recipes:
+    for name in pol.recipes if recipes is None else recipes:
         row = rows.get(name) or {}
         recipe = row.get("recipe", name)
         entry = {"label": pol.labels.get(name, name), "seeds": []}
-        for seed in pol.seeds:
+        for seed in pol.seeds if seeds is None else seeds:
             start = time.perf_counter()
-            overrides = ["dataset=bandit", *(row.get("overrides") or []), *pol.overrides,
+            overrides = [*dataset_overrides, *(row.get("overrides") or []), *pol.overrides,
                          f"seed={seed}", "train.progress=false"]  # fmt: skip
             run_dir = runs_dir / f"{name}-seed{seed}"
             if reuse and (run_dir / "result.json").is_file() and (run_dir / "policy.pt").is_file():
@@ -282,6 +297,24 @@ def make_figure(models: dict, policies: dict | None, cfg: Any, path: Path) -> No
     plt.close(fig)
 
 
+def _policy_numbers(policies: dict | None) -> dict:
+    """Each trained row's label and per-seed numbers (the drawn actions left out)."""
+    return {
+        name: {
+            "label": e["label"],
+            "runs": [
+                {
+                    k: (round(v, 4) if isinstance(v, float) else v)
+                    for k, v in run.items()
+                    if k != "actions"
+                }
+                for run in e["seeds"]
+            ],
+        }
+        for name, e in (policies or {}).items()
+    }
+
+
 def _numbers(
     models: dict, policies: dict | None, cfg: Any, seconds: float, reused_runs: bool
 ) -> dict:
@@ -293,22 +326,35 @@ def _numbers(
             name: {"label": e["label"], "mode_shares": [round(c, 4) for c in e["coverage"]]}
             for name, e in models.items()
         },
-        "policies": {
-            recipe: {
-                "label": e["label"],
-                "runs": [
-                    {
-                        k: (round(v, 4) if isinstance(v, float) else v)
-                        for k, v in run.items()
-                        if k != "actions"
-                    }
-                    for run in e["seeds"]
-                ],
-            }
-            for recipe, e in (policies or {}).items()
-        },
+        "policies": _policy_numbers(policies),
         "wall_clock_s": round(seconds, 1),
         "reused_runs": reused_runs,  # True: the policies were trained by an earlier call
+    }
+
+
+def run_rare(cfg: Any, runs_dir: Path, log=print, reuse: bool = False) -> dict:
+    """Part 3: DIVO and its ablations on the rare-best bandit; their numbers (no figure)."""
+    from omegaconf import OmegaConf
+
+    from divo.data.bandit import rare_best_shares
+
+    rare = cfg.rare
+    start = time.perf_counter()
+    log(f"divo study bandit: training on the rare-best bandit ({rare.dataset})")
+    policies = run_policies(
+        cfg,
+        runs_dir,
+        log,
+        reuse,
+        recipes=list(rare.recipes),
+        seeds=list(rare.seeds),
+        dataset_overrides=("dataset=bandit", f"dataset.id={rare.dataset}"),
+    )
+    return {
+        "settings": OmegaConf.to_container(rare, resolve=True),
+        "data_mode_shares": [round(float(x), 4) for x in rare_best_shares()],
+        "policies": _policy_numbers(policies),
+        "wall_clock_s": round(time.perf_counter() - start, 1),
     }
 
 
@@ -319,15 +365,35 @@ def run_study(
     skip_policies: bool = False,
     log=print,
     reuse_runs: bool = False,
+    rare_only: bool = False,
 ) -> dict:
-    """Run both parts, write the figure to ``out`` and its numbers to ``out`` with .json."""
+    """Run the parts, write the figure to ``out`` and its numbers to ``out`` with .json, and
+    part 3's numbers to ``<out>_rare.json`` (``rare_only``: part 3 alone)."""
     import torch
 
     cfg = study_config(overrides)
     out = Path(out)
+    rare_out = out.with_name(out.stem + "_rare.json")
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: one thread is fastest and leaves cores to others
+    if rare_only or not skip_policies:
+        try:
+            with contextlib.ExitStack() as stack:
+                folder = (
+                    Path(runs_dir) / "rare"
+                    if runs_dir is not None
+                    else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="divo-rare-")))
+                )
+                rare = run_rare(cfg, folder, log, reuse=reuse_runs)
+        finally:
+            torch.set_num_threads(threads)
+        rare_out.parent.mkdir(parents=True, exist_ok=True)
+        rare_out.write_text(json.dumps(rare, indent=2) + "\n")
+        log(f"divo study bandit: wrote {rare_out}")
+        if rare_only:
+            return rare
+        torch.set_num_threads(1)
     try:
         log("divo study bandit: fitting behaviour models to the four-mode data")
         models = run_behavior_models(cfg, log)
@@ -363,6 +429,11 @@ def study_command(argv: Sequence[str]) -> int:
             action="store_true",
             help="with --runs: do not retrain runs already there (replot only)",
         )
+        parser.add_argument(
+            "--rare-only",
+            action="store_true",
+            help="run part 3 alone (the rare-best bandit's rows; <out>_rare.json)",
+        )
 
     ns = study_arguments(
         "divo study bandit",
@@ -377,5 +448,14 @@ def study_command(argv: Sequence[str]) -> int:
         )
     if ns.reuse_runs and ns.runs is None:
         raise ConfigError("--reuse-runs needs --runs DIR (the folder of earlier runs)")
-    run_study(ns.overrides, ns.out, ns.runs, ns.models_only, reuse_runs=ns.reuse_runs)
+    if ns.rare_only and ns.models_only:
+        raise ConfigError("--rare-only and --models-only run different parts: pass one of them")
+    run_study(
+        ns.overrides,
+        ns.out,
+        ns.runs,
+        ns.models_only,
+        reuse_runs=ns.reuse_runs,
+        rare_only=ns.rare_only,
+    )
     return 0

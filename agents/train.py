@@ -296,4 +296,6 @@ def _train(
     wall_clock_s = elapsed_before + time.perf_counter() - start
     result = run_result(cfg, data, behavior_score, last_eval, wall_clock_s, device, run_dir)
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    if data is not None:
+        data.close()  # its pooled evaluation environments (OGBench's)
     return result

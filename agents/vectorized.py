@@ -803,6 +803,8 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
         result = run_result(cfgs[i], data, behavior_score, last_evals[i], wall, device, d)
         (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
+    if data is not None:
+        data.close()  # its pooled evaluation environments (OGBench's)
     return _summary(cfg, results, run_dir)
 
 

@@ -256,6 +256,15 @@ def test_train_on_generated_data_reports_success_and_refuses_a_misspelt_task(
     factory.generate_ogbench_dataset(
         _tiny(episode_steps=101), tmp_path / "generated", progress=False
     )
+    # the pooled evaluation environments are closed with the data (training closes them)
+    data = load_offline_data("cube-single-play-singletask-v0", generate=False)
+    pool = data.evaluation_envs(3)
+    assert len(pool) == 3 and data.evaluation_envs(3) == pool  # made once, reused
+    closed = []
+    for env in pool:
+        env.close = lambda closed=closed: closed.append(1)
+    data.close()
+    assert len(closed) == 3 and data._envs == []
     bad = tmp_path / "bad"
     code = main(
         [

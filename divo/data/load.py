@@ -21,6 +21,8 @@ the environments are wrapped to flatten theirs the same way (``observation_keys`
 
 from __future__ import annotations
 
+import contextlib
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +121,15 @@ class OfflineData:
     reward_max: float | None = None
     _envs: list[gym.Env] = field(default_factory=list, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # the pooled evaluation environments are closed when the data go, if not before
+        weakref.finalize(self, _close_envs, self._envs)
+
+    def close(self) -> None:
+        """Close the evaluation environments ``evaluation_envs`` made (they are made again on
+        the next need); training calls it when a run ends."""
+        _close_envs(self._envs)
+
     def replay_buffer(self, batch_size: int | None = None) -> TensorDictReplayBuffer:
         """A uniform replay buffer holding every transition; samples come out on ``device``."""
         buffer = TensorDictReplayBuffer(
@@ -152,6 +163,12 @@ class OfflineData:
         while len(self._envs) < min(self.eval_env_pool, episodes):
             self._envs.append(self.make_env())
         return self._envs[: min(self.eval_env_pool, episodes)]
+
+
+def _close_envs(envs: list[gym.Env]) -> None:
+    while envs:
+        with contextlib.suppress(Exception):  # closing is best effort: nothing depends on it
+            envs.pop().close()
 
 
 def load_offline_data(

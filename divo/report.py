@@ -156,6 +156,7 @@ DIAGNOSTICS = {
     "v_mean": "V",
     "eval_return_to_go": "G (eval)",
     "eval_q_bias": "Q - G (eval)",
+    "eval_q_bias_min": "Q - G, at least (eval)",
 }
 DIAGNOSTIC_TAIL = 0.25  # diagnostics: mean over this last share of the logged rows
 
@@ -1561,7 +1562,14 @@ def make_report(
             "G (eval): the discounted return (in training-reward units) that followed the "
             "evaluation policy's own steps, and Q - G (eval) the critic's min Q there minus "
             "it (> 0: the critic overestimates the policy it guides), over the runs that log "
-            "them.",
+            "them"
+            + (
+                "; Q - G, at least (eval): the same with the return bounded from above where "
+                "episodes ran into their time limit (a lower bound on the overestimation; "
+                "docs/runs.md, 'The critic check')."
+                if "eval_q_bias_min" in diag_columns
+                else "."
+            ),
             "",
         ]
         md += _md_table(

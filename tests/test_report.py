@@ -496,3 +496,24 @@ def test_fewer_than_five_seeds_warns_on_the_console_and_in_the_report(tmp_path, 
         "**Warning:** fewer than 5 seeds per dataset (soft_weight: 1)"
         in (out / "report.md").read_text()
     )
+
+
+def test_the_one_sided_critic_check_gets_its_own_diagnostics_column(tmp_path, capsys):
+    """Runs that log eval_q_bias_min (OGBench: every episode ran into its time limit) show it
+    as a column of its own, explained; runs without it leave the table as it was."""
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    out = tmp_path / "rep"
+    args = [str(runs), "--out", str(out), "--compare", "divo", "td3bc", *REPS, "--no-figures"]
+    code, _, err = report(args, capsys)
+    assert code == 0, err
+    assert "at least (eval)" not in (out / "report.md").read_text()
+    run = runs / "divo" / "env-a-v0" / "seed0"
+    (run / "metrics.csv").write_text(
+        "step,loss_critic,eval_return_mean,normalized_score,eval_q_bias_min\n"
+        "25,1.0,,,\n50,0.5,1.0,5.0,40.0\n100,0.25,2.0,10.0,44.0\n"
+    )
+    code, _, err = report(args, capsys)
+    assert code == 0, err
+    md = (out / "report.md").read_text()
+    assert "Q - G, at least (eval)" in md and "a lower bound on the overestimation" in md

@@ -56,6 +56,7 @@ def test_the_page_tables_the_pilot_curves_as_they_grow(tmp_path):
     assert "| step | divo | fql | divo: Q - G | fql: Q - G |" in text
     assert "| 10,000 | 36 |  | -2.5 |  |" in text and "| 0 | 0 | 0 |  |  |" in text
     assert "| 5,000 | 4 |  | >= +44.4 |  |" in text
+    assert "Unfinished: `divo` up to step 10,000, `fql` up to step 0 of 100,000" in text
     assert "not OGBench's hosted files" in text and "ogbench 1.2.2" in text
     assert "Grid budget: not chosen yet" in text and "Primary score: `last:3`" in text
 

@@ -152,7 +152,9 @@ def _pilot_section(cfg: Any) -> list[str]:
     for cell in study_cells(target):
         kept = Path(target.results) / "runs" / cell.rel
         live = Path(target.work_dir) / cell.rel  # a pilot still running: its curve so far
-        curves[cell.recipe] = _curve(kept) or _curve(live)
+        # the longer curve: a finished pilot's kept files, else the live run's, or the
+        # snapshot of an unfinished one kept so that the page regenerates from the kept files
+        curves[cell.recipe] = max(_curve(kept), _curve(live), key=len)
     lines = [
         "## Budget pilot",
         "",
@@ -179,6 +181,17 @@ def _pilot_section(cfg: Any) -> list[str]:
         scores = [f"{found[r][0]:.0f}" if found[r] else "" for r in names]
         checks = [found[r][1] if found[r] else "" for r in names]
         lines.append(f"| {step:,} | " + " | ".join(scores + checks) + " |")
+    unfinished = [
+        f"`{r}` up to step {curves[r][-1][0]:,}"
+        for r in names
+        if curves[r] and curves[r][-1][0] < int(pilot.steps)
+    ]
+    if unfinished:
+        lines += [
+            "",
+            f"Unfinished: {', '.join(unfinished)} of {int(pilot.steps):,} "
+            f"(`{NAME} --pilot` resumes them).",
+        ]
     chosen = cfg.steps
     lines += [
         "",

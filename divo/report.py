@@ -908,11 +908,23 @@ def diagnostics_rows(cells: dict) -> list[dict[str, Any]]:
     return rows
 
 
+def improvement_probability(x: np.ndarray, y: np.ndarray) -> float:
+    """rliable's ``metrics.probability_of_improvement`` for score matrices ``x`` [runs, tasks]
+    and ``y`` [runs', tasks]: per task the Mann-Whitney U statistic of x over y divided by the
+    number of pairs, P(X > Y) + P(X = Y) / 2 over all run pairs, then the mean over tasks.
+    Computed here over all pairs at once, the same number without a SciPy test per task and
+    resample (those made a report's bootstrap of 10,000 resamples take minutes)."""
+    diff = np.asarray(x, dtype=float)[:, None, :] - np.asarray(y, dtype=float)[None, :, :]
+    per_task = ((diff > 0) + 0.5 * (diff == 0)).mean(axis=(0, 1))
+    return float(per_task.mean())
+
+
 def probability_of_improvement(
     cells: dict, a: str, b: str, *, reps: int, seed: int, ci: float = 0.95
 ) -> tuple[float, float, float, int] | None:
-    """rliable's P(a > b) averaged over the datasets both were run on, with its 95% CI."""
-    from rliable import library, metrics
+    """rliable's P(a > b) averaged over the datasets both were run on, with its 95% CI (its
+    bootstrap, with the statistic computed by :func:`improvement_probability`)."""
+    from rliable import library
 
     datasets = sorted(d for _, d in cells if (a, d) in cells and (b, d) in cells)
     datasets = sorted(set(datasets))
@@ -923,7 +935,7 @@ def probability_of_improvement(
     with _seeded(seed):
         point, interval = library.get_interval_estimates(
             {"p": [xa, xb]},
-            lambda x, y: np.array([metrics.probability_of_improvement(x, y)]),
+            lambda x, y: np.array([improvement_probability(x, y)]),
             reps=reps,
             confidence_interval_size=ci,
         )

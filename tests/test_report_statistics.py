@@ -136,3 +136,25 @@ def test_report_tables_both_intervals_the_mde_and_tagged_older_runs(tmp_path):
     assert float(o["mde"]) > 0
     text = (out / "report.md").read_text()
     assert "| td3bc - td3bc (old) |" in text and "MDE (seeds)" in text and "t CI" in text
+
+
+def test_improvement_probability_is_rliables_statistic():
+    """The vectorised P(X > Y) + P(X = Y) / 2 equals rliable's per-task Mann-Whitney version,
+    ties and identical samples included, on random score matrices [runs, tasks]."""
+    from rliable import metrics
+
+    from divo.report import improvement_probability
+
+    rng = np.random.default_rng(0)
+    for trial in range(300):
+        n, m, tasks = (int(v) for v in rng.integers(1, 6, 3))
+        if trial % 2:  # few distinct values: many ties
+            x = rng.integers(0, 4, (n, tasks)).astype(float)
+            y = rng.integers(0, 4, (m, tasks)).astype(float)
+        else:
+            x, y = rng.normal(size=(n, tasks)), rng.normal(size=(m, tasks))
+        if trial % 5 == 0:
+            y = x.copy()  # identical samples: rliable's special case, 0.5
+        assert improvement_probability(x, y) == pytest.approx(
+            metrics.probability_of_improvement(x, y), abs=1e-12
+        )

@@ -92,3 +92,17 @@ def test_a_tiny_grid_prepares_its_data_runs_and_reports(tmp_path, monkeypatch):
     logged.clear()
     assert study.run(cfg, pilot=False, log=logged.append) == 0
     assert any("1 of 1 cells done, 0 to run" in line for line in logged)
+
+
+def test_the_committed_files_regenerate_the_page_identically(tmp_path, monkeypatch):
+    """``divo study ogbench --page-only`` over the committed files (the pilot's kept runs, a
+    snapshot of an unfinished one included, and the notes) writes docs/ogbench_study.md byte
+    for byte: nothing on the page comes from a live run folder."""
+    import shutil
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "docs" / "ogbench_study", tmp_path / "docs" / "ogbench_study")
+    monkeypatch.chdir(tmp_path)
+    assert study.study_command(["--page-only"]) == 0
+    page = (tmp_path / "docs" / "ogbench_study.md").read_text()
+    assert page == (root / "docs" / "ogbench_study.md").read_text()

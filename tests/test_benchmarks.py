@@ -44,3 +44,15 @@ def test_bench_step_reports_every_recipe_mode_and_ratio(tmp_path, capsys):
     assert {"actor", "DDPM sample"} <= set(report["latency_ms"])
     stacked = report["vectorized"]["recipes"]["none"]["divo"]
     assert stacked["seed_steps_per_s"] == 2 * stacked["steps_per_s"]
+
+
+def test_bench_report_times_both_statistics_on_the_same_resamples(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_report", BENCH.parent / "bench_report.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "report.json"
+    assert bench.main(["--reps", "50", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert set(report["seconds"]) == {"rliable", "divo"} and report["speedup"] > 0
+    assert report["max_difference"] == 0.0  # the same numbers from both statistics
+    assert "largest difference" in capsys.readouterr().out

@@ -45,7 +45,7 @@ def test_the_page_tables_the_pilot_curves_as_they_grow(tmp_path):
     kept = Path(pilot.results) / "runs" / "divo" / str(cfg.pilot.dataset) / "seed0"
     live = Path(pilot.work_dir) / "fql" / str(cfg.pilot.dataset) / "seed0"
     # the critic check: exact where logged, else the one-sided bound, else blank
-    divo_rows = [(0, 0.0, "", ""), (5000, 4.0, "", "44.4"), (10000, 36.0, "-2.5", "")]
+    divo_rows = [(0, 0.0, "", ""), (5000, 4.0, "", "44.4"), (10000, 36.0, "-2.5", "3.0")]
     for folder, rows in ((kept, divo_rows), (live, [(0, 0.0, "", "")])):
         folder.mkdir(parents=True)
         lines = ["step,normalized_score,loss_critic,eval_q_bias,eval_q_bias_min"]
@@ -54,7 +54,7 @@ def test_the_page_tables_the_pilot_curves_as_they_grow(tmp_path):
         (folder / "metrics.csv").write_text("\n".join(lines) + "\n")
     text = study.write_page(cfg, log=lambda _: None).read_text()
     assert "| step | divo | fql | divo: Q - G | fql: Q - G |" in text
-    assert "| 10,000 | 36 |  | -2.5 |  |" in text and "| 0 | 0 | 0 |  |  |" in text
+    assert "| 10,000 | 36 |  | -2.5; >= +3.0 |  |" in text and "| 0 | 0 | 0 |  |  |" in text
     assert "| 5,000 | 4 |  | >= +44.4 |  |" in text
     assert "Unfinished: `divo` up to step 10,000, `fql` up to step 0 of 100,000" in text
     assert "not OGBench's hosted files" in text and "ogbench 1.2.2" in text

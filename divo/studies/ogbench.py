@@ -125,8 +125,9 @@ def run(cfg: Any, *, pilot: bool, jobs: int | None = None, dry_run: bool = False
 
 def _curve(folder: Path) -> list[tuple[int, float, str]]:
     """(step, success %, the critic check) of each evaluation in a run's metrics.csv; the
-    check is Q minus the return that followed on the policy's own steps (exact, else ">= x",
-    the one-sided bound; "" when the run logged neither)."""
+    check is Q minus the return that followed on the policy's own steps: exact (over the steps
+    whose return is known: the episodes that succeeded), and ">= x", the one-sided bound over
+    every step; "" when the run logged neither."""
     path = folder / "metrics.csv"
     if not path.is_file():
         return []
@@ -136,11 +137,9 @@ def _curve(folder: Path) -> list[tuple[int, float, str]]:
             score = row.get("normalized_score") or ""
             if score.strip():
                 exact, bound = row.get("eval_q_bias") or "", row.get("eval_q_bias_min") or ""
-                check = (
-                    f"{float(exact):+.1f}"
-                    if exact.strip()
-                    else (f">= {float(bound):+.1f}" if bound.strip() else "")
-                )
+                parts = [f"{float(exact):+.1f}"] if exact.strip() else []
+                parts += [f">= {float(bound):+.1f}"] if bound.strip() else []
+                check = "; ".join(parts)
                 points.append((int(row["step"]), float(score), check))
     return points
 
@@ -164,7 +163,8 @@ def _pilot_section(cfg: Any) -> list[str]:
         "budget is chosen where these curves have clearly left zero, before any grid cell runs "
         f"(`{NAME} --pilot` runs or resumes them). *Q - G*: the critic check on the evaluation "
         "policy's own steps, the critic's min Q minus the discounted return that followed "
-        '(">=": a lower bound, the episodes having run into their time limit; docs/runs.md, '
+        '(exact over the episodes that succeeded, whose return is known; ">=": a lower bound over '
+        "every step, the failed episodes having run into their time limit; docs/runs.md, "
         '"The critic check"); blank where the run logged none.',
         "",
     ]

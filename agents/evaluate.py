@@ -241,7 +241,7 @@ def critic_calibration(
         go_all.append(go[:end])
         go_max.append(bound[:end])
         keeps.append(np.arange(end) < keep)
-    if not observations or not sum(len(g) for g in go_all):
+    if not sum(len(g) for g in go_all):  # no episode, or none with a step that counts
         return None
     obs = torch.as_tensor(np.concatenate(observations), device=device)
     act = torch.as_tensor(np.concatenate(actions), device=device)

@@ -179,19 +179,15 @@ def critic_overestimation(row: dict[str, Any]) -> dict[str, Any] | None:
     episode ran into its time limit with only the most the missing tail could pay added), so
     the excess is at least this much; else it is the exact check (``eval_q_bias``)."""
 
-    def number(key: str) -> float | None:
-        value = row.get(key)
-        value = _float(value) if isinstance(value, str) else value
-        return float(value) if value is not None and math.isfinite(float(value)) else None
-
-    found = [
-        (number("eval_q"), number("eval_return_to_go"), number("eval_q_bias"), False),
-        (number("eval_q_all"), number("eval_return_to_go_max"), number("eval_q_bias_min"), True),
-    ]
-    for q, go, excess, bound in found:
+    checks = (
+        (("eval_q", "eval_return_to_go", "eval_q_bias"), False),
+        (("eval_q_all", "eval_return_to_go_max", "eval_q_bias_min"), True),
+    )
+    for keys, bound in checks:
+        q, go, excess = (_float(row.get(key)) for key in keys)  # a CSV string or a number
         if q is None or go is None or excess is None:
             continue
-        if excess > OVERESTIMATION_ALARM * max(abs(q), abs(go)) and excess > 0:
+        if excess > OVERESTIMATION_ALARM * max(abs(q), abs(go)):
             return {"q": q, "return_to_go": go, "excess": excess, "bound": bound}
     return None
 
@@ -327,7 +323,7 @@ def best_evaluation(run_dir: Path) -> dict[str, Any] | None:
     return {"note": note, **best}
 
 
-def _float(text: str | None) -> float | None:
+def _float(text: str | float | None) -> float | None:
     try:
         value = float(text) if text not in (None, "") else None
     except ValueError:

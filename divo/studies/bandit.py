@@ -24,7 +24,7 @@ import contextlib
 import json
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -358,6 +358,17 @@ def run_rare(cfg: Any, runs_dir: Path, log=print, reuse: bool = False) -> dict:
     }
 
 
+@contextlib.contextmanager
+def _runs_folder(runs_dir: str | Path | None, name: str = "") -> Iterator[Path]:
+    """Where a part's training runs go: ``runs_dir/name`` (kept), or a temporary folder
+    removed afterwards when no ``runs_dir`` was given."""
+    if runs_dir is not None:
+        yield Path(runs_dir) / name
+        return
+    with tempfile.TemporaryDirectory(prefix="divo-bandit-study-") as tmp:
+        yield Path(tmp)
+
+
 def run_study(
     overrides: Sequence[str] = (),
     out: str | Path = "docs/bandit_study.png",
@@ -373,38 +384,26 @@ def run_study(
 
     cfg = study_config(overrides)
     out = Path(out)
-    rare_out = out.with_name(out.stem + "_rare.json")
     start = time.perf_counter()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small networks: one thread is fastest and leaves cores to others
-    if rare_only or not skip_policies:
-        try:
-            with contextlib.ExitStack() as stack:
-                folder = (
-                    Path(runs_dir) / "rare"
-                    if runs_dir is not None
-                    else Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="divo-rare-")))
-                )
-                rare = run_rare(cfg, folder, log, reuse=reuse_runs)
-        finally:
-            torch.set_num_threads(threads)
-        rare_out.parent.mkdir(parents=True, exist_ok=True)
-        rare_out.write_text(json.dumps(rare, indent=2) + "\n")
-        log(f"divo study bandit: wrote {rare_out}")
-        if rare_only:
-            return rare
-        torch.set_num_threads(1)
     try:
+        if rare_only or not skip_policies:
+            with _runs_folder(runs_dir, "rare") as folder:
+                rare = run_rare(cfg, folder, log, reuse=reuse_runs)
+            rare_out = out.with_name(out.stem + "_rare.json")
+            rare_out.parent.mkdir(parents=True, exist_ok=True)
+            rare_out.write_text(json.dumps(rare, indent=2) + "\n")
+            log(f"divo study bandit: wrote {rare_out}")
+            if rare_only:
+                return rare
         log("divo study bandit: fitting behaviour models to the four-mode data")
         models = run_behavior_models(cfg, log)
         policies = None
         if not skip_policies:
             log("divo study bandit: training policies on the bandit")
-            if runs_dir is None:
-                with tempfile.TemporaryDirectory(prefix="divo-bandit-study-") as tmp:
-                    policies = run_policies(cfg, Path(tmp), log)
-            else:
-                policies = run_policies(cfg, Path(runs_dir), log, reuse=reuse_runs)
+            with _runs_folder(runs_dir) as folder:
+                policies = run_policies(cfg, folder, log, reuse=reuse_runs)
     finally:
         torch.set_num_threads(threads)
     make_figure(models, policies, cfg, out)

@@ -209,6 +209,44 @@ def critic_alarms(run_dir: Path) -> list[dict[str, Any]]:
     return alarms
 
 
+# The data-level guard: after step 0, the deployed policy's normalised score is below this share
+# of its dataset's own level (the normalised mean episode return of the data's episodes). Chosen
+# on the medium-expert HalfCheetah design data of issue 35 (docs/results/design/medium_expert),
+# where divo and td3bc fall from the data's 67 to 8-20 within 10k steps; of the committed
+# locomotion and design cells' 387 evaluations after step 0 it rings on two (iql at 5k steps).
+BELOW_DATA_LEVEL = 0.5
+
+
+def data_level(data: OfflineData | None) -> float | None:
+    """The normalised score of the data's own episodes, when it is a level the deployed policy
+    can be held to: None for data without score references or a positive level, and for
+    goal-reaching data scored by success (OGBench's play data does not try the task)."""
+    if data is None or data.score != "return" or data.behavior_return is None:
+        return None
+    level = normalized_score(data.behavior_return, data.ref_min_score, data.ref_max_score)
+    return level if level is not None and level > 0 else None
+
+
+def below_data_level(score: Any, level: float | None) -> bool:
+    """The data-level guard on one evaluation (:data:`BELOW_DATA_LEVEL`)."""
+    score = _float(score)
+    return score is not None and level is not None and score < BELOW_DATA_LEVEL * level
+
+
+def data_level_alarms(run_dir: Path, level: float | None) -> list[dict[str, Any]]:
+    """Every evaluation after step 0 in ``<run_dir>/metrics.csv`` whose score fell below
+    :data:`BELOW_DATA_LEVEL` of the data's ``level``, in step order, for result.json."""
+    path = Path(run_dir) / "metrics.csv"
+    if level is None or not path.exists():
+        return []
+    with path.open(newline="") as f:
+        return [
+            {"step": int(row["step"]), "score": float(row["normalized_score"])}
+            for row in csv.DictReader(f)
+            if int(row["step"]) > 0 and below_data_level(row.get("normalized_score"), level)
+        ]
+
+
 def check_finite(row: dict[str, float], step: int, checkpointer: Checkpointer) -> None:
     bad = [k for k, v in row.items() if not math.isfinite(v)]
     if bad:
@@ -281,6 +319,16 @@ def evaluate_into_row(
                 critic["eval_q_all"],
                 critic["eval_return_to_go_max"],
                 critic["eval_q_bias_min"],
+            )
+        level = data_level(data)
+        if step > 0 and below_data_level(score, level):
+            log.warning(
+                "step %d: the policy scores %.1f, below half its data's own level (%.1f: the "
+                "mean episode return of the dataset, normalised); the actor has left what the "
+                "data does (see docs/runs.md, 'The data-level guard')",
+                step,
+                score,
+                level,
             )
         alarm = critic_overestimation(critic) if step > 0 else None
         if alarm is not None:
@@ -376,6 +424,10 @@ def run_result(
         # evaluations where the critic overestimated the deployed policy by more than
         # OVERESTIMATION_ALARM of its scale (each one also a warning in train.log)
         "critic_overestimation": critic_alarms(run_dir),
+        # evaluations where the policy scored below BELOW_DATA_LEVEL of its data's own level
+        # (each one also a warning in train.log); empty without a level to hold it to
+        "data_level": data_level(data),
+        "below_data_level": data_level_alarms(run_dir, data_level(data)),
         # each scheduled learning rate's horizon (a reference run's length, or compressed into
         # this run's steps) and the share of its starting rate the last update used
         "lr_schedules": lr_schedule_record(cfg),

@@ -248,3 +248,32 @@ def test_the_critic_alarm_rings_on_overestimation_only(tmp_path):
     alarms = critic_alarms(tmp_path)
     assert [a["step"] for a in alarms] == [10000] and alarms[0]["bound"]
     assert critic_alarms(tmp_path / "missing") == []
+
+
+def test_the_data_level_guard_holds_a_policy_to_its_data(tmp_path, caplog):
+    """The guard: a score below half the data's own normalised level, after step 0, is a
+    warning in the log and a step in result.json's list; data without a level it can be held to
+    (no references, a level at or below 0, success-scored goal data) never ring it."""
+    from types import SimpleNamespace
+
+    from divo.agents.runs import below_data_level, data_level, data_level_alarms
+
+    def data(**kw):
+        base = dict(score="return", behavior_return=60.0, ref_min_score=0.0, ref_max_score=100.0)
+        return SimpleNamespace(**{**base, **kw})
+
+    assert data_level(data()) == pytest.approx(60.0)
+    assert data_level(data(ref_min_score=None, ref_max_score=None)) is None
+    assert data_level(data(behavior_return=-5.0)) is None
+    assert data_level(data(score="success")) is None
+    assert data_level(None) is None
+    assert below_data_level(29.9, 60.0) and not below_data_level(30.0, 60.0)
+    assert not below_data_level("", 60.0) and not below_data_level(5.0, None)
+    rows = ["step,normalized_score", "0,4.0", "1000,", "5000,20.0", "10000,45.0", "15000,7.7"]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    assert data_level_alarms(tmp_path, 67.4) == [
+        {"step": 5000, "score": 20.0},
+        {"step": 15000, "score": 7.7},
+    ]
+    assert data_level_alarms(tmp_path, None) == []
+    assert data_level_alarms(tmp_path / "missing", 67.4) == []

@@ -39,6 +39,9 @@ RESULT_KEYS = {
     "episodes",
     "wall_clock_s",
     "device",
+    "critic_overestimation",
+    "data_level",
+    "below_data_level",
 }
 
 
@@ -83,6 +86,20 @@ def test_train_writes_the_run_files(recipe, dataset, hopper_dataset, tmp_path, c
     if recipe != "td3bc":
         assert {"loss_value", "loss_behavior", "advantage_pos_frac", "weight_mean"} <= header
     assert rows[-1]["normalized_score"] != ""
+    # the data-level guard: each evaluation after step 0 below half the data's level is listed
+    # and logged; none is listed without a level
+    level = result["data_level"]
+    low = [
+        int(r["step"])
+        for r in rows
+        if int(r["step"]) > 0
+        and r["normalized_score"]
+        and level is not None
+        and float(r["normalized_score"]) < 0.5 * level
+    ]
+    assert [a["step"] for a in result["below_data_level"]] == low
+    log = (run_dir / "train.log").read_text()
+    assert log.count("below half its data's own level") == len(low)
     ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
     assert [c.name for c in ckpts] == ["step_000000003.pt", "step_000000006.pt"]
     assert (run_dir / "policy.pt").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import os
 import warnings
 from typing import Any
@@ -52,12 +53,20 @@ def make_env(spec: EnvSpec | str, **kwargs: Any) -> gym.Env:
 
     gymnasium's ``RescaleAction`` (which divo adds to the spec of data whose actions are not in
     [-1, 1]) builds float64 bounds for a float32 space and warns about the cast on every
-    environment made; the cast is exact for [-1, 1], so that warning is dropped. Maze envs' model
-    files are removed (``remove_maze_xml``).
+    environment made; the cast is exact for [-1, 1], so that warning is dropped, as are the
+    INFO lines MuJoCo's renderer setup logs through absl when an OGBench environment is first
+    made (divo never renders). Maze envs' model files are removed (``remove_maze_xml``).
     """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
-        env = gym.make(current_spec(spec) if isinstance(spec, EnvSpec) else spec, **kwargs)
+    absl = logging.getLogger("absl")  # MuJoCo's renderer setup (OGBench's envs) logs at INFO
+    level = absl.level
+    absl.setLevel(max(level, logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*precision lowered by casting to float32")
+            warnings.filterwarnings("ignore", message=".*DISPLAY environment variable")  # glfw
+            env = gym.make(current_spec(spec) if isinstance(spec, EnvSpec) else spec, **kwargs)
+    finally:
+        absl.setLevel(level)
     remove_maze_xml(env)
     return env
 

@@ -76,7 +76,7 @@ def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
         )
     trajectories = result.pop("trajectories")
     try:
-        result["critic"] = _critic_calibration(agent, data, cfg, trajectories, device)
+        result["critic"] = run_critic_check(agent, data, cfg, trajectories, device)
     except Exception as exc:  # noqa: BLE001 - a diagnostic never costs the score
         warnings.warn(
             f"the critic's check on the evaluation rollouts failed ({type(exc).__name__}: "
@@ -87,7 +87,7 @@ def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
     return result
 
 
-def _critic_calibration(agent, data, cfg, trajectories, device) -> dict[str, float] | None:
+def run_critic_check(agent, data, cfg, trajectories, device) -> dict[str, float] | None:
     """min(Q1, Q2) of the online critic on the evaluation rollouts against the discounted
     return in training-reward units (:func:`critic_calibration`); None without a twin critic."""
     critic, normalizer = getattr(agent, "critic", None), getattr(agent, "normalizer", None)

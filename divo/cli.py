@@ -43,9 +43,10 @@ commands:
   train <run dir> [train.steps=N] [--trust MODULE]
                                             resume a run from its newest checkpoint
   evaluate <run dir | checkpoint> [--episodes N] [--seed S] [--device D] [--trust MODULE]
-           [--set KEY=VALUE]                re-evaluate a saved policy (--trust: a module of
+           [--set KEY=VALUE] [--critic]     re-evaluate a saved policy (--trust: a module of
                                             your own whose classes the file may name; --set: a
-                                            setting of the saved policy, e.g. selection=argmax)
+                                            setting of the saved policy, e.g. selection=argmax;
+                                            --critic: a checkpoint's critic against the returns)
   convert <file | run dir>...               rewrite an older divo's policy files and checkpoints
                                             as plain data (unpickles them: trusted files only)
   report <dir>... [--compare A B] [--out DIR]
@@ -573,9 +574,18 @@ def _evaluate(argv: list[str]) -> int:
         help="deploy the saved policy with one of its settings changed, e.g. selection=argmax "
         "or num_samples=256 (IDQL); repeatable",
     )
+    parser.add_argument(
+        "--critic",
+        action="store_true",
+        help="also set the critic's Q on the policy's own steps against the returns that "
+        "followed (the training-time critic check); needs a checkpoint, not a policy.pt, and "
+        "the run's dataset",
+    )
     ns = parser.parse_args(argv)
     if ns.episodes <= 0:
         raise ConfigError(f"--episodes={ns.episodes} must be a positive integer")
+    if ns.critic:
+        return _recheck_critic(ns)
     from divo.agents.policy_io import evaluate_saved_policy
 
     result = evaluate_saved_policy(
@@ -589,21 +599,64 @@ def _evaluate(argv: list[str]) -> int:
     if ns.json:
         print(json.dumps(result, indent=2))
     else:
-        score = result["normalized_score"]
-        score_txt = f"normalized score {score:.1f}" if score is not None else "no normalized score"
-        success = result.get("success_rate")
-        detail = f"over {result['episodes']} episodes"
-        if success is not None:  # goal-reaching tasks: the score is the success rate
-            detail = (
-                f"success in {round(success * result['episodes'])} of {result['episodes']} "
-                f"episodes, mean length {result['episode_length_mean']:.1f}"
-            )
+        print(f"divo: {result['source']}: {_score_line(result)}")
+    return 0
+
+
+def _score_line(result: dict) -> str:
+    """An evaluation's score in words: the normalised score, the return and, on goal-reaching
+    tasks, how many episodes succeeded."""
+    score = result["normalized_score"]
+    score_txt = f"normalized score {score:.1f}" if score is not None else "no normalized score"
+    success = result.get("success_rate")
+    if success is None:
+        return (
+            f"{score_txt} (return {result['return_mean']:.3f} +- {result['return_std']:.3f} "
+            f"over {result['episodes']} episodes)"
+        )
+    return (  # goal-reaching tasks: the score is the success rate
+        f"{score_txt} (return {result['return_mean']:.3f} +- {result['return_std']:.3f}, "
+        f"success in {round(success * result['episodes'])} of {result['episodes']} episodes, "
+        f"mean length {result['episode_length_mean']:.1f})"
+    )
+
+
+def _recheck_critic(ns: argparse.Namespace) -> int:
+    """``divo evaluate <checkpoint> --critic``."""
+    if ns.settings:
+        raise ConfigError(
+            "--set changes a saved policy's deployment; the critic check evaluates the policy "
+            "the run trained: drop --set or --critic"
+        )
+    from divo.agents.recheck import recheck_critic
+
+    result = recheck_critic(
+        ns.path, episodes=ns.episodes, seed=ns.seed, device=ns.device, trust=ns.trust
+    )
+    if ns.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"divo: {result['source']} (step {result['step']}): {_score_line(result)}")
+    critic = result["critic"]
+    if critic is None:
+        print("divo: no critic check: the agent has no twin critic, or no step qualified")
+        return 0
+    if "eval_q_bias" in critic:
         print(
-            f"divo: {result['source']}: {score_txt} (return {result['return_mean']:.3f} +- "
-            f"{result['return_std']:.3f}, {detail})"
-            if success is not None
-            else f"divo: {result['source']}: {score_txt} (return {result['return_mean']:.3f} +- "
-            f"{result['return_std']:.3f} {detail})"
+            f"divo: critic min Q {critic['eval_q']:.2f}, discounted return "
+            f"{critic['eval_return_to_go']:.2f} on the policy's own steps (Q - return "
+            f"{critic['eval_q_bias']:+.2f})"
+        )
+    if "eval_q_bias_min" in critic:
+        print(
+            f"divo: critic min Q {critic['eval_q_all']:.2f} on all the policy's steps, "
+            f"discounted return that followed at most {critic['eval_return_to_go_max']:.2f} "
+            f"(Q - return >= {critic['eval_q_bias_min']:+.2f})"
+        )
+    if result["critic_alarm"] is not None:
+        print(
+            "divo: the critic overestimates this policy by more than half the scale of its "
+            "values (see docs/runs.md, 'The critic check')"
         )
     return 0
 

@@ -122,6 +122,28 @@ def test_evaluate_reproduces_the_final_evaluation(tmp_path, capsys, hopper_datas
     assert code == 0 and "normalized score" in out
 
 
+def test_evaluate_critic_repeats_the_training_time_check(tmp_path, capsys, hopper_dataset):
+    """``divo evaluate <checkpoint> --critic`` with the run's evaluation seed and episodes gives
+    the critic check its last evaluation logged; a policy.pt (no critic) is refused."""
+    run_dir = tmp_path / "run"
+    args = ["train", "divo", *FAST, *dataset_overrides("hopper", hopper_dataset)]
+    assert run_cli([*args, f"hydra.run.dir={run_dir}"], capsys)[0] == 0
+    with (run_dir / "metrics.csv").open() as f:
+        last = list(csv.DictReader(f))[-1]
+    cmd = ["evaluate", str(run_dir), "--critic", "--episodes", "2", "--seed", "100"]
+    code, out, err = run_cli([*cmd, "--json"], capsys)
+    assert code == 0, err
+    again = json.loads(out)
+    assert again["step"] == 6 and again["recipe"] == "divo"
+    assert again["return_mean"] == pytest.approx(float(last["eval_return_mean"]))
+    for key in ("eval_q", "eval_return_to_go", "eval_q_bias"):
+        assert again["critic"][key] == pytest.approx(float(last[key]), rel=1e-5, abs=1e-5)
+    code, out, _ = run_cli(cmd, capsys)
+    assert code == 0 and "on the policy's own steps (Q - return" in out
+    code, _, err = run_cli(["evaluate", str(run_dir / "policy.pt"), "--critic"], capsys)
+    assert code != 0 and "needs one" in err
+
+
 def test_multirun_runs_every_job(tmp_path, capsys):
     sweep = tmp_path / "sweep"
     args = ["train", "td3bc", "-m", "seed=0,1", *FAST, "dataset=bandit", f"hydra.sweep.dir={sweep}"]

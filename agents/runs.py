@@ -403,6 +403,7 @@ def run_result(
     run_dir: Path,
 ) -> dict[str, Any]:
     """The run's ``result.json`` contents."""
+    level = data_level(data)
     result = {
         "recipe": cfg.get("recipe"),
         "dataset_id": data.dataset_id if data is not None else None,
@@ -427,8 +428,8 @@ def run_result(
         "critic_overestimation": critic_alarms(run_dir),
         # evaluations where the policy scored below BELOW_DATA_LEVEL of its data's own level
         # (each one also a warning in train.log); empty without a level to hold it to
-        "data_level": data_level(data),
-        "below_data_level": data_level_alarms(run_dir, data_level(data)),
+        "data_level": level,
+        "below_data_level": data_level_alarms(run_dir, level),
         # each scheduled learning rate's horizon (a reference run's length, or compressed into
         # this run's steps) and the share of its starting rate the last update used
         "lr_schedules": lr_schedule_record(cfg),

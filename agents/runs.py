@@ -393,6 +393,15 @@ def evaluate_at_start(
         metrics.log(0, row)
 
 
+def portable_path(path: Path) -> str:
+    """``path`` relative to the working directory when it lies under it, else as given: a
+    result.json that a user commits with their runs names no folder of their machine."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def run_result(
     cfg: DictConfig,
     data: OfflineData | None,
@@ -419,7 +428,7 @@ def run_result(
         "device": str(device),
         "device_name": device_name(device),
         "torch": torch.__version__,
-        "run_dir": str(run_dir),
+        "run_dir": portable_path(run_dir),
         # model selection, as Diffusion-QL's paper reports: the best evaluation during training,
         # beside (never instead of) the final policy's numbers above
         "best_during_training": best_evaluation(run_dir),

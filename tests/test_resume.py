@@ -333,3 +333,23 @@ def test_the_resume_hint_never_names_the_refused_command(tmp_path, capsys):
     line = _one_line_error(["train", str(run), "train.steps=8"], capsys)
     assert "holds a checkpoint of recipe 'td3bc', not 'divo'" in line
     assert f"divo train {run}`" not in line
+
+
+def test_result_names_a_run_under_the_working_directory_relative_to_it(
+    tmp_path, monkeypatch, capsys
+):
+    """result.json is committed with users' runs: a run folder under the working directory is
+    named relative to it (no machine's path), one elsewhere as given."""
+    import logging
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    before = list(logging.getLogger().handlers)
+    assert main(["train", "td3bc", *SHORT, f"hydra.run.dir={work / 'runs' / 'a'}"]) == 0
+    _forget_hydra_logging(before)
+    assert json.loads((work / "runs/a/result.json").read_text())["run_dir"] == "runs/a"
+    elsewhere = tmp_path / "elsewhere"
+    result = train(compose_recipe("td3bc", SHORT), elsewhere)
+    assert result["run_dir"] == str(elsewhere)
+    assert json.loads((elsewhere / "result.json").read_text())["run_dir"] == str(elsewhere)

@@ -24,13 +24,18 @@ PAIRINGS = {
 
 
 class StateValue(nn.Module):
-    """V(s): MLP [*B, O] -> [*B, 1]."""
+    """V(s): MLP [*B, O] -> [*B, 1]; ``layer_norm``: a LayerNorm after each hidden activation
+    (the value networks of FQL's code base, IQL's included)."""
 
     def __init__(
-        self, observation_dim: int, hidden: Sequence[int] = (256, 256), activation: str = "relu"
+        self,
+        observation_dim: int,
+        hidden: Sequence[int] = (256, 256),
+        activation: str = "relu",
+        layer_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.net = mlp(observation_dim, 1, tuple(hidden), activation)
+        self.net = mlp(observation_dim, 1, tuple(hidden), activation, layer_norm=layer_norm)
 
     def forward(self, observation: torch.Tensor) -> torch.Tensor:
         return self.net(observation)

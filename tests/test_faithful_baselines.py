@@ -129,3 +129,34 @@ def test_a2pr_presets_per_task_family(dataset, alpha, vae_weight, mask, discount
         cfg.critic.loss.gamma,
     )
     assert got == (alpha, vae_weight, mask, discount)
+
+
+def test_iql_on_ogbench_runs_as_fql_code_base_runs_it():
+    """dataset=ogbench merges protocol/iql/ogbench.yaml over the iql recipe: FQL's IQL (4 x 512
+    gelu networks, LayerNorm in the critic and value, expectile 0.9, a constant lr, AWR inverse
+    temperature 1 on cube-single and the code default 10 elsewhere); other data keep IQL's own
+    settings, and an explicit override still wins."""
+    own = compose_recipe("iql")
+    assert (own.critic.network.hidden, own.value.loss.expectile, own.weighting.beta) == (
+        [256, 256],
+        0.7,
+        3.0,
+    )
+    assert own.behavior.lr_schedule == "cosine" and not own.value.network.layer_norm
+    og = compose_recipe("iql", ["dataset=ogbench"])
+    for net in (og.critic.network, og.value.network):
+        assert list(net.hidden) == [512] * 4 and net.layer_norm and net.activation == "gelu_tanh"
+    assert list(og.behavior_model.hidden) == [512] * 4
+    assert og.value.loss.expectile == 0.9 and og.behavior.lr_schedule is None
+    assert og.normalize_observations is False and own.normalize_observations is not False
+    assert og.weighting.beta == 1.0  # the default task, cube-single
+    for task in ("cube-single-play-singletask-task4-v0", "scene-play-singletask-v0"):
+        beta = compose_recipe("iql", ["dataset=ogbench", f"dataset.id={task}"]).weighting.beta
+        assert beta == (1.0 if task.startswith("cube-single") else 10.0)
+    over = compose_recipe(
+        "iql", ["dataset=ogbench", "weighting.beta=3", "value.loss.expectile=0.7"]
+    )
+    assert (over.weighting.beta, over.value.loss.expectile) == (3, 0.7)
+    # the LayerNorm value network is built and runs
+    _, agent = _agent("iql", "dataset=ogbench", "train.steps=10")
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in agent.value.modules())

@@ -174,3 +174,24 @@ def test_truncation_never_bootstraps_from_a_zero_state():
     assert m1["loss_critic"] == m2["loss_critic"]
     for p1, p2 in zip(a1.critic.parameters(), a2.critic.parameters(), strict=True):
         assert torch.equal(p1, p2)
+
+
+@pytest.mark.parametrize(
+    "recipe, alpha",
+    [
+        (r, 0.03)
+        for r in ("divo", "uniform_weight", "soft_weight", "resampling", "consistency", "cvae")
+    ]
+    + [("td3bc", 0.2)],
+)
+def test_ogbench_protocol_sets_the_weight_on_q_chosen_on_design_data(recipe, alpha):
+    """dataset=ogbench merges protocol/<divo|td3bc>/ogbench.yaml: DIVO and its ablations share
+    one weight on Q, td3bc has its own (ReBRAC's cube-single setting); other data keep theirs
+    (D4RL's 2.5, the bandit's 0.25), and an explicit override still wins."""
+    assert compose_recipe(recipe, ["dataset=ogbench"]).actor.loss.alpha == alpha
+    task = ["dataset=ogbench", "dataset.id=scene-play-singletask-task3-v0"]
+    assert compose_recipe(recipe, task).actor.loss.alpha == alpha
+    assert compose_recipe(recipe).actor.loss.alpha == 2.5
+    assert compose_recipe(recipe, ["dataset=bandit"]).actor.loss.alpha == 0.25
+    over = compose_recipe(recipe, ["dataset=ogbench", "actor.loss.alpha=2.5"])
+    assert over.actor.loss.alpha == 2.5

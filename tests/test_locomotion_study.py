@@ -291,3 +291,15 @@ def test_earlier_runs_are_tagged_and_their_schedule_is_tabled(tmp_path):
         "-10.0, 95% bootstrap CI [-15.0, -5.0] (exact), t CI ["
     )
     assert section[-1].endswith("`td3bc` ahead on 0 of 2 seed pairs.")
+
+
+def test_a_deployment_summary_over_single_seed_pairs_says_its_t_interval_is_undefined():
+    """With one seed pair per dataset a t interval has no spread to stand on: the over-datasets
+    line says n/a instead of printing nan; with two pairs it gives the interval."""
+    from divo.studies.locomotion import _over_datasets
+
+    one = _over_datasets("divo", "selection=argmax", [[-10.0]])  # variant minus subject
+    assert "t CI n/a" in one and "nan" not in one
+    assert "+10.0" in one and "ahead on 1 of 1 seed pairs" in one
+    two = _over_datasets("divo", "selection=argmax", [[-10.0, -20.0]])
+    assert "t CI [" in two and "nan" not in two and "+15.0" in two

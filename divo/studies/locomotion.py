@@ -592,10 +592,12 @@ def _over_datasets(subject: str, variant: str, by_dataset: list[list[float]]) ->
     estimate = float(np.mean([d.mean() for d in diffs]))
     ahead = sum(int((d > 0).sum()) for d in diffs)
     pairs = sum(len(d) for d in diffs)
+    # a t interval needs a spread: undefined (n/a) while no dataset has two seed pairs
+    t_ci = "n/a" if np.isnan(t_low) else f"[{t_low:.1f}, {t_high:.1f}]"
     return (
         f"Over the {len(diffs)} datasets, `{subject}` minus the `{variant}` deployment (final "
         f"scores): {estimate:+.1f}, 95% bootstrap CI [{low:.1f}, {high:.1f}] ({how}), t CI "
-        f"[{t_low:.1f}, {t_high:.1f}]; `{subject}` ahead on {ahead} of {pairs} seed pairs."
+        f"{t_ci}; `{subject}` ahead on {ahead} of {pairs} seed pairs."
     )
 
 

@@ -27,8 +27,8 @@ def _cfg(tmp_path: Path, *extra: str):
 
 
 def test_the_grid_waits_for_a_budget_chosen_from_the_pilot(tmp_path):
-    cfg = _cfg(tmp_path)
-    assert cfg.steps is None  # shipped: chosen from the pilot, never guessed
+    assert _cfg(tmp_path).steps == 40000  # shipped: chosen from the pilot's curves
+    cfg = _cfg(tmp_path, "steps=null")  # before that choice the grid refuses to start
     with pytest.raises(ConfigError, match=r"--pilot.*steps=N"):
         study.run(cfg, pilot=False)
     pilot = study.pilot_config(cfg)
@@ -39,7 +39,7 @@ def test_the_grid_waits_for_a_budget_chosen_from_the_pilot(tmp_path):
 
 
 def test_the_page_tables_the_pilot_curves_as_they_grow(tmp_path):
-    cfg = _cfg(tmp_path)
+    cfg = _cfg(tmp_path, "steps=null")
     pilot = study.pilot_config(cfg)
     # one finished pilot (kept), one still running (its live run folder)
     kept = Path(pilot.results) / "runs" / "divo" / str(cfg.pilot.dataset) / "seed0"
@@ -59,6 +59,9 @@ def test_the_page_tables_the_pilot_curves_as_they_grow(tmp_path):
     assert "Unfinished: `divo` up to step 10,000, `fql` up to step 0 of 100,000" in text
     assert "not OGBench's hosted files" in text and "ogbench 1.2.2" in text
     assert "Grid budget: not chosen yet" in text and "Primary score: `last:3`" in text
+    chosen = study.write_page(_cfg(tmp_path), log=lambda _: None).read_text()
+    assert "**Grid budget: 40,000 steps.**" in chosen
+    assert "**Status:** grid 0 of 45 cells finished." in chosen
 
 
 def test_a_tiny_grid_prepares_its_data_runs_and_reports(tmp_path, monkeypatch):

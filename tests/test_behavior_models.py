@@ -348,3 +348,35 @@ def test_ddpm_and_consistency_recover_the_four_bandit_modes_and_a_gaussian_does_
     assert min(shares["ddpm"]) > 0.1 and sum(shares["ddpm"]) > 0.7, shares
     assert min(shares["consistency"]) > 0.1 and sum(shares["consistency"]) > 0.6, shares
     assert max(shares["gaussian"]) < 0.05, shares
+
+
+@pytest.mark.slow
+def test_the_k5_ddpm_returns_a_denoised_mean_where_the_flow_keeps_the_spread():
+    """examples/sample_spread.py: a = 0.5 s + N(0, 0.12^2). DIVO's K = 5 DDPM ends its reverse
+    chain on the x0-prediction from x_1, E[x0 | x_1], whose spread for Gaussian data is
+    sigma sqrt(sigma^2 / (sigma^2 + (1 - abar_1) / abar_1)) = 0.028 (abar_1 = 0.804); 10 Euler
+    steps of the flow keep most of it (docs/method.md, "What K = 5 can represent")."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "sample_spread.py"
+    spec = importlib.util.spec_from_file_location("sample_spread_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ddpm = example.build_model("ddpm")
+        abar_1 = float(ddpm.schedule.alphas_cumprod[0])
+        predicted = 0.12 * (0.12**2 / (0.12**2 + (1 - abar_1) / abar_1)) ** 0.5
+        spread = {
+            "ddpm": example.sample_spread(ddpm, 0.12, steps=1500),
+            "flow": example.sample_spread(example.build_model("flow"), 0.12, steps=1500),
+        }
+    finally:
+        torch.set_num_threads(threads)
+    assert abs(predicted - 0.028) < 0.001
+    assert spread["ddpm"]["sample_std"] < 0.06, spread  # under half the data's spread
+    assert spread["flow"]["sample_std"] > 0.08, spread
+    for out in spread.values():  # both find the conditional mean
+        assert out["mean_error"] < 0.03, spread

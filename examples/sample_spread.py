@@ -1,6 +1,7 @@
 """How much of a narrow conditional distribution does a behaviour model reproduce?
 
-Fits a shipped behaviour model (a group of recipes/behavior_model/, with overrides) to
+Fits a behaviour model (a group of recipes/behavior_model/ or your own group file, with
+overrides) to
 a = 0.5 s + N(0, sigma^2) per action dimension, s ~ U(-1, 1), and prints the spread of its
 samples at nine states against sigma. A generator that reproduces its data spreads like sigma;
 one that returns a denoised mean spreads less (docs/method.md, "What K = 5 can represent").
@@ -8,11 +9,13 @@ one that returns a denoised mean spreads less (docs/method.md, "What K = 5 can r
     python examples/sample_spread.py --model ddpm --sigma 0.12            # DIVO's K = 5 DDPM
     python examples/sample_spread.py --model ddpm --sigma 0.12 num_steps=20
     python examples/sample_spread.py --model flow --sigma 0.12            # 10 Euler steps
+    python examples/sample_spread.py --model my_recipes/behavior_model/mdn.yaml  # your group file
 """
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 from hydra.utils import instantiate
@@ -22,9 +25,20 @@ from divo.config import recipes_dir
 
 
 def build_model(group: str, overrides=(), action_dim: int = 2):
-    """The shipped ``behavior_model/<group>.yaml`` with ``key=value`` overrides, for a
-    one-dimensional state."""
-    cfg = OmegaConf.load(recipes_dir() / "behavior_model" / f"{group}.yaml")
+    """The shipped ``behavior_model/<group>.yaml`` (or a YAML file of your own with a
+    ``_target_``: a plug-in's group file) with ``key=value`` overrides, for a one-dimensional
+    state."""
+    own = Path(group)
+    path = (
+        own
+        if own.suffix in (".yaml", ".yml")
+        else recipes_dir() / "behavior_model" / f"{group}.yaml"
+    )
+    if not path.is_file():
+        raise SystemExit(
+            f"no behaviour-model group {group!r}: give a shipped group or a .yaml file"
+        )
+    cfg = OmegaConf.load(path)
     cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
     cfg = OmegaConf.to_container(cfg, resolve=True)
     cfg.pop("_partial_", None)
@@ -63,7 +77,9 @@ def sample_spread(
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="ddpm", help="a recipes/behavior_model/ group")
+    parser.add_argument(
+        "--model", default="ddpm", help="a recipes/behavior_model/ group, or your own .yaml file"
+    )
     parser.add_argument("--sigma", type=float, default=0.12)
     parser.add_argument("--steps", type=int, default=4000)
     parser.add_argument("--threads", type=int, default=1)

@@ -2,8 +2,9 @@
 
 Fits a behaviour model (a group of recipes/behavior_model/ or your own group file, with
 overrides) to a = 0.5 s + N(0, sigma^2) per action dimension, s ~ U(-1, 1), and prints the
-spread of its samples at nine states against sigma. A generator that reproduces its data spreads like sigma;
-one that returns a denoised mean spreads less (docs/method.md, "What K = 5 can represent").
+spread of its samples at nine states against sigma. A generator that reproduces its data
+spreads like sigma; one that returns a denoised mean spreads less (docs/method.md, "What K = 5
+can represent").
 
     python examples/sample_spread.py --model ddpm --sigma 0.12            # DIVO's K = 5 DDPM
     python examples/sample_spread.py --model ddpm --sigma 0.12 num_steps=20

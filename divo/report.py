@@ -123,6 +123,8 @@ class Run:
     label: str = ""
     mtime: float = 0.0
     shown_path: str = ""
+    success_scored: bool = False  # its normalised score is a success rate (result.json "score")
+    episodes: int | None = None  # evaluation episodes per evaluation (result.json)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -251,6 +253,8 @@ def read_run(path: Path) -> Run:
             run.normalized = _finite(result.get("normalized_score"))
             run.return_mean = _finite(result.get("return_mean"))
             run.behavior_score = _finite(result.get("behavior_normalized_score"))
+            run.success_scored = str(result.get("score", "")).startswith("success rate")
+            run.episodes = _as_int(result.get("episodes"))
             if run.normalized is not None or run.return_mean is not None:
                 run.status = "complete"
                 if run.normalized is None:
@@ -1150,6 +1154,31 @@ def write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> 
             writer.writerow({k: _csv_value(row.get(k)) for k in fields})
 
 
+def score_definition(runs: Sequence[Run]) -> str:
+    """What a normalised score is for these runs: D4RL's 100 (R - R_min) / (R_max - R_min), the
+    success rate in percent on goal-reaching data (OGBench; result.json says which), or both
+    where a report holds both kinds."""
+    done = [r for r in runs if r.status == "complete"]
+    success = [r.success_scored for r in done]
+    if success and all(success):
+        return "Score = the success rate (percent of the evaluation episodes that succeed)"
+    if any(success):
+        return (
+            "Score = 100 (R - R_min) / (R_max - R_min) or, on goal-reaching datasets, the "
+            "success rate in percent (each run's result.json says which)"
+        )
+    return "Normalised score = 100 (R - R_min) / (R_max - R_min)"
+
+
+def episodes_per_evaluation(runs: Sequence[Run]) -> str:
+    """The evaluation episodes per evaluation of the complete runs: "10", "10-50", or "" when
+    none says."""
+    counts = sorted({r.episodes for r in runs if r.status == "complete" and r.episodes})
+    if not counts:
+        return ""
+    return str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+
+
 def _md_table(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> list[str]:
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
@@ -1402,8 +1431,8 @@ def make_report(
     md += [
         f"## {score_name} per recipe and dataset",
         "",
-        f"Normalised score = 100 (R - R_min) / (R_max - R_min) of {evaluation} ({source}), "
-        "mean +- sample standard deviation over seeds.",
+        f"{score_definition(runs)} of {evaluation} ({source}), mean +- sample standard "
+        "deviation over seeds.",
         "",
     ]
     if any(s["score_kind"] == "return" for s in summaries):

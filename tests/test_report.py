@@ -517,3 +517,33 @@ def test_the_one_sided_critic_check_gets_its_own_diagnostics_column(tmp_path, ca
     assert code == 0, err
     md = (out / "report.md").read_text()
     assert "Q - G, at least (eval)" in md and "a lower bound on the overestimation" in md
+
+
+def test_the_score_is_defined_as_the_runs_record_it(tmp_path, capsys):
+    """A report says what its score is from the runs' result.json: D4RL's normalised return,
+    a success rate on goal-reaching data (OGBench), or both; and how many episodes one
+    evaluation has."""
+    from divo.report import episodes_per_evaluation, find_runs, score_definition
+
+    def success(run: Path, episodes: int = 50) -> None:
+        result = json.loads((run / "result.json").read_text())
+        result.update(score="success rate (percent of evaluation episodes)", episodes=episodes)
+        (run / "result.json").write_text(json.dumps(result))
+
+    d4rl, ogb, both = tmp_path / "d4rl", tmp_path / "ogb", tmp_path / "both"
+    write_run(d4rl, "divo", "hopper", 0, 40.0)
+    for seed in (0, 1):
+        success(write_run(ogb, "divo", "cube-single-play-singletask-v0", seed, 30.0))
+    write_run(both, "divo", "hopper", 0, 40.0)
+    success(write_run(both, "divo", "cube", 0, 20.0))
+
+    assert score_definition(find_runs([d4rl])).startswith("Normalised score = 100 (R - R_min)")
+    assert episodes_per_evaluation(find_runs([d4rl])) == "10"
+    assert score_definition(find_runs([ogb])).startswith("Score = the success rate")
+    assert episodes_per_evaluation(find_runs([ogb])) == "50"
+    mixed = score_definition(find_runs([both]))
+    assert "R_min" in mixed and "success rate" in mixed
+    assert episodes_per_evaluation(find_runs([both])) == "10-50"
+    code, _, _ = report([str(ogb), "--out", str(tmp_path / "rep"), "--no-figures"], capsys)
+    text = (tmp_path / "rep" / "report.md").read_text()
+    assert code == 0 and "Score = the success rate" in text and "R_min" not in text

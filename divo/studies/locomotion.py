@@ -450,7 +450,7 @@ def _other_score_section(cfg: Any, results: Path, opts: dict[str, Any]) -> list[
     """The score, aggregate and paired tables again under ``other_score`` (e.g. ``final``),
     from a report of their own in ``report-<score>``."""
     from divo.errors import ConfigError
-    from divo.report import make_report
+    from divo.report import episodes_per_evaluation, find_runs, make_report
 
     score = cfg.get("other_score")
     if not score:
@@ -473,11 +473,12 @@ def _other_score_section(cfg: Any, results: Path, opts: dict[str, Any]) -> list[
     except ConfigError as exc:
         return ["", f"## The same tables with `--score {score}`", "", f"No report yet: {exc}"]
     lines = ["", f"## The same tables with `--score {score}`", ""]
+    episodes = episodes_per_evaluation(find_runs(opts["dirs"]))  # as the runs record it
     lines += [
-        "One evaluation is 10 episodes of one policy, and a policy's score swings from one "
-        "evaluation to the next; the mean of a run's last evaluations damps that (TD3+BC's "
-        f"protocol averages its final 10), the final one is what the DIVO paper reports. "
-        f"Scored by `--score {score}`:",
+        f"One evaluation is {episodes or 'a few'} episodes of one policy, and a policy's score "
+        "swings from one evaluation to the next; the mean of a run's last evaluations damps "
+        "that (TD3+BC's protocol averages its final 10), the final one is what the DIVO paper "
+        f"reports. Scored by `--score {score}`:",
         "",
     ]
     keep = False

@@ -157,8 +157,18 @@ def check_trusted(
     check_policy_payload(policy, modules, file)
 
 
-def check_resumable(ckpt: dict, cfg: DictConfig, obs_dim: int, act_dim: int, where: Path):
-    """Refuse a checkpoint that another recipe or other data wrote (before touching files)."""
+def check_resumable(
+    ckpt: dict,
+    cfg: DictConfig,
+    obs_dim: int,
+    act_dim: int,
+    where: Path,
+    fingerprint: str | None = None,
+):
+    """Refuse a checkpoint that another recipe or other data wrote (before touching files):
+    other sizes, or, where both the checkpoint and this call know it, another fingerprint of
+    the transitions (:func:`divo.data.load.data_fingerprint`: the file was regenerated,
+    edited or replaced since the run started)."""
     saved = ckpt["config"]
     if saved.get("recipe") != cfg.get("recipe"):
         raise CheckpointError(
@@ -171,6 +181,16 @@ def check_resumable(ckpt: dict, cfg: DictConfig, obs_dim: int, act_dim: int, whe
             f"{where} holds a checkpoint for observation/action sizes {dims[0]}/{dims[1]} but "
             f"the data have {obs_dim}/{act_dim}; resume with the dataset it was trained on "
             f"({saved.get('dataset', {}).get('id')}) or use a new run directory"
+        )
+    before = ckpt.get("data_fingerprint")
+    if before and fingerprint and before != fingerprint:
+        raise CheckpointError(
+            f"{where} was trained on other data than dataset "
+            f"{saved.get('dataset', {}).get('id')!r} holds now (fingerprint {before[:19]}... in "
+            f"its checkpoint, {fingerprint[:19]}... now): the data were regenerated, edited or "
+            "replaced since the run started, and resuming would train one run on two datasets. "
+            "Restore the data it started on, or start again in a new run directory (the run "
+            "was left as it is)"
         )
 
 

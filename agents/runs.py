@@ -146,6 +146,7 @@ def load_run_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | 
             data.behavior_return,
             f" (normalized score {behavior_score:.1f})" if behavior_score is not None else "",
         )
+        _log.info("data %s: fingerprint %s", data.dataset_id, data.fingerprint)
         if data.reward_factor != 1.0:  # IQL's reward normalisation
             _log.info(
                 "rewards x %.4g (dataset.return_range=%s: max - min episode return rescaled)",
@@ -410,8 +411,10 @@ def run_result(
     wall_clock_s: float,
     device: torch.device,
     run_dir: Path,
+    data_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """The run's ``result.json`` contents."""
+    """The run's ``result.json`` contents; ``data_fingerprint``: that of the transitions it
+    trained on (None when they came from a user's replay buffer)."""
     level = data_level(data)
     result = {
         "recipe": cfg.get("recipe"),
@@ -424,6 +427,9 @@ def run_result(
         "episodes": last_eval["episodes"] if last_eval else 0,
         "behavior_return": data.behavior_return if data is not None else None,
         "behavior_normalized_score": behavior_score,
+        # the transitions trained on (OfflineData.fingerprint): runs of one dataset id with
+        # different fingerprints trained on different data, and divo report refuses to pool them
+        "data_fingerprint": data_fingerprint,
         "wall_clock_s": round(wall_clock_s, 3),
         "device": str(device),
         "device_name": device_name(device),

@@ -149,6 +149,9 @@ def _train(
         buffer = DeviceSampler(data.data, cfg.train.batch_size)
     else:
         buffer = replay_buffer
+    # the data the updates read, identified: a resume and a report check it (a user's buffer
+    # is not fingerprinted: its storage may be anything TorchRL holds)
+    fingerprint = data.fingerprint if data is not None and replay_buffer is None else None
     probe = buffer.sample()
     # a user's buffer may store rewards/flags as [B]: found once here, reshaped at each step
     flat_keys = flat_flag_keys(probe) if replay_buffer is not None else ()
@@ -214,7 +217,7 @@ def _train(
     if found is not None:
         ckpt_file, ckpt = found
         check_trusted(ckpt, ckpt_file, cfg, spec_json(data), trust)
-        check_resumable(ckpt, cfg, obs_dim, act_dim, run_dir)
+        check_resumable(ckpt, cfg, obs_dim, act_dim, run_dir, fingerprint)
         agent.load_training_state(ckpt["agent"])
         if ckpt.get("sampler") and hasattr(buffer, "sampler"):
             buffer.sampler.load_state_dict(ckpt["sampler"])
@@ -250,6 +253,7 @@ def _train(
         extra = {
             "observation_dim": obs_dim,
             "action_dim": act_dim,
+            "data_fingerprint": fingerprint,
             "sampler": buffer.sampler.state_dict() if hasattr(buffer, "sampler") else None,
             "metrics": acc.state_dict(),
             "last_eval": last_eval,
@@ -294,7 +298,9 @@ def _train(
 
     save_policy_file(policy_payload(agent, cfg, data, steps), run_dir / "policy.pt")
     wall_clock_s = elapsed_before + time.perf_counter() - start
-    result = run_result(cfg, data, behavior_score, last_eval, wall_clock_s, device, run_dir)
+    result = run_result(
+        cfg, data, behavior_score, last_eval, wall_clock_s, device, run_dir, fingerprint
+    )
     (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     if data is not None:
         data.close()  # its pooled evaluation environments (OGBench's)

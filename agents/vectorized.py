@@ -696,7 +696,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
     if found is not None:
         start_step, ckpts = found
         for c, seed_cfg, d in zip(ckpts, cfgs, seed_dirs, strict=True):
-            check_resumable(c, seed_cfg, obs_dim, act_dim, d)
+            check_resumable(c, seed_cfg, obs_dim, act_dim, d, data.fingerprint)
         for i, c in enumerate(ckpts):
             vec.load_training_state(i, c["agent"])
         acc.load_seed_states([c.get("metrics", {}) for c in ckpts], device)
@@ -738,6 +738,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
             extra = {
                 "observation_dim": obs_dim,
                 "action_dim": act_dim,
+                "data_fingerprint": data.fingerprint,
                 "sampler": None,
                 "metrics": acc.seed_state_dict(i),
                 "last_eval": last_evals[i],
@@ -800,7 +801,9 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
         payload = policy_payload(vec.seed_agent(i), cfgs[i], data, steps)
         save_policy_file(payload, d / "policy.pt")
         wall = elapsed_before[i] + time.perf_counter() - start
-        result = run_result(cfgs[i], data, behavior_score, last_evals[i], wall, device, d)
+        result = run_result(
+            cfgs[i], data, behavior_score, last_evals[i], wall, device, d, data.fingerprint
+        )
         (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
     if data is not None:

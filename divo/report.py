@@ -61,7 +61,7 @@ from typing import Any
 
 import numpy as np
 
-from divo.errors import ConfigError, DivoError, install_hint
+from divo.errors import ConfigError, DatasetError, DivoError, install_hint
 
 METRICS = ("mean", "median", "iqm", "optimality_gap")
 METRIC_TITLES = {
@@ -125,6 +125,8 @@ class Run:
     shown_path: str = ""
     success_scored: bool = False  # its normalised score is a success rate (result.json "score")
     episodes: int | None = None  # evaluation episodes per evaluation (result.json)
+    data_fingerprint: str | None = None  # the transitions it trained on (result.json)
+    behavior_return: float | None = None  # its data's mean episode return (result.json)
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -255,6 +257,9 @@ def read_run(path: Path) -> Run:
             run.behavior_score = _finite(result.get("behavior_normalized_score"))
             run.success_scored = str(result.get("score", "")).startswith("success rate")
             run.episodes = _as_int(result.get("episodes"))
+            fingerprint = result.get("data_fingerprint")
+            run.data_fingerprint = fingerprint if isinstance(fingerprint, str) else None
+            run.behavior_return = _finite(result.get("behavior_return"))
             if run.normalized is not None or run.return_mean is not None:
                 run.status = "complete"
                 if run.normalized is None:
@@ -487,6 +492,45 @@ def drop_duplicates(runs: list[Run]) -> None:
             if keep is not run:
                 run.status = "superseded"
                 run.note = f"same recipe, dataset and seed as the newer {keep.shown_path}"
+
+
+def check_same_data(runs: list[Run]) -> None:
+    """Refuse to pool runs of one dataset id that trained on different transitions: their
+    result.json ``data_fingerprint`` differs (a regenerated, edited or replaced file), or, for
+    runs written before divo recorded fingerprints, their data's mean episode return
+    (``behavior_return``, a property of the stored rewards alone) does. Their paired
+    differences and intervals would compare runs on two datasets under one name."""
+    complete = [r for r in runs if r.status == "complete" and r.dataset]
+    for what, key in (
+        ("data_fingerprint", lambda r: r.data_fingerprint),
+        ("behavior_return, the data's mean episode return", _behavior_return_key),
+    ):
+        by_dataset: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+        for run in complete:
+            value = key(run)
+            if value is not None:
+                by_dataset[run.dataset][value].append(run)
+        for dataset, groups in sorted(by_dataset.items()):
+            if len(groups) < 2:
+                continue
+            listed = "; ".join(
+                f"{value[:19]}{'...' if len(value) > 19 else ''}: "
+                + ", ".join(r.shown_path or str(r.path) for r in group[:3])
+                + (f" and {len(group) - 3} more" if len(group) > 3 else "")
+                for value, group in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+            )
+            raise DatasetError(
+                f"the runs on {dataset} trained on {len(groups)} different sets of transitions "
+                f"(result.json {what}: {listed}); a report would pool them as one dataset. "
+                "Rerun the odd ones on the data the others used, or report them apart (one "
+                "`divo report` per set of run folders)"
+            )
+
+
+def _behavior_return_key(run: Run) -> str | None:
+    """The data's mean episode return to 6 significant digits (what float round-trips through
+    JSON agree on), None when not recorded."""
+    return None if run.behavior_return is None else f"{run.behavior_return:.6g}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1249,6 +1293,7 @@ def make_report(
         )
     _label_runs(runs, dirs, tags or {})
     drop_duplicates(runs)
+    check_same_data(runs)
     choose_score_kinds(runs)
     if last_k is not None:
         use_last_evaluations(runs, last_k)

@@ -547,3 +547,47 @@ def test_the_score_is_defined_as_the_runs_record_it(tmp_path, capsys):
     code, _, _ = report([str(ogb), "--out", str(tmp_path / "rep"), "--no-figures"], capsys)
     text = (tmp_path / "rep" / "report.md").read_text()
     assert code == 0 and "Score = the success rate" in text and "R_min" not in text
+
+
+def _set_fingerprint(run: Path, fingerprint: str) -> None:
+    result = json.loads((run / "result.json").read_text())
+    result["data_fingerprint"] = fingerprint
+    (run / "result.json").write_text(json.dumps(result))
+
+
+def test_runs_of_one_dataset_on_different_data_are_not_pooled(tmp_path, capsys):
+    """Two runs named for one dataset whose result.json fingerprints differ (the file was
+    regenerated between them) are refused, naming the runs; runs without a fingerprint (older
+    runs) and one consistent fingerprint per dataset pass."""
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    a = "sha256:" + "a" * 64
+    for run in runs.rglob("result.json"):
+        _set_fingerprint(run.parent, a)
+    out = tmp_path / "out"
+    assert report([str(runs), "--out", str(out), *REPS], capsys)[0] == 0
+    odd = runs / "td3bc" / "env-b-v0" / "seed1"
+    _set_fingerprint(odd, "sha256:" + "b" * 64)
+    before = sorted(p.name for p in out.iterdir())
+    line = _one_line_error([str(runs), "--out", str(tmp_path / "out2"), *REPS], capsys)
+    assert "the runs on env/b-v0 trained on 2 different sets of transitions" in line
+    assert "sha256:bbbbbbbbbbbb" in line and "seed1" in line
+    assert not (tmp_path / "out2").exists()  # refused before anything was written
+    assert sorted(p.name for p in out.iterdir()) == before
+    (odd / "result.json").write_text(
+        json.dumps(
+            {
+                k: v
+                for k, v in json.loads((odd / "result.json").read_text()).items()
+                if k != "data_fingerprint"
+            }
+        )
+    )
+    assert report([str(runs), "--out", str(out), *REPS], capsys)[0] == 0  # unknown: not checked
+    # runs from before fingerprints: their data's mean episode return tells the data apart
+    for run, level in ((odd, -978.982), (runs / "divo" / "env-b-v0" / "seed0", -978.752)):
+        result = json.loads((run / "result.json").read_text())
+        (run / "result.json").write_text(json.dumps({**result, "behavior_return": level}))
+    line = _one_line_error([str(runs), "--out", str(out), *REPS], capsys)
+    assert "result.json behavior_return, the data's mean episode return: " in line
+    assert "-978.982: " in line and "-978.752: " in line

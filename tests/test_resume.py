@@ -199,6 +199,47 @@ def test_foreign_checkpoints_are_refused_and_nothing_changes(tmp_path, hopper_da
     assert snapshot(run) == before
 
 
+def test_a_resume_on_regenerated_data_is_refused_and_nothing_changes(
+    tmp_path, hopper_env_spec, hopper_episodes, capsys
+):
+    """A run's checkpoints remember the fingerprint of the transitions they trained on: after
+    the dataset is written again with other rewards, resuming is refused (one line, files
+    untouched); with the original data back, the same command resumes."""
+    import minari
+
+    from divo.data.load import load_offline_data
+    from divo.data.minari_io import write_minari_dataset
+
+    dataset_id = "test/fingerprint/hopper-v0"
+
+    def write(reward_factor: float) -> None:
+        if dataset_id in minari.list_local_datasets():
+            minari.delete_dataset(dataset_id)
+        episodes = [dict(ep, rewards=ep["rewards"] * reward_factor) for ep in hopper_episodes[:20]]
+        write_minari_dataset(dataset_id, episodes, env=hopper_env_spec)
+
+    write(1.0)
+    on_it = [o for o in SHORT if not o.startswith("dataset=")]
+    on_it += ["dataset=minari", f"dataset.id={dataset_id}", "train.steps=4"]
+    run = tmp_path / "run"
+    result = train(compose_recipe("td3bc", on_it), run)
+    original = load_offline_data(dataset_id).fingerprint
+    assert result["data_fingerprint"] == original and original.startswith("sha256:")
+    assert f"fingerprint {original}" in (run / "train.log").read_text()
+
+    write(2.0)  # the same id, the same sizes, other rewards
+    assert load_offline_data(dataset_id).fingerprint != original
+    before = snapshot(run)
+    line = _one_line_error(["train", str(run), "train.steps=6"], capsys)
+    assert "was trained on other data than dataset 'test/fingerprint/hopper-v0'" in line
+    assert original[:19] in line and "Restore the data" in line
+    assert snapshot(run) == before
+
+    write(1.0)
+    assert main(["train", str(run), "train.steps=6"]) == 0
+    assert json.loads((run / "result.json").read_text())["data_fingerprint"] == original
+
+
 def test_evaluation_failure_does_not_stop_training(tmp_path, monkeypatch):
     import divo.agents.runs as runs_module
 

@@ -37,6 +37,7 @@ RESULT_KEYS = {
     "return_std",
     "normalized_score",
     "episodes",
+    "data_fingerprint",
     "wall_clock_s",
     "device",
     "critic_overestimation",

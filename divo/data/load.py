@@ -22,6 +22,7 @@ the environments are wrapped to flatten theirs the same way (``observation_keys`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,11 @@ class OfflineData:
             ``reward_scale``/``reward_shift``), when the task states it (OGBench: 0, every
             sub-goal satisfied); None when unknown. It bounds what a truncated evaluation
             episode's missing tail could have paid, for the critic's check.
+        fingerprint: ``sha256:<hex>`` of the transitions as stored in the source (before any
+            rescaling; :func:`data_fingerprint`): two runs with the same fingerprint trained
+            on the same data, whatever the file's name, folder or history. Runs record it
+            (result.json ``data_fingerprint``), a resume refuses a checkpoint of other data and
+            ``divo report`` refuses to pool runs of one dataset id made on different data.
     """
 
     dataset_id: str
@@ -119,6 +125,7 @@ class OfflineData:
     provenance: str | None = None
     eval_env_pool: int | None = None
     reward_max: float | None = None
+    fingerprint: str | None = None
     _envs: list[gym.Env] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -368,6 +375,7 @@ def _to_offline_data(
     obs_std = torch.as_tensor(obs.std(0) + OBS_STD_EPS, dtype=torch.float32, device=device)
     ref_min, ref_max = references
     return OfflineData(
+        fingerprint=data_fingerprint(raw),
         dataset_id=dataset_id,
         data=data,
         observation_dim=obs_size,
@@ -392,6 +400,34 @@ def _to_offline_data(
         eval_env_pool=eval_env_pool,
         reward_max=reward_max,
     )
+
+
+# the arrays a fingerprint covers, in this order: what training reads from a source
+FINGERPRINT_KEYS = (
+    "observation",
+    "action",
+    "reward",
+    "terminated",
+    "truncated",
+    "next_observation",
+    "episode_length",
+)
+
+
+def data_fingerprint(raw: dict[str, Any]) -> str:
+    """``sha256:<hex>`` over the arrays of :data:`FINGERPRINT_KEYS` as read from the source
+    (each array's name, dtype, shape and bytes): equal exactly when the transitions are.
+
+    It tells regenerated or replaced data apart from the data a run (or a study's other cells)
+    trained on; the loader's own options (reward scale, action rescaling, ...) are not in it,
+    they are in each run's config.yaml.
+    """
+    digest = hashlib.sha256()
+    for key in FINGERPRINT_KEYS:
+        array = np.ascontiguousarray(raw[key])
+        digest.update(f"{key}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(memoryview(array).cast("B"))
+    return f"sha256:{digest.hexdigest()}"
 
 
 # IQL's code normalises rewards on these Gym tasks only (its `normalize` on locomotion)

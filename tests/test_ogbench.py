@@ -163,6 +163,33 @@ def test_generation_resumes_to_the_same_files_and_never_leaves_half_a_file(tmp_p
         factory.generate_ogbench_dataset(_tiny(), tmp_path / "b", progress=False)
 
 
+def test_parallel_workers_write_the_files_one_worker_writes(tmp_path, monkeypatch):
+    """Episodes are seeded from (seed, episode) alone: chunks simulated on two spawned
+    processes give the same arrays as one process, and a resume on workers finishes a
+    generation one worker started."""
+    monkeypatch.setattr(factory, "CHUNK_EPISODES", 1)
+    factory.generate_ogbench_dataset(_tiny(), tmp_path / "one", progress=False)
+    logged = []
+    factory.generate_ogbench_dataset(
+        _tiny(), tmp_path / "two", progress=False, workers=2, log=logged.append
+    )
+    assert any("3 chunks of up to 1 episodes on 2 workers" in line for line in logged)
+    for suffix in ("", "-val"):
+        with (
+            np.load(tmp_path / "one" / f"cube-single-play-v0{suffix}.npz") as a,
+            np.load(tmp_path / "two" / f"cube-single-play-v0{suffix}.npz") as b,
+        ):
+            assert sorted(a.files) == sorted(b.files)
+            for key in a.files:
+                np.testing.assert_array_equal(a[key], b[key])
+    one = json.loads((tmp_path / "one" / "cube-single-play-v0.divo.json").read_text())
+    two = json.loads((tmp_path / "two" / "cube-single-play-v0.divo.json").read_text())
+    assert one["oracle_subtasks_finished"] == two["oracle_subtasks_finished"]
+    with pytest.raises(DatasetError, match="workers must be a whole number >= 1"):
+        factory.generate_ogbench_dataset(_tiny(), tmp_path / "three", workers=0)
+    assert not (tmp_path / "three").exists()
+
+
 def test_generated_files_load_and_a_different_partial_is_discarded(tmp_path, monkeypatch):
     monkeypatch.setenv("DIVO_OGBENCH_DIR", str(tmp_path))
     partial = tmp_path / ".cube-single-play-v0.partial"

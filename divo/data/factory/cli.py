@@ -263,13 +263,21 @@ def _ogbench(argv: list[str]) -> int:
         f"{reader.generated_dir()})",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing files")
+    parser.add_argument(
+        "--workers",
+        type=_positive,
+        default=1,
+        help="simulate this many chunks of episodes at once, one process each (default 1; "
+        "up to the free cores): the same files, in about 1/N of the time",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     ns = parser.parse_args(argv)
     settings = ogbench.generation_settings(ns.env, ns.kind, ns.episodes, ns.seed)
     directory = reader.generated_dir() if ns.dir is None else ns.dir
-    print(f"divo data: {settings.dataset_name}: {ogbench.estimate(settings)}", flush=True)
+    estimate = ogbench.estimate(settings, workers=ns.workers)
+    print(f"divo data: {settings.dataset_name}: {estimate}", flush=True)
     record = ogbench.generate_ogbench_dataset(
-        settings, directory, progress=not ns.quiet, overwrite=ns.overwrite
+        settings, directory, progress=not ns.quiet, overwrite=ns.overwrite, workers=ns.workers
     )
     train, val, _ = ogbench.dataset_paths(Path(directory).expanduser(), settings.dataset_name)
     print(

@@ -266,14 +266,15 @@ def dataset_paths(directory: Path, dataset_name: str) -> tuple[Path, Path, Path]
     )
 
 
-def estimate(settings: OGBenchGeneration, steps_per_second: float = 350.0) -> str:
+def estimate(settings: OGBenchGeneration, steps_per_second: float = 350.0, workers: int = 1) -> str:
     """The size and time of a generation, stated before it starts."""
     steps = settings.total_episodes * settings.episode_steps
-    minutes = steps / steps_per_second / 60
+    minutes = steps / steps_per_second / 60 / workers
+    where = "on one CPU core" if workers == 1 else f"on {workers} free CPU cores"
     return (
         f"{settings.total_episodes} episodes ({settings.episodes} training + "
         f"{settings.val_episodes} validation) of {settings.episode_steps} steps = {steps:,} "
-        f"environment steps, about {minutes:.0f} min on one CPU core"
+        f"environment steps, about {minutes:.0f} min {where}"
     )
 
 
@@ -284,17 +285,26 @@ def generate_ogbench_dataset(
     progress: bool = True,
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Generate ``settings`` into ``directory`` (resuming a partial run of the same settings).
+
+    ``workers`` > 1 simulates that many chunks of episodes at once, each in a process of its
+    own (one environment per process): every episode is seeded from (seed, episode index)
+    alone, so the files are the same as one worker writes, in about 1/``workers`` of the time
+    on as many free cores.
 
     Returns the record also written beside the files (``<name>.divo.json``): the settings, the
     package versions, the oracle's sub-task success rate, steps and time.
     """
     require_ogbench()
-    import gymnasium as gym
     import mujoco
     import ogbench
 
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise DatasetError(
+            f"workers must be a whole number >= 1 (one per free core), got {workers!r}"
+        )
     directory = Path(directory).expanduser()
     directory.mkdir(parents=True, exist_ok=True)
     train_path, val_path, record_path = dataset_paths(directory, settings.dataset_name)
@@ -317,23 +327,19 @@ def generate_ogbench_dataset(
     if not settings_file.exists():
         settings_file.write_text(json.dumps(wanted, indent=2))
 
-    with warnings.catch_warnings():  # gymnasium's float32 casts of OGBench's bounds
-        warnings.simplefilter("ignore")
-        env = gym.make(
-            f"{settings.env}-v0",
-            terminate_at_goal=False,
-            mode="data_collection",
-            max_episode_steps=settings.episode_steps,
-        )
-    oracles = _oracles(env, settings)
     total = settings.total_episodes
     chunks = [
         (start, min(start + CHUNK_EPISODES, total)) for start in range(0, total, CHUNK_EPISODES)
     ]
-    done_chunks = [c for c in chunks if (partial / f"chunk-{c[0]:06d}-{c[1]:06d}.npz").is_file()]
-    resumed = sum(end - start for start, end in done_chunks)
+    todo = [c for c in chunks if not _chunk_path(partial, *c).is_file()]
+    resumed = total - sum(end - start for start, end in todo)
     if resumed:
         log(f"divo data: resuming {settings.dataset_name}: {resumed} of {total} episodes done")
+    workers = min(workers, max(1, len(todo)))
+    if workers > 1:
+        log(
+            f"divo data: {len(todo)} chunks of up to {CHUNK_EPISODES} episodes on {workers} workers"
+        )
     bar = tqdm(
         total=total,
         initial=resumed,
@@ -343,29 +349,28 @@ def generate_ogbench_dataset(
         dynamic_ncols=True,
     )
     t0, new_steps = time.perf_counter(), 0
+
+    def done(episodes: int, steps: int) -> None:
+        nonlocal new_steps
+        new_steps += steps
+        bar.update(episodes)
+        bar.set_postfix(steps_per_s=f"{new_steps / (time.perf_counter() - t0):.0f}")
+
     try:
-        for start, end in chunks:
-            chunk = partial / f"chunk-{start:06d}-{end:06d}.npz"
-            if chunk.is_file():
-                continue
-            episodes, finished, succeeded = [], 0, 0
-            for episode in range(start, end):
-                arrays, subtasks = collect_episode(env, oracles, settings, episode)
-                episodes.append(arrays)
-                finished += subtasks["finished"]
-                succeeded += subtasks["succeeded"]
-                new_steps += len(arrays["terminals"])
-                bar.update(1)
-                bar.set_postfix(steps_per_s=f"{new_steps / (time.perf_counter() - t0):.0f}")
-            merged = {key: np.concatenate([e[key] for e in episodes]) for key in episodes[0]}
-            merged["subtasks"] = np.array([finished, succeeded], dtype=np.int64)
-            _write_npz_atomic(chunk, merged, compressed=False)
+        if workers == 1:
+            env, oracles = _collector(settings)
+            try:
+                for start, end in todo:
+                    _write_chunk(env, oracles, settings, partial, start, end, done)
+            finally:
+                env.close()
+        else:
+            _parallel_chunks(settings, partial, todo, workers, done)
     finally:
         bar.close()
-        env.close()
     seconds = time.perf_counter() - t0
 
-    parts = [np.load(partial / f"chunk-{s:06d}-{e:06d}.npz") for s, e in chunks]
+    parts = [np.load(_chunk_path(partial, s, e)) for s, e in chunks]
     subtasks = np.sum([part["subtasks"] for part in parts], axis=0)
     keys = [key for key in parts[0].files if key != "subtasks"]
     data = {key: np.concatenate([part[key] for part in parts]) for key in keys}
@@ -398,6 +403,106 @@ def generate_ogbench_dataset(
     _publish(scratch, record_path)
     shutil.rmtree(partial, ignore_errors=True)
     return record
+
+
+def _chunk_path(partial: Path, start: int, end: int) -> Path:
+    return partial / f"chunk-{start:06d}-{end:06d}.npz"
+
+
+def _collector(settings: OGBenchGeneration) -> tuple[Any, dict[str, Any]]:
+    """The data-collection environment and its oracles."""
+    import gymnasium as gym
+
+    with warnings.catch_warnings():  # gymnasium's float32 casts of OGBench's bounds
+        warnings.simplefilter("ignore")
+        env = gym.make(
+            f"{settings.env}-v0",
+            terminate_at_goal=False,
+            mode="data_collection",
+            max_episode_steps=settings.episode_steps,
+        )
+    return env, _oracles(env, settings)
+
+
+def _write_chunk(
+    env: Any,
+    oracles: dict[str, Any],
+    settings: OGBenchGeneration,
+    partial: Path,
+    start: int,
+    end: int,
+    done: Callable[[int, int], None] | None = None,
+) -> int:
+    """Collect episodes ``start`` to ``end - 1`` into their chunk file (written whole or not at
+    all); ``done(episodes, steps)`` after each episode. Returns the steps collected."""
+    episodes, finished, succeeded, steps = [], 0, 0, 0
+    for episode in range(start, end):
+        arrays, subtasks = collect_episode(env, oracles, settings, episode)
+        episodes.append(arrays)
+        finished += subtasks["finished"]
+        succeeded += subtasks["succeeded"]
+        steps += len(arrays["terminals"])
+        if done is not None:
+            done(1, len(arrays["terminals"]))
+    merged = {key: np.concatenate([e[key] for e in episodes]) for key in episodes[0]}
+    merged["subtasks"] = np.array([finished, succeeded], dtype=np.int64)
+    _write_npz_atomic(_chunk_path(partial, start, end), merged, compressed=False)
+    return steps
+
+
+_WORKER: dict[str, Any] = {}  # a generation worker's environment and oracles (its process's)
+
+
+def _worker_start(settings: OGBenchGeneration) -> None:
+    require_ogbench()
+    _WORKER["settings"] = settings
+    _WORKER["env"], _WORKER["oracles"] = _collector(settings)
+
+
+def _worker_chunk(partial: str, start: int, end: int) -> tuple[int, int]:
+    steps = _write_chunk(
+        _WORKER["env"], _WORKER["oracles"], _WORKER["settings"], Path(partial), start, end
+    )
+    return end - start, steps
+
+
+def _parallel_chunks(
+    settings: OGBenchGeneration,
+    partial: Path,
+    todo: list[tuple[int, int]],
+    workers: int,
+    done: Callable[[int, int], None],
+) -> None:
+    """Write the chunks of ``todo`` on ``workers`` processes (spawned: MuJoCo and forked
+    processes do not mix); the first error stops the rest, finished chunks stay for a resume."""
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    pool = ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_start,
+        initargs=(settings,),
+    )
+    pending: set = set()
+    try:
+        pending = {pool.submit(_worker_chunk, str(partial), s, e) for s, e in todo}
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for future in finished:
+                try:
+                    done(*future.result())  # raises a worker's error here
+                except BrokenProcessPool as exc:
+                    raise DatasetError(
+                        f"a generation worker ended abruptly ({exc}); the finished chunks are "
+                        "kept: rerun the same command to resume (fewer --workers if memory "
+                        "ran out)"
+                    ) from exc
+    finally:
+        for future in pending:
+            future.cancel()
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _version(package: str) -> str | None:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from divo.data.builtin import ensure_builtin
-from divo.errors import ConfigError
+from divo.errors import ConfigError, DatasetError
 from divo.studies.locomotion import (
     Cell,
     cell_command,
@@ -81,6 +81,17 @@ def test_the_study_runs_each_cell_once_keeps_its_outputs_and_resumes(tmp_path):
     assert command[4] == str(tmp_path / "work" / "td3bc" / "divo-bandit-multimodal-v0" / "seed1")
     assert study_command(args) == 0
     assert (kept / "seed1" / "result.json").is_file()
+
+    # a new cell on data other than the kept cells trained on is refused before it starts
+    # (here: the kept cells' record says another fingerprint, as after a regeneration)
+    record = json.loads((kept / "seed0" / "result.json").read_text())
+    assert record["data_fingerprint"].startswith("sha256:")
+    (kept / "seed0" / "result.json").write_text(
+        json.dumps({**record, "data_fingerprint": "sha256:" + "0" * 64})
+    )
+    with pytest.raises(DatasetError, match="are not those its kept cells trained on"):
+        study_command([*args, "seeds=[0,1,2]"])
+    assert not (tmp_path / "work" / "td3bc" / "divo-bandit-multimodal-v0" / "seed2").exists()
 
 
 def _dry_run(args: list[str]) -> str:
@@ -303,3 +314,25 @@ def test_a_deployment_summary_over_single_seed_pairs_says_its_t_interval_is_unde
     assert "+10.0" in one and "ahead on 1 of 1 seed pairs" in one
     two = _over_datasets("divo", "selection=argmax", [[-10.0, -20.0]])
     assert "t CI [" in two and "nan" not in two and "+15.0" in two
+
+
+def test_kept_cells_from_before_fingerprints_are_checked_by_their_data_level(tmp_path):
+    """Kept cells without a fingerprint are compared by their data's mean episode return."""
+    from types import SimpleNamespace
+
+    from divo.studies.runner import check_data_as_kept
+
+    kept = tmp_path / "runs" / "divo" / "cube" / "seed0"
+    kept.mkdir(parents=True)
+    (kept / "result.json").write_text(
+        json.dumps({"dataset_id": "cube", "behavior_return": -978.982})
+    )
+    here = SimpleNamespace(fingerprint="sha256:" + "1" * 64, behavior_return=-978.752)
+    with pytest.raises(DatasetError, match="mean episode return -978.982 there, -978.752 here"):
+        check_data_as_kept(tmp_path, ["cube"], load=lambda d: here)
+    lines: list[str] = []
+    same = SimpleNamespace(fingerprint="sha256:" + "1" * 64, behavior_return=-978.982)
+    check_data_as_kept(tmp_path, ["cube", "other"], load=lambda d: same, log=lines.append)
+    assert lines == [
+        "  data cube: what its 1 kept cell(s) trained on (mean episode return checked)"
+    ]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from divo.studies.runner import run_cells, study_arguments, study_settings
+from divo.studies.runner import check_data_as_kept, run_cells, study_arguments, study_settings
 
 STUDY_CONFIG = "study/locomotion.yaml"
 KEPT_FILES = ("result.json", "metrics.csv", "config.yaml", "train.log")
@@ -659,6 +659,7 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
         for cell in todo:
             log("  " + " ".join(cell_command(cell, cfg)[2:]))
         return 0
+    check_data_as_kept(Path(cfg.results), [c.dataset for c in todo], log=log)
     backfilled = [line for c in cells if c not in todo for line in evaluate_deployments(c, cfg)]
     for line in backfilled:  # cells finished before their recipe had deployment variants
         log("  " + line)

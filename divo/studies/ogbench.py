@@ -37,7 +37,7 @@ from divo.studies.locomotion import (
     study_cells,
     time_left,
 )
-from divo.studies.runner import run_cells, study_arguments, study_settings
+from divo.studies.runner import check_data_as_kept, run_cells, study_arguments, study_settings
 
 STUDY_CONFIG = "study/ogbench.yaml"
 NAME = "divo study ogbench"
@@ -111,6 +111,7 @@ def run(cfg: Any, *, pilot: bool, jobs: int | None = None, dry_run: bool = False
             log("  " + " ".join(cell_command(cell, target)[2:]))
         return 0
     prepare_data(cfg, [c.dataset for c in todo], log)
+    check_data_as_kept(Path(target.results), [c.dataset for c in todo], log=log)
 
     def after_each() -> None:
         write_page(cfg, log)

@@ -11,7 +11,9 @@ cells already done and rewrites its page after each new one. The three studies
 - :func:`study_arguments`: the command line every study shares (``key=value`` settings,
   ``--page-only``) plus its own options;
 - :func:`run_cells`: the cells still to run, ``jobs`` at a time, the page rewritten after each;
-- :func:`write_json_atomic`: a cell's record is never half-written.
+- :func:`write_json_atomic`: a cell's record is never half-written;
+- :func:`check_data_as_kept`: before a new cell trains, the data here are the data the kept
+  cells of its dataset trained on (a fresh machine regenerates OGBench's files).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from divo.config import recipes_dir
-from divo.errors import ConfigError
+from divo.errors import ConfigError, DatasetError
 
 Cell = TypeVar("Cell")
 
@@ -126,3 +128,66 @@ def write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def kept_data_records(results: Path, dataset: str) -> list[tuple[Path, str | None, float | None]]:
+    """(result.json, data_fingerprint, behavior_return) of the kept cells on ``dataset`` under
+    ``results``/runs."""
+    records = []
+    for path in sorted((Path(results) / "runs").glob("*/*/seed*/result.json")):
+        try:
+            result = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(result, dict) or result.get("dataset_id") != dataset:
+            continue
+        fingerprint = result.get("data_fingerprint")
+        level = result.get("behavior_return")
+        records.append(
+            (
+                path,
+                fingerprint if isinstance(fingerprint, str) else None,
+                float(level) if isinstance(level, int | float) else None,
+            )
+        )
+    return records
+
+
+def check_data_as_kept(
+    results: Path, datasets: Iterable[str], load: Callable[[str], Any] | None = None, log=print
+) -> None:
+    """Refuse to run new cells on data other than the kept cells' of the same dataset id.
+
+    For each dataset with kept cells, ``load(dataset)`` (an :class:`OfflineData`) is compared
+    with them: its fingerprint with theirs, and for cells from before divo recorded one, its
+    mean episode return with their ``behavior_return`` (6 significant digits). Raised before
+    any cell starts, so that hours are not spent on cells the page could not pool with the
+    others (``divo report`` refuses them too)."""
+    for dataset in dict.fromkeys(str(d) for d in datasets):
+        kept = kept_data_records(results, dataset)
+        if not kept:
+            continue
+        if load is None:
+            from divo.data.load import load_offline_data as load
+        data = load(dataset)
+        here_level = f"{data.behavior_return:.6g}" if data.behavior_return is not None else None
+        for path, fingerprint, level in kept:
+            differs = (
+                fingerprint != data.fingerprint
+                if fingerprint and data.fingerprint
+                else level is not None and here_level is not None and f"{level:.6g}" != here_level
+            )
+            if differs:
+                what = (
+                    f"fingerprint {fingerprint[:19]}... there, {data.fingerprint[:19]}... here"
+                    if fingerprint and data.fingerprint
+                    else f"mean episode return {level:.6g} there, {here_level} here"
+                )
+                raise DatasetError(
+                    f"the data of {dataset} here are not those its kept cells trained on "
+                    f"({path.parent}: {what}); new cells would not be comparable with them. "
+                    "Make the same data (the same generator, settings, seed and package "
+                    "versions), or give the study a results folder of its own"
+                )
+        checked = "fingerprint" if any(f for _, f, _ in kept) else "mean episode return"
+        log(f"  data {dataset}: what its {len(kept)} kept cell(s) trained on ({checked} checked)")

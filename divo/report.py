@@ -494,37 +494,71 @@ def drop_duplicates(runs: list[Run]) -> None:
                 run.note = f"same recipe, dataset and seed as the newer {keep.shown_path}"
 
 
-def check_same_data(runs: list[Run]) -> None:
-    """Refuse to pool runs of one dataset id that trained on different transitions: their
-    result.json ``data_fingerprint`` differs (a regenerated, edited or replaced file), or, for
-    runs written before divo recorded fingerprints, their data's mean episode return
-    (``behavior_return``, a property of the stored rewards alone) does. Their paired
-    differences and intervals would compare runs on two datasets under one name."""
-    complete = [r for r in runs if r.status == "complete" and r.dataset]
-    for what, key in (
-        ("data_fingerprint", lambda r: r.data_fingerprint),
-        ("behavior_return, the data's mean episode return", _behavior_return_key),
-    ):
-        by_dataset: dict[str, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
-        for run in complete:
-            value = key(run)
-            if value is not None:
-                by_dataset[run.dataset][value].append(run)
-        for dataset, groups in sorted(by_dataset.items()):
-            if len(groups) < 2:
-                continue
-            listed = "; ".join(
-                f"{value[:19]}{'...' if len(value) > 19 else ''}: "
-                + ", ".join(r.shown_path or str(r.path) for r in group[:3])
-                + (f" and {len(group) - 3} more" if len(group) > 3 else "")
-                for value, group in sorted(groups.items(), key=lambda kv: -len(kv[1]))
-            )
+DATA_KEYS = (
+    ("data_fingerprint", lambda r: r.data_fingerprint),
+    ("behavior_return, the data's mean episode return", lambda r: _behavior_return_key(r)),
+)
+
+
+def _data_groups(runs: list[Run], key, by_seed: bool) -> dict[tuple, dict[str, list[Run]]]:
+    """(dataset[, seed]) -> data key -> the complete runs with it (runs without one left out)."""
+    groups: dict[tuple, dict[str, list[Run]]] = defaultdict(lambda: defaultdict(list))
+    for run in runs:
+        value = key(run) if run.status == "complete" and run.dataset else None
+        if value is not None:
+            groups[(run.dataset, run.seed) if by_seed else (run.dataset,)][value].append(run)
+    return {k: v for k, v in groups.items() if len(v) > 1}
+
+
+def _listed(groups: dict[str, list[Run]]) -> str:
+    return "; ".join(
+        f"{value[:19]}{'...' if len(value) > 19 else ''}: "
+        + ", ".join(r.shown_path or str(r.path) for r in group[:3])
+        + (f" and {len(group) - 3} more" if len(group) > 3 else "")
+        for value, group in sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    )
+
+
+def check_same_data(runs: list[Run]) -> list[str]:
+    """Refuse to pair runs that trained on different transitions under one dataset id and seed:
+    their result.json ``data_fingerprint`` differs (a regenerated, edited or replaced file),
+    or, for runs written before divo recorded fingerprints, their data's mean episode return
+    (``behavior_return``, a property of the stored rewards alone) does. A paired difference
+    over them would compare two datasets under one name.
+
+    Different data across the seeds of a dataset (each seed's runs on one set, as a study does
+    when each seed's column is run on a machine that regenerated the files) are allowed: the
+    data's draw then varies with the seed like the training's, for every recipe alike. Returns
+    one note per such dataset, for the console and report.md."""
+    for what, key in DATA_KEYS:
+        for (dataset, seed), groups in sorted(_data_groups(runs, key, by_seed=True).items()):
             raise DatasetError(
-                f"the runs on {dataset} trained on {len(groups)} different sets of transitions "
-                f"(result.json {what}: {listed}); a report would pool them as one dataset. "
-                "Rerun the odd ones on the data the others used, or report them apart (one "
-                "`divo report` per set of run folders)"
+                f"the runs on {dataset} with seed {seed} trained on {len(groups)} different sets "
+                f"of transitions (result.json {what}: {_listed(groups)}); pairing them by seed "
+                "would compare two datasets under one name. Rerun the odd ones on the data the "
+                "others used, or report them apart (one `divo report` per set of run folders)"
             )
+    notes = []
+    for what, key in DATA_KEYS:
+        for (dataset,), groups in sorted(_data_groups(runs, key, by_seed=False).items()):
+            seeds = {
+                value: sorted({r.seed for r in group if r.seed is not None})
+                for value, group in groups.items()
+            }
+            shown = "; ".join(
+                f"{value[:19]}{'...' if len(value) > 19 else ''}: seed(s) "
+                + ", ".join(map(str, seeds[value]))
+                for value in sorted(groups, key=lambda v: seeds[v])
+            )
+            notes.append(
+                f"the runs on {dataset} trained on {len(groups)} different sets of transitions "
+                f"({what}: {shown}), each seed's on one: every recipe's runs of a seed share "
+                "its data, so paired differences compare like with like, and the data's draw "
+                "varies with the seed as the training's does"
+            )
+        if notes:
+            break  # fingerprints, where runs have them, say it; the returns only for the rest
+    return notes
 
 
 def _behavior_return_key(run: Run) -> str | None:
@@ -1293,7 +1327,9 @@ def make_report(
         )
     _label_runs(runs, dirs, tags or {})
     drop_duplicates(runs)
-    check_same_data(runs)
+    data_notes = check_same_data(runs)
+    for note in data_notes:
+        warnings.warn(note, stacklevel=2)
     choose_score_kinds(runs)
     if last_k is not None:
         use_last_evaluations(runs, last_k)
@@ -1466,6 +1502,8 @@ def make_report(
     ]
     if fewest:
         md += [f"**Warning:** {few_seeds_warning(fewest)}.", ""]
+    for note in data_notes:
+        md += [f"**Data:** {note[0].upper()}{note[1:]}.", ""]
     if last_k is None:
         score_name, evaluation = "Final normalised score", "the final evaluation of each run"
         source = "`result.json`"

@@ -82,16 +82,26 @@ def test_the_study_runs_each_cell_once_keeps_its_outputs_and_resumes(tmp_path):
     assert study_command(args) == 0
     assert (kept / "seed1" / "result.json").is_file()
 
-    # a new cell on data other than the kept cells trained on is refused before it starts
-    # (here: the kept cells' record says another fingerprint, as after a regeneration)
+    # a new cell on data other than the kept cells of its seed trained on is refused before it
+    # starts (here: the kept record says another fingerprint, as after a regeneration); kept
+    # cells of other seeds may differ (each seed's column on one set of data)
     record = json.loads((kept / "seed0" / "result.json").read_text())
     assert record["data_fingerprint"].startswith("sha256:")
     (kept / "seed0" / "result.json").write_text(
         json.dumps({**record, "data_fingerprint": "sha256:" + "0" * 64})
     )
-    with pytest.raises(DatasetError, match="are not those its kept cells trained on"):
-        study_command([*args, "seeds=[0,1,2]"])
-    assert not (tmp_path / "work" / "td3bc" / "divo-bandit-multimodal-v0" / "seed2").exists()
+    more = [*args, "recipes=[td3bc,uniform_weight]"]
+    with pytest.raises(DatasetError, match="are not those its kept cells of seed 0 trained on"):
+        study_command(more)
+    assert not (tmp_path / "work" / "uniform_weight").exists()
+    lines: list[str] = []
+    from divo.studies.locomotion import run_study
+
+    cfg = study_config([*more, "seeds=[1]"])
+    assert run_study(cfg, log=lines.append) == 0  # seed 1's column: its own data, unchanged
+    assert any("seed(s) 0 trained on other data" in line for line in lines)
+    uniform = tmp_path / "results" / "runs" / "uniform_weight" / "divo-bandit-multimodal-v0"
+    assert (uniform / "seed1" / "result.json").is_file()
 
 
 def _dry_run(args: list[str]) -> str:
@@ -324,15 +334,18 @@ def test_kept_cells_from_before_fingerprints_are_checked_by_their_data_level(tmp
 
     kept = tmp_path / "runs" / "divo" / "cube" / "seed0"
     kept.mkdir(parents=True)
-    (kept / "result.json").write_text(
-        json.dumps({"dataset_id": "cube", "behavior_return": -978.982})
-    )
-    here = SimpleNamespace(fingerprint="sha256:" + "1" * 64, behavior_return=-978.752)
-    with pytest.raises(DatasetError, match="mean episode return -978.982 there, -978.752 here"):
-        check_data_as_kept(tmp_path, ["cube"], load=lambda d: here)
+    record = {"dataset_id": "cube", "seed": 0, "behavior_return": -978.982}
+    (kept / "result.json").write_text(json.dumps(record))
+    here = SimpleNamespace(fingerprint="sha256:" + "1" * 64, behavior_return=-978.983)
+    with pytest.raises(DatasetError, match="mean episode return -978.982 there, -978.983 here"):
+        check_data_as_kept(tmp_path, [Cell("fql", "cube", 0)], load=lambda d: here)
     lines: list[str] = []
-    same = SimpleNamespace(fingerprint="sha256:" + "1" * 64, behavior_return=-978.982)
-    check_data_as_kept(tmp_path, ["cube", "other"], load=lambda d: same, log=lines.append)
+    check_data_as_kept(tmp_path, [Cell("fql", "cube", 1)], load=lambda d: here, log=lines.append)
     assert lines == [
-        "  data cube: what its 1 kept cell(s) trained on (mean episode return checked)"
+        "  data cube: mean episode return checked against its 1 kept cell(s); seed(s) 0 trained "
+        "on other data (another machine's files): each seed's column stays on one set"
     ]
+    same = SimpleNamespace(fingerprint="sha256:" + "1" * 64, behavior_return=-978.982)
+    lines.clear()
+    check_data_as_kept(tmp_path, [Cell("fql", "cube", 0)], load=lambda d: same, log=lines.append)
+    assert lines == ["  data cube: mean episode return checked against its 1 kept cell(s)"]

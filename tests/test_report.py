@@ -555,10 +555,11 @@ def _set_fingerprint(run: Path, fingerprint: str) -> None:
     (run / "result.json").write_text(json.dumps(result))
 
 
-def test_runs_of_one_dataset_on_different_data_are_not_pooled(tmp_path, capsys):
-    """Two runs named for one dataset whose result.json fingerprints differ (the file was
+def test_runs_of_one_dataset_on_different_data_are_not_paired(tmp_path, capsys):
+    """Runs of one dataset id and seed whose result.json fingerprints differ (the file was
     regenerated between them) are refused, naming the runs; runs without a fingerprint (older
-    runs) and one consistent fingerprint per dataset pass."""
+    runs) are compared by their data's mean episode return. Different data across seeds, each
+    seed's runs on one, are allowed and said on the console and in report.md."""
     runs = tmp_path / "runs"
     write_grid(runs)
     a = "sha256:" + "a" * 64
@@ -570,22 +571,25 @@ def test_runs_of_one_dataset_on_different_data_are_not_pooled(tmp_path, capsys):
     _set_fingerprint(odd, "sha256:" + "b" * 64)
     before = sorted(p.name for p in out.iterdir())
     line = _one_line_error([str(runs), "--out", str(tmp_path / "out2"), *REPS], capsys)
-    assert "the runs on env/b-v0 trained on 2 different sets of transitions" in line
+    assert "the runs on env/b-v0 with seed 1 trained on 2 different sets of transitions" in line
     assert "sha256:bbbbbbbbbbbb" in line and "seed1" in line
     assert not (tmp_path / "out2").exists()  # refused before anything was written
     assert sorted(p.name for p in out.iterdir()) == before
-    (odd / "result.json").write_text(
-        json.dumps(
-            {
-                k: v
-                for k, v in json.loads((odd / "result.json").read_text()).items()
-                if k != "data_fingerprint"
-            }
-        )
-    )
-    assert report([str(runs), "--out", str(out), *REPS], capsys)[0] == 0  # unknown: not checked
+
+    # the same new data for both recipes' seed 1: allowed, and said
+    _set_fingerprint(runs / "divo" / "env-b-v0" / "seed1", "sha256:" + "b" * 64)
+    said = "the runs on env/b-v0 trained on 2 different sets of transitions"
+    with pytest.warns(UserWarning, match=rf"{said} .*seed\(s\) 0, 2.*seed\(s\) 1"):
+        assert report([str(runs), "--out", str(out), *REPS], capsys)[0] == 0
+    assert f"**Data:** T{said[1:]}" in (out / "report.md").read_text()
+
     # runs from before fingerprints: their data's mean episode return tells the data apart
-    for run, level in ((odd, -978.982), (runs / "divo" / "env-b-v0" / "seed0", -978.752)):
+    for run in runs.rglob("result.json"):
+        result = json.loads(run.read_text())
+        result.pop("data_fingerprint")
+        run.write_text(json.dumps(result))
+    assert report([str(runs), "--out", str(out), *REPS], capsys)[0] == 0  # unknown: not checked
+    for run, level in ((odd, -978.982), (runs / "divo" / "env-b-v0" / "seed1", -978.752)):
         result = json.loads((run / "result.json").read_text())
         (run / "result.json").write_text(json.dumps({**result, "behavior_return": level}))
     line = _one_line_error([str(runs), "--out", str(out), *REPS], capsys)

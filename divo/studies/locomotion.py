@@ -659,7 +659,7 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
         for cell in todo:
             log("  " + " ".join(cell_command(cell, cfg)[2:]))
         return 0
-    check_data_as_kept(Path(cfg.results), [c.dataset for c in todo], log=log)
+    check_data_as_kept(Path(cfg.results), todo, log=log)
     backfilled = [line for c in cells if c not in todo for line in evaluate_deployments(c, cfg)]
     for line in backfilled:  # cells finished before their recipe had deployment variants
         log("  " + line)

@@ -111,7 +111,7 @@ def run(cfg: Any, *, pilot: bool, jobs: int | None = None, dry_run: bool = False
             log("  " + " ".join(cell_command(cell, target)[2:]))
         return 0
     prepare_data(cfg, [c.dataset for c in todo], log)
-    check_data_as_kept(Path(target.results), [c.dataset for c in todo], log=log)
+    check_data_as_kept(Path(target.results), todo, log=log)
 
     def after_each() -> None:
         write_page(cfg, log)

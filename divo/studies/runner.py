@@ -130,9 +130,11 @@ def write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
         raise
 
 
-def kept_data_records(results: Path, dataset: str) -> list[tuple[Path, str | None, float | None]]:
-    """(result.json, data_fingerprint, behavior_return) of the kept cells on ``dataset`` under
-    ``results``/runs."""
+def kept_data_records(
+    results: Path, dataset: str
+) -> list[tuple[Path, int | None, str | None, float | None]]:
+    """(result.json, seed, data_fingerprint, behavior_return) of the kept cells on ``dataset``
+    under ``results``/runs."""
     records = []
     for path in sorted((Path(results) / "runs").glob("*/*/seed*/result.json")):
         try:
@@ -143,9 +145,11 @@ def kept_data_records(results: Path, dataset: str) -> list[tuple[Path, str | Non
             continue
         fingerprint = result.get("data_fingerprint")
         level = result.get("behavior_return")
+        seed = result.get("seed")
         records.append(
             (
                 path,
+                seed if isinstance(seed, int) else None,
                 fingerprint if isinstance(fingerprint, str) else None,
                 float(level) if isinstance(level, int | float) else None,
             )
@@ -153,41 +157,62 @@ def kept_data_records(results: Path, dataset: str) -> list[tuple[Path, str | Non
     return records
 
 
-def check_data_as_kept(
-    results: Path, datasets: Iterable[str], load: Callable[[str], Any] | None = None, log=print
-) -> None:
-    """Refuse to run new cells on data other than the kept cells' of the same dataset id.
+def _differs(data: Any, fingerprint: str | None, level: float | None) -> str | None:
+    """How the kept cell's data differ from ``data`` (None: the same, or not known)."""
+    if fingerprint and data.fingerprint:
+        if fingerprint != data.fingerprint:
+            return f"fingerprint {fingerprint[:19]}... there, {data.fingerprint[:19]}... here"
+        return None
+    if level is None or data.behavior_return is None:
+        return None
+    there, here = f"{level:.6g}", f"{data.behavior_return:.6g}"
+    return f"mean episode return {there} there, {here} here" if there != here else None
 
-    For each dataset with kept cells, ``load(dataset)`` (an :class:`OfflineData`) is compared
-    with them: its fingerprint with theirs, and for cells from before divo recorded one, its
-    mean episode return with their ``behavior_return`` (6 significant digits). Raised before
-    any cell starts, so that hours are not spent on cells the page could not pool with the
-    others (``divo report`` refuses them too)."""
-    for dataset in dict.fromkeys(str(d) for d in datasets):
+
+def check_data_as_kept(
+    results: Path, cells: Iterable[Any], load: Callable[[str], Any] | None = None, log=print
+) -> None:
+    """Refuse to run new cells on data other than the kept cells of their (dataset, seed) trained
+    on: the page pairs a seed's cells across recipes, so each seed's column must be one set of
+    transitions.
+
+    For each dataset of ``cells`` (objects with ``dataset`` and ``seed``) with kept cells,
+    ``load(dataset)`` (an :class:`OfflineData`) is compared with them: its fingerprint with
+    theirs, and for cells from before divo recorded one, its mean episode return with their
+    ``behavior_return`` (6 significant digits). A kept cell of a seed the new cells also have
+    that differs stops the study before any cell starts (hours are not spent on cells the page
+    could not pair; ``divo report`` refuses them too). Kept cells of other seeds may differ (a
+    machine that regenerated the files ran them): that is logged, the new column is whole."""
+    cells = list(cells)
+    for dataset in dict.fromkeys(str(c.dataset) for c in cells):
         kept = kept_data_records(results, dataset)
         if not kept:
             continue
         if load is None:
             from divo.data.load import load_offline_data as load
         data = load(dataset)
-        here_level = f"{data.behavior_return:.6g}" if data.behavior_return is not None else None
-        for path, fingerprint, level in kept:
-            differs = (
-                fingerprint != data.fingerprint
-                if fingerprint and data.fingerprint
-                else level is not None and here_level is not None and f"{level:.6g}" != here_level
-            )
-            if differs:
-                what = (
-                    f"fingerprint {fingerprint[:19]}... there, {data.fingerprint[:19]}... here"
-                    if fingerprint and data.fingerprint
-                    else f"mean episode return {level:.6g} there, {here_level} here"
-                )
+        seeds = {int(c.seed) for c in cells if str(c.dataset) == dataset}
+        others = set()
+        for path, seed, fingerprint, level in kept:
+            how = _differs(data, fingerprint, level)
+            if how is None:
+                continue
+            if seed in seeds:
                 raise DatasetError(
-                    f"the data of {dataset} here are not those its kept cells trained on "
-                    f"({path.parent}: {what}); new cells would not be comparable with them. "
-                    "Make the same data (the same generator, settings, seed and package "
-                    "versions), or give the study a results folder of its own"
+                    f"the data of {dataset} here are not those its kept cells of seed {seed} "
+                    f"trained on ({path.parent}: {how}); new cells of that seed could not be "
+                    "paired with them. Make the same data (the same generator, settings, seed, "
+                    "package versions and machine), run the other seeds (seeds=[...]), or move "
+                    "that seed's kept cells aside to run its column again whole"
                 )
-        checked = "fingerprint" if any(f for _, f, _ in kept) else "mean episode return"
-        log(f"  data {dataset}: what its {len(kept)} kept cell(s) trained on ({checked} checked)")
+            others.add(seed)
+        checked = "fingerprint" if any(f for _, _, f, _ in kept) else "mean episode return"
+        log(
+            f"  data {dataset}: {checked} checked against its {len(kept)} kept cell(s)"
+            + (
+                f"; seed(s) {', '.join(map(str, sorted(others)))} trained on other data (another "
+                "machine's files): each seed's column stays on one set"
+                if others
+                else ""
+            )
+        )

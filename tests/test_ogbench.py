@@ -185,6 +185,7 @@ def test_parallel_workers_write_the_files_one_worker_writes(tmp_path, monkeypatc
     one = json.loads((tmp_path / "one" / "cube-single-play-v0.divo.json").read_text())
     two = json.loads((tmp_path / "two" / "cube-single-play-v0.divo.json").read_text())
     assert one["oracle_subtasks_finished"] == two["oracle_subtasks_finished"]
+    assert one["machine"]["processor"] and "numpy" in one["machine"]  # which machine made it
     with pytest.raises(DatasetError, match="workers must be a whole number >= 1"):
         factory.generate_ogbench_dataset(_tiny(), tmp_path / "three", workers=0)
     assert not (tmp_path / "three").exists()

@@ -387,6 +387,9 @@ def generate_ogbench_dataset(
             "ogbench": getattr(ogbench, "__version__", _version("ogbench")),
             "mujoco": mujoco.__version__,
         },
+        # where it ran: files made with the same settings and versions on another machine
+        # may differ (simulation in floating point), so the record says which machine made it
+        "machine": _machine(),
         # sub-tasks the oracle ran to their end, and the share that ended with the target reached
         "oracle_subtasks_finished": int(subtasks[0]),
         "oracle_subtask_success_rate": float(subtasks[1] / max(1, subtasks[0])),
@@ -503,6 +506,29 @@ def _parallel_chunks(
         for future in pending:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _machine() -> dict[str, Any]:
+    """The processor and the vector instructions it offers (Linux's /proc/cpuinfo where
+    readable), the platform and numpy's version."""
+    import platform
+
+    model, flags = platform.processor() or platform.machine(), []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                model = value.strip()
+            elif key.strip() == "flags":
+                wanted = ("avx", "avx2", "fma", "avx512f")
+                flags = [flag for flag in value.split() if flag in wanted]
+                break
+    return {
+        "processor": model,
+        "vector_instructions": flags,
+        "platform": platform.platform(),
+        "numpy": np.__version__,
+    }
 
 
 def _version(package: str) -> str | None:

@@ -226,7 +226,7 @@ def load_offline_data(
         files: OGBench only: ``auto`` (hosted files if present, else divo-generated ones),
             ``hosted`` or ``generated`` (see :mod:`divo.data.ogbench`).
         generate: OGBench only: generate missing files with OGBench's oracles
-            (``divo data ogbench``; about half an hour per 1M transitions on one core).
+            (``divo data ogbench``; 20-50 minutes per 1M transitions on one core).
 
     Raises:
         DatasetError: the dataset cannot be found, is empty, holds NaN/inf, uses non-Box spaces,

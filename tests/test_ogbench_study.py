@@ -97,6 +97,27 @@ def test_a_tiny_grid_prepares_its_data_runs_and_reports(tmp_path, monkeypatch):
     assert any("1 of 1 cells done, 0 to run" in line for line in logged)
 
 
+def test_missing_data_are_generated_on_as_many_workers_as_the_study_has_jobs(tmp_path, monkeypatch):
+    """Before any cell starts, each task's files are found or made, one task at a time, a
+    generation spread over the study's ``jobs`` (their cores wait for it anyway)."""
+    import divo.data.ogbench as reader
+
+    asked = []
+
+    def find_files(ident, generate, workers):
+        asked.append((ident.dataset_name, generate, workers))
+        return reader.FoundFiles(tmp_path / f"{ident.dataset_name}.npz", "generated", None)
+
+    monkeypatch.setattr(reader, "find_files", find_files)
+    tasks = [
+        "cube-single-play-singletask-v0",
+        "cube-single-play-singletask-task2-v0",
+        "scene-play-singletask-v0",
+    ]
+    study.prepare_data(_cfg(tmp_path), tasks, log=lambda _: None, workers=2)
+    assert asked == [("cube-single-play-v0", True, 2), ("scene-play-v0", True, 2)]
+
+
 def test_the_committed_files_regenerate_the_page_identically(tmp_path, monkeypatch):
     """``divo study ogbench --page-only`` over the committed files (the pilot's kept runs, a
     snapshot of an unfinished one included, and the notes) writes docs/ogbench_study.md byte

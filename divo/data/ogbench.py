@@ -192,8 +192,10 @@ def find_files(
     files: str = "auto",
     download: bool = False,
     generate: bool = True,
+    workers: int = 1,
 ) -> FoundFiles:
-    """The file pair behind ``ident``, made or fetched when missing and allowed."""
+    """The file pair behind ``ident``, made or fetched when missing and allowed (a generation
+    on ``workers`` processes)."""
     if files not in FILES:
         raise DatasetError(f"dataset.files={files!r} is unknown; use one of {', '.join(FILES)}")
     name = ident.dataset_name
@@ -237,10 +239,10 @@ def find_files(
             name,
             hosted,
             generated,
-            factory.estimate(settings),
+            factory.estimate(settings, workers=workers),
             ident.env,
         )
-        factory.generate_ogbench_dataset(settings, generated)
+        factory.generate_ogbench_dataset(settings, generated, workers=workers)
         train = generated / f"{name}.npz"
         return FoundFiles(train, "generated", _record(train))
     ways = []

@@ -82,8 +82,9 @@ def grid_cells(cfg: Any) -> list[Cell]:
     return study_cells(cfg)
 
 
-def prepare_data(cfg: Any, datasets: Sequence[str], log=print) -> None:
-    """Find or generate each task's files here, one at a time, before any cell starts."""
+def prepare_data(cfg: Any, datasets: Sequence[str], log=print, workers: int = 1) -> None:
+    """Find or generate each task's files here, one at a time, before any cell starts (a
+    generation on ``workers`` processes: the study's ``jobs``, whose cores wait for it)."""
     from divo.data.ogbench import find_files, parse_id
 
     seen = set()
@@ -92,7 +93,7 @@ def prepare_data(cfg: Any, datasets: Sequence[str], log=print) -> None:
         if ident.dataset_name in seen:
             continue
         seen.add(ident.dataset_name)
-        found = find_files(ident, generate=True)
+        found = find_files(ident, generate=True, workers=workers)
         log(f"{NAME}: data {ident.dataset_name}: {found.describe()}")
 
 
@@ -110,7 +111,7 @@ def run(cfg: Any, *, pilot: bool, jobs: int | None = None, dry_run: bool = False
         for cell in todo:
             log("  " + " ".join(cell_command(cell, target)[2:]))
         return 0
-    prepare_data(cfg, [c.dataset for c in todo], log)
+    prepare_data(cfg, [c.dataset for c in todo], log, workers=jobs)
     check_data_as_kept(Path(target.results), todo, log=log)
 
     def after_each() -> None:

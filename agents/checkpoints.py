@@ -184,13 +184,16 @@ def check_resumable(
         )
     before = ckpt.get("data_fingerprint")
     if before and fingerprint and before != fingerprint:
+        if fingerprint.startswith("sha256-buffer:") or before.startswith("sha256-buffer:"):
+            source = "the replay buffer given"
+        else:
+            source = f"dataset {saved.get('dataset', {}).get('id')!r}"
         raise CheckpointError(
-            f"{where} was trained on other data than dataset "
-            f"{saved.get('dataset', {}).get('id')!r} holds now (fingerprint {before[:19]}... in "
-            f"its checkpoint, {fingerprint[:19]}... now): the data were regenerated, edited or "
-            "replaced since the run started, and resuming would train one run on two datasets. "
-            "Restore the data it started on, or start again in a new run directory (the run "
-            "was left as it is)"
+            f"{where} was trained on other data than {source} holds now (fingerprint "
+            f"{before[:26]}... in its checkpoint, {fingerprint[:26]}... now): the data were "
+            "regenerated, edited or replaced since the run started, and resuming would train "
+            "one run on two datasets. Restore the data it started on, or start again in a new "
+            "run directory (the run was left as it is)"
         )
 
 

@@ -51,6 +51,7 @@ from divo.agents.trust import Trust
 from divo.agents.vectorized import train_vectorized
 from divo.data.batches import (
     buffer_action_transform,
+    buffer_fingerprint,
     buffer_observation_stats,
     check_batch_keys,
     check_buffer_finite,
@@ -150,8 +151,11 @@ def _train(
     else:
         buffer = replay_buffer
     # the data the updates read, identified: a resume and a report check it (a user's buffer
-    # is not fingerprinted: its storage may be anything TorchRL holds)
-    fingerprint = data.fingerprint if data is not None and replay_buffer is None else None
+    # by what its storage holds, when it can be read by index)
+    if replay_buffer is None:
+        fingerprint = data.fingerprint if data is not None else None
+    else:
+        fingerprint = buffer_fingerprint(replay_buffer)
     probe = buffer.sample()
     # a user's buffer may store rewards/flags as [B]: found once here, reshaped at each step
     flat_keys = flat_flag_keys(probe) if replay_buffer is not None else ()

@@ -196,6 +196,42 @@ def test_user_replay_buffer_through_the_python_api(hopper_dataset, tmp_path):
         train(cfg, tmp_path / "odd", replay_buffer=odd)
 
 
+def test_a_users_buffer_is_fingerprinted_and_a_resume_on_other_contents_refused(
+    hopper_dataset, tmp_path
+):
+    """A run fed from a user's replay buffer records the fingerprint of what the buffer stores;
+    resumed with a buffer whose rewards were changed, it is refused; with the same contents
+    (a new buffer object) it resumes."""
+    from divo.data.batches import buffer_fingerprint
+    from divo.errors import CheckpointError
+
+    data = load_offline_data(hopper_dataset)
+
+    def buffer(td):
+        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(len(td)), batch_size=32)
+        rb.extend(td)
+        return rb
+
+    cfg = compose_recipe(
+        "td3bc", [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}"]
+    )
+    run = tmp_path / "run"
+    result = train(cfg, run, replay_buffer=buffer(data.data))
+    fingerprint = result["data_fingerprint"]
+    assert fingerprint.startswith("sha256-buffer:") and fingerprint != data.fingerprint
+    assert buffer_fingerprint(buffer(data.data.clone())) == fingerprint  # contents, not object
+    changed = data.data.clone()
+    changed.set(("next", "reward"), changed["next", "reward"] * 2)
+    assert buffer_fingerprint(buffer(changed)) != fingerprint
+    longer = compose_recipe(
+        "td3bc",
+        [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}", "train.steps=8"],
+    )
+    with pytest.raises(CheckpointError, match="other data than the replay buffer given holds"):
+        train(longer, run, replay_buffer=buffer(changed))
+    assert train(longer, run, replay_buffer=buffer(data.data))["steps"] == 8
+
+
 def test_user_replay_buffer_with_flat_rewards_and_flags_trains_as_ted(hopper_dataset, tmp_path):
     """Rewards and flags stored as [N] (not TED's [N, 1]) train exactly as [N, 1] ones: they
     used to broadcast the TD error to [B, B] without a word."""

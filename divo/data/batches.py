@@ -7,6 +7,7 @@ is found here once, before training starts.
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -169,6 +170,42 @@ def check_buffer_finite(buffer: Any, probe: TensorDictBase, chunk: int = READ_CH
             f"{where} non-finite values (NaN/inf): {what}; clean the data (drop or repair the "
             "affected transitions) before extending the buffer"
         )
+
+
+# what a training step reads from a batch: a user's buffer's fingerprint covers these
+FINGERPRINT_BATCH_KEYS = (
+    ("observation",),
+    ("action",),
+    ("next", "observation"),
+    ("next", "reward"),
+    ("next", "terminated"),
+    ("next", "truncated"),
+    ("next", "done"),
+)
+
+
+def buffer_fingerprint(buffer: Any, chunk: int = READ_CHUNK) -> str | None:
+    """``sha256-buffer:<hex>`` over what a user's replay buffer stores for training (the keys of
+    :data:`FINGERPRINT_BATCH_KEYS` it has, row by row in storage order, each chunk's name,
+    dtype, shape and bytes): equal exactly when the stored transitions are. None when its
+    storage cannot be read by index (then a resume cannot check it). Not comparable with a
+    dataset's fingerprint (:func:`divo.data.load.data_fingerprint`), which hashes the source's
+    arrays before any conversion."""
+    digest = hashlib.sha256()
+    try:
+        rows_seen = 0
+        for rows in storage_chunks(buffer, chunk):
+            for key in FINGERPRINT_BATCH_KEYS:
+                value = rows.get(key, None)
+                if value is None:
+                    continue
+                array = value.detach().to("cpu").contiguous()
+                digest.update(f"{'/'.join(key)}|{array.dtype}|{tuple(array.shape)}|".encode())
+                digest.update(array.view(torch.uint8).numpy() if array.numel() else b"")
+            rows_seen += rows.batch_size[0] if rows.batch_dims else 0
+    except Exception:  # noqa: BLE001 - any storage that cannot be read whole: not fingerprinted
+        return None
+    return f"sha256-buffer:{digest.hexdigest()}" if rows_seen else None
 
 
 # actions within this of a bound count as on it (float32 storage of a bound value)

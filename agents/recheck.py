@@ -64,6 +64,14 @@ def recheck_critic(
                 f"{file} was trained on observation/action sizes {obs_dim}/{act_dim} but "
                 f"{data.dataset_id} now has {data.observation_dim}/{data.action_dim}"
             )
+        before = ckpt.get("data_fingerprint") or ""
+        if before.startswith("sha256:") and before != data.fingerprint:
+            raise CheckpointError(
+                f"{file} was trained on other data than {data.dataset_id} holds now "
+                f"(fingerprint {before[:19]}... then, {str(data.fingerprint)[:19]}... now): "
+                "the check's reward scale and returns would not be the run's; restore the data "
+                "it was trained on"
+            )
         agent = build_agent(
             cfg,
             observation_dim=obs_dim,

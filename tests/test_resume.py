@@ -234,6 +234,8 @@ def test_a_resume_on_regenerated_data_is_refused_and_nothing_changes(
     assert "was trained on other data than dataset 'test/fingerprint/hopper-v0'" in line
     assert original[:19] in line and "Restore the data" in line
     assert snapshot(run) == before
+    line = _one_line_error(["evaluate", str(run), "--critic", "--episodes", "1"], capsys)
+    assert "was trained on other data than test/fingerprint/hopper-v0 holds now" in line
 
     write(1.0)
     assert main(["train", str(run), "train.steps=6"]) == 0

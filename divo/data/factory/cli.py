@@ -268,7 +268,7 @@ def _ogbench(argv: list[str]) -> int:
         type=_positive,
         default=1,
         help="simulate this many chunks of episodes at once, one process each (default 1; "
-        "up to the free cores): the same files, in about 1/N of the time",
+        "up to the free cores): the same files, N chunks of episodes at a time",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     ns = parser.parse_args(argv)

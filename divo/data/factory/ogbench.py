@@ -297,8 +297,8 @@ def generate_ogbench_dataset(
 
     ``workers`` > 1 simulates that many chunks of episodes at once, each in a process of its
     own (one environment per process): every episode is seeded from (seed, episode index)
-    alone, so the files are the same as one worker writes, in about 1/``workers`` of the time
-    on as many free cores.
+    alone, so the files are the same as one worker writes; on as many free cores the time
+    should approach 1/``workers`` of one worker's.
 
     Returns the record also written beside the files (``<name>.divo.json``): the settings, the
     package versions, the oracle's sub-task success rate, steps and time.

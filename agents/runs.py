@@ -30,6 +30,7 @@ from divo.agents.runtime import (
     device_name,
     separate_rng,
 )
+from divo.config import dataset_settings
 from divo.data.load import OfflineData, load_offline_data
 from divo.errors import ConfigError, DivoError
 from divo.objectives.critic import TwinQ
@@ -154,6 +155,34 @@ def load_run_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | 
                 cfg.dataset.get("return_range"),
             )
     return data, behavior_score
+
+
+def log_dataset_settings(cfg: DictConfig) -> None:
+    """Say which of the recipe's settings came from a table looked up by dataset id
+    (:func:`divo.config.dataset_settings`), and warn when a table the reference tunes per task
+    (one with a ``default`` entry: ``fql.tasks``, ``diffusion_ql.tasks``) has no entry for this
+    dataset: the run then uses settings nobody chose for it, e.g. FQL's alpha 10 where FQL's
+    README sets 300 on every cube task it ran."""
+    dataset_id = cfg.dataset.get("id")
+    for record in dataset_settings(cfg):
+        shown = ", ".join(f"{path}={value}" for path, value in record["values"].items())
+        if not shown:
+            continue
+        table = record["table"]
+        if record["entry"]:
+            _log.info("settings for %s from %s: %s", dataset_id, table, shown)
+        elif record["tuned"]:
+            warnings.warn(
+                f"{table} has no entry for dataset {dataset_id}: this run uses the table's "
+                f"default ({shown}), settings its reference tunes per task; set them for this "
+                f"dataset (e.g. {next(iter(record['values']))}=...) or add an entry "
+                f"{table}.{dataset_id}",
+                stacklevel=2,
+            )
+        else:
+            _log.info(
+                "settings for %s: %s has no entry, the recipe's own (%s)", dataset_id, table, shown
+            )
 
 
 def _observation_keys(cfg: DictConfig) -> list[str] | None:

@@ -37,6 +37,7 @@ from divo.agents.runs import (
     evaluate_into_row,
     finished_result,
     load_run_data,
+    log_dataset_settings,
     progress_bar,
     run_result,
     validate_config,
@@ -144,6 +145,7 @@ def _train(
     start = time.perf_counter()
 
     data, behavior_score = load_run_data(cfg, device)
+    log_dataset_settings(cfg)
     if data is None and replay_buffer is None:
         raise ConfigError("dataset.id is null and no replay buffer was given; set dataset.id")
     if replay_buffer is None:  # the dataset stays on the device, indices are drawn there

@@ -66,6 +66,7 @@ from divo.agents.runs import (
     evaluate_at_start,
     evaluate_into_row,
     load_run_data,
+    log_dataset_settings,
     progress_bar,
     run_result,
 )
@@ -662,6 +663,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
     start = time.perf_counter()
     seed_everything(seeds[0])
     data, behavior_score = load_run_data(cfg, device)
+    log_dataset_settings(cfg)
     logs.per_seed()
     batch_size = int(cfg.train.batch_size)
     obs_dim, act_dim = data.observation_dim, data.action_dim

@@ -209,3 +209,40 @@ def unknown_key_error(recipe: str, key: str, overrides: Sequence[str]) -> Config
     if not hint and component:  # a component's constructor argument may be added
         fix += f", or pass a new argument of that part with +{given.lstrip('+')}"
     return ConfigError(f"recipe {recipe!r} has no key {key} (override {given}){hint}; {fix}")
+
+
+# a setting looked up by dataset id: ${oc.select:"<table>.${dataset.id}.<key>",<fallback>}
+_PER_DATASET = re.compile(r'\$\{oc\.select:"([\w.]+)\.\$\{dataset\.id\}\.(\w+)"')
+
+
+def dataset_settings(cfg: DictConfig) -> list[dict]:
+    """The settings a recipe looks up by dataset id (``fql.tasks``, ``diffusion_ql.tasks``,
+    ``per_dataset``: the references' per-task flags), one record per table it reads:
+    ``table``, ``entry`` (whether ``dataset.id`` has an entry there, else the fallback ran),
+    ``tuned`` (the table has a ``default`` entry: the reference tunes these per task, so its
+    defaults are not a setting for every dataset) and ``values`` (setting path -> the value
+    the run uses). A setting overridden on the command line is no longer a lookup and is left
+    out. Empty for recipes without such tables or runs without a dataset id."""
+    dataset_id = OmegaConf.select(cfg, "dataset.id")
+    if dataset_id is None:
+        return []
+    found: dict[str, dict] = {}
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{path}.{key}" if path else str(key))
+        elif isinstance(node, str):
+            match = _PER_DATASET.search(node)
+            if match:
+                table = match.group(1)
+                record = found.setdefault(table, {"table": table, "values": {}})
+                record["values"][path] = OmegaConf.select(cfg, path)
+
+    walk(OmegaConf.to_container(cfg, resolve=False), "")
+    for table, record in found.items():
+        entries = OmegaConf.select(cfg, table)
+        keys = set(entries.keys()) if isinstance(entries, DictConfig) else set()
+        record["entry"] = str(dataset_id) in keys
+        record["tuned"] = "default" in keys
+    return list(found.values())

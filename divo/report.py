@@ -496,7 +496,10 @@ def drop_duplicates(runs: list[Run]) -> None:
 
 DATA_KEYS = (
     ("data_fingerprint", lambda r: r.data_fingerprint),
-    ("behavior_return, the data's mean episode return", lambda r: _behavior_return_key(r)),
+    (
+        "behavior_return, the data's mean episode return",
+        lambda r: behavior_return_key(r.behavior_return),
+    ),
 )
 
 
@@ -561,10 +564,12 @@ def check_same_data(runs: list[Run]) -> list[str]:
     return notes
 
 
-def _behavior_return_key(run: Run) -> str | None:
-    """The data's mean episode return to 6 significant digits (what float round-trips through
-    JSON agree on), None when not recorded."""
-    return None if run.behavior_return is None else f"{run.behavior_return:.6g}"
+def behavior_return_key(value: float | None) -> str | None:
+    """The data's mean episode return (result.json ``behavior_return``) to 6 significant digits,
+    what float round-trips through JSON agree on; None when not recorded. How runs from before
+    divo recorded ``data_fingerprint`` are told apart by their data (here and in the studies'
+    check before a cell starts)."""
+    return None if value is None else f"{value:.6g}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -195,3 +195,35 @@ def test_ogbench_protocol_sets_the_weight_on_q_chosen_on_design_data(recipe, alp
     assert compose_recipe(recipe, ["dataset=bandit"]).actor.loss.alpha == 0.25
     over = compose_recipe(recipe, ["dataset=ogbench", "actor.loss.alpha=2.5"])
     assert over.actor.loss.alpha == 2.5
+
+
+def test_settings_looked_up_by_dataset_id_are_named_and_a_missing_tuned_entry_warns(caplog):
+    """FQL's README sets alpha per environment (300 on the cube tasks); an OGBench id its table
+    lacks runs the table's default alpha 10, which must not pass unsaid. An explicit override is
+    no lookup, and a table without a default (per_dataset) only logs."""
+    from divo.agents.runs import log_dataset_settings
+    from divo.config import dataset_settings
+
+    listed = compose_recipe("fql", ["dataset=ogbench"])
+    (record,) = dataset_settings(listed)
+    assert record["table"] == "fql.tasks" and record["entry"] and record["tuned"]
+    assert record["values"]["fql.actor_loss.alpha"] == 300.0
+
+    missing = ["dataset=ogbench", "dataset.id=cube-triple-play-singletask-v0"]
+    (record,) = dataset_settings(compose_recipe("fql", missing))
+    assert not record["entry"] and record["values"]["fql.actor_loss.alpha"] == 10.0
+    with pytest.warns(UserWarning, match=r"fql.tasks has no entry .*fql.actor_loss.alpha=10.0"):
+        log_dataset_settings(compose_recipe("fql", missing))
+
+    (record,) = dataset_settings(compose_recipe("fql", [*missing, "fql.actor_loss.alpha=30"]))
+    assert "fql.actor_loss.alpha" not in record["values"]
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        caplog.set_level("INFO", logger="divo.train")
+        log_dataset_settings(compose_recipe("iql", []))  # per_dataset: the recipe's own beta
+        log_dataset_settings(compose_recipe("fql", ["dataset=ogbench"]))
+    assert "per_dataset has no entry, the recipe's own (" in caplog.text
+    assert "from fql.tasks: " in caplog.text and "fql.actor_loss.alpha=300.0" in caplog.text

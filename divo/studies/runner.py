@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from divo.config import recipes_dir
 from divo.errors import ConfigError, DatasetError
+from divo.report import behavior_return_key
 
 Cell = TypeVar("Cell")
 
@@ -165,7 +166,7 @@ def _differs(data: Any, fingerprint: str | None, level: float | None) -> str | N
         return None
     if level is None or data.behavior_return is None:
         return None
-    there, here = f"{level:.6g}", f"{data.behavior_return:.6g}"
+    there, here = behavior_return_key(level), behavior_return_key(data.behavior_return)
     return f"mean episode return {there} there, {here} here" if there != here else None
 
 

@@ -4,6 +4,8 @@ resumes, and the results page is written from `divo report`."""
 from __future__ import annotations
 
 import json
+import time
+from unittest import mock
 
 import pytest
 
@@ -12,6 +14,7 @@ from divo.errors import ConfigError, DatasetError
 from divo.studies.locomotion import (
     Cell,
     cell_command,
+    live_cell_minutes,
     study_cells,
     study_command,
     study_config,
@@ -122,7 +125,8 @@ def test_extra_recipes_run_after_the_main_grid():
 
 def test_time_left_counts_each_recipes_mean_cell_time(tmp_path):
     cfg = study_config([f"results={tmp_path}", "recipes=[divo,td3bc]", "extra_recipes=[iql]",
-                        "seeds=[0,1]", f"datasets=[{BANDIT}]", "steps=40"])  # fmt: skip
+                        "seeds=[0,1]", f"datasets=[{BANDIT}]", "steps=40",
+                        f"work_dir={tmp_path / 'work'}"])  # fmt: skip
     assert time_left(cfg, 2) == ""  # nothing finished: no estimate
     for cell, seconds in [(Cell("divo", BANDIT, 0), 3000), (Cell("td3bc", BANDIT, 0), 600)]:
         kept = tmp_path / "runs" / cell.rel
@@ -349,3 +353,52 @@ def test_kept_cells_from_before_fingerprints_are_checked_by_their_data_level(tmp
     lines.clear()
     check_data_as_kept(tmp_path, [Cell("fql", "cube", 0)], load=lambda d: same, log=lines.append)
     assert lines == ["  data cube: mean episode return checked against its 1 kept cell(s)"]
+
+
+def _train_log(run_dir, lines):
+    run_dir.mkdir(parents=True)
+    (run_dir / "train.log").write_text(
+        "".join(f"[2026-12-07 {t},123][divo.train][INFO] - {m}\n" for t, m in lines)
+    )
+
+
+def test_time_left_reads_cells_in_progress_from_their_train_log(tmp_path):
+    """A cell in progress costs what its own log projects, and a recipe with no finished cell
+    is costed at its running cell's pace, not at other recipes' mean (fql's first OGBench cell
+    was once estimated at divo's 18 minutes; it took 100)."""
+    work = tmp_path / "work"
+    cfg = study_config([f"results={tmp_path}", "recipes=[divo,fql]", "extra_recipes=[]",
+                        "seeds=[0,1]", f"datasets=[{BANDIT}]", "steps=40",
+                        f"work_dir={work}"])  # fmt: skip
+    kept = tmp_path / "runs" / Cell("divo", BANDIT, 0).rel
+    kept.mkdir(parents=True)
+    (kept / "result.json").write_text(json.dumps({"steps": 40, "wall_clock_s": 1200}))
+    # fql seed 0: started 10:00, evaluated at 10:01 (step 0) and 10:11 (step 10 of 40): 1 min
+    # a step, so 41 min projected in all (1 + 40) and 30 min left at 10:11, 20 min left at 10:21
+    _train_log(work / Cell("fql", BANDIT, 0).rel, [
+        ("09:00:00", "training 40 steps on cpu (an earlier sitting)"),
+        ("09:00:30", "step 0: normalized score 0.0 (...)"),
+        ("10:00:00", "training 40 steps on cpu (AMD EPYC (2 cores)); ETA after the first steps"),
+        ("10:00:05", "7 steps/s: about 3.3 h to go (step 1 of 40)"),
+        ("10:01:00", "step 0: normalized score 0.0 (success in 0 of 50 episodes)"),
+        ("10:11:00", "step 10: normalized score 2.0 (success in 1 of 50 episodes)"),
+    ])  # fmt: skip
+    now = time.mktime(time.strptime("2026-12-07 10:21:00", "%Y-%m-%d %H:%M:%S"))
+    assert live_cell_minutes(work / Cell("fql", BANDIT, 0).rel, now=now) == (41.0, 20.0)
+    # before a second evaluation, the run's own ETA line
+    _train_log(work / Cell("divo", BANDIT, 1).rel, [
+        ("10:00:00", "training 40 steps on cpu"),
+        ("10:00:30", "step 0: normalized score 0.0 (...)"),
+        ("10:01:00", "50 steps/s: about 15 min to go (step 1 of 40)"),
+    ])  # fmt: skip
+    assert live_cell_minutes(work / Cell("divo", BANDIT, 1).rel, now=now) == (16.0, 0.0)
+    # a log quiet for longer than its projection (+30 min) is a process that is gone
+    late = now + 3600
+    assert live_cell_minutes(work / Cell("divo", BANDIT, 1).rel, now=late) is None
+    with mock.patch("time.time", return_value=now):
+        # left: fql seed 0 (20, its log), fql seed 1 (41, fql's projected length), divo seed 1
+        # (0 by its own log): 61 min over 1 job
+        assert time_left(cfg, 1) == (
+            "1 of 4 cells done; about 1.0 h left at jobs=1 (each recipe's mean cell time so "
+            "far; 2 cell(s) in progress at their own pace)"
+        )

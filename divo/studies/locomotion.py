@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -189,10 +190,67 @@ def run_cell(cell: Cell, cfg: Any) -> tuple[bool, str]:
     return True, "\n  ".join([line, *evaluate_deployments(cell, cfg)])
 
 
+# train.log lines (divo.agents.runs): the run's start, its evaluations, its ETA
+_LOG_LINE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),\d+\]\[divo\.train\]\[\w+\] - (.*)$")
+_STARTED = re.compile(r"^training (\d+) steps on ")
+_EVALUATED = re.compile(r"^step (\d+): normalized score ")
+_ETA = re.compile(r"about ([\d.]+) (s|min|h) to go")
+_UNIT_MINUTES = {"s": 1 / 60, "min": 1.0, "h": 60.0}
+
+
+def live_cell_minutes(run_dir: Path, now: float | None = None) -> tuple[float, float] | None:
+    """(projected minutes of the whole run, minutes left now) of a run in progress, read from
+    its train.log: the pace between its evaluations since the process started (the latest
+    ``training N steps`` line), or before a second evaluation the run's own ETA line. None when
+    the log says nothing yet, the run has finished (its result.json exists) or the log went
+    quiet for longer than its projection (the process is gone)."""
+    log = Path(run_dir) / "train.log"
+    if (Path(run_dir) / "result.json").is_file() or not log.is_file():
+        return None
+    started = steps = None
+    evaluations: list[tuple[float, int]] = []
+    eta: tuple[float, float] | None = None  # (time, minutes to go then)
+    try:
+        lines = log.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        match = _LOG_LINE.match(line)
+        if not match:
+            continue
+        when = time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S"))
+        message = match.group(2)
+        if m := _STARTED.match(message):
+            started, steps, evaluations, eta = when, int(m.group(1)), [], None
+        elif started is None:
+            continue
+        elif m := _EVALUATED.match(message):
+            evaluations.append((when, int(m.group(1))))
+        elif m := _ETA.search(message):
+            eta = (when, float(m.group(1)) * _UNIT_MINUTES[m.group(2)])
+    if started is None:
+        return None
+    if len(evaluations) >= 2 and evaluations[-1][1] > evaluations[0][1]:
+        (t0, k0), (t1, k1) = evaluations[0], evaluations[-1]
+        per_step = (t1 - t0) / 60 / (k1 - k0)
+        when, left_then, total = t1, (steps - k1) * per_step, (t0 - started) / 60 + steps * per_step
+    elif eta is not None:
+        when, left_then = eta
+        total = (when - started) / 60 + left_then
+    else:
+        return None
+    since = ((time.time() if now is None else now) - when) / 60
+    if since > left_then + 30:  # quiet past its end: not running
+        return None
+    return total, max(left_then - since, 0.0)
+
+
 def time_left(cfg: Any, jobs: int) -> str:
     """``N of M cells done; about X h left at jobs=J``: each cell still to run costs the mean
-    wall-clock time of its recipe's finished cells (of all finished cells for a recipe with
-    none yet), spread over ``jobs``; empty before any cell has finished."""
+    wall-clock time of its recipe's finished cells; a cell in progress costs what its own
+    train.log projects (:func:`live_cell_minutes`), and a recipe with no finished cell is
+    costed at its cells in progress' projected length, else at the mean of all finished cells;
+    the sum is spread over ``jobs``. Empty before any cell has finished or made progress."""
     cells = study_cells(cfg)
     minutes: dict[str, list[float]] = {}
     todo = []
@@ -204,19 +262,35 @@ def time_left(cfg: Any, jobs: int) -> str:
         seconds = json.loads(path.read_text()).get("wall_clock_s")
         if isinstance(seconds, (int, float)):
             minutes.setdefault(cell.recipe, []).append(seconds / 60)
-    if not minutes:
+    live = {c: live_cell_minutes(Path(cfg.work_dir) / c.rel) for c in todo}
+    live = {c: v for c, v in live.items() if v is not None}
+    projected: dict[str, list[float]] = {}
+    for cell, (total, _) in live.items():
+        if cell.recipe not in minutes:
+            projected.setdefault(cell.recipe, []).append(total)
+    if not minutes and not projected:
         return ""
-    overall = [m for ms in minutes.values() for m in ms]
+    overall = [m for ms in (*minutes.values(), *projected.values()) for m in ms]
     mean_all = sum(overall) / len(overall)
-    left = sum(
-        sum(minutes[c.recipe]) / len(minutes[c.recipe]) if c.recipe in minutes else mean_all
-        for c in todo
-    ) / max(1, jobs)
-    unseen = sorted({c.recipe for c in todo if c.recipe not in minutes})
-    guess = f"; {', '.join(unseen)} at the mean of all, none finished yet" if unseen else ""
+
+    def cost(cell: Cell) -> float:
+        if cell in live:
+            return live[cell][1]
+        per_cell = minutes.get(cell.recipe) or projected.get(cell.recipe)
+        return sum(per_cell) / len(per_cell) if per_cell else mean_all
+
+    left = sum(cost(c) for c in todo) / max(1, jobs)
+    notes = ["each recipe's mean cell time so far"]
+    if live:
+        notes.append(f"{len(live)} cell(s) in progress at their own pace")
+    unseen = sorted(
+        {c.recipe for c in todo if c.recipe not in minutes and c.recipe not in projected}
+    )
+    if unseen:
+        notes.append(f"{', '.join(unseen)} at the mean of all, none finished yet")
     return (
         f"{len(cells) - len(todo)} of {len(cells)} cells done; about {left / 60:.1f} h left "
-        f"at jobs={jobs} (each recipe's mean cell time so far{guess})"
+        f"at jobs={jobs} ({'; '.join(notes)})"
     )
 
 

@@ -402,3 +402,44 @@ def test_time_left_reads_cells_in_progress_from_their_train_log(tmp_path):
             "1 of 4 cells done; about 1.0 h left at jobs=1 (each recipe's mean cell time so "
             "far; 2 cell(s) in progress at their own pace)"
         )
+
+
+def test_kept_and_started_cells_must_have_run_with_the_studys_settings(tmp_path):
+    """A study whose overrides or eval_every changed would count its kept cells as done (and
+    resume its started runs) under settings they never ran; it refuses before any cell."""
+    from omegaconf import OmegaConf
+
+    from divo.config import compose_recipe
+    from divo.studies.locomotion import cell_overrides, check_settings
+
+    work = tmp_path / "work"
+    base = [f"results={tmp_path}", "recipes=[td3bc]", "extra_recipes=[]", "seeds=[0,1]",
+            f"datasets=[{BANDIT}]", "steps=40", "eval_every=20", f"work_dir={work}"]  # fmt: skip
+    cfg = study_config(base)
+    cells = study_cells(cfg)
+    kept = tmp_path / "runs" / cells[0].rel
+    kept.mkdir(parents=True)
+    ran = compose_recipe("td3bc", cell_overrides(cells[0], cfg))
+    OmegaConf.save(ran, kept / "config.yaml", resolve=True)
+    check_settings(cells, cfg, log=lambda _: None)  # as the study gives it: fine
+
+    for changed, shown in [
+        ("overrides=[actor.loss.alpha=5]", "actor.loss.alpha: 0.25 -> 5"),
+        ("eval_every=10", "train.eval_every: 20 -> 10"),
+    ]:
+        with pytest.raises(ConfigError, match=rf"1 kept or started cell.*\({shown}\)"):
+            check_settings(cells, study_config([*base, changed]), log=lambda _: None)
+    # other steps are not a mismatch: the cell is not done, and its run is extended
+    check_settings(cells, study_config([*base, "steps=80"]), log=lambda _: None)
+    assert "train.steps=80" in cell_command(cells[0], study_config([*base, "steps=80"]))
+
+    # a started run (checkpoints in work_dir) of other settings would be resumed as they were
+    started = work / cells[1].rel
+    (started / "checkpoints").mkdir(parents=True)
+    (started / "checkpoints" / "step_000000020.pt").write_bytes(b"")
+    other = compose_recipe("td3bc", [*cell_overrides(cells[1], cfg), "critic.loss.gamma=0.9"])
+    OmegaConf.save(other, started / "config.yaml", resolve=True)
+    with pytest.raises(ConfigError, match=r"seed1 \(critic.loss.gamma: 0.9 -> 0.99\)"):
+        check_settings(cells, cfg, log=lambda _: None)
+    command = cell_command(cells[1], cfg)  # a resume passes the study's schedule again
+    assert command[4:6] == [str(started), "train.steps=40"]

@@ -38,7 +38,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from divo.studies.runner import check_data_as_kept, run_cells, study_arguments, study_settings
+from divo.studies.runner import (
+    check_data_as_kept,
+    check_settings_as_kept,
+    run_cells,
+    study_arguments,
+    study_settings,
+    write_json_atomic,
+)
 
 STUDY_CONFIG = "study/locomotion.yaml"
 KEPT_FILES = ("result.json", "metrics.csv", "config.yaml", "train.log")
@@ -100,25 +107,46 @@ def is_done(cell: Cell, cfg: Any) -> bool:
         return False
 
 
-def cell_command(cell: Cell, cfg: Any) -> list[str]:
-    """The ``divo train`` command line of a cell: a resume when its run holds a checkpoint."""
-    run_dir = Path(cfg.work_dir) / cell.rel
-    divo = [sys.executable, "-m", "divo.cli", "train"]
-    if any((run_dir / "checkpoints").glob("*.pt")):
-        return [*divo, str(run_dir), "--quiet"]
+def cell_schedule(cfg: Any) -> list[str]:
+    """The study's ``train.*`` settings of every cell (a resume passes them again)."""
     return [
-        *divo,
-        cell.recipe,
-        f"dataset.id={cell.dataset}",
-        f"seed={cell.seed}",
         f"train.steps={cfg.steps}",
         f"train.eval_every={cfg.eval_every}",
         f"train.checkpoint_every={cfg.checkpoint_every}",
         "train.threads=1",
-        *[str(o) for o in cfg.overrides],
-        f"hydra.run.dir={run_dir}",
-        "--quiet",
     ]
+
+
+def cell_overrides(cell: Cell, cfg: Any) -> list[str]:
+    """The ``divo train <recipe>`` overrides of a cell (its run directory aside)."""
+    return [
+        f"dataset.id={cell.dataset}",
+        f"seed={cell.seed}",
+        *cell_schedule(cfg),
+        *[str(o) for o in cfg.overrides],
+    ]
+
+
+def cell_command(cell: Cell, cfg: Any) -> list[str]:
+    """The ``divo train`` command line of a cell: a resume when its run holds a checkpoint
+    (with the study's ``train.*`` settings, so a study whose ``steps`` grew extends it)."""
+    run_dir = Path(cfg.work_dir) / cell.rel
+    divo = [sys.executable, "-m", "divo.cli", "train"]
+    if any((run_dir / "checkpoints").glob("*.pt")):
+        return [*divo, str(run_dir), *cell_schedule(cfg), "--quiet"]
+    return [*divo, cell.recipe, *cell_overrides(cell, cfg), f"hydra.run.dir={run_dir}", "--quiet"]
+
+
+def check_settings(cells: Sequence[Cell], cfg: Any, log=print) -> None:
+    """Refuse to go on when a kept cell or a started run of ``cells`` ran with other settings
+    than the study now gives it (:func:`divo.studies.runner.check_settings_as_kept`)."""
+    check_settings_as_kept(
+        cells,
+        lambda cell: cell_overrides(cell, cfg),
+        lambda cell: Path(cfg.results) / "runs" / cell.rel,
+        lambda cell: Path(cfg.work_dir) / cell.rel,
+        log=log,
+    )
 
 
 def deployments(cell: Cell, cfg: Any) -> dict[str, list[str]]:
@@ -178,12 +206,14 @@ def run_cell(cell: Cell, cfg: Any) -> tuple[bool, str]:
     kept = Path(cfg.results) / "runs" / cell.rel
     kept.mkdir(parents=True, exist_ok=True)
     for name in KEPT_FILES:
-        if (run_dir / name).is_file():
+        if name != "result.json" and (run_dir / name).is_file():
             shutil.copy2(run_dir / name, kept / name)
     result = json.loads((run_dir / "result.json").read_text())
     # the kept copy is committed: the run's folder as the study named it, not this machine's path
     result["run_dir"] = str(run_dir)
-    (kept / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    # last and whole: a cell counts as done by its result.json, so an interrupted copy leaves
+    # no done cell without its other files
+    write_json_atomic(kept / "result.json", result, indent=2)
     score = result.get("normalized_score")
     score_txt = f"normalized score {score:.1f}" if score is not None else "no score"
     line = f"{cell}: {score_txt} after {result.get('steps')} steps ({minutes:.1f} min)"
@@ -734,6 +764,7 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
             log("  " + " ".join(cell_command(cell, cfg)[2:]))
         return 0
     check_data_as_kept(Path(cfg.results), todo, log=log)
+    check_settings(cells, cfg, log)
     backfilled = [line for c in cells if c not in todo for line in evaluate_deployments(c, cfg)]
     for line in backfilled:  # cells finished before their recipe had deployment variants
         log("  " + line)

@@ -30,6 +30,7 @@ from divo.errors import ConfigError
 from divo.studies.locomotion import (
     Cell,
     _score_declaration,
+    check_settings,
     grid_options,
     is_done,
     report_lines,
@@ -113,6 +114,7 @@ def run(cfg: Any, *, pilot: bool, jobs: int | None = None, dry_run: bool = False
         return 0
     prepare_data(cfg, [c.dataset for c in todo], log, workers=jobs)
     check_data_as_kept(Path(target.results), todo, log=log)
+    check_settings(cells, target, log)
 
     def after_each() -> None:
         write_page(cfg, log)

@@ -217,3 +217,81 @@ def check_data_as_kept(
                 else ""
             )
         )
+
+
+# what a cell's score depends on besides what trains (divo report counts them as bookkeeping:
+# they never split a label); train.steps is left to the studies' `is_done` (a study run again
+# with other steps retrains or extends its cells)
+SCORED_KEYS = ("train.eval_every", "train.eval_episodes")
+
+
+def settings_differences(saved: Path, expected: dict[str, Any]) -> list[str]:
+    """``key: saved -> expected`` for each setting of the run config ``saved`` (a config.yaml)
+    that differs from the flattened config ``expected``: every key both hold that is not
+    bookkeeping (as ``divo report`` tells runs apart), plus :data:`SCORED_KEYS`. A key only one
+    of them holds is left out (an option added since the run, with its old behaviour as the
+    default, as the report reads it)."""
+    from divo.report import _flatten, _is_bookkeeping
+
+    try:
+        ran = _flatten(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    except Exception as exc:  # noqa: BLE001 - unreadable: it cannot be shown to match
+        return [f"{saved.name} unreadable ({type(exc).__name__})"]
+    out = []
+    for key in sorted(set(ran) & set(expected)):
+        if key == "train.steps" or (_is_bookkeeping(key) and key not in SCORED_KEYS):
+            continue
+        old, new = (json.dumps(v, sort_keys=True, default=str) for v in (ran[key], expected[key]))
+        if old != new:
+            out.append(f"{key}: {old} -> {new}")
+    return out
+
+
+def check_settings_as_kept(
+    cells: Iterable[Any],
+    overrides_of: Callable[[Any], list[str]],
+    kept_dir: Callable[[Any], Path],
+    work_dir: Callable[[Any], Path],
+    log=print,
+) -> None:
+    """Refuse a study whose kept cells, or whose runs in progress, were trained with other
+    settings than the study now gives them (``overrides``, ``eval_every``, a recipe default
+    changed since): a kept cell would count as done, and a run in progress resume, under
+    settings the page would state but they never ran. Each cell (``recipe``, ``dataset``,
+    ``seed``) is composed as the study's ``divo train <recipe> <overrides_of(cell)>`` and
+    compared with ``kept_dir(cell)/config.yaml`` and, when it holds checkpoints,
+    ``work_dir(cell)/config.yaml`` (:func:`settings_differences`). Raised before any cell
+    starts; nothing on disk changes."""
+    from divo.config import compose_recipe
+    from divo.report import _flatten
+
+    checked, problems = 0, []
+    for cell in cells:
+        places = [kept_dir(cell) / "config.yaml"]
+        if any((work_dir(cell) / "checkpoints").glob("*.pt")):
+            places.append(work_dir(cell) / "config.yaml")
+        places = [p for p in places if p.is_file()]
+        if not places:
+            continue
+        overrides = [o for o in overrides_of(cell) if not o.startswith("hydra.")]
+        cfg = compose_recipe(str(cell.recipe), overrides)
+        try:
+            expected = _flatten(OmegaConf.to_container(cfg, resolve=True))
+        except Exception:  # noqa: BLE001 - an interpolation only a run resolves
+            expected = _flatten(OmegaConf.to_container(cfg, resolve=False))
+        for place in places:
+            checked += 1
+            changed = settings_differences(place, expected)
+            if changed:
+                problems.append(f"{place.parent} ({'; '.join(changed[:3])})")
+    if problems:
+        shown = "; ".join(problems[:3]) + (
+            f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        )
+        raise ConfigError(
+            f"{len(problems)} kept or started cell(s) ran with other settings than this study "
+            f"gives them: {shown}. Give a variant of the study its own `results` and `work_dir` "
+            "folders (--config FILE), or move those cells aside to train them again"
+        )
+    if checked:
+        log(f"  settings: {checked} kept or started cell(s) checked against the study's")

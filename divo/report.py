@@ -127,6 +127,7 @@ class Run:
     episodes: int | None = None  # evaluation episodes per evaluation (result.json)
     data_fingerprint: str | None = None  # the transitions it trained on (result.json)
     behavior_return: float | None = None  # its data's mean episode return (result.json)
+    window: tuple[int, ...] | None = None  # --score last:K: the steps of the K evaluations
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -176,12 +177,29 @@ def _finite(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` reads as a number at all, NaN and inf included."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return not isinstance(value, bool)
+
+
+# curves[kind + NONFINITE]: the evaluations of that kind whose value was NaN or inf
+NONFINITE = ":nonfinite"
+
+
 def _read_curves(
     path: Path,
 ) -> tuple[dict[str, list[tuple[int, float]]], int | None, dict[str, float]]:
-    """Per kind (normalised score, return): (step, value) at each evaluation; the last step;
-    each diagnostic column's mean over the last :data:`DIAGNOSTIC_TAIL` of its logged rows."""
-    curves: dict[str, list[tuple[int, float]]] = {kind: [] for kind in CURVE_COLUMNS}
+    """Per kind (normalised score, return): (step, value) at each evaluation with a finite
+    value, and under ``kind + NONFINITE`` the steps of those whose value was NaN or inf; the
+    last step; each diagnostic column's mean over the last :data:`DIAGNOSTIC_TAIL` of its
+    logged rows."""
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for kind in CURVE_COLUMNS:
+        curves[kind] = []
     series: dict[str, list[float]] = defaultdict(list)
     last = None
     with path.open(newline="") as f:
@@ -195,6 +213,8 @@ def _read_curves(
                 value = _finite(row.get(column))
                 if value is not None:
                     curves[kind].append((step, value))
+                elif _is_number(row.get(column)):  # evaluated, and got NaN or inf
+                    curves[f"{kind}{NONFINITE}"].append((step, math.nan))
             for column in DIAGNOSTICS:
                 value = _finite(row.get(column))
                 if value is not None:
@@ -203,7 +223,7 @@ def _read_curves(
         column: float(np.mean(values[-max(1, math.ceil(DIAGNOSTIC_TAIL * len(values))) :]))
         for column, values in series.items()
     }
-    return curves, last, diagnostics
+    return dict(curves), last, diagnostics
 
 
 def _as_int(value: Any) -> int | None:
@@ -327,22 +347,76 @@ def parse_score(text: str) -> int | None:
 
 def use_last_evaluations(runs: list[Run], k: int) -> None:
     """Re-score each scored run by the mean of its last ``k`` evaluations of its score kind
-    (from metrics.csv); a run with fewer, or whose last evaluation is not at its final step,
-    is left out with a note."""
+    (from metrics.csv). The evaluation at step 0 (the untrained policy, ``train.eval_at_start``)
+    never counts; a run with fewer than ``k`` after it, whose last evaluation is not at its
+    final step, or with a NaN/inf among its last ``k``, is left out with a note."""
     for run in runs:
         if run.status != "complete" or not run.score_kind:
             continue
-        curve = sorted(run.curves.get(run.score_kind, []))
+        finite = run.curves.get(run.score_kind, [])
+        bad = run.curves.get(run.score_kind + NONFINITE, [])
+        curve = sorted(p for p in [*finite, *bad] if p[0] > 0 or run.steps == 0)
         if len(curve) < k or (run.steps is not None and curve[-1][0] != run.steps):
             run.status = "no score"
             run.note = (
-                f"metrics.csv holds {len(curve)} evaluation(s)"
+                f"metrics.csv holds {len(curve)} evaluation(s) after step 0"
                 + (f", the last at step {curve[-1][0]} of {run.steps}" if curve else "")
                 + f": --score last:{k} needs {k} ending at the final step"
             )
             run.score = None
             continue
-        run.score = float(np.mean([value for _, value in curve[-k:]]))
+        values = [value for _, value in curve[-k:]]
+        if not all(math.isfinite(v) for v in values):
+            run.status = "no score"
+            run.note = (
+                f"metrics.csv: an evaluation among the last {k} is NaN or inf (steps "
+                + ", ".join(str(step) for step, v in curve[-k:] if not math.isfinite(v))
+                + ")"
+            )
+            run.score = None
+            continue
+        run.score = float(np.mean(values))
+        run.window = tuple(step for step, _ in curve[-k:])
+
+
+def score_notes(runs: list[Run], last_k: int | None) -> list[str]:
+    """Where the scores set side by side on one dataset come from different stretches of
+    training: runs trained for different numbers of steps, or (``--score last:K``) whose last K
+    evaluations fell at different steps (another ``train.eval_every``). Such scores are each
+    right, and not like for like; one note per dataset and kind, for the console and
+    report.md."""
+    notes = []
+    scored = [r for r in runs if r.status == "complete" and r.score is not None]
+    kinds = [("trained for different numbers of steps", lambda r: r.steps, "{}")]
+    if last_k is not None:
+        kinds.append(
+            (
+                f"scored over evaluations at different steps (--score last:{last_k})",
+                lambda r: r.window,
+                "steps {}",
+            )
+        )
+    for dataset in sorted({r.dataset for r in scored if r.dataset}):
+        here = [r for r in scored if r.dataset == dataset]
+        for what, key, shown_as in kinds:
+            groups: dict[Any, list[str]] = defaultdict(list)
+            for run in here:
+                value = key(run)
+                if value is not None and run.label not in groups[value]:
+                    groups[value].append(run.label)
+            if len(groups) < 2:
+                continue
+            shown = "; ".join(
+                shown_as.format(", ".join(map(str, v)) if isinstance(v, tuple) else v)
+                + ": "
+                + ", ".join(labels)
+                for v, labels in sorted(groups.items(), key=lambda kv: str(kv[0]))
+            )
+            notes.append(
+                f"the runs on {dataset} were {what} ({shown}): their scores are not of the "
+                "same stretch of training"
+            )
+    return notes
 
 
 def _is_run_dir(path: Path, files: Iterable[str], dirs: Iterable[str]) -> bool:
@@ -689,8 +763,8 @@ def compute_aggregate(
     raw = sorted({d for (_, d), cell in cells.items() if cell.kind != "normalized"})
     if raw:
         notes.append(
-            "left out of the aggregate (no reference scores: reported by their returns): "
-            + ", ".join(raw)
+            "left out of the aggregate and of the paired differences over datasets (no "
+            "reference scores: reported by their returns): " + ", ".join(raw)
         )
         cells = {key: cell for key, cell in cells.items() if cell.kind == "normalized"}
         if not cells:
@@ -950,9 +1024,16 @@ def mean_paired_difference(
     within each dataset; enumerated exactly when the resamples are few), a t-based CI beside it
     (Welch-Satterthwaite), and the minimum detectable effect at the seed count of the grid (the
     fewest pairs of any dataset) with the seeds per dataset the estimate would need. None when
-    they share no dataset and seed."""
+    they share no dataset and seed.
+
+    Differences of one unit only are averaged: the datasets scored by normalised score when
+    there are such (those scored by raw return are left out, as from the aggregate), and a
+    single dataset's returns otherwise (the returns of two environments share no scale)."""
+    rows = paired_differences(cells, a, b)
+    normalized = [r for r in rows if cells[(a, r["dataset"])].kind == "normalized"]
+    rows = normalized if normalized else rows[:1] if len(rows) == 1 else []
     diffs = []
-    for row in paired_differences(cells, a, b):
+    for row in rows:
         diffs.append(np.array([float(d) for d in row["diffs"].split()]))
     if not diffs:
         return None
@@ -1338,6 +1419,9 @@ def make_report(
     choose_score_kinds(runs)
     if last_k is not None:
         use_last_evaluations(runs, last_k)
+    stretch_notes = score_notes(runs, last_k)
+    for note in stretch_notes:
+        warnings.warn(note, stacklevel=2)
     cells = build_cells(runs)
     compare_labels = resolve_compare(compare, runs) if compare else []
     pair_list = [(compare_labels[0], other) for other in compare_labels[1:]]
@@ -1509,6 +1593,8 @@ def make_report(
         md += [f"**Warning:** {few_seeds_warning(fewest)}.", ""]
     for note in data_notes:
         md += [f"**Data:** {note[0].upper()}{note[1:]}.", ""]
+    for note in stretch_notes:
+        md += [f"**Score:** {note[0].upper()}{note[1:]}.", ""]
     if last_k is None:
         score_name, evaluation = "Final normalised score", "the final evaluation of each run"
         source = "`result.json`"

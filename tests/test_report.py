@@ -595,3 +595,97 @@ def test_runs_of_one_dataset_on_different_data_are_not_paired(tmp_path, capsys):
     line = _one_line_error([str(runs), "--out", str(out), *REPS], capsys)
     assert "result.json behavior_return, the data's mean episode return: " in line
     assert "-978.982: " in line and "-978.752: " in line
+
+
+def test_last_k_skips_the_untrained_policy_and_refuses_nan(tmp_path, capsys):
+    """The step-0 evaluation (train.eval_at_start) is the untrained policy: it never counts in
+    --score last:K; a NaN among the last K leaves the run out, named, not an older evaluation
+    in its place."""
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_grid_run = write_run(runs, "divo", "env/a-v0", seed, 60.0)
+        (write_grid_run / "metrics.csv").write_text(
+            "step,normalized_score\n0,1.0\n50,50.0\n100,60.0\n"
+        )
+    out = tmp_path / "rep"
+    args = [str(runs), "--out", str(out), *REPS, "--no-figures", "--score"]
+    code, _, err = report([*args, "last:2"], capsys)
+    assert code == 0, err
+    (row,) = read_csv(out / "scores.csv")
+    assert float(row["score_mean"]) == pytest.approx(55.0)  # not (1 + 50 + 60) / 3 anywhere
+    assert "has 3 evaluations ending" in _one_line_error([*args[:-1], "--score", "last:3"], capsys)
+    (runs / "divo" / "env-a-v0" / "seed1" / "metrics.csv").write_text(
+        "step,normalized_score\n0,1.0\n50,nan\n100,60.0\n"
+    )
+    code, _, err = report([*args, "last:2"], capsys)
+    assert code == 0, err
+    left = {r["seed"]: r for r in read_csv(out / "runs.csv") if r["status"] == "no score"}
+    assert "NaN or inf (steps 50)" in left["1"]["note"]
+    (row,) = read_csv(out / "scores.csv")
+    assert row["seeds"] == "1" and float(row["score_mean"]) == pytest.approx(55.0)
+
+
+def test_scores_of_different_stretches_of_training_are_noted(tmp_path, capsys):
+    """Runs set side by side on a dataset with different step budgets, or scored by last:K over
+    evaluations at different steps (another eval_every), get a **Score:** note and a warning."""
+    runs = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(runs, "divo", "env/a-v0", seed, 50.0)
+        write_run(runs, "td3bc", "env/a-v0", seed, 40.0)
+    out = tmp_path / "rep"
+    args = [str(runs), "--out", str(out), *REPS, "--no-figures", "--compare", "divo", "td3bc"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        code, _, err = report([*args, "--score", "last:2"], capsys)
+    assert code == 0, err
+    assert not [w for w in caught if "stretch of training" in str(w.message)]  # like for like
+    assert "**Score:**" not in (out / "report.md").read_text()
+    # td3bc evaluated every 25 steps instead of 50: its last two are at 75 and 100
+    for seed in (0, 1):
+        (runs / "td3bc" / "env-a-v0" / f"seed{seed}" / "metrics.csv").write_text(
+            "step,normalized_score\n25,10.0\n50,20.0\n75,30.0\n100,40.0\n"
+        )
+    with pytest.warns(UserWarning, match="evaluations at different steps"):
+        code, _, err = report([*args, "--score", "last:2"], capsys)
+    md = (out / "report.md").read_text()
+    assert (
+        "**Score:** The runs on env/a-v0 were scored over evaluations at different steps "
+        "(--score last:2) (steps 50, 100: divo; steps 75, 100: td3bc)" in md
+    )
+    for seed in (0, 1):  # on another dataset, td3bc trained twice as long as divo
+        write_run(runs, "divo", "env/b-v0", seed, 50.0)
+        write_run(runs, "td3bc", "env/b-v0", seed, 40.0, steps=200)
+    with pytest.warns(UserWarning, match="trained for different numbers of steps"):
+        code, _, err = report(args, capsys)
+    assert code == 0, err
+    assert (
+        "The runs on env/b-v0 were trained for different numbers of steps (100: divo; 200: "
+        "td3bc)" in (out / "report.md").read_text()
+    )
+
+
+def test_over_datasets_difference_never_mixes_returns_with_normalised_scores(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    for seed, (a, b) in enumerate([(-150.0, -400.0), (-170.0, -380.0), (-160.0, -390.0)]):
+        write_run(runs, "divo", "own/pendulum-v0", seed, None, ret=a)
+        write_run(runs, "td3bc", "own/pendulum-v0", seed, None, ret=b)
+    out = tmp_path / "rep"
+    code, _, err = report(
+        [str(runs), "--out", str(out), *REPS, "--no-figures", "--compare", "divo", "td3bc"], capsys
+    )
+    assert code == 0, err
+    (row,) = read_csv(out / "paired_overall.csv")
+    expected = np.mean([np.mean(np.subtract(DIVO[d], TD3BC[d])) for d in DIVO])
+    assert row["datasets"] == "3" and float(row["estimate"]) == pytest.approx(expected, abs=1e-3)
+    # one dataset of returns alone is its own unit
+    only = tmp_path / "only"
+    for seed, (a, b) in enumerate([(-150.0, -400.0), (-170.0, -380.0)]):
+        write_run(only, "divo", "own/pendulum-v0", seed, None, ret=a)
+        write_run(only, "td3bc", "own/pendulum-v0", seed, None, ret=b)
+    code, _, err = report(
+        [str(only), "--out", str(out), *REPS, "--no-figures", "--compare", "divo", "td3bc"], capsys
+    )
+    assert code == 0, err
+    (row,) = read_csv(out / "paired_overall.csv")
+    assert float(row["estimate"]) == pytest.approx(230.0)

@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 import time
 import warnings
@@ -155,6 +156,40 @@ def load_run_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | 
                 cfg.dataset.get("return_range"),
             )
     return data, behavior_score
+
+
+def buffer_reward_map(cfg: DictConfig, data: OfflineData | None) -> tuple[float, float] | None:
+    """``(a, b)``: training reads ``a * r + b`` for each reward ``r`` a user's replay buffer
+    stores, the recipe's ``dataset.reward_scale``, ``reward_shift`` and ``return_range`` applied
+    as :func:`divo.data.load.load_offline_data` applies them to a dataset's rewards (the
+    buffer holds rewards as the environment paid them); None when that is the identity.
+    ``return_range`` needs the data's episode returns: with ``dataset.id=null`` it is refused."""
+    scale = float(cfg.dataset.get("reward_scale", 1.0))
+    shift = float(cfg.dataset.get("reward_shift", 0.0))
+    return_range = cfg.dataset.get("return_range")
+    if data is not None:
+        factor = float(data.reward_factor)
+    elif return_range is None:
+        factor = 1.0
+    else:
+        raise ConfigError(
+            f"dataset.return_range={return_range} rescales rewards by the data's episode "
+            "returns, which divo reads from dataset.id; with dataset.id=null and a replay "
+            "buffer set dataset.return_range=null (and scale the stored rewards yourself, or "
+            "with dataset.reward_scale), or name the dataset"
+        )
+    if scale * factor == 1.0 and shift == 0.0:
+        return None
+    _log.info(
+        "the replay buffer's rewards r are trained on as %.6g r %+.6g (dataset.reward_scale=%s, "
+        "reward_shift=%s, return_range=%s: as a dataset's rewards are)",
+        scale * factor,
+        shift,
+        cfg.dataset.get("reward_scale", 1.0),
+        cfg.dataset.get("reward_shift", 0.0),
+        return_range,
+    )
+    return scale * factor, shift
 
 
 def log_dataset_settings(cfg: DictConfig) -> None:
@@ -678,12 +713,18 @@ class Eta:
 
 # the settings a run may change when it resumes (extend train.steps, another device, ...)
 RESUMABLE_KEYS = ("train", "device", "logger")
+# ... except these of train.*: they change the updates themselves
+TRAINING_KEYS_OF_TRAIN = ("batch_size",)
 
 
 def what_trains(config: dict) -> dict:
     """A config without the keys a resume may change: two runs with equal ``what_trains``
     train the same model."""
-    return {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+    kept = {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+    train = config.get("train")
+    if isinstance(train, dict):
+        kept["train"] = {k: train[k] for k in TRAINING_KEYS_OF_TRAIN if k in train}
+    return kept
 
 
 def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -714,10 +755,32 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
             f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
         )
         raise ConfigError(
-            f"{run_dir} holds a run with other settings ({shown}); only train.*, device and "
-            "logger.* may change when a run resumes: use a new run directory (or delete that "
-            "one to start it again)"
+            f"{run_dir} holds a run with other settings ({shown}); only train.* (but "
+            "train.batch_size), device and logger.* may change when a run resumes: use a new "
+            "run directory (or delete that one to start it again)"
         )
+
+
+def set_aside_earlier_result(run_dir: Path) -> list[str]:
+    """When a run trains on in a folder that holds a result (a finished run extended with a
+    larger ``train.steps``, or trained again), move its ``result.json`` and ``policy.pt`` aside
+    as ``result_at_step_<N>.json`` and ``policy_at_step_<N>.pt``: until the run finishes, the
+    folder holds no result its config.yaml does not describe (``divo report`` would read the old
+    one as this run's, a study count the cell done). Returns the names they were given."""
+    result = run_dir / "result.json"
+    if not result.is_file():
+        return []
+    try:
+        steps = int(json.loads(result.read_text()).get("steps"))
+        tag = f"at_step_{steps}"
+    except Exception:  # noqa: BLE001 - unreadable: set aside all the same
+        tag = "earlier"
+    moved = []
+    for name, new in (("result.json", f"result_{tag}.json"), ("policy.pt", f"policy_{tag}.pt")):
+        if (run_dir / name).is_file():
+            os.replace(run_dir / name, run_dir / new)
+            moved.append(new)
+    return moved
 
 
 def finished_result(cfg: DictConfig, run_dir: Path) -> dict[str, Any] | None:

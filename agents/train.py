@@ -30,6 +30,7 @@ from divo.agents.checkpoints import (
 from divo.agents.logging import MetricAccumulator, MetricsLogger, RunLog
 from divo.agents.runs import (
     Eta,
+    buffer_reward_map,
     check_finite,
     check_same_run,
     check_steps,
@@ -40,6 +41,7 @@ from divo.agents.runs import (
     log_dataset_settings,
     progress_bar,
     run_result,
+    set_aside_earlier_result,
     validate_config,
 )
 from divo.agents.runtime import (
@@ -58,6 +60,7 @@ from divo.data.batches import (
     check_buffer_finite,
     conform_batch,
     flat_flag_keys,
+    other_dtype_keys,
 )
 from divo.errors import ConfigError, DatasetError
 
@@ -161,7 +164,9 @@ def _train(
     probe = buffer.sample()
     # a user's buffer may store rewards/flags as [B]: found once here, reshaped at each step
     flat_keys = flat_flag_keys(probe) if replay_buffer is not None else ()
-    check_batch_keys(conform_batch(probe, flat_keys))
+    # and may store them in float64 (or rewards as integers): converted as a dataset's are
+    float_keys = other_dtype_keys(probe) if replay_buffer is not None else ()
+    check_batch_keys(conform_batch(probe, flat_keys, float_keys))
     if replay_buffer is not None:
         check_buffer_finite(replay_buffer, probe)
     obs_dim, act_dim = probe["observation"].shape[-1], probe["action"].shape[-1]
@@ -206,12 +211,20 @@ def _train(
         cfg, observation_dim=obs_dim, action_dim=act_dim, obs_mean=mean, obs_std=std, device=device
     )
 
+    # a buffer holds rewards as the environment paid them: the recipe's reward transform
+    reward_map = buffer_reward_map(cfg, data) if replay_buffer is not None else None
+
     def sample() -> TensorDictBase:
         batch = buffer.sample()
-        if flat_keys:
-            batch = conform_batch(batch, flat_keys)
-        if to_unit_actions is not None:  # a new TensorDict: the buffer's own stays as it is
-            batch = batch.clone(False).set("action", to_unit_actions(batch["action"]))
+        if flat_keys or float_keys:
+            batch = conform_batch(batch, flat_keys, float_keys)
+        if to_unit_actions is not None or reward_map is not None:
+            batch = batch.clone(False)  # a new TensorDict: the buffer's own stays as it is
+            if to_unit_actions is not None:
+                batch.set("action", to_unit_actions(batch["action"]))
+            if reward_map is not None:
+                scale, shift = reward_map
+                batch.set(("next", "reward"), batch.get(("next", "reward")) * scale + shift)
         return batch if batch.device == device else batch.to(device)
 
     train_step = TrainStep(agent, sample, device=device, **compile_options(cfg))
@@ -246,6 +259,9 @@ def _train(
             if dropped
             else "",
         )
+    moved = set_aside_earlier_result(run_dir)
+    if moved:
+        _log.info("the earlier result of this folder was set aside as %s", " and ".join(moved))
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     logger = MetricsLogger(
         run_dir,

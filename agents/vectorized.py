@@ -69,6 +69,7 @@ from divo.agents.runs import (
     log_dataset_settings,
     progress_bar,
     run_result,
+    set_aside_earlier_result,
 )
 from divo.agents.runtime import (
     resolve_device,
@@ -719,6 +720,12 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
             if dropped
             else "",
         )
+    for folder in (run_dir, *seed_dirs):
+        moved = set_aside_earlier_result(folder)
+        if moved:
+            logs.shared.info(
+                "the earlier result of %s was set aside as %s", folder, " and ".join(moved)
+            )
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     loggers = []
     for seed_cfg, d in zip(cfgs, seed_dirs, strict=True):

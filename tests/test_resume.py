@@ -152,6 +152,51 @@ def test_cli_resumes_a_run_directory_and_extends_it(tmp_path, capsys):
     assert "note:" not in capsys.readouterr().out  # td3bc has no learning-rate schedule
 
 
+def test_an_interrupted_extension_leaves_no_result_of_the_old_budget(tmp_path, monkeypatch):
+    """Extending a finished run sets its result.json and policy.pt aside first: an extension
+    stopped half-way used to leave the old budget's result under a config.yaml of the new one,
+    which `divo report` read as a finished run of the new budget."""
+    import divo.agents.runs as runs_module
+    from divo.report import find_runs
+
+    run = tmp_path / "run"
+    train(compose_recipe("td3bc", SHORT), run)
+    real = runs_module.evaluate_policy
+
+    def stop_late(*args, **kwargs):
+        if stop_late.calls == 1:  # the extension's last evaluation, before its result
+            raise KeyboardInterrupt
+        stop_late.calls += 1
+        return real(*args, **kwargs)
+
+    stop_late.calls = 0
+    monkeypatch.setattr(runs_module, "evaluate_policy", stop_late)
+    longer = compose_recipe("td3bc", [*SHORT, "train.steps=12"])
+    with pytest.raises(KeyboardInterrupt):
+        train(longer, run)
+    assert not (run / "result.json").exists() and not (run / "policy.pt").exists()
+    assert json.loads((run / "result_at_step_6.json").read_text())["steps"] == 6
+    assert (run / "policy_at_step_6.pt").is_file()
+    (found,) = find_runs([run])
+    assert found.status == "incomplete"
+    monkeypatch.setattr(runs_module, "evaluate_policy", real)
+    assert train(longer, run)["steps"] == 12
+    assert json.loads((run / "result.json").read_text())["steps"] == 12
+
+
+def test_a_resume_may_not_change_the_batch_size(tmp_path):
+    """train.* may change on a resume (steps, evaluation, checkpoints), but not the batch size:
+    it changes the updates, and the run's config.yaml would name only the new one."""
+    run = tmp_path / "run"
+    train(compose_recipe("td3bc", SHORT), run)
+    before = snapshot(run)
+    bigger = compose_recipe("td3bc", [*SHORT, "train.steps=8", "train.batch_size=64"])
+    with pytest.raises(ConfigError, match=r"train.batch_size: 32 -> 64.*but train.batch_size"):
+        train(bigger, run)
+    assert snapshot(run) == before
+    assert train(compose_recipe("td3bc", [*SHORT, "train.steps=8"]), run)["steps"] == 8
+
+
 def test_extending_a_run_says_how_its_cosine_schedule_moves(tmp_path, capsys):
     """IQL's policy lr compressed into train.steps (lr_decay_steps=null): extending a finished
     6-step run to 12 restarts it at the factor of step 6 of 12 (0.5), and the note says how to

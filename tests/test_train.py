@@ -252,6 +252,58 @@ def test_user_replay_buffer_with_flat_rewards_and_flags_trains_as_ted(hopper_dat
         torch.testing.assert_close(saved["flat"][key], value, rtol=0, atol=0)
 
 
+def test_a_users_buffer_gets_the_recipes_reward_transform_as_a_dataset_does(
+    hopper_dataset, tmp_path
+):
+    """IQL's recipe rescales rewards so that max - min episode return is 1000
+    (return_range=locomotion): a buffer of the environment's rewards is trained on through the
+    same transform, so it trains as a buffer of the rescaled rewards does with the transform off
+    (it used to train on the raw rewards while train.log said they were rescaled). Float64 and
+    flat storage convert as a dataset's do; a 1-D action is refused with the shape wanted."""
+    from divo.errors import ConfigError
+
+    raw = load_offline_data(hopper_dataset)
+    scaled = load_offline_data(hopper_dataset, return_range="locomotion")
+    assert scaled.reward_factor != 1.0
+
+    def buffer(td):
+        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(len(td)), batch_size=32)
+        rb.extend(td)
+        return rb
+
+    base = [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}"]
+    iql = compose_recipe("iql", base)
+    assert iql.dataset.return_range == "locomotion"
+    train(iql, tmp_path / "raw", replay_buffer=buffer(raw.data))
+    off = compose_recipe("iql", [*base, "dataset.return_range=null"])
+    train(off, tmp_path / "scaled", replay_buffer=buffer(scaled.data))
+    doubles = raw.data.clone()
+    for key in ("observation", "action", ("next", "observation"), ("next", "reward")):
+        doubles.set(key, doubles.get(key).double())
+    train(iql, tmp_path / "float64", replay_buffer=buffer(doubles))
+
+    def critic(name: str) -> dict:  # the last checkpoint's networks (the Q and V the rewards set)
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "step_000000006.pt", weights_only=False)
+        return dict(ckpt["agent"]["modules"])
+
+    saved = {name: critic(name) for name in ("raw", "scaled", "float64")}
+    assert any("critic" in key for key in saved["raw"])
+    for key, value in saved["scaled"].items():
+        torch.testing.assert_close(saved["raw"][key], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(saved["float64"][key], saved["raw"][key], rtol=0, atol=0)
+    log = (tmp_path / "raw" / "train.log").read_text()
+    assert f"trained on as {scaled.reward_factor:.6g} r +0" in log
+    # without a dataset id there are no episode returns to rescale by: refused, in one line
+    no_id = compose_recipe("iql", [*cfg_overrides(), "dataset=minari", "dataset.id=null"])
+    with pytest.raises(ConfigError, match="dataset.return_range=null"):
+        train(no_id, tmp_path / "no-id", replay_buffer=buffer(raw.data))
+    assert not (tmp_path / "no-id" / "config.yaml").exists()
+    one_d = raw.data[:200].clone()
+    one_d.set("action", one_d["action"][:, 0])
+    with pytest.raises(DatasetError, match=r"action of shape \(32,\).*\[B, A\]"):
+        train(compose_recipe("td3bc", base), tmp_path / "1d", replay_buffer=buffer(one_d))
+
+
 def _one_line_error(args, capsys) -> str:
     code, _, err = run_cli(args, capsys)
     assert code == 2

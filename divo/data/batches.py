@@ -52,6 +52,13 @@ def check_batch_keys(td: TensorDictBase) -> None:
         )
     (size,) = td.batch_size
     obs, action = td["observation"], td["action"]
+    for name, value, letter in (("observation", obs, "O"), ("action", action, "A")):
+        if value.dim() != 2:
+            raise DatasetError(
+                f"replay-buffer samples hold {name} of shape {tuple(value.shape)} in a batch of "
+                f"{size}; divo needs [B, {letter}] (one number per transition as [B, 1]; "
+                "images or sequences flattened to one vector): reshape the stored data"
+            )
     expected = {
         "observation": (size, obs.shape[-1]),
         "next/observation": (size, obs.shape[-1]),
@@ -87,11 +94,38 @@ def flat_flag_keys(td: TensorDictBase) -> tuple[tuple[str, str], ...]:
     )
 
 
-def conform_batch(td: TensorDictBase, keys: Iterable[tuple[str, str]]) -> TensorDictBase:
-    """Give the ``[B]`` entries ``keys`` (see ``flat_flag_keys``) TED's shape ``[B, 1]``, in
-    place; returns ``td``. Other shapes are left for ``check_batch_keys`` to judge."""
+# the entries training reads as float32 numbers (the flags are read as they are)
+FLOAT_BATCH_KEYS = FINITE_BATCH_KEYS = (
+    ("observation",),
+    ("action",),
+    ("next", "observation"),
+    ("next", "reward"),
+)
+
+
+def other_dtype_keys(td: TensorDictBase) -> tuple[tuple[str, ...], ...]:
+    """The entries of :data:`FLOAT_BATCH_KEYS` a (replay-buffer) batch holds in another dtype
+    than float32 (float64 storage, integer rewards, ...); read once from a probe batch, then
+    given to ``conform_batch`` at every step, which converts them as a dataset's are."""
+    return tuple(
+        key
+        for key in FLOAT_BATCH_KEYS
+        if (value := td.get(key, None)) is not None and value.dtype != torch.float32
+    )
+
+
+def conform_batch(
+    td: TensorDictBase,
+    keys: Iterable[tuple[str, str]],
+    to_float: Iterable[tuple[str, ...]] = (),
+) -> TensorDictBase:
+    """Give the ``[B]`` entries ``keys`` (see ``flat_flag_keys``) TED's shape ``[B, 1]``, and
+    the entries ``to_float`` (see ``other_dtype_keys``) float32, in place; returns ``td``.
+    Other shapes are left for ``check_batch_keys`` to judge."""
     for key in keys:
         td.set(key, td.get(key).unsqueeze(-1))
+    for key in to_float:
+        td.set(key, td.get(key).to(torch.float32))
     return td
 
 
@@ -129,14 +163,6 @@ def buffer_observation_stats(
     mean = total / n
     std = (total_sq / n - mean * mean).clamp_min(0.0).sqrt()
     return mean.float(), (std + OBS_STD_EPS).float()
-
-
-FINITE_BATCH_KEYS = (
-    ("observation",),
-    ("action",),
-    ("next", "observation"),
-    ("next", "reward"),
-)
 
 
 def _non_finite_counts(td: TensorDictBase) -> dict[str, int]:

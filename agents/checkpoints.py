@@ -157,6 +157,35 @@ def check_trusted(
     check_policy_payload(policy, modules, file)
 
 
+# the settings a run may change when it resumes (extend train.steps, another device, ...)
+RESUMABLE_KEYS = ("train", "device", "logger")
+# ... except these of train.*: they change the updates, or the runs a folder holds
+TRAINING_KEYS_OF_TRAIN = ("batch_size", "num_seeds")
+
+
+def what_trains(config: dict) -> dict:
+    """A config without the keys a resume may change: two runs with equal ``what_trains``
+    train the same model."""
+    kept = {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
+    train = config.get("train")
+    if isinstance(train, dict):
+        kept["train"] = {k: train[k] for k in TRAINING_KEYS_OF_TRAIN if k in train}
+    return kept
+
+
+def config_differences(old: Any, new: Any, prefix: str = "", both: bool = False) -> list[str]:
+    """``key: old -> new`` for each setting that differs between two config containers;
+    ``both``: only keys both hold (an option added since one was written is not a change)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = set(old) & set(new) if both else set(old) | set(new)
+        return [
+            d
+            for k in sorted(keys, key=str)
+            for d in config_differences(old.get(k), new.get(k), f"{prefix}{k}.", both)
+        ]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
 def check_resumable(
     ckpt: dict,
     cfg: DictConfig,
@@ -194,6 +223,20 @@ def check_resumable(
             "regenerated, edited or replaced since the run started, and resuming would train "
             "one run on two datasets. Restore the data it started on, or start again in a new "
             "run directory (the run was left as it is)"
+        )
+    changed = config_differences(
+        what_trains(saved), what_trains(OmegaConf.to_container(cfg, resolve=True)), both=True
+    )
+    if changed:
+        shown = "; ".join(changed[:3]) + (
+            f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
+        )
+        raise CheckpointError(
+            f"{where} holds a checkpoint trained with other settings than its config.yaml "
+            f"now says ({shown}): the file was edited or replaced since. Resuming would go on "
+            "under settings the run did not start with: restore the config.yaml it started "
+            "with (the settings above as the checkpoint holds them), or start a new run "
+            "directory (the run was left as it is)"
         )
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from divo.agents.builder import lr_schedule_record
-from divo.agents.checkpoints import Checkpointer
+from divo.agents.checkpoints import Checkpointer, config_differences, what_trains
 from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized_score
 from divo.agents.logging import MetricsLogger, check_backend
 from divo.agents.runtime import (
@@ -711,29 +711,6 @@ class Eta:
             )
 
 
-# the settings a run may change when it resumes (extend train.steps, another device, ...)
-RESUMABLE_KEYS = ("train", "device", "logger")
-# ... except these of train.*: they change the updates themselves
-TRAINING_KEYS_OF_TRAIN = ("batch_size",)
-
-
-def what_trains(config: dict) -> dict:
-    """A config without the keys a resume may change: two runs with equal ``what_trains``
-    train the same model."""
-    kept = {k: v for k, v in config.items() if k not in RESUMABLE_KEYS}
-    train = config.get("train")
-    if isinstance(train, dict):
-        kept["train"] = {k: train[k] for k in TRAINING_KEYS_OF_TRAIN if k in train}
-    return kept
-
-
-def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
-    if isinstance(old, dict) and isinstance(new, dict):
-        keys = sorted(set(old) | set(new), key=str)
-        return [d for k in keys for d in _differences(old.get(k), new.get(k), f"{prefix}{k}.")]
-    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-
-
 def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse to train ``cfg`` into a folder that holds a run of other settings (its
     config.yaml): only train.*, device and logger.* may differ, as on ``divo train <run>``.
@@ -749,7 +726,7 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
             f"{saved_file} cannot be read ({type(exc).__name__}); use a new run directory"
         ) from None
     ours = OmegaConf.to_container(cfg, resolve=True)
-    changed = _differences(what_trains(saved), what_trains(ours))
+    changed = config_differences(what_trains(saved), what_trains(ours))
     if changed:
         shown = "; ".join(changed[:3]) + (
             f"; and {len(changed) - 3} more" if len(changed) > 3 else ""

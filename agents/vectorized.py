@@ -62,6 +62,7 @@ from divo.agents.logging import (
 from divo.agents.runs import (
     Eta,
     check_finite,
+    check_same_run,
     check_steps,
     evaluate_at_start,
     evaluate_into_row,
@@ -480,6 +481,16 @@ def _load_common_checkpoints(checkpointers, check) -> tuple[int, list[dict]] | N
         found = step, payloads
         break
     newest = found[0] if found else 0
+    for c in checkpointers:
+        seed_dir = c.dir.parent
+        alone = _trained_alone_past(seed_dir, newest)
+        if alone is not None:
+            raise CheckpointError(
+                f"{seed_dir} was trained on its own to step {alone} (its result.json), past "
+                f"step {newest}, the newest every seed checkpointed: resuming the seeds together "
+                f"would discard that. Go on with each seed on its own (`divo train {seed_dir}`), "
+                f"or move {seed_dir.name}'s newer checkpoints aside (nothing was changed)"
+            )
     for c, have in zip(checkpointers, steps, strict=True):
         for step in sorted(have):
             if step > newest:
@@ -494,6 +505,21 @@ def _load_common_checkpoints(checkpointers, check) -> tuple[int, list[dict]] | N
             stacklevel=3,
         )
     return found
+
+
+def _trained_alone_past(seed_dir: Path, step: int) -> int | None:
+    """The step a seed's folder holds a single run's result of beyond ``step`` (``divo train
+    <run>/seed<k>`` went on with it alone, to the end of its budget), else None. The stacked
+    run's own results say ``stacked_seeds``."""
+    for result in sorted(seed_dir.glob("result*.json")):
+        try:
+            payload = json.loads(result.read_text())
+            steps = int(payload.get("steps"))
+        except Exception:  # noqa: BLE001 - unreadable: not evidence either way
+            continue
+        if steps > step and "stacked_seeds" not in payload:
+            return steps
+    return None
 
 
 class _SeedLogs:
@@ -582,6 +608,11 @@ class _SeedLogs:
             elif path.is_file():
                 with path.open("r+b") as f:
                     f.truncate(size)
+        parent = Path(self.parent.baseFilename) if self.parent is not None else None
+        if parent is not None and self.parent_size is not None and parent.is_file():
+            self.parent.flush()
+            with parent.open("r+b") as f:  # the run's own (Hydra's) log, as it was
+                f.truncate(self.parent_size)
 
 
 def train_vectorized(
@@ -617,6 +648,8 @@ def train_vectorized(
     if cfg.dataset.get("id") is None:
         raise ConfigError(f"dataset.id is null; train.num_seeds={n} trains on a dataset: set it")
     run_dir = Path(run_dir)
+    if resume:  # a folder of other settings (train.num_seeds included) is refused
+        check_same_run(cfg, run_dir)
     device = resolve_device(cfg.device)
     check_compile_mode(device=device, **compile_options(cfg))
     if device.type == "cpu" and cfg.train.threads:
@@ -813,6 +846,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
         result = run_result(
             cfgs[i], data, behavior_score, last_evals[i], wall, device, d, data.fingerprint
         )
+        result["stacked_seeds"] = seeds  # trained beside these (a single run has no such key)
         (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
         results.append(result)
     if data is not None:
@@ -827,8 +861,11 @@ def _summary(cfg: DictConfig, results: list[dict], run_dir: Path) -> dict[str, A
     scores = [r["normalized_score"] for r in results if r["normalized_score"] is not None]
     seeds = [r["seed"] for r in results]
     mean = sum(returns) / len(returns) if returns else None
+    # what every seed's result says alike (recipe, data, steps, ...); what differs per seed
+    # (its best evaluation, critic check, schedules, ...) stays in ``results`` only
+    alike = {k: v for k, v in results[0].items() if all(r.get(k) == v for r in results[1:])}
     summary = {
-        **results[0],
+        **alike,
         "seed": f"{seeds[0]}..{seeds[-1]}",
         "seeds": seeds,
         "return_mean": mean,

@@ -96,6 +96,11 @@ def _summary(result: dict) -> str:
                 f"{score_txt} (success in {round(success * result['episodes'])} of "
                 f"{result['episodes']} episodes; return {ret:.3f} +- {result['return_std']:.3f})"
             )
+        elif "seeds" in result:  # stacked seeds: the spread of the seeds' mean returns
+            parts.append(
+                f"{score_txt} (mean over {len(result['seeds'])} seeds; return {ret:.3f} +- "
+                f"{result['return_std']:.3f} across seeds, {result['episodes']} episodes in all)"
+            )
         else:
             parts.append(
                 f"{score_txt} (return {ret:.3f} +- {result['return_std']:.3f} over "
@@ -521,7 +526,10 @@ def _resume(
         cfg.merge_with_dotlist(args + (["train.progress=false"] if quiet else []))
     except Exception as exc:  # noqa: BLE001 - OmegaConf's errors are many-lined
         raise ConfigError(f"bad override in {' '.join(args)}: {str(exc).splitlines()[0]}") from None
-    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"))
+    # a stacked-seed run keeps its checkpoints in its seeds' folders
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt")) or sorted(
+        run_dir.glob("seed*/checkpoints/step_*.pt"), key=lambda p: p.name
+    )
     if not ckpts:
         print(f"divo: {run_dir} has no checkpoint yet; training starts from step 0", flush=True)
     elif int(cfg.train.steps) != old_steps:
@@ -553,8 +561,19 @@ def _evaluate(argv: list[str]) -> int:
         prog="divo evaluate", description="Re-evaluate a saved policy."
     )
     parser.add_argument("path", help="a run directory, its policy.pt, or a checkpoint file")
-    parser.add_argument("--episodes", type=int, default=10)
-    parser.add_argument("--seed", type=int, default=100, help="seed of the first episode")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=None,
+        help="default: the run's own train.eval_episodes (10 without its config.yaml)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="seed of the first episode; default: the run's seed + 100, as its evaluations "
+        "in training (100 without its config.yaml)",
+    )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
@@ -582,8 +601,13 @@ def _evaluate(argv: list[str]) -> int:
         "the run's dataset",
     )
     ns = parser.parse_args(argv)
-    if ns.episodes <= 0:
+    if ns.episodes is not None and ns.episodes <= 0:
         raise ConfigError(f"--episodes={ns.episodes} must be a positive integer")
+    from divo.agents.policy_io import run_protocol
+
+    episodes, seed, _ = run_protocol(ns.path)  # the run's own evaluations, by default
+    ns.episodes = episodes if ns.episodes is None else ns.episodes
+    ns.seed = seed if ns.seed is None else ns.seed
     if ns.critic:
         return _recheck_critic(ns)
     from divo.agents.policy_io import evaluate_saved_policy

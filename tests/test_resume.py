@@ -197,6 +197,29 @@ def test_a_resume_may_not_change_the_batch_size(tmp_path):
     assert train(compose_recipe("td3bc", [*SHORT, "train.steps=8"]), run)["steps"] == 8
 
 
+def test_a_config_edited_since_the_checkpoint_is_refused(tmp_path, capsys):
+    """The checkpoint holds the config it was trained with: a config.yaml edited (or swapped)
+    since, say another seed or actor alpha, is refused on resume instead of going on under
+    settings the run never started with (it resumed silently, labelled with the new ones)."""
+    run = tmp_path / "run"
+    train(compose_recipe("td3bc", SHORT), run)
+    text = (run / "config.yaml").read_text()
+    for old, new, shown in [
+        ("seed: 0", "seed: 5", "seed: 0 -> 5"),
+        ("alpha: 0.25", "alpha: 7.5", "actor.loss.alpha: 0.25 -> 7.5"),
+    ]:
+        assert old in text
+        (run / "config.yaml").write_text(text.replace(old, new))
+        before = snapshot(run)
+        capsys.readouterr()
+        assert main(["train", str(run), "train.steps=8"]) == 2
+        err = capsys.readouterr().err
+        assert "trained with other settings than its config.yaml now says" in err
+        assert shown in err and snapshot(run) == before
+    (run / "config.yaml").write_text(text)
+    assert main(["train", str(run), "train.steps=8", "--quiet"]) == 0
+
+
 def test_extending_a_run_says_how_its_cosine_schedule_moves(tmp_path, capsys):
     """IQL's policy lr compressed into train.steps (lr_decay_steps=null): extending a finished
     6-step run to 12 restarts it at the factor of step 6 of 12 (0.5), and the note says how to

@@ -315,6 +315,30 @@ def test_resume_continues_every_seed_exactly(tmp_path, recipe):
         assert rows == (tmp_path / "whole" / f"seed{seed}" / "metrics.csv").read_text().splitlines()
 
 
+def test_a_stacked_run_resumes_only_as_it_was_stacked(tmp_path, capsys):
+    """Changing train.num_seeds on a resume is refused (it used to retrain from step 0 in the
+    top folder, or delete every seed's checkpoints); a seed that went on alone past the others
+    (`divo train <run>/seed1`) is not rolled back by resuming them together; and a resume of
+    a stacked run says it resumes."""
+    run = tmp_path / "run"
+    assert main(["train", "td3bc", *SHORT, "train.num_seeds=2", f"hydra.run.dir={run}"]) == 0
+    for seeds in ("1", "3"):
+        before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+        with pytest.raises(ConfigError, match=rf"train.num_seeds: 2 -> {seeds}"):
+            train(compose_recipe("td3bc", [*SHORT, f"train.num_seeds={seeds}"]), run)
+        assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    capsys.readouterr()
+    assert main(["train", str(run), "train.steps=8", "--quiet"]) == 0
+    assert "has no checkpoint yet" not in capsys.readouterr().out
+    # seed 1 goes on alone to step 10; resuming both together would discard its steps 9-10
+    assert main(["train", str(run / "seed1"), "train.steps=10", "--quiet"]) == 0
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    capsys.readouterr()
+    assert main(["train", str(run), "train.steps=12", "--quiet"]) == 2
+    assert "seed1 was trained on its own to step 10" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
 @pytest.mark.slow
 def test_vectorised_divo_settles_on_the_best_paying_bandit_mode(tmp_path):
     """The learning test of tests/test_train.py with its three seeds in one process (DIVO only:

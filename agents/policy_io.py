@@ -158,17 +158,45 @@ def load_policy(
     return policy, meta
 
 
+# what an evaluation of a saved policy uses when its run's config.yaml is not beside it
+DEFAULT_EPISODES, DEFAULT_SEED = 10, 100
+
+
+def run_protocol(path: str | Path) -> tuple[int, int, bool]:
+    """(episodes, seed of the first episode, found) of the evaluations the run that saved
+    ``path`` (a run directory, its policy.pt, or one of its checkpoints) made in training: its
+    config.yaml's ``train.eval_episodes`` and ``seed + 100`` (method.md). ``found`` is False,
+    with (10, 100), when no readable config.yaml is beside it. The file is read as YAML data."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    if folder.name == "checkpoints":
+        folder = folder.parent
+    try:
+        from omegaconf import OmegaConf
+
+        cfg = OmegaConf.load(folder / "config.yaml")
+        episodes, seed = int(cfg.train.eval_episodes), int(cfg.seed) + 100
+    except Exception:  # noqa: BLE001 - missing or unreadable: the defaults, said as such
+        return DEFAULT_EPISODES, DEFAULT_SEED, False
+    return (episodes, seed, True) if episodes > 0 else (DEFAULT_EPISODES, seed, True)
+
+
 def evaluate_saved_policy(
     path: str | Path,
     *,
-    episodes: int = 10,
-    seed: int = 100,
+    episodes: int | None = None,
+    seed: int | None = None,
     device: str = "auto",
     trust: Trust = None,
     settings: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Evaluate a saved policy in the environment recorded with it (``trust``, ``settings``: as
-    for :func:`load_policy`; the result records the settings)."""
+    for :func:`load_policy`; the result records the settings). ``episodes`` and ``seed`` (of
+    the first episode) default to those of the run's own evaluations (:func:`run_protocol`),
+    so that a run's result is reproduced; the result records both."""
+    protocol = run_protocol(path)
+    episodes = protocol[0] if episodes is None else int(episodes)
+    seed = protocol[1] if seed is None else int(seed)
     dev = resolve_device(device)
     policy, meta = load_policy(path, dev, trust=trust, settings=settings)
     spec = meta["env"]
@@ -196,6 +224,7 @@ def evaluate_saved_policy(
         for env in pool or []:
             env.close()
     result["source"] = meta["file"]
+    result["seed"] = seed
     result["step"] = meta.get("step")
     result["recipe"] = meta.get("recipe")
     result["dataset_id"] = meta.get("dataset_id")

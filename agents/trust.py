@@ -171,6 +171,10 @@ def _check_entry_point(
         )
 
 
+# gymnasium wrappers with effects outside the process (files, windows)
+OUTSIDE_WRAPPERS = ("RecordVideo", "HumanRendering")
+
+
 def check_env_spec(spec_json: str, trust: Trust, where: str) -> EnvSpec:
     """The environment spec saved in a file, if building it runs only allowed code: its entry
     point, vector entry point and wrappers' entry points are in gymnasium, gymnasium-robotics,
@@ -190,4 +194,27 @@ def check_env_spec(spec_json: str, trust: Trust, where: str) -> EnvSpec:
     for wrapper in spec.additional_wrappers:
         name = f"wrapper {wrapper.name}"
         _check_entry_point(wrapper.entry_point, gym.Wrapper, name, spec, modules, where)
+        _refuse_side_effects(wrapper.entry_point, modules, spec, where)
     return spec
+
+
+def _refuse_side_effects(point: str, modules: tuple[str, ...], spec: EnvSpec, where: str) -> None:
+    """Gymnasium's wrappers that act outside the process (RecordVideo writes files where its
+    arguments say, HumanRendering opens a window) are refused in a file's environment, unless
+    their module is trusted: evaluating a policy needs neither."""
+    module = point.split(":")[0]
+    if _under(module, modules):
+        return
+    try:
+        obj = gym.envs.registration.load_env_creator(point)
+    except Exception:  # noqa: BLE001 - _check_entry_point said what it could
+        return
+    outside = tuple(
+        getattr(gym.wrappers, name) for name in OUTSIDE_WRAPPERS if hasattr(gym.wrappers, name)
+    )
+    if isinstance(obj, type) and outside and issubclass(obj, outside):
+        raise UntrustedFileError(
+            f"{where} records environment {spec.id} with wrapper {point}, which writes files or "
+            "opens windows; an evaluation needs neither: remove the wrapper from the file's "
+            "environment (or trust its module by name)"
+        )

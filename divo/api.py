@@ -54,10 +54,14 @@ def train(
     return _train(cfg, Path(run_dir), **kwargs)
 
 
-def evaluate(path: str | PathLike, *, episodes: int = 10, seed: int = 100, **kwargs: Any):
+def evaluate(
+    path: str | PathLike, *, episodes: int | None = None, seed: int | None = None, **kwargs: Any
+):
     """Evaluate a saved policy (a run directory, its policy.pt or a checkpoint) as ``divo
-    evaluate`` does; ``kwargs`` (``device``, ``trust``, ``settings``) go to
-    :func:`divo.agents.policy_io.evaluate_saved_policy`. Returns its result dictionary."""
+    evaluate`` does: by default with the episodes and evaluation seed of the run's own
+    evaluations (its config.yaml), so its result is reproduced; ``kwargs`` (``device``,
+    ``trust``, ``settings``) go to :func:`divo.agents.policy_io.evaluate_saved_policy`. Returns
+    its result dictionary."""
     return evaluate_saved_policy(path, episodes=episodes, seed=seed, **kwargs)
 
 

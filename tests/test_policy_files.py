@@ -106,6 +106,25 @@ def test_every_file_of_a_run_loads_as_plain_data(trained):
         assert _read(ckpt)["format"] == "divo-checkpoint-v3"
 
 
+def test_divo_evaluate_scores_a_run_as_its_own_evaluations_did(tmp_path, capsys):
+    """By default `divo evaluate <run>` uses the run's evaluation episodes and seed + 100 (it
+    used 10 episodes from seed 100 whatever the run did): a deterministic actor's final
+    evaluation is reproduced, for any seed."""
+    run = tmp_path / "run"
+    train(compose_recipe("td3bc", [*SHORT, "seed=3", "train.eval_episodes=3"]), run)
+    result = json.loads((run / "result.json").read_text())
+    for path in (run, run / "policy.pt"):
+        capsys.readouterr()
+        assert main(["evaluate", str(path), "--json"]) == 0
+        again = json.loads(capsys.readouterr().out)
+        assert again["episodes"] == 3 and again["seed"] == 103
+        assert again["return_mean"] == result["return_mean"]
+        assert again["normalized_score"] == result["normalized_score"]
+    assert main(["evaluate", str(run), "--json", "--episodes", "1", "--seed", "7"]) == 0
+    given = json.loads(capsys.readouterr().out)
+    assert given["episodes"] == 1 and given["seed"] == 7
+
+
 def test_a_pickled_object_in_a_policy_file_is_refused_and_never_runs(run, tmp_path, capsys):
     marker = tmp_path / "marker"
     payload = _read(run / "policy.pt")
@@ -176,6 +195,25 @@ def test_an_environment_outside_gymnasium_and_divo_is_refused(run, tmp_path, mon
     _save(payload, run / "policy.pt")
     with pytest.raises(UntrustedFileError, match="make, which is not a gymnasium.core.Env"):
         load_policy(run)
+
+
+def test_a_wrapper_that_writes_files_is_refused_in_a_files_environment(run, tmp_path):
+    """RecordVideo is gymnasium's, so its module is allowed, but it writes videos where the
+    file's arguments say: a policy file naming it is refused before any environment is made."""
+    payload = _read(run / "policy.pt")
+    spec = json.loads(payload["env_spec"])
+    spec["additional_wrappers"] = [
+        {
+            "name": "RecordVideo",
+            "entry_point": "gymnasium.wrappers.rendering:RecordVideo",
+            "kwargs": {"video_folder": str(tmp_path / "videos")},
+        }
+    ]
+    payload["env_spec"] = json.dumps(spec)
+    _save(payload, run / "policy.pt")
+    with pytest.raises(UntrustedFileError, match="RecordVideo, which writes files"):
+        load_policy(run)
+    assert not (tmp_path / "videos").exists()
 
 
 # --- a checkpoint given to `divo train <run>` ----------------------------------------------

@@ -11,6 +11,7 @@ percentage of episodes whose last step reports ``info["success"]``.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -91,6 +92,7 @@ def evaluate_policy(
     steps: list[list[tuple[np.ndarray, np.ndarray, float]]] = [[] for _ in range(episodes)]
     terminal = np.zeros(episodes, dtype=bool)
     success: list[bool | None] = [None] * episodes
+    steps_taken = steps_outside = 0  # actions outside the action space, clipped to it
     was_training = isinstance(policy, torch.nn.Module) and policy.training
     if isinstance(policy, torch.nn.Module):
         policy.eval()
@@ -113,9 +115,10 @@ def evaluate_policy(
                         )
                     still_alive = []
                     for row, i in enumerate(alive):
-                        observation, reward, terminated, truncated, info = env_of[i].step(
-                            actions[row]
-                        )
+                        action, outside = _within_action_space(env_of[i], actions[row])
+                        steps_taken += 1
+                        steps_outside += outside
+                        observation, reward, terminated, truncated, info = env_of[i].step(action)
                         returns[i] += float(reward)
                         lengths[i] += 1
                         if record:
@@ -134,6 +137,13 @@ def evaluate_policy(
         if own:
             for env in pool:
                 env.close()
+    if steps_outside:
+        warnings.warn(
+            "the evaluated policy proposed actions outside the environment's action space; "
+            "they were clipped to it before the environment's step (as Gymnasium's ClipAction "
+            "does), and the result's actions_clipped_frac says how often",
+            stacklevel=2,
+        )
     return_mean = float(returns.mean())
     success_rate = None
     if all(s is not None for s in success):
@@ -156,6 +166,7 @@ def evaluate_policy(
         "episode_length_mean": float(lengths.mean()),
         "returns": returns.tolist(),
         "lengths": lengths.tolist(),
+        "actions_clipped_frac": steps_outside / max(steps_taken, 1),
     }
     if record:
         result["trajectories"] = [
@@ -168,6 +179,22 @@ def evaluate_policy(
             for i, episode in enumerate(steps)
         ]
     return result
+
+
+# an action this far past a bound counts as outside it (float32 rescaling lands within it)
+ACTION_SPACE_TOLERANCE = 1e-5
+
+
+def _within_action_space(env: gym.Env, action: np.ndarray) -> tuple[np.ndarray, bool]:
+    """``action`` clipped to the environment's Box action space, and whether it was outside it
+    by more than :data:`ACTION_SPACE_TOLERANCE` (MuJoCo's tasks would otherwise charge their
+    control cost on the raw action while the simulator clamps it)."""
+    space = env.action_space
+    if not isinstance(space, gym.spaces.Box):
+        return action, False
+    low, high, tol = space.low, space.high, ACTION_SPACE_TOLERANCE
+    outside = bool(np.any(action < low - tol) or np.any(action > high + tol))
+    return np.clip(action, low, high).astype(space.dtype, copy=False), outside
 
 
 def critic_calibration(

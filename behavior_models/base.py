@@ -128,8 +128,10 @@ def check_behavior_model(model: object, observation_dim: int, action_dim: int) -
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), torch.no_grad():
         model.eval()
-        observation = torch.zeros(batch, observation_dim, device=device)
-        action = torch.zeros(batch, action_dim, device=device)
+        # two different transitions: a loss averaged over the batch shows as one value twice
+        probe = torch.Generator().manual_seed(0)
+        observation = torch.randn(batch, observation_dim, generator=probe).to(device)
+        action = (torch.rand(batch, action_dim, generator=probe) * 1.6 - 0.8).to(device)
         try:
             loss = model.per_sample_loss(action, observation, generator=None)
             samples = model.sample(observation, num_samples=3, generator=None)
@@ -147,6 +149,17 @@ def check_behavior_model(model: object, observation_dim: int, action_dim: int) -
             f"behaviour model {name}: per_sample_loss of {batch} transitions returned {got}, "
             f"not shape ({batch},); return one loss per transition, never averaged over the "
             f"batch (the weighting scheme multiplies each); {guide}"
+        )
+    if loss.dtype != torch.float32 and loss.is_floating_point():
+        raise BehaviorModelError(
+            f"behaviour model {name}: per_sample_loss returned {loss.dtype}; divo trains in "
+            f"float32 (cast the model's parameters or outputs); {guide}"
+        )
+    if bool(loss[0] == loss[1]):
+        raise BehaviorModelError(
+            f"behaviour model {name}: per_sample_loss gave two different transitions the same "
+            f"loss ({float(loss[0]):g}): a loss averaged over the batch and expanded? Return "
+            f"each transition's own loss (the weighting scheme multiplies each); {guide}"
         )
     if not isinstance(samples, torch.Tensor) or tuple(samples.shape) != (batch, 3, action_dim):
         got = tuple(samples.shape) if isinstance(samples, torch.Tensor) else type(samples).__name__

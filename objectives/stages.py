@@ -58,7 +58,7 @@ class DIVOStages:
         if selector is None:
             if self.actor is not None:
                 raise ValueError("an actor needs a target selector (e.g. selector=dataset)")
-        elif selector.candidate == "policy_reconstruction":
+        elif getattr(selector, "candidate", "sample") == "policy_reconstruction":
             if not callable(getattr(self.behavior_model, "reconstruct", None)):
                 raise ValueError(
                     "selector.candidate=policy_reconstruction needs a behaviour model with "
@@ -173,7 +173,7 @@ class DIVOStages:
         return out
 
     def actor_stage(self, obs, action, advantage=None, state_value=None):
-        if self.selector.candidate == "policy_reconstruction":
+        if getattr(self.selector, "candidate", "sample") == "policy_reconstruction":
             return self._reconstruction_actor_stage(obs, action, advantage, state_value)
         metrics = {}
         candidates = cand_adv = None

@@ -100,3 +100,13 @@ def check_weighting(scheme: object) -> None:
             f"weighting scheme {name} gave weights {weight.flatten().tolist()} for advantages "
             "[-1, 0, 0.5, 2]; weights must be finite and non-negative (clip them)"
         )
+    if not scheme.needs_advantage:  # the agent then hands it zeros, not advantages
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            at_zero = scheme(torch.zeros_like(advantage))
+        if not torch.equal(torch.as_tensor(at_zero), weight):
+            raise ProtocolError(
+                f"weighting scheme {name} says needs_advantage=False but its weights depend on "
+                f"the advantage ({weight.flatten().tolist()} for [-1, 0, 0.5, 2], "
+                f"{torch.as_tensor(at_zero).flatten().tolist()} for zeros): the agent computes "
+                "no advantages for it and would hand it zeros; set needs_advantage = True"
+            )

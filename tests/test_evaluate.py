@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -100,6 +102,36 @@ def test_evaluation_on_hopper_runs(hopper_dataset):
     # same seed, same deterministic policy: same returns
     again = evaluate_policy(policy, data.make_env, episodes=3, seed=100)
     assert again["returns"] == result["returns"] and again["normalized_score"] is None
+
+
+def test_actions_outside_the_action_space_are_clipped_and_counted():
+    """A policy (a plugged-in model, say) proposing actions past the space's bounds is
+    evaluated on the clipped actions, with a warning and the share of such steps; MuJoCo's
+    tasks would otherwise charge control cost on the raw action."""
+    stepped = []
+
+    class Recorder(gym.Wrapper):
+        def step(self, action):
+            stepped.append(np.array(action))
+            return super().step(action)
+
+    def make():
+        return Recorder(gym.make("Pendulum-v1"))  # Box(-2, 2)
+
+    def wild(obs):
+        return torch.full((obs.shape[0], 1), 5.0)
+
+    with pytest.warns(UserWarning, match="outside the environment's action space"):
+        result = evaluate_policy(wild, make, episodes=2, seed=0)
+    assert result["actions_clipped_frac"] == 1.0
+    assert all(float(a[0]) == 2.0 for a in stepped)
+
+    def tame(obs):
+        return torch.full((obs.shape[0], 1), 2.0 + 1e-6)  # a float32 rescaling's overshoot
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate_policy(tame, make, episodes=1, seed=0)["actions_clipped_frac"] == 0.0
 
 
 def test_reset_seeds_are_seed_plus_index():

@@ -215,6 +215,12 @@ class BatchMean(_Linear):
         return super().per_sample_loss(action, observation).mean()
 
 
+class ExpandedMean(_Linear):  # one value for the batch, in the shape of one per transition
+    def per_sample_loss(self, action, observation, generator=None):
+        loss = super().per_sample_loss(action, observation)
+        return loss.mean().expand(loss.shape[0])
+
+
 class OneSample(_Linear):
     def sample(self, observation, num_samples=1, generator=None):
         return self.net(observation)
@@ -231,6 +237,7 @@ class Crashes(_Linear):
         ("NoLoss", "has no per_sample_loss\\(\\) method"),
         ("NoGenerator", "per_sample_loss\\(\\) takes no generator keyword; add generator=None"),
         ("BatchMean", "returned \\(\\), not shape \\(2,\\); return one loss per transition"),
+        ("ExpandedMean", "gave two different transitions the same loss"),
         ("OneSample", "num_samples=3\\) returned \\(2, 3\\), not \\(2, 3, 3\\)"),
         ("Crashes", "failed on a probe batch .*RuntimeError: boom"),
     ],
@@ -304,6 +311,10 @@ class NegativeWeight(ClippedLinearWeight):
         return advantage
 
 
+class ReadsAdvantageUnsaid(ClippedLinearWeight):  # would be handed zeros, never advantages
+    needs_advantage = False
+
+
 class NoFlags:
     def __call__(self, candidates, candidate_advantage, action, action_advantage=None):
         return action, torch.ones_like(action[..., :1])
@@ -346,6 +357,11 @@ def test_custom_weighting_and_selector_train_from_the_command_line(tmp_path, cap
         (
             ["weighting=custom", f"weighting._target_={__name__}.NegativeWeight"],
             "NegativeWeight gave weights .* must be finite and non-negative",
+        ),
+        (
+            ["weighting=custom", f"weighting._target_={__name__}.ReadsAdvantageUnsaid",
+             "selector=dataset"],  # fmt: skip
+            "ReadsAdvantageUnsaid says needs_advantage=False but its weights depend on",
         ),
         (
             ["selector=custom", f"selector._target_={__name__}.NoFlags"],

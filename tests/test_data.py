@@ -410,3 +410,32 @@ def test_a_users_buffer_is_checked_against_the_datasets_action_space(tmp_path, m
     refuse = compose_recipe("td3bc", [*short, "dataset.action_bounds=refuse"])
     with pytest.raises(DatasetError):
         train(refuse, tmp_path / "refused", replay_buffer=_buffer_of(raw))
+
+
+def test_a_dataset_is_published_whole_or_not_at_all():
+    """`divo data build` and `pointmaze` write through publish_dataset: the dataset appears only
+    once written with its metadata (reference scores, build record). A write that fails half-way
+    (here after the episodes, before the metadata) leaves no dataset that would load as whole
+    with another dataset's references."""
+    from divo.data.builtin import publish_dataset
+    from divo.data.paths import is_local
+
+    name = "test/published/whole-v0"
+
+    def interrupted():
+        write_hopper_like(name, [hopper_like_episode(steps=8)])
+        raise KeyboardInterrupt  # before its metadata is written
+
+    with pytest.raises(KeyboardInterrupt):
+        publish_dataset(name, interrupted)
+    assert not is_local(name)
+
+    def whole():
+        write_hopper_like(name, [hopper_like_episode(steps=8)])
+        refs = {"ref_min_score": -1.0, "ref_max_score": 9.0}
+        minari.load_dataset(name).storage.update_metadata(refs)
+
+    publish_dataset(name, whole)
+    assert is_local(name) and minari.load_dataset(name).storage.metadata["ref_min_score"] == -1.0
+    data = load_offline_data(name)  # its own references, not D4RL's Hopper ones
+    assert (data.ref_min_score, data.ref_max_score) == (-1.0, 9.0)

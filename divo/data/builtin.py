@@ -108,18 +108,31 @@ def ensure_builtin(dataset_id: str) -> bool:
         return False
     if is_local(dataset_id):
         return True
+    publish_dataset(dataset_id, lambda: builder(dataset_id), lost_race_ok=True)
+    return True
+
+
+def publish_dataset(
+    dataset_id: str, write: Callable[[], Any], *, lost_race_ok: bool = False
+) -> None:
+    """Run ``write()`` (which writes the Minari dataset ``dataset_id``, its metadata included)
+    in a hidden scratch root beside the local Minari root, then rename the finished dataset into
+    place: an interrupted or failed write leaves no dataset that would load as if whole (nor
+    one whose metadata, e.g. its reference scores, is not yet written). ``lost_race_ok``: a
+    dataset that appeared meanwhile (another process published it first) is kept and this
+    copy dropped; else that is an error. The namespace is created when missing."""
     root = minari_root()
     target = get_dataset_path(dataset_id)
     try:
         with tempfile.TemporaryDirectory(prefix=".divo-build-", dir=root) as scratch:
             with _minari_root_at(Path(scratch)):
-                builder(dataset_id)
+                write()
                 built_cache = transitions_cache_path(dataset_id)
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.rename(Path(scratch, dataset_id), target)
             except OSError:
-                if not is_local(dataset_id):  # not a lost race: a real failure
+                if not (lost_race_ok and is_local(dataset_id)):  # not a lost race: a failure
                     raise
             else:  # the cache was written for exactly these files (rename keeps their mtimes)
                 with contextlib.suppress(OSError):
@@ -128,7 +141,7 @@ def ensure_builtin(dataset_id: str) -> bool:
                     os.replace(built_cache, cache)
     except OSError as exc:
         raise DatasetError(
-            f"cannot write the built-in dataset {dataset_id!r} into {root} "
+            f"cannot write the dataset {dataset_id!r} into {root} "
             f"({type(exc).__name__}: {exc}); point MINARI_DATASETS_PATH at a writable folder, or "
             f"remove a stale {target}"
         ) from exc
@@ -136,7 +149,6 @@ def ensure_builtin(dataset_id: str) -> bool:
     if namespace is not None and namespace not in minari.namespace.list_local_namespaces():
         with contextlib.suppress(ValueError, OSError):
             minari.namespace.create_namespace(namespace)
-    return True
 
 
 def available_datasets() -> list[str]:

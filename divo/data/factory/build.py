@@ -34,6 +34,7 @@ import minari
 import numpy as np
 from minari.storage.datasets_root_dir import get_dataset_path
 
+from divo.data.builtin import publish_dataset
 from divo.data.factory.rollouts import episode_returns, run_episodes, torch_policy, uniform_policy
 from divo.data.factory.sac import SACRun, SACSettings, Snapshot, check_env, env_slug
 from divo.data.minari_io import float32_box, write_minari_dataset
@@ -296,29 +297,34 @@ def build_datasets(
             episodes = policy_data("medium") + policy_data("expert")
         else:
             episodes = policy_data(level)
-        dataset = write_minari_dataset(
-            name,
-            episodes,
-            env=env_spec,
-            observation_space=observation_space,
-            action_space=action_space,
-            ref_min_score=refs["ref_min_score"],
-            ref_max_score=refs["ref_max_score"],
-            algorithm_name=_algorithm(level),
-            description=_describe(level, env_id, sac, settings, seed, selection, refs, episodes),
-        )
-        dataset.storage.update_metadata(
-            {
-                "divo_build": {
-                    "key": key,
-                    "identity": identity,
-                    "level": level,
-                    "expert_step": selection.expert.step,
-                    "medium_step": selection.medium.step,
-                    "ref_episodes": settings.ref_episodes,
-                }
-            }
-        )
+        build_record = {
+            "key": key,
+            "identity": identity,
+            "level": level,
+            "expert_step": selection.expert.step,
+            "medium_step": selection.medium.step,
+            "ref_episodes": settings.ref_episodes,
+        }
+
+        def write(name=name, episodes=episodes, level=level, build_record=build_record) -> None:
+            # in a scratch root, published whole (references and build record included): an
+            # interrupted build leaves no dataset that loads as if whole
+            dataset = write_minari_dataset(
+                name,
+                episodes,
+                env=env_spec,
+                observation_space=observation_space,
+                action_space=action_space,
+                ref_min_score=refs["ref_min_score"],
+                ref_max_score=refs["ref_max_score"],
+                algorithm_name=_algorithm(level),
+                description=_describe(
+                    level, env_id, sac, settings, seed, selection, refs, episodes
+                ),
+            )
+            dataset.storage.update_metadata({"divo_build": build_record})
+
+        publish_dataset(name, write)
         written[level] = _summary(name, episodes)
         say(f"{name}: {written[level]['episodes']} episodes, {written[level]['steps']} steps")
 

@@ -383,8 +383,10 @@ def generate_ogbench_dataset(
     for part in parts:
         part.close()
     cut = settings.episodes * settings.episode_steps
+    # the training file comes last, after its record: it is what says the data exist, and a
+    # training file without a record reads as OGBench's hosted one (a replaced one goes first)
+    train_path.unlink(missing_ok=True)
     _write_npz_atomic(val_path, {k: v[cut:] for k, v in data.items()}, compressed=True)
-    _write_npz_atomic(train_path, {k: v[:cut] for k, v in data.items()}, compressed=True)
     record = {
         "dataset": settings.dataset_name,
         "made_by": "divo data ogbench (OGBench's oracles, divo's driver)",
@@ -410,6 +412,7 @@ def generate_ogbench_dataset(
     with os.fdopen(fd, "w") as file:
         json.dump(record, file, indent=2)
     _publish(scratch, record_path)
+    _write_npz_atomic(train_path, {k: v[:cut] for k, v in data.items()}, compressed=True)
     shutil.rmtree(partial, ignore_errors=True)
     return record
 

@@ -44,6 +44,7 @@ from minari.dataset.minari_dataset import parse_dataset_id
 from minari.storage.datasets_root_dir import get_dataset_path
 from tqdm.auto import tqdm
 
+from divo.data.builtin import publish_dataset
 from divo.data.envs import remove_maze_xml
 from divo.data.minari_io import EpisodeRecorder, write_minari_dataset
 from divo.data.paths import is_local, remove_local
@@ -486,7 +487,8 @@ def build_pointmaze_dataset(
     )
     env = make_pointmaze_env(maze)
     eval_env = make_pointmaze_env(maze, evaluation=True)
-    try:
+
+    def write() -> None:  # in a scratch root, published whole (metadata included) at the end
         dataset = write_minari_dataset(
             dataset_id,
             episodes,
@@ -497,11 +499,14 @@ def build_pointmaze_dataset(
             algorithm_name=ALGORITHM_NAME,
             description=description,
         )
+        dataset.storage.update_metadata({"requirements": [REQUIREMENT]})
+
+    try:
+        publish_dataset(dataset_id, write)
     finally:
         env.close()
         eval_env.close()
-    dataset.storage.update_metadata({"requirements": [REQUIREMENT]})
-    return dataset
+    return minari.load_dataset(dataset_id)
 
 
 __all__ = [

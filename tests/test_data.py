@@ -304,6 +304,65 @@ def test_action_space_other_than_unit_box_is_rescaled_or_refused():
         env.close()
 
 
+def test_actions_declared_in_other_units_than_the_environments_are_refused():
+    """Pendulum's actions normalised to [-1, 1] before writing, with Pendulum as the
+    environment: a policy trained on them would use half the torque where it is evaluated. The
+    declared bounds are checked against the environment's, so this stops in one line."""
+    env = gym.make("Pendulum-v1", max_episode_steps=20)
+    obs, _ = env.reset(seed=0)
+    episode = {
+        "observations": np.asarray([obs] * 21, np.float32),
+        "actions": np.zeros((20, 1), np.float32),
+        "rewards": np.zeros(20),
+        "terminations": np.zeros(20, bool),
+        "truncations": np.eye(20, dtype=bool)[-1],
+    }
+    unit = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+    write_minari_dataset("test/pendulum/unit-v0", [episode], env=env.spec, action_space=unit)
+    with pytest.raises(DatasetError, match=r"declares actions in \[-1, 1\] but its environment "
+                       r"Pendulum-v1 acts in \[-2, 2\]"):  # fmt: skip
+        load_offline_data("test/pendulum/unit-v0")
+
+
+def test_degenerate_bounds_bad_shapes_and_unflagged_ends_are_said():
+    """An action dimension with low == high is refused (its rescale was 0/0: NaN actions); an
+    episode's actions or rewards of the wrong shape are refused before anything is written (a
+    corrected retry is not blocked by a half-written dataset); many episodes ending with neither
+    flag are read as truncated, with a warning."""
+    from divo.data.paths import is_local
+
+    episode = hopper_like_episode(steps=4)
+    flat = dict(episode, actions=episode["actions"][:, 0])
+    with pytest.raises(DatasetError, match=r"actions of shape \(4,\); write \[T, 3\]"):
+        write_hopper_like("test/shapes/flat-v0", [flat])
+    assert not is_local("test/shapes/flat-v0")
+    write_hopper_like("test/shapes/flat-v0", [episode])  # the corrected retry goes through
+
+    box = gym.spaces.Box(np.array([-1, 0, -1], np.float32), np.array([1, 0, 1], np.float32))
+    write_minari_dataset(
+        "test/shapes/degenerate-v0",
+        [hopper_like_episode(steps=4)],
+        env=None,
+        observation_space=gym.spaces.Box(-np.inf, np.inf, (11,), np.float32),
+        action_space=box,
+    )
+    with pytest.raises(DatasetError, match=r"upper bound is not above its lower one in "
+                       r"dimension\(s\) \[1\]"):  # fmt: skip
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # no environment: no evaluation
+            load_offline_data("test/shapes/degenerate-v0")
+
+    open_ends = []
+    for seed in range(5):
+        e = hopper_like_episode(steps=3, seed=seed)
+        e["terminations"] = np.zeros(3, bool)
+        open_ends.append(e)
+    write_hopper_like("test/shapes/open-v0", open_ends)
+    with pytest.warns(UserWarning, match="5 of 5 episodes end with neither termination nor"):
+        data = load_offline_data("test/shapes/open-v0")
+    assert bool(data.data["next", "truncated"][[2, 5, 8, 11, 14]].all())
+
+
 def test_non_box_space_is_refused():
     episode = hopper_like_episode(steps=3)
     episode["actions"] = np.array([0, 1, 2])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import gymnasium as gym
 import minari
@@ -44,6 +45,13 @@ def check_action_bounds(dataset_id: str, space: gym.spaces.Box, policy: str) -> 
         raise DatasetError(
             f"dataset {dataset_id!r} has unbounded actions ({bounds}), but divo's policies act "
             "in [-1, 1]; store the data with a bounded action space"
+        )
+    if np.any(space.high <= space.low):
+        flat = [int(i) for i in np.flatnonzero(np.ravel(space.high <= space.low))]
+        raise DatasetError(
+            f"dataset {dataset_id!r} declares an action space whose upper bound is not above its "
+            f"lower one in dimension(s) {flat}; such a dimension cannot be rescaled onto "
+            "[-1, 1]: store the data with the environment's real action bounds"
         )
     if policy == "refuse":
         raise DatasetError(
@@ -210,10 +218,47 @@ def check_environment(
                         "this environment: fix the env spec stored with the dataset or pick "
                         "the matching dataset"
                     )
+            _check_action_units(dataset, dataset_id, env.action_space, role, spec.id)
         finally:
             env.close()
         made[role] = spec
     return made["environment"], made["evaluation environment"]
+
+
+def _check_action_units(
+    dataset: minari.MinariDataset, dataset_id: str, env_space: Any, role: str, env_id: str
+) -> None:
+    """Refuse data whose declared action bounds are not its environment's: the stored actions
+    are then in other units (normalised before writing, say), and a policy trained on them would
+    act on the wrong scale where it is evaluated (a [-1, 1] policy in Pendulum's [-2, 2] uses
+    half the torque; the other way round, every action is halved)."""
+    data_space = getattr(dataset, "action_space", None)
+    if not (isinstance(data_space, gym.spaces.Box) and isinstance(env_space, gym.spaces.Box)):
+        return
+    if data_space.shape != env_space.shape:
+        return  # the size check speaks
+    low, high = np.asarray(data_space.low, float), np.asarray(data_space.high, float)
+    env_low, env_high = np.asarray(env_space.low, float), np.asarray(env_space.high, float)
+    if np.allclose(low, env_low, rtol=1e-5, atol=1e-6) and np.allclose(
+        high, env_high, rtol=1e-5, atol=1e-6
+    ):
+        return
+    raise DatasetError(
+        f"dataset {dataset_id!r} declares actions in [{_bounds(low)}, {_bounds(high)}] but its "
+        f"{role} {env_id} acts in [{_bounds(env_low)}, {_bounds(env_high)}]: the stored "
+        "actions are in other units than the environment's (normalised before writing?), and a "
+        "policy trained on them would act on the wrong scale there. Store the actions as the "
+        "environment takes them, with its action space, or store the env spec with the wrapper "
+        "that maps them (e.g. gymnasium's RescaleAction)"
+    )
+
+
+def _bounds(values: np.ndarray) -> str:
+    """One bound as a number, per-dimension bounds as a list."""
+    flat = values.ravel()
+    if np.all(flat == flat[0]):
+        return f"{flat[0]:g}"
+    return "(" + ", ".join(f"{v:g}" for v in flat) + ")"
 
 
 def clip_actions(dataset_id: str, action: np.ndarray, policy: str) -> np.ndarray:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -347,6 +348,15 @@ def _to_offline_data(
     # An episode's last step that is neither terminated nor truncated (data cut off by the
     # collector) is a truncation: the episode goes on beyond it, but not in this dataset.
     last = np.cumsum(raw["episode_length"]) - 1
+    unflagged = int((~terminated[last] & ~truncated[last]).sum())
+    if unflagged > 1 and unflagged > 0.01 * len(last):  # a collector's last cut-off is normal
+        warnings.warn(
+            f"dataset {dataset_id!r}: {unflagged} of {len(last)} episodes end with neither "
+            "termination nor truncation; they are read as truncated (the episode goes on "
+            "beyond the data), so the TD target bootstraps there. If they ended (one-step "
+            "episodes, a goal reached), store terminations=True on their last step",
+            stacklevel=3,
+        )
     truncated[last] |= ~terminated[last]
     truncated &= ~terminated  # a terminal step is terminal, whatever else it is flagged as
 

@@ -208,6 +208,21 @@ def write_minari_dataset(
             probe.close()
     observation_space = float32_box(observation_space)
     action_space = float32_box(action_space)
+    for i, episode in enumerate(episodes):  # before anything is written: a refusal leaves none
+        actions = np.asarray(episode["actions"])
+        steps = len(actions)
+        if actions.ndim != 2 or actions.shape[1:] != action_space.shape:
+            raise DatasetError(
+                f"episode {i}: actions of shape {actions.shape}; write [T, "
+                f"{', '.join(map(str, action_space.shape))}] (the action space's shape per "
+                "step, a one-number action as [T, 1])"
+            )
+        for key in ("rewards", "terminations", "truncations"):
+            if np.shape(episode[key]) != (steps,):
+                raise DatasetError(
+                    f"episode {i}: {key} of shape {np.shape(episode[key])}; write [{steps}], "
+                    "one per action"
+                )
     buffers = [_episode_buffer(i, episode) for i, episode in enumerate(episodes)]
 
     with warnings.catch_warnings():

@@ -1,5 +1,6 @@
 """DIVO trained by a TorchRL script: a TensorDictReplayBuffer filled from a Minari dataset,
-DIVO's LossModule, one Adam per network, SoftUpdate for the targets, and a GymEnv rollout.
+DIVO's LossModule, one Adam per network, SoftUpdate for the targets, and TorchRL rollouts of
+the dataset's evaluation environment.
 
     python examples/torchrl_divo.py --steps 10000   # divo's built-in Hopper data, no download
 """
@@ -11,11 +12,12 @@ import argparse
 import torch
 from tensordict.nn import TensorDictModule
 from torchrl.data import LazyTensorStorage, TensorDictReplayBuffer
-from torchrl.envs import DoubleToFloat, GymEnv, TransformedEnv
+from torchrl.envs import DoubleToFloat, GymWrapper, TransformedEnv
 from torchrl.objectives import SoftUpdate
 
 import divo
 from divo.agents.builder import build_agent
+from divo.agents.evaluate import normalized_score
 from divo.objectives.losses import DIVOLoss
 
 
@@ -50,9 +52,12 @@ def update(loss_module, optimizers, target_updater, batch, step, generator=None)
     return metrics
 
 
-def evaluate(policy, env_id: str, episodes: int, max_steps: int, seed: int) -> list[float]:
-    """Episode returns of the deterministic policy, from TorchRL GymEnv rollouts."""
-    env = TransformedEnv(GymEnv(env_id), DoubleToFloat())
+def evaluate(policy, make_env, episodes: int, max_steps: int, seed: int) -> list[float]:
+    """Episode returns of the deterministic policy, from TorchRL rollouts of the dataset's
+    evaluation environment as divo makes it (``data.make_env``: the stored spec with its
+    wrappers, e.g. the action rescaling or the flattened observations the data were loaded
+    with; a bare ``GymEnv(id)`` would drop them)."""
+    env = TransformedEnv(GymWrapper(make_env()), DoubleToFloat())
     env.set_seed(seed)
     actor = TensorDictModule(policy, in_keys=["observation"], out_keys=["action"])
     with torch.no_grad():
@@ -86,12 +91,16 @@ def main(argv=None) -> dict:
         if step % 1000 == 0 or step == args.steps - 1:
             print(f"step {step}: " + ", ".join(f"{k} {v.item():.3g}" for k, v in metrics.items()))
 
+    if not data.can_evaluate:
+        print("the dataset names no environment that can be made here: no evaluation")
+        return {"returns": [], "normalized_score": None, "metrics": metrics}
     returns = evaluate(
-        agent.policy, data.eval_env_spec.id, args.eval_episodes, args.max_episode_steps, args.seed
+        agent.policy, data.make_env, args.eval_episodes, args.max_episode_steps, args.seed
     )
     mean = sum(returns) / len(returns)
-    score = 100 * (mean - data.ref_min_score) / (data.ref_max_score - data.ref_min_score)
-    print(f"mean return {mean:.1f} over {len(returns)} episodes, normalised score {score:.1f}")
+    score = normalized_score(mean, data.ref_min_score, data.ref_max_score)
+    shown = f"normalised score {score:.1f}" if score is not None else "no reference scores"
+    print(f"mean return {mean:.1f} over {len(returns)} episodes, {shown}")
     return {"returns": returns, "normalized_score": score, "metrics": metrics}
 
 

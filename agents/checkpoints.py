@@ -28,7 +28,7 @@ from divo.agents.runtime import (
 )
 from divo.agents.trust import Trust, check_config, config_modules, trusted_modules
 from divo.data.load import OfflineData
-from divo.errors import CheckpointError, DivoError, UntrustedFileError
+from divo.errors import CheckpointError, DivoError, UntrustedFileError, first_few
 from divo.files import atomic_save, damaged_file_error, read_file
 
 
@@ -228,9 +228,7 @@ def check_resumable(
         what_trains(saved), what_trains(OmegaConf.to_container(cfg, resolve=True)), both=True
     )
     if changed:
-        shown = "; ".join(changed[:3]) + (
-            f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
-        )
+        shown = first_few(changed)
         raise CheckpointError(
             f"{where} holds a checkpoint trained with other settings than its config.yaml "
             f"now says ({shown}): the file was edited or replaced since. Resuming would go on "

@@ -33,7 +33,7 @@ from divo.agents.runtime import (
 )
 from divo.config import dataset_settings
 from divo.data.load import OfflineData, load_offline_data
-from divo.errors import ConfigError, DivoError
+from divo.errors import ConfigError, DivoError, first_few
 from divo.objectives.critic import TwinQ
 
 _log = logging.getLogger("divo.train")
@@ -728,9 +728,7 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
     ours = OmegaConf.to_container(cfg, resolve=True)
     changed = config_differences(what_trains(saved), what_trains(ours))
     if changed:
-        shown = "; ".join(changed[:3]) + (
-            f"; and {len(changed) - 3} more" if len(changed) > 3 else ""
-        )
+        shown = first_few(changed)
         raise ConfigError(
             f"{run_dir} holds a run with other settings ({shown}); only train.* (but "
             "train.batch_size), device and logger.* may change when a run resumes: use a new "

@@ -56,6 +56,12 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def first_few(items: list[str], n: int = 3) -> str:
+    """``a; b; c; and N more``: the first ``n`` of ``items``, for one-line errors."""
+    more = f"; and {len(items) - n} more" if len(items) > n else ""
+    return "; ".join(items[:n]) + more
+
+
 DISTRIBUTION = "divo-rl"  # the name on the package index; the import name is `divo`
 
 

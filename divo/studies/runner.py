@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 from omegaconf import DictConfig, OmegaConf
 
 from divo.config import recipes_dir
-from divo.errors import ConfigError, DatasetError
+from divo.errors import ConfigError, DatasetError, first_few
 from divo.report import behavior_return_key
 
 Cell = TypeVar("Cell")
@@ -285,9 +285,7 @@ def check_settings_as_kept(
             if changed:
                 problems.append(f"{place.parent} ({'; '.join(changed[:3])})")
     if problems:
-        shown = "; ".join(problems[:3]) + (
-            f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
-        )
+        shown = first_few(problems)
         raise ConfigError(
             f"{len(problems)} kept or started cell(s) ran with other settings than this study "
             f"gives them: {shown}. Give a variant of the study its own `results` and `work_dir` "

@@ -359,8 +359,11 @@ def test_custom_weighting_and_selector_train_from_the_command_line(tmp_path, cap
             "NegativeWeight gave weights .* must be finite and non-negative",
         ),
         (
-            ["weighting=custom", f"weighting._target_={__name__}.ReadsAdvantageUnsaid",
-             "selector=dataset"],  # fmt: skip
+            [
+                "weighting=custom",
+                f"weighting._target_={__name__}.ReadsAdvantageUnsaid",
+                "selector=dataset",
+            ],
             "ReadsAdvantageUnsaid says needs_advantage=False but its weights depend on",
         ),
         (

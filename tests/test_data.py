@@ -476,8 +476,7 @@ def test_a_dataset_is_published_whole_or_not_at_all():
     once written with its metadata (reference scores, build record). A write that fails half-way
     (here after the episodes, before the metadata) leaves no dataset that would load as whole
     with another dataset's references."""
-    from divo.data.builtin import publish_dataset
-    from divo.data.paths import is_local
+    from divo.data.paths import is_local, publish_dataset
 
     name = "test/published/whole-v0"
 

@@ -8,13 +8,11 @@ is asked for; :func:`open_dataset` is the single place an id is resolved to a
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 import shutil
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +26,7 @@ from divo.data.bandit import (
     build_bandit_dataset,
     build_rare_bandit_dataset,
 )
-from divo.data.paths import is_local, minari_root, transitions_cache_path
+from divo.data.paths import is_local, minari_root, publish_dataset
 from divo.errors import DatasetError, install_hint
 
 # --------------------------------------------------------------------------------------------
@@ -80,19 +78,6 @@ BUILTIN_DATASETS: dict[str, Callable[[str], Any]] = {
 }
 
 
-@contextlib.contextmanager
-def _minari_root_at(path: Path) -> Iterator[None]:
-    previous = os.environ.get("MINARI_DATASETS_PATH")
-    os.environ["MINARI_DATASETS_PATH"] = str(path)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["MINARI_DATASETS_PATH"]
-        else:
-            os.environ["MINARI_DATASETS_PATH"] = previous
-
-
 def ensure_builtin(dataset_id: str) -> bool:
     """Write the built-in dataset ``dataset_id`` into the local Minari root if it is missing.
 
@@ -110,45 +95,6 @@ def ensure_builtin(dataset_id: str) -> bool:
         return True
     publish_dataset(dataset_id, lambda: builder(dataset_id), lost_race_ok=True)
     return True
-
-
-def publish_dataset(
-    dataset_id: str, write: Callable[[], Any], *, lost_race_ok: bool = False
-) -> None:
-    """Run ``write()`` (which writes the Minari dataset ``dataset_id``, its metadata included)
-    in a hidden scratch root beside the local Minari root, then rename the finished dataset into
-    place: an interrupted or failed write leaves no dataset that would load as if whole (nor
-    one whose metadata, e.g. its reference scores, is not yet written). ``lost_race_ok``: a
-    dataset that appeared meanwhile (another process published it first) is kept and this
-    copy dropped; else that is an error. The namespace is created when missing."""
-    root = minari_root()
-    target = get_dataset_path(dataset_id)
-    try:
-        with tempfile.TemporaryDirectory(prefix=".divo-build-", dir=root) as scratch:
-            with _minari_root_at(Path(scratch)):
-                write()
-                built_cache = transitions_cache_path(dataset_id)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.rename(Path(scratch, dataset_id), target)
-            except OSError:
-                if not (lost_race_ok and is_local(dataset_id)):  # not a lost race: a failure
-                    raise
-            else:  # the cache was written for exactly these files (rename keeps their mtimes)
-                with contextlib.suppress(OSError):
-                    cache = transitions_cache_path(dataset_id)
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    os.replace(built_cache, cache)
-    except OSError as exc:
-        raise DatasetError(
-            f"cannot write the dataset {dataset_id!r} into {root} "
-            f"({type(exc).__name__}: {exc}); point MINARI_DATASETS_PATH at a writable folder, or "
-            f"remove a stale {target}"
-        ) from exc
-    namespace = parse_dataset_id(dataset_id)[0]
-    if namespace is not None and namespace not in minari.namespace.list_local_namespaces():
-        with contextlib.suppress(ValueError, OSError):
-            minari.namespace.create_namespace(namespace)
 
 
 def available_datasets() -> list[str]:

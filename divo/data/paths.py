@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from minari.storage.datasets_root_dir import get_dataset_path
 
@@ -36,3 +40,61 @@ def remove_local(dataset_id: str) -> None:
     """Delete a local dataset and its transitions cache (no error if they are absent)."""
     shutil.rmtree(get_dataset_path(dataset_id), ignore_errors=True)
     shutil.rmtree(transitions_cache_path(dataset_id).parent, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def minari_root_at(path: Path) -> Iterator[None]:
+    """Point the local Minari root at ``path`` for the block (Minari reads the variable)."""
+    previous = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(path)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MINARI_DATASETS_PATH"]
+        else:
+            os.environ["MINARI_DATASETS_PATH"] = previous
+
+
+def publish_dataset(
+    dataset_id: str, write: Callable[[], Any], *, lost_race_ok: bool = False
+) -> None:
+    """Run ``write()`` (which writes the Minari dataset ``dataset_id``, its metadata included)
+    in a hidden scratch root beside the local Minari root, then rename the finished dataset into
+    place: an interrupted or failed write leaves no dataset that would load as if whole (nor
+    one whose metadata, e.g. its reference scores, is not yet written). ``lost_race_ok``: a
+    dataset that appeared meanwhile (another process published it first) is kept and this
+    copy dropped; else that is an error. The namespace is created when missing."""
+    import minari
+    from minari.dataset.minari_dataset import parse_dataset_id
+
+    from divo.errors import DatasetError
+
+    root = minari_root()
+    target = get_dataset_path(dataset_id)
+    try:
+        with tempfile.TemporaryDirectory(prefix=".divo-build-", dir=root) as scratch:
+            with minari_root_at(Path(scratch)):
+                write()
+                built_cache = transitions_cache_path(dataset_id)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.rename(Path(scratch, dataset_id), target)
+            except OSError:
+                if not (lost_race_ok and is_local(dataset_id)):  # not a lost race: a failure
+                    raise
+            else:  # the cache was written for exactly these files (rename keeps their mtimes)
+                with contextlib.suppress(OSError):
+                    cache = transitions_cache_path(dataset_id)
+                    cache.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(built_cache, cache)
+    except OSError as exc:
+        raise DatasetError(
+            f"cannot write the dataset {dataset_id!r} into {root} "
+            f"({type(exc).__name__}: {exc}); point MINARI_DATASETS_PATH at a writable folder, or "
+            f"remove a stale {target}"
+        ) from exc
+    namespace = parse_dataset_id(dataset_id)[0]
+    if namespace is not None and namespace not in minari.namespace.list_local_namespaces():
+        with contextlib.suppress(ValueError, OSError):
+            minari.namespace.create_namespace(namespace)

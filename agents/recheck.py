@@ -28,23 +28,28 @@ from divo.errors import CheckpointError
 def recheck_critic(
     path: str | Path,
     *,
-    episodes: int = 10,
-    seed: int = 100,
+    episodes: int | None = None,
+    seed: int | None = None,
     device: str = "auto",
     trust: Trust = None,
 ) -> dict[str, Any]:
     """Evaluate the policy of a checkpoint (a run directory: its newest) for ``episodes``
-    episodes from environment seed ``seed`` and set its critic's min Q on the policy's own steps
-    against the discounted return that followed (:func:`divo.agents.evaluate.critic_calibration`,
-    with the run's reward transform and the data's reward ceiling). Returns the evaluation's
-    result with ``critic`` (the check's numbers, None when the agent has no twin critic) and
-    ``critic_alarm`` (:func:`divo.agents.runs.critic_overestimation`, None when it is quiet)."""
+    episodes from environment seed ``seed`` (by default as the run's own evaluations: its
+    ``train.eval_episodes``, from its seed + 100) and set its critic's min Q on the policy's
+    own steps against the discounted return that followed
+    (:func:`divo.agents.evaluate.critic_calibration`, with the run's reward transform and the
+    data's reward ceiling). Returns the evaluation's result with ``critic`` (the check's
+    numbers, None when the agent has no twin critic) and ``critic_alarm``
+    (:func:`divo.agents.runs.critic_overestimation`, None when it is quiet)."""
     file = _checkpoint_file(path)
     ckpt = load_checkpoint(file)
     saved = ckpt.get("config")
     check_config(saved, trust, str(file))  # before anything it names is built
     dev = resolve_device(device)
     cfg = OmegaConf.create(saved)
+    # by default as the run's own evaluations: its eval_episodes, from its seed + 100
+    episodes = int(cfg.train.eval_episodes or 10) if episodes is None else int(episodes)
+    seed = int(cfg.seed) + 100 if seed is None else int(seed)
     log = logging.getLogger("divo.train")  # the data's summary line is training's, not ours
     level = log.level
     log.setLevel(logging.WARNING)

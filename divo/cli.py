@@ -603,11 +603,6 @@ def _evaluate(argv: list[str]) -> int:
     ns = parser.parse_args(argv)
     if ns.episodes is not None and ns.episodes <= 0:
         raise ConfigError(f"--episodes={ns.episodes} must be a positive integer")
-    from divo.agents.policy_io import run_protocol
-
-    episodes, seed, _ = run_protocol(ns.path)  # the run's own evaluations, by default
-    ns.episodes = episodes if ns.episodes is None else ns.episodes
-    ns.seed = seed if ns.seed is None else ns.seed
     if ns.critic:
         return _recheck_critic(ns)
     from divo.agents.policy_io import evaluate_saved_policy

@@ -99,7 +99,8 @@ def check_behavior_model(model: object, observation_dim: int, action_dim: int) -
     naming the first thing wrong.
 
     Checks: an ``nn.Module`` with ``per_sample_loss`` and ``sample`` that take a ``generator``
-    keyword; ``per_sample_loss`` of 2 transitions returns 2 losses (not their mean);
+    keyword; ``per_sample_loss`` of 2 transitions returns 2 losses (not their mean), in
+    float32 and, for a model with trainable parameters, in the autograd graph;
     ``sample`` of 2 states and 3 samples returns ``[2, 3, A]``. The probe runs without
     gradients, in eval mode, on the model's device, and leaves no trace: the global random
     state, the module's training flags and its parameters are as before.
@@ -140,9 +141,24 @@ def check_behavior_model(model: object, observation_dim: int, action_dim: int) -
                 f"behaviour model {name} failed on a probe batch (action [{batch}, {action_dim}], "
                 f"observation [{batch}, {observation_dim}]): {type(exc).__name__}: {exc}"
             ) from exc
-        finally:
-            for module, training in flags.items():
-                module.train(training)
+        trainable = any(p.requires_grad for p in model.parameters())
+        if trainable and isinstance(loss, torch.Tensor):
+            # the same loss with gradients on: it must reach the parameters, or the model
+            # never trains (the optimiser's backward fails later with torch's own message)
+            model.eval()
+            try:
+                with torch.enable_grad():
+                    tracked = model.per_sample_loss(action, observation, generator=None)
+            finally:
+                for module, training in flags.items():
+                    module.train(training)
+            if isinstance(tracked, torch.Tensor) and not tracked.requires_grad:
+                raise BehaviorModelError(
+                    f"behaviour model {name}: per_sample_loss returned a tensor detached from "
+                    f"the model's parameters (a .detach(), .item(), numpy round trip or "
+                    f"torch.no_grad() inside it?); the weighted loss could not train the "
+                    f"model. Keep the loss in torch and in the autograd graph; {guide}"
+                )
     if not isinstance(loss, torch.Tensor) or tuple(loss.shape) != (batch,):
         got = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
         raise BehaviorModelError(

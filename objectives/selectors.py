@@ -370,7 +370,8 @@ def check_selector(selector: object, action_dim: int) -> None:
     """Check a target selector against the protocol on a probe batch; raise
     :class:`divo.errors.ProtocolError` naming the first thing wrong: the ``num_candidates``
     (int >= 0) and ``needs_advantage`` attributes (subclass :class:`TargetSelector`), and
-    ``(target [2, A], mask [2, 1])`` back, ``mask >= 0``."""
+    ``(target [2, A], mask [2, 1])`` back, finite, ``mask >= 0`` and targets in [-1, 1] when
+    the candidates and actions are."""
     name = type_name(selector)
     n = getattr(selector, "num_candidates", None)
     needs = getattr(selector, "needs_advantage", None)
@@ -411,5 +412,15 @@ def check_selector(selector: object, action_dim: int) -> None:
             f"target selector {name} returned {shapes} for 2 states; it must return "
             f"(target [2, {action_dim}], mask [2, 1])"
         )
-    if bool((out[1] < 0).any()):
-        raise ProtocolError(f"target selector {name} returned a negative BC mask; masks are >= 0")
+    target, mask = out
+    if not bool(torch.isfinite(mask).all()) or bool((mask < 0).any()):
+        raise ProtocolError(
+            f"target selector {name} returned the BC mask {mask.flatten().tolist()}; masks must "
+            "be finite and >= 0"
+        )
+    if not bool(torch.isfinite(target).all()) or bool((target.abs() > 1.0).any()):
+        raise ProtocolError(
+            f"target selector {name} returned targets {target.flatten().tolist()} from "
+            f"candidates and actions in [-1, 1]; targets are actions in the normalised [-1, 1] "
+            "space the actor's tanh reaches (clamp them to [-1, 1])"
+        )

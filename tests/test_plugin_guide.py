@@ -221,6 +221,11 @@ class ExpandedMean(_Linear):  # one value for the batch, in the shape of one per
         return loss.mean().expand(loss.shape[0])
 
 
+class Detached(_Linear):  # a loss taken out of the graph: the weighted loss cannot train it
+    def per_sample_loss(self, action, observation, generator=None):
+        return super().per_sample_loss(action, observation).detach()
+
+
 class OneSample(_Linear):
     def sample(self, observation, num_samples=1, generator=None):
         return self.net(observation)
@@ -238,6 +243,7 @@ class Crashes(_Linear):
         ("NoGenerator", "per_sample_loss\\(\\) takes no generator keyword; add generator=None"),
         ("BatchMean", "returned \\(\\), not shape \\(2,\\); return one loss per transition"),
         ("ExpandedMean", "gave two different transitions the same loss"),
+        ("Detached", "returned a tensor detached from the model's parameters"),
         ("OneSample", "num_samples=3\\) returned \\(2, 3\\), not \\(2, 3, 3\\)"),
         ("Crashes", "failed on a probe batch .*RuntimeError: boom"),
     ],
@@ -325,6 +331,18 @@ class TargetOnly(MeanOfCandidates):
         return super().forward(candidates, candidate_advantage, action)[0]
 
 
+class OutOfRange(MeanOfCandidates):  # targets the tanh actor can never reach
+    def forward(self, candidates, candidate_advantage, action, action_advantage=None):
+        target, mask = super().forward(candidates, candidate_advantage, action)
+        return 3.0 * target + 1.5, mask
+
+
+class NanMask(MeanOfCandidates):  # a NaN mask passes a `mask < 0` check
+    def forward(self, candidates, candidate_advantage, action, action_advantage=None):
+        target, mask = super().forward(candidates, candidate_advantage, action)
+        return target, mask * float("nan")
+
+
 def test_custom_weighting_and_selector_train_from_the_command_line(tmp_path, capsys):
     run = tmp_path / "run"
     args = [
@@ -373,6 +391,14 @@ def test_custom_weighting_and_selector_train_from_the_command_line(tmp_path, cap
         (
             ["selector=custom", f"selector._target_={__name__}.TargetOnly"],
             "TargetOnly returned .* must return \\(target \\[2, 3\\], mask \\[2, 1\\]\\)",
+        ),
+        (
+            ["selector=custom", f"selector._target_={__name__}.OutOfRange"],
+            "OutOfRange returned targets .* the normalised \\[-1, 1\\] space",
+        ),
+        (
+            ["selector=custom", f"selector._target_={__name__}.NanMask"],
+            "NanMask returned the BC mask .* must be finite and >= 0",
         ),
     ],
 )

@@ -19,7 +19,12 @@ from divo.agents.builder import build_agent
 from divo.agents.checkpoints import load_checkpoint
 from divo.agents.evaluate import evaluate_policy
 from divo.agents.policy_io import find_policy_file
-from divo.agents.runs import critic_overestimation, load_run_data, run_critic_check
+from divo.agents.runs import (
+    critic_aggregate,
+    critic_overestimation,
+    load_run_data,
+    run_critic_check,
+)
 from divo.agents.runtime import resolve_device, separate_rng
 from divo.agents.trust import Trust, check_config
 from divo.errors import CheckpointError
@@ -35,11 +40,13 @@ def recheck_critic(
 ) -> dict[str, Any]:
     """Evaluate the policy of a checkpoint (a run directory: its newest) for ``episodes``
     episodes from environment seed ``seed`` (by default as the run's own evaluations: its
-    ``train.eval_episodes``, from its seed + 100) and set its critic's min Q on the policy's
-    own steps against the discounted return that followed
+    ``train.eval_episodes``, from its seed + 100) and set its critic's Q (min of its heads, or
+    their mean where the agent's updates average them) on the policy's own steps against the
+    discounted return that followed
     (:func:`divo.agents.evaluate.critic_calibration`, with the run's reward transform and the
     data's reward ceiling). Returns the evaluation's result with ``critic`` (the check's
-    numbers, None when the agent has no twin critic) and ``critic_alarm``
+    numbers, None when the agent has no twin critic), ``critic_q`` (how its heads were read:
+    ``"min"``, or ``"mean"`` for FQL's ``q_agg=mean``) and ``critic_alarm``
     (:func:`divo.agents.runs.critic_overestimation`, None when it is quiet)."""
     file = _checkpoint_file(path)
     ckpt = load_checkpoint(file)
@@ -102,6 +109,7 @@ def recheck_critic(
             )
         trajectories = result.pop("trajectories")
         result["critic"] = run_critic_check(agent, data, cfg, trajectories, dev)
+        result["critic_q"] = critic_aggregate(agent)  # how the heads were read: min or mean
     finally:
         data.close()
     result["critic_alarm"] = critic_overestimation(result["critic"] or {})

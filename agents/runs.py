@@ -89,12 +89,32 @@ def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:
     return result
 
 
+def critic_aggregate(agent) -> str:
+    """How the agent's own updates read its twin critic: ``"mean"`` for a critic loss that
+    averages the heads (FQL's ``q_agg=mean``, its setting on OGBench), else ``"min"``. The
+    critic check reads Q the same way, so it checks the value the actor and the target use."""
+    return (
+        "mean" if getattr(getattr(agent, "critic_loss", None), "q_agg", "min") == "mean" else "min"
+    )
+
+
 def run_critic_check(agent, data, cfg, trajectories, device) -> dict[str, float] | None:
-    """min(Q1, Q2) of the online critic on the evaluation rollouts against the discounted
-    return in training-reward units (:func:`critic_calibration`); None without a twin critic."""
+    """The online critic on the evaluation rollouts, its heads read as the agent's updates read
+    them (min(Q1, Q2), or their mean for FQL's ``q_agg=mean``: :func:`critic_aggregate`),
+    against the discounted return in training-reward units (:func:`critic_calibration`); None
+    without a twin critic."""
     critic, normalizer = getattr(agent, "critic", None), getattr(agent, "normalizer", None)
     if not isinstance(critic, TwinQ) or normalizer is None:
         return None
+    if critic_aggregate(agent) == "mean":
+
+        def q_value(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+            return critic(normalizer(obs), act).mean(dim=0)
+    else:
+
+        def q_value(obs: torch.Tensor, act: torch.Tensor) -> torch.Tensor:
+            return critic.min_q(normalizer(obs), act)
+
     factor = float(cfg.dataset.reward_scale) * float(data.reward_factor)
     shift = float(cfg.dataset.reward_shift)
     reward_max = getattr(data, "reward_max", None)
@@ -105,7 +125,7 @@ def run_critic_check(agent, data, cfg, trajectories, device) -> dict[str, float]
     try:
         return critic_calibration(
             trajectories,
-            lambda obs, act: critic.min_q(normalizer(obs), act),
+            q_value,
             gamma=float(cfg.critic.loss.gamma),
             reward_transform=lambda r: factor * r + shift,
             reward_max=reward_max,
@@ -368,20 +388,23 @@ def evaluate_into_row(
                 last_eval["episode_length_mean"],
             )
         critic = last_eval.get("critic") or {}
+        how = critic_aggregate(agent)
         if "eval_q_bias" in critic:
             log.info(
-                "step %d: critic min Q %.2f, discounted return %.2f on the policy's own steps "
+                "step %d: critic %s Q %.2f, discounted return %.2f on the policy's own steps "
                 "(Q - return %+.2f)",
                 step,
+                how,
                 critic["eval_q"],
                 critic["eval_return_to_go"],
                 critic["eval_q_bias"],
             )
         if "eval_q_bias_min" in critic:
             log.info(
-                "step %d: critic min Q %.2f on all the policy's steps, discounted return that "
+                "step %d: critic %s Q %.2f on all the policy's steps, discounted return that "
                 "followed at most %.2f (Q - return >= %+.2f)",
                 step,
+                how,
                 critic["eval_q_all"],
                 critic["eval_return_to_go_max"],
                 critic["eval_q_bias_min"],

@@ -660,15 +660,16 @@ def _recheck_critic(ns: argparse.Namespace) -> int:
     if critic is None:
         print("divo: no critic check: the agent has no twin critic, or no step qualified")
         return 0
+    how = result.get("critic_q", "min")
     if "eval_q_bias" in critic:
         print(
-            f"divo: critic min Q {critic['eval_q']:.2f}, discounted return "
+            f"divo: critic {how} Q {critic['eval_q']:.2f}, discounted return "
             f"{critic['eval_return_to_go']:.2f} on the policy's own steps (Q - return "
             f"{critic['eval_q_bias']:+.2f})"
         )
     if "eval_q_bias_min" in critic:
         print(
-            f"divo: critic min Q {critic['eval_q_all']:.2f} on all the policy's steps, "
+            f"divo: critic {how} Q {critic['eval_q_all']:.2f} on all the policy's steps, "
             f"discounted return that followed at most {critic['eval_return_to_go_max']:.2f} "
             f"(Q - return >= {critic['eval_q_bias_min']:+.2f})"
         )

@@ -380,25 +380,37 @@ def use_last_evaluations(runs: list[Run], k: int) -> None:
 
 
 def score_notes(runs: list[Run], last_k: int | None) -> list[str]:
-    """Where the scores set side by side on one dataset come from different stretches of
-    training: runs trained for different numbers of steps, or (``--score last:K``) whose last K
-    evaluations fell at different steps (another ``train.eval_every``). Such scores are each
-    right, and not like for like; one note per dataset and kind, for the console and
-    report.md."""
+    """Where the scores set side by side on one dataset are not like for like: runs trained
+    for different numbers of steps, or (``--score last:K``) whose last K evaluations fell at
+    different steps (another ``train.eval_every``), or evaluated on different numbers of
+    episodes (another ``train.eval_episodes``: a 1-episode success rate is 0 or 100, and its
+    spread is not a 50-episode one's; such runs still share a cell, since the episodes do not
+    change what trained). Each score is right, and not like for like; one note per dataset and
+    kind, for the console and report.md."""
     notes = []
     scored = [r for r in runs if r.status == "complete" and r.score is not None]
-    kinds = [("trained for different numbers of steps", lambda r: r.steps, "{}")]
+    stretch = "their scores are not of the same stretch of training"
+    kinds = [("trained for different numbers of steps", lambda r: r.steps, "{}", stretch)]
     if last_k is not None:
         kinds.append(
             (
                 f"scored over evaluations at different steps (--score last:{last_k})",
                 lambda r: r.window,
                 "steps {}",
+                stretch,
             )
         )
+    kinds.append(
+        (
+            "evaluated on different numbers of episodes per evaluation",
+            lambda r: r.episodes,
+            "{} episodes",
+            "their scores and spreads are not equally precise (the table pools them)",
+        )
+    )
     for dataset in sorted({r.dataset for r in scored if r.dataset}):
         here = [r for r in scored if r.dataset == dataset]
-        for what, key, shown_as in kinds:
+        for what, key, shown_as, consequence in kinds:
             groups: dict[Any, list[str]] = defaultdict(list)
             for run in here:
                 value = key(run)
@@ -410,12 +422,9 @@ def score_notes(runs: list[Run], last_k: int | None) -> list[str]:
                 shown_as.format(", ".join(map(str, v)) if isinstance(v, tuple) else v)
                 + ": "
                 + ", ".join(labels)
-                for v, labels in sorted(groups.items(), key=lambda kv: str(kv[0]))
+                for v, labels in sorted(groups.items())  # one kind: one type of value
             )
-            notes.append(
-                f"the runs on {dataset} were {what} ({shown}): their scores are not of the "
-                "same stretch of training"
-            )
+            notes.append(f"the runs on {dataset} were {what} ({shown}): {consequence}")
     return notes
 
 

@@ -309,3 +309,45 @@ def test_the_data_level_guard_holds_a_policy_to_its_data(tmp_path, caplog):
     ]
     assert data_level_alarms(tmp_path, None) == []
     assert data_level_alarms(tmp_path / "missing", 67.4) == []
+
+
+@pytest.mark.parametrize(
+    ("recipe", "q_agg", "how"),
+    [("fql", "mean", "mean"), ("fql", "min", "min"), ("td3bc", None, "min")],
+)
+def test_the_critic_check_reads_the_heads_as_the_agents_updates_do(recipe, q_agg, how):
+    """FQL with q_agg=mean (its setting on OGBench) trains its actor and its target on the mean
+    of the two heads: the check reads that value, not min(Q1, Q2), which is never above it and
+    would under-report an overvaluation."""
+    from types import SimpleNamespace
+
+    from divo.agents.builder import build_agent
+    from divo.agents.runs import critic_aggregate, run_critic_check
+    from divo.config import compose_recipe
+
+    overrides = ["critic.network.hidden=[16,16]"] + (
+        [f"critic.loss.q_agg={q_agg}"] if q_agg else []
+    )
+    cfg = compose_recipe(recipe, overrides)
+    torch.manual_seed(0)
+    agent = build_agent(
+        cfg, observation_dim=3, action_dim=2, obs_mean=torch.zeros(3), obs_std=torch.ones(3)
+    )
+    assert critic_aggregate(agent) == how
+    rng = np.random.default_rng(0)
+    episode = {
+        "observation": rng.normal(size=(4, 3)).astype(np.float32),
+        "action": rng.uniform(-1, 1, size=(4, 2)).astype(np.float32),
+        "reward": rng.normal(size=4),
+        "terminated": True,
+    }
+    data = SimpleNamespace(reward_factor=1.0, reward_max=None)
+    out = run_critic_check(agent, data, cfg, [episode], "cpu")
+    with torch.no_grad():
+        heads = agent.critic(
+            agent.normalizer(torch.as_tensor(episode["observation"])),
+            torch.as_tensor(episode["action"]),
+        )
+    expected = heads.mean(dim=0) if how == "mean" else heads.min(dim=0).values
+    assert out["eval_q"] == pytest.approx(float(expected.mean()), rel=1e-5)
+    assert not torch.allclose(heads[0], heads[1])  # the two readings differ on this critic

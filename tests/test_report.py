@@ -664,6 +664,26 @@ def test_scores_of_different_stretches_of_training_are_noted(tmp_path, capsys):
     )
 
 
+def test_scores_over_different_numbers_of_episodes_are_noted(tmp_path, capsys):
+    """Runs of one recipe evaluated on 1 and on 20 episodes share a cell (the episodes do not
+    change what trained), and the report says so: a 1-episode success rate is 0 or 100."""
+    runs = tmp_path / "runs"
+    for seed, episodes in ((0, 1), (1, 1), (2, 20)):
+        run = write_run(runs, "td3bc", "env/a-v0", seed, 40.0 + seed)
+        result = json.loads((run / "result.json").read_text())
+        (run / "result.json").write_text(json.dumps({**result, "episodes": episodes}))
+    out = tmp_path / "rep"
+    with pytest.warns(UserWarning, match="different numbers of episodes"):
+        code, _, err = report([str(runs), "--out", str(out), *REPS, "--no-figures"], capsys)
+    assert code == 0, err
+    (row,) = read_csv(out / "scores.csv")
+    assert row["seeds"] == "3"  # one cell, as before: the note says what it pools
+    assert (
+        "**Score:** The runs on env/a-v0 were evaluated on different numbers of episodes per "
+        "evaluation (1 episodes: td3bc; 20 episodes: td3bc)" in (out / "report.md").read_text()
+    )
+
+
 def test_over_datasets_difference_never_mixes_returns_with_normalised_scores(tmp_path, capsys):
     runs = tmp_path / "runs"
     write_grid(runs)

@@ -18,7 +18,8 @@ for the installed version. divo pins ``ogbench==1.2.2``: since 1.2.0 the reward,
 success are computed on the state s of a transition (``success_timing="pre"``), where 1.1.x
 computed them on s'. Papers that pinned 1.1.0 (FQL among them) trained on rewards shifted by one
 step from ours; their success rates are measured in the 1.1 environments, which end an episode
-one step later.
+at the step that reaches the goal (the 1.2 environments one step later, leaving a policy one
+action fewer within the time limit).
 
 Conversion to divo's transitions: ``reward`` is OGBench's (the number of satisfied sub-goals
 minus their count, so 0 only when solved); ``terminated`` is OGBench's mask = 0 (the state s

@@ -135,26 +135,35 @@ def run_critic_check(agent, data, cfg, trajectories, device) -> dict[str, float]
         critic.train(was_training)
 
 
+def load_recipe_data(cfg: DictConfig, device: str | torch.device = "cpu") -> OfflineData:
+    """The dataset of a composed recipe as ``divo train`` trains on it: every ``dataset.*``
+    setting applied (the reward transform, ``return_range``, action bounds, observation keys,
+    source, folder) and ``train.batch_size``. ``divo.load_offline_data(cfg)`` is this."""
+    if cfg.dataset.get("id") is None:
+        raise ConfigError("the recipe's dataset.id is null: there is no dataset to load")
+    return load_offline_data(
+        cfg.dataset.id,
+        device=device,
+        batch_size=cfg.train.batch_size,
+        reward_scale=cfg.dataset.reward_scale,
+        reward_shift=cfg.dataset.reward_shift,
+        return_range=cfg.dataset.get("return_range"),
+        download=cfg.dataset.get("download", True),
+        action_bounds=cfg.dataset.get("action_bounds", "rescale"),
+        observation_keys=_observation_keys(cfg),
+        source=cfg.dataset.get("source", "auto"),
+        data_dir=cfg.dataset.get("dir"),
+        files=cfg.dataset.get("files", "auto"),
+        generate=cfg.dataset.get("generate", True),
+    )
+
+
 def load_run_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | None, float | None]:
     """The recipe's dataset on ``device`` (None with ``dataset.id=null``) and the normalised
     score of its behaviour policy."""
     data, behavior_score = None, None
     if cfg.dataset.get("id") is not None:
-        data = load_offline_data(
-            cfg.dataset.id,
-            device=device,
-            batch_size=cfg.train.batch_size,
-            reward_scale=cfg.dataset.reward_scale,
-            reward_shift=cfg.dataset.reward_shift,
-            return_range=cfg.dataset.get("return_range"),
-            download=cfg.dataset.get("download", True),
-            action_bounds=cfg.dataset.get("action_bounds", "rescale"),
-            observation_keys=_observation_keys(cfg),
-            source=cfg.dataset.get("source", "auto"),
-            data_dir=cfg.dataset.get("dir"),
-            files=cfg.dataset.get("files", "auto"),
-            generate=cfg.dataset.get("generate", True),
-        )
+        data = load_recipe_data(cfg, device)
         behavior_score = normalized_score(
             data.behavior_return, data.ref_min_score, data.ref_max_score
         )

@@ -67,6 +67,25 @@ from divo.errors import ConfigError, DatasetError
 _log = logging.getLogger("divo.train")
 
 
+def given_obs_stats(
+    obs_stats: tuple[torch.Tensor, torch.Tensor], obs_dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``obs_stats=(mean, std)`` as two float32 vectors of the observations' size; refused when
+    they have another size, are not finite or a std is negative."""
+    try:
+        mean, std = (torch.as_tensor(x, dtype=torch.float32).reshape(-1) for x in obs_stats)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"obs_stats must be (mean, std), two vectors: {exc}") from None
+    if mean.shape != (obs_dim,) or std.shape != (obs_dim,):
+        raise ConfigError(
+            f"obs_stats has sizes {tuple(mean.shape)} and {tuple(std.shape)}, but the "
+            f"observations have {obs_dim} entries: pass (mean, std) of shape ({obs_dim},)"
+        )
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()) or bool((std < 0).any()):
+        raise ConfigError("obs_stats must be finite, with std >= 0")
+    return mean, std
+
+
 def train(
     cfg: DictConfig,
     run_dir: str | Path,
@@ -93,8 +112,10 @@ def train(
             of the dataset's own; its samples must carry the TED keys (observation, action,
             next/observation, next/reward, next/terminated). Normalisation statistics and the
             evaluation environment still come from ``cfg.dataset.id`` when it is set; with
-            ``dataset.id=null`` no evaluation runs, and the statistics are ``obs_stats=(mean,
-            std)`` when given, else computed from the observations the buffer holds.
+            ``dataset.id=null`` no evaluation runs, and the statistics are computed from the
+            observations the buffer holds.
+        obs_stats: ``(mean, std)`` of the observations, used to normalise them in place of the
+            dataset's or the buffer's (logged); with or without a replay buffer.
     With ``train.num_seeds=N > 1`` the seeds ``seed .. seed+N-1`` train together in this
     process with stacked weights (:func:`divo.agents.vectorized.train_vectorized`), one complete
     run directory per seed in ``run_dir/seed<k>``; the return value then summarises the seeds.
@@ -188,9 +209,19 @@ def _train(
                 data.action_high,
                 data.action_bounds,
             )
-    elif obs_stats is not None:
-        mean, std = obs_stats
-    else:
+    if obs_stats is not None:  # the caller's statistics, whatever the data
+        if not cfg.get("normalize_observations", True):
+            raise ConfigError(
+                f"obs_stats were given, but recipe {cfg.get('recipe')} trains on raw "
+                "observations (normalize_observations=false): drop obs_stats, or set "
+                "normalize_observations=true"
+            )
+        mean, std = given_obs_stats(obs_stats, obs_dim)
+        _log.info(
+            "observations normalised with the obs_stats given%s",
+            f" (not those of {data.dataset_id})" if data is not None else "",
+        )
+    elif data is None:
         stats = buffer_observation_stats(buffer)
         if stats is None:
             warnings.warn(

@@ -3,8 +3,9 @@
 pi_b(a | s) = N(mu(s), diag sigma(s)^2) from one MLP; trained by maximum likelihood. Samples are
 clipped to the action box [-1, 1]. On the four-mode bandit it puts its mean between the modes
 (see ``divo.studies.bandit``), which is why the expressive models exist. Trained with the
-exponential advantage weight it is IQL's policy (``recipes/iql.yaml``: IQL's options
-``state_dependent_std: false`` and ``tanh_mean: true``), deployed as its mean (:meth:`mode`).
+exponential advantage weight it is IQL's policy (``recipes/behavior_model/iql_gaussian.yaml``:
+IQL's options ``state_dependent_std: false`` and ``tanh_mean: true``), deployed as its mean
+(:meth:`mode`).
 """
 
 from __future__ import annotations

@@ -7,8 +7,9 @@ The front door (imported on first use, so ``import divo`` stays fast)::
     cfg = divo.compose("divo", ["train.steps=5000"])     # a recipe, composed as `divo train`
     result = divo.train(cfg, "runs/my-run")               # or divo.train("divo", "runs/x", ...)
     policy, info = divo.load_policy("runs/my-run")        # the deployed policy of a run
-    data = divo.load_offline_data("divo/bandit/multimodal-v0")  # a dataset as TED TensorDict
-    divo.evaluate("runs/my-run", episodes=10)             # as `divo evaluate`
+    data = divo.load_offline_data("divo/bandit/multimodal-v0")  # OfflineData: .data is TED
+    data = divo.load_offline_data(cfg)                    # a recipe's data, as it trains on it
+    divo.evaluate("runs/my-run")                          # as `divo evaluate`
 
 The packages: ``divo.behavior_models``, ``divo.objectives``, ``divo.agents`` (agents, their
 training step and the run machinery), ``divo.data`` (datasets), ``divo.studies`` (experiments

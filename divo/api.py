@@ -18,7 +18,8 @@ from omegaconf import DictConfig
 from divo.agents.policy_io import evaluate_saved_policy, load_policy
 from divo.agents.train import train as _train
 from divo.config import compose_recipe
-from divo.data.load import OfflineData, load_offline_data
+from divo.data.load import OfflineData
+from divo.data.load import load_offline_data as _load_offline_data
 from divo.errors import ConfigError
 
 
@@ -52,6 +53,29 @@ def train(
     else:
         cfg = compose(cfg_or_recipe, overrides)
     return _train(cfg, Path(run_dir), **kwargs)
+
+
+def load_offline_data(dataset: str | DictConfig, **kwargs: Any) -> OfflineData:
+    """A dataset, as an :class:`OfflineData` (``.data``: the transitions as one TED
+    TensorDict; its statistics, reference scores and evaluation environments beside them).
+
+    ``dataset`` is a dataset id, loaded with the keywords given and no others
+    (:func:`divo.data.load.load_offline_data`: by default no reward transform), or a composed
+    recipe (``divo.compose(...)``), loaded as ``divo train`` trains on it: its reward
+    transform (``iql``'s ``return_range``, AntMaze's ``reward_shift``), action bounds,
+    observation keys and source; then only ``device`` may be given. A TorchRL loop over a
+    recipe's loss module reads the rewards as given, so load its data this way."""
+    if isinstance(dataset, DictConfig):
+        others = sorted(set(kwargs) - {"device"})
+        if others:
+            raise ConfigError(
+                f"divo.load_offline_data(cfg) loads the recipe's dataset with the recipe's "
+                f"settings; set {', '.join(others)} in the recipe (dataset.*), not as keywords"
+            )
+        from divo.agents.runs import load_recipe_data
+
+        return load_recipe_data(dataset, kwargs.get("device", "cpu"))
+    return _load_offline_data(dataset, **kwargs)
 
 
 def evaluate(

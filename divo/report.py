@@ -12,8 +12,8 @@ the output folder (default ``<first dir>/report``):
 - ``aggregate.csv``: across datasets, the mean, median, interquartile mean (IQM) and optimality
   gap with 95% stratified-bootstrap confidence intervals (``rliable``, the protocol of Agarwal
   et al. 2021 that the DIVO paper follows);
-- ``paired.csv`` (with ``--compare A B``): per dataset the difference A - B of the final scores,
-  paired by seed;
+- ``paired.csv`` (with ``--compare A B``): per dataset the difference A - B of the scores,
+  paired by seed, with bootstrap and t intervals; ``paired_overall.csv`` averaged over datasets;
 - ``diagnostics.csv``: per (recipe, dataset) the training diagnostics a researcher watches
   (share of positive advantages, weights at the weighting's clip, the behaviour model's samples'
   advantage over the data's, the share of actor targets taken from the model, Q and V scales),

@@ -227,3 +227,35 @@ def test_settings_looked_up_by_dataset_id_are_named_and_a_missing_tuned_entry_wa
         log_dataset_settings(compose_recipe("fql", ["dataset=ogbench"]))
     assert "per_dataset has no entry, the recipe's own (" in caplog.text
     assert "from fql.tasks: " in caplog.text and "fql.actor_loss.alpha=300.0" in caplog.text
+
+
+def _build(cfg):
+    return build_agent(cfg, observation_dim=3, action_dim=2, obs_mean=torch.zeros(3),
+                       obs_std=torch.ones(3))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("recipe", "model", "refused"),
+    [
+        ("idql", "flow", None),  # IDQL over a flow: its ResNet settings leave with its DDPM
+        ("idql", "cvae", None),
+        ("a2pr", "cvae", None),
+        ("fql", "flow", None),
+        ("fql", "ddpm", "needs a behaviour model with sample_from_noise"),
+        ("a2pr", "ddpm", "needs a behaviour model with reconstruct"),
+        ("iql", "ddpm", "has no mode\\(observation\\) to deploy"),
+    ],
+)
+def test_a_baselines_model_swaps_whole(recipe, model, refused):
+    """The baselines' models are group options of their own (fql_flow, a2pr_cvae, iql_gaussian,
+    idql_ddpm): `behavior_model=<other>` replaces the reference's settings with the model (they
+    were merged into the new model and failed as unexpected keyword arguments, e.g. DDPM's
+    'layer_norm'); a model the method cannot use is refused with the reason."""
+    cfg = compose_recipe(recipe, [f"behavior_model={model}"])
+    shipped = compose_recipe("divo", [f"behavior_model={model}"]).behavior_model
+    assert cfg.behavior_model == shipped  # the shipped model's own settings, nothing left over
+    if refused is None:
+        _build(cfg)
+    else:
+        with pytest.raises(ConfigError, match=refused):
+            _build(cfg)

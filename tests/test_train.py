@@ -196,6 +196,34 @@ def test_user_replay_buffer_through_the_python_api(hopper_dataset, tmp_path):
         train(cfg, tmp_path / "odd", replay_buffer=odd)
 
 
+def test_obs_stats_given_are_the_ones_the_policy_normalises_with(hopper_dataset, tmp_path):
+    """obs_stats take the place of the dataset's statistics (they were dropped without a word
+    when dataset.id was set); of the wrong size, or for a recipe on raw observations, they are
+    refused before anything is written."""
+    data = load_offline_data(hopper_dataset)
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(data.num_transitions), batch_size=32)
+    rb.extend(data.data)
+    cfg = compose_recipe(
+        "td3bc", [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}"]
+    )
+    mean, std = torch.zeros(11), torch.full((11,), 1000.0)
+    for name, buffer in (("with-buffer", rb), ("dataset-only", None)):
+        train(cfg, tmp_path / name, replay_buffer=buffer, obs_stats=(mean, std))
+        saved = torch.load(tmp_path / name / "policy.pt", weights_only=False)["state_dict"]
+        torch.testing.assert_close(saved["normalizer.std"], std)
+        assert "obs_stats given (not those of" in (tmp_path / name / "train.log").read_text()
+    with pytest.raises(ConfigError, match=r"obs_stats has sizes \(10,\) and \(11,\).*\(11,\)"):
+        train(cfg, tmp_path / "wrong", obs_stats=(torch.zeros(10), std))
+    raw = compose_recipe(
+        "td3bc",
+        [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}",
+         "normalize_observations=false"],
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="normalize_observations=false"):
+        train(raw, tmp_path / "raw", obs_stats=(mean, std))
+    assert not (tmp_path / "wrong").exists() and not (tmp_path / "raw").exists()
+
+
 def test_a_users_buffer_is_fingerprinted_and_a_resume_on_other_contents_refused(
     hopper_dataset, tmp_path
 ):

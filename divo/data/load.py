@@ -217,8 +217,9 @@ def load_offline_data(
         observation_keys: for a dataset with a Dict observation space (Minari's D4RL AntMaze
             and PointMaze: ``observation``, ``achieved_goal``, ``desired_goal``), the keys kept;
             default all. Their arrays are flattened and concatenated in gymnasium's order
-            (sorted by key; ``observation_key_order``), and the environments are wrapped with
-            ``FilterObservation`` + ``FlattenObservation``, so evaluation sees the same layout.
+            (sorted by key; :func:`divo.data.transitions.observation_key_order`), and the
+            environments are wrapped with ``FilterObservation`` + ``FlattenObservation``, so
+            evaluation sees the same layout.
         source: ``auto`` (default): an id without a Minari namespace that names an OGBench
             singletask dataset (``cube-single-play-singletask-v0``) is read as OGBench data,
             anything else as Minari data; ``minari`` or ``ogbench`` force one.

@@ -77,13 +77,16 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
 
-    data = divo.load_offline_data(args.dataset)  # a Minari dataset as a TED TensorDict
+    # the recipe on this dataset: its per-dataset settings, and its data as `divo train` reads
+    # them (the reward transform included; .data is the TED TensorDict)
+    on_data = [f"dataset.id={args.dataset}"]
+    data = divo.load_offline_data(divo.compose("divo", on_data))
     buffer = TensorDictReplayBuffer(
         storage=LazyTensorStorage(data.num_transitions), batch_size=args.batch_size
     )
     buffer.extend(data.data)
 
-    loss_module, agent, cfg = make_loss(data)
+    loss_module, agent, cfg = make_loss(data, "divo", on_data)
     optimizers = make_optimizers(loss_module, cfg)
     target_updater = SoftUpdate(loss_module, tau=cfg.critic.tau)
     for step in range(args.steps):

@@ -178,6 +178,16 @@ def load_run_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | 
             f" (normalized score {behavior_score:.1f})" if behavior_score is not None else "",
         )
         _log.info("data %s: fingerprint %s", data.dataset_id, data.fingerprint)
+        if data.score == "return" and data.ref_min_score is not None:
+            _log.info(
+                "data %s: normalised score = 100 (return - %g) / (%g - %g), reference returns "
+                "from %s",
+                data.dataset_id,
+                data.ref_min_score,
+                data.ref_max_score,
+                data.ref_min_score,
+                "the dataset" if data.ref_source == "dataset" else data.ref_source,
+            )
         if data.reward_factor != 1.0:  # IQL's reward normalisation
             _log.info(
                 "rewards x %.4g (dataset.return_range=%s: max - min episode return rescaled)",
@@ -523,6 +533,12 @@ def run_result(
         "episodes": last_eval["episodes"] if last_eval else 0,
         "behavior_return": data.behavior_return if data is not None else None,
         "behavior_normalized_score": behavior_score,
+        # the returns the normalised scores are measured against, and where they come from
+        # ("dataset", or D4RL's for an environment of the same name): divo report refuses to
+        # pool scores of one dataset measured against different ones
+        "ref_min_score": data.ref_min_score if data is not None else None,
+        "ref_max_score": data.ref_max_score if data is not None else None,
+        "ref_source": data.ref_source if data is not None else None,
         # the transitions trained on (OfflineData.fingerprint): runs of one dataset id with
         # different fingerprints trained on different data, and divo report refuses to pool them
         "data_fingerprint": data_fingerprint,

@@ -128,6 +128,7 @@ class Run:
     data_fingerprint: str | None = None  # the transitions it trained on (result.json)
     behavior_return: float | None = None  # its data's mean episode return (result.json)
     window: tuple[int, ...] | None = None  # --score last:K: the steps of the K evaluations
+    references: tuple[float, float] | None = None  # result.json ref_min_score, ref_max_score
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -280,6 +281,12 @@ def read_run(path: Path) -> Run:
             fingerprint = result.get("data_fingerprint")
             run.data_fingerprint = fingerprint if isinstance(fingerprint, str) else None
             run.behavior_return = _finite(result.get("behavior_return"))
+            ref_min, ref_max = (
+                _finite(result.get("ref_min_score")),
+                _finite(result.get("ref_max_score")),
+            )
+            if ref_min is not None and ref_max is not None:
+                run.references = (ref_min, ref_max)
             if run.normalized is not None or run.return_mean is not None:
                 run.status = "complete"
                 if run.normalized is None:
@@ -645,6 +652,31 @@ def check_same_data(runs: list[Run]) -> list[str]:
         if notes:
             break  # fingerprints, where runs have them, say it; the returns only for the rest
     return notes
+
+
+def check_same_references(runs: list[Run]) -> None:
+    """Refuse to pool normalised scores of one dataset measured against different reference
+    returns (result.json ``ref_min_score``/``ref_max_score``: a dataset whose stored references
+    changed, or runs of which some borrowed D4RL's): they are on different scales. Runs that
+    predate the record are not compared."""
+    by_dataset: dict[str, dict[tuple[float, float], list[Run]]] = defaultdict(
+        lambda: defaultdict(list)
+    )
+    for run in runs:
+        if run.status == "complete" and run.normalized is not None and run.references:
+            by_dataset[run.dataset][run.references].append(run)
+    for dataset, groups in sorted(by_dataset.items()):
+        if len(groups) > 1:
+            shown = "; ".join(
+                f"{low:g} / {high:g}: " + ", ".join(sorted({str(r.recipe) for r in group}))
+                for (low, high), group in sorted(groups.items())
+            )
+            raise DatasetError(
+                f"the runs on {dataset} measured their normalised scores against different "
+                f"reference returns (result.json ref_min_score / ref_max_score: {shown}); their "
+                "scores are on different scales. Report them apart (one `divo report` per set of "
+                "run folders), or evaluate them again against one set"
+            )
 
 
 def behavior_return_key(value: float | None) -> str | None:
@@ -1423,6 +1455,7 @@ def make_report(
     _label_runs(runs, dirs, tags or {})
     drop_duplicates(runs)
     data_notes = check_same_data(runs)
+    check_same_references(runs)
     for note in data_notes:
         warnings.warn(note, stacklevel=2)
     choose_score_kinds(runs)

@@ -145,8 +145,27 @@ def test_normalisation_statistics(hopper_data, hopper_episodes):
     )
 
 
-def test_reference_scores_fall_back_to_d4rl(hopper_data):
-    assert (hopper_data.ref_min_score, hopper_data.ref_max_score) == D4RL_REFERENCE_SCORES["Hopper"]
+def test_reference_scores_fall_back_to_d4rl_and_say_so(hopper_dataset):
+    """A dataset storing no references is scored against D4RL's for its environment's name,
+    which were measured on other data and another environment version: the loader warns, and
+    the source travels with the data (result.json ``ref_source``)."""
+    with pytest.warns(UserWarning, match="stores no reference returns: .* D4RL Hopper-v2's"):
+        data = load_offline_data(hopper_dataset)
+    assert (data.ref_min_score, data.ref_max_score) == D4RL_REFERENCE_SCORES["Hopper"]
+    assert data.ref_source == "D4RL Hopper-v2"
+
+
+def test_minari_datasets_with_known_reference_caveats_are_named():
+    """Minari's AntMaze references are a continuing task's (not D4RL's success rate) and its
+    pen references were measured in 100-step episodes: a run on them is told."""
+    from divo.data.checks import reference_warnings
+
+    stored = (0.0, 1.0, "dataset")
+    (antmaze,) = reference_warnings("D4RL/antmaze/large-play-v1", stored, None)
+    assert "continuing task" in antmaze and "do not set the two side by side" in antmaze
+    (pen,) = reference_warnings("D4RL/pen/cloned-v2", stored, None)
+    assert "100-step episodes" in pen and "#303" in pen
+    assert reference_warnings("mujoco/hopper/medium-v0", stored, None) == []
 
 
 def test_replay_buffer_samples_ted_batches(hopper_data):

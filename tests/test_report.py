@@ -684,6 +684,29 @@ def test_scores_over_different_numbers_of_episodes_are_noted(tmp_path, capsys):
     )
 
 
+def test_scores_against_different_reference_returns_are_never_pooled(tmp_path, capsys):
+    """Normalised scores of one dataset measured against other reference returns (result.json
+    ref_min_score / ref_max_score) are on other scales: the report refuses to pool them, naming
+    both sets; runs from before the record are not compared."""
+    runs = tmp_path / "runs"
+    for seed, refs in ((0, (-20.0, 3234.3)), (1, (-20.0, 3234.3)), (2, None)):
+        run = write_run(runs, "divo", "env/a-v0", seed, 50.0)
+        if refs is not None:
+            result = json.loads((run / "result.json").read_text())
+            result.update(ref_min_score=refs[0], ref_max_score=refs[1], ref_source="dataset")
+            (run / "result.json").write_text(json.dumps(result))
+    args = [str(runs), "--out", str(tmp_path / "rep"), *REPS, "--no-figures"]
+    code, _, err = report(args, capsys)
+    assert code == 0, err  # one set of references, and one run without the record
+    odd = write_run(runs, "td3bc", "env/a-v0", 0, 40.0)
+    result = json.loads((odd / "result.json").read_text())
+    result.update(ref_min_score=0.0, ref_max_score=1000.0, ref_source="dataset")
+    (odd / "result.json").write_text(json.dumps(result))
+    message = _one_line_error(args, capsys)
+    assert "against different reference returns" in message
+    assert "-20 / 3234.3: divo; 0 / 1000: td3bc" in message
+
+
 def test_over_datasets_difference_never_mixes_returns_with_normalised_scores(tmp_path, capsys):
     runs = tmp_path / "runs"
     write_grid(runs)

@@ -172,6 +172,10 @@ def test_user_replay_buffer_through_the_python_api(hopper_dataset, tmp_path):
     )
     result = train(cfg, tmp_path / "run", replay_buffer=rb)
     assert result["steps"] == 6 and result["normalized_score"] is not None
+    # scored against D4RL's Hopper references (the data store none), recorded as such
+    assert (result["ref_min_score"], result["ref_max_score"]) == (-20.272305, 3234.3)
+    assert result["ref_source"] == "D4RL Hopper-v2"
+    assert "reference returns from D4RL Hopper-v2" in (tmp_path / "run" / "train.log").read_text()
     # without a dataset id, the observation statistics come from the buffer's contents
     stats = buffer_observation_stats(rb)
     torch.testing.assert_close(stats[0], data.obs_mean, rtol=1e-5, atol=1e-5)

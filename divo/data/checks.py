@@ -279,14 +279,57 @@ def clip_actions(dataset_id: str, action: np.ndarray, policy: str) -> np.ndarray
     return action
 
 
+# Minari datasets whose stored reference returns are known not to be D4RL's scale; a run on
+# them is warned, with the reason (id prefix -> what is known)
+REFERENCE_CAVEATS: dict[str, str] = {
+    "D4RL/antmaze/": (
+        "Minari's AntMaze evaluation environment is a continuing task (an episode does not end "
+        "at the goal) and its reference returns were measured there, so the normalised score "
+        "compares the time spent at the goal with Minari's expert's; D4RL scores AntMaze by the "
+        "share of episodes that reach the goal (the DIVO paper's 81.1 is on that scale): do not "
+        "set the two side by side"
+    ),
+    "D4RL/pen/": (
+        "Minari's pen reference returns were measured in 100-step episodes while its evaluation "
+        "environment runs 200 (Minari issue #303, open), which roughly doubles the normalised "
+        "score against D4RL's pen tables"
+    ),
+}
+
+
 def reference_scores(
     dataset: minari.MinariDataset, env_spec: EnvSpec | None
-) -> tuple[float | None, float | None]:
+) -> tuple[float | None, float | None, str | None]:
+    """``(ref_min, ref_max, source)``: the dataset's stored reference returns (source
+    ``"dataset"``), else D4RL v2's for an environment of the same name (source
+    ``"D4RL <Name>-v2"``: returns measured on D4RL's data and environment version, not this
+    dataset's; the loader warns), else none."""
     metadata = dataset.storage.metadata
     ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
     if ref_min is not None and ref_max is not None:
-        return float(ref_min), float(ref_max)
+        return float(ref_min), float(ref_max), "dataset"
     spec = env_spec or dataset.env_spec
     if spec is not None and spec.name in D4RL_REFERENCE_SCORES:
-        return D4RL_REFERENCE_SCORES[spec.name]
-    return None, None
+        return (*D4RL_REFERENCE_SCORES[spec.name], f"D4RL {spec.name}-v2")
+    return None, None, None
+
+
+def reference_warnings(dataset_id: str, references: tuple, env_spec: EnvSpec | None) -> list[str]:
+    """What a user must know before reading a normalised score on ``dataset_id`` beside
+    published tables: D4RL's references borrowed for data that store none, or a Minari
+    dataset whose stored references are known to be off D4RL's scale."""
+    ref_min, ref_max, source = references
+    notes = []
+    if source is not None and source.startswith("D4RL "):
+        env = env_spec.id if env_spec is not None else "its environment"
+        notes.append(
+            f"dataset {dataset_id} stores no reference returns: its normalised score uses "
+            f"{source}'s (random {ref_min:g}, expert {ref_max:g}), measured on D4RL's data "
+            f"in D4RL's environment version, not on these data in {env}; the score is on "
+            "D4RL's scale only as far as the two environments agree (write the dataset's own "
+            "with ref_min_score/ref_max_score to score against them)"
+        )
+    for prefix, caveat in REFERENCE_CAVEATS.items():
+        if dataset_id.startswith(prefix):
+            notes.append(f"dataset {dataset_id}: {caveat}")
+    return notes

@@ -47,6 +47,7 @@ from divo.data.checks import (
     clip_actions,
     observation_layout,
     reference_scores,
+    reference_warnings,
     with_rescaled_actions,
 )
 from divo.data.envs import make_env
@@ -72,6 +73,9 @@ class OfflineData:
             (``obs_std`` already includes ``OBS_STD_EPS``); normalise as ``(s - mean) / std``.
         ref_min_score, ref_max_score: reference returns for normalised scores (the dataset's,
             else D4RL v2's for its environment), None when unknown.
+        ref_source: where they come from: ``"dataset"`` (stored with the data), ``"D4RL
+            <Name>-v2"`` (D4RL's for an environment of that name: measured on other data and
+            another environment version; the loader warns), None without references.
         env_spec: the environment the dataset was collected in, None if unknown or not makeable.
         eval_env_spec: the environment to evaluate in (the dataset's eval env, else env_spec).
         num_episodes, num_transitions: ``E`` and ``N``.
@@ -127,6 +131,7 @@ class OfflineData:
     eval_env_pool: int | None = None
     reward_max: float | None = None
     fingerprint: str | None = None
+    ref_source: str | None = None
     _envs: list[gym.Env] = field(default_factory=list, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -267,7 +272,7 @@ def load_offline_data(
             rescale=check_action_bounds(dataset_id, act_space, action_bounds),
             env_spec=raw["env_spec"],
             eval_env_spec=raw["env_spec"],
-            references=(None, None),
+            references=(None, None, None),
             score="success",
             provenance=raw["provenance"],
             eval_env_pool=OGBENCH_EVAL_ENVS,
@@ -300,6 +305,9 @@ def load_offline_data(
                 f"a {name} space {space}; the dataset is inconsistent: write it again"
             )
     env_spec, eval_env_spec = check_environment(dataset, dataset_id, raw, keys)
+    references = reference_scores(dataset, env_spec)
+    for note in reference_warnings(dataset_id, references, env_spec):
+        warnings.warn(note, stacklevel=3)
     return _to_offline_data(
         dataset_id,
         raw,
@@ -308,7 +316,7 @@ def load_offline_data(
         rescale=rescale,
         env_spec=env_spec,
         eval_env_spec=eval_env_spec,
-        references=reference_scores(dataset, env_spec),
+        references=references,
         **options,
     )
 
@@ -322,7 +330,7 @@ def _to_offline_data(
     rescale: bool,
     env_spec: EnvSpec | None,
     eval_env_spec: EnvSpec | None,
-    references: tuple[float | None, float | None],
+    references: tuple[float | None, float | None, str | None],
     device: torch.device,
     batch_size: int,
     reward_scale: float,
@@ -384,7 +392,7 @@ def _to_offline_data(
     obs = raw["observation"].astype(np.float64)
     obs_mean = torch.as_tensor(obs.mean(0), dtype=torch.float32, device=device)
     obs_std = torch.as_tensor(obs.std(0) + OBS_STD_EPS, dtype=torch.float32, device=device)
-    ref_min, ref_max = references
+    ref_min, ref_max, ref_source = references
     return OfflineData(
         fingerprint=data_fingerprint(raw),
         dataset_id=dataset_id,
@@ -395,6 +403,7 @@ def _to_offline_data(
         obs_std=obs_std,
         ref_min_score=ref_min,
         ref_max_score=ref_max,
+        ref_source=ref_source,
         env_spec=env_spec,
         eval_env_spec=eval_env_spec,
         num_episodes=int(len(raw["episode_length"])),

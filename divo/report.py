@@ -1817,9 +1817,10 @@ def make_report(
             "dataset actions' at the same states (> 0: the model is better than its data); "
             "targets from model: the share of the actor's BC targets that are model samples; "
             "G (eval): the discounted return (in training-reward units) that followed the "
-            "evaluation policy's own steps, and Q - G (eval) the critic's min Q there minus "
-            "it (> 0: the critic overestimates the policy it guides), over the runs that log "
-            "them"
+            "evaluation policy's own steps, and Q - G (eval) the critic's Q there (min(Q1, "
+            "Q2); the heads' mean for runs whose train.log says 'critic mean Q', as `fql` "
+            "reads its critic) minus it (> 0: the critic overestimates the policy it guides), "
+            "over the runs that log them"
             + (
                 "; Q - G, at least (eval): the same with the return bounded from above where "
                 "episodes ran into their time limit (a lower bound on the overestimation; "

@@ -155,7 +155,14 @@ def load_recipe_data(cfg: DictConfig, device: str | torch.device = "cpu") -> Off
         data_dir=cfg.dataset.get("dir"),
         files=cfg.dataset.get("files", "auto"),
         generate=cfg.dataset.get("generate", True),
+        eval_env_kwargs=_container(cfg.dataset.get("eval_env_kwargs")),
+        ref_scores=_container(cfg.dataset.get("ref_scores")),
     )
+
+
+def _container(value: Any) -> Any:
+    """A config node as plain Python (dict / list), None as None."""
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def load_run_data(cfg: DictConfig, device: torch.device) -> tuple[OfflineData | None, float | None]:

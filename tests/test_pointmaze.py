@@ -275,6 +275,32 @@ def test_loader_reads_the_dataset_with_its_references_and_eval_env(built_dataset
 
 
 @needs_robotics
+def test_evaluation_kwargs_and_references_can_be_given_as_d4rl_scores_a_maze(built_dataset):
+    """`dataset.eval_env_kwargs` reach the evaluation environment (not the data's), and
+    `dataset.ref_scores` replace the stored references: with continuing_task=False and [0, 1]
+    a maze is scored as D4RL scores AntMaze, by the share of episodes that reach the goal.
+    Kwargs the environment refuses, or references that are not two returns, are refused."""
+    from divo.data.load import load_offline_data
+    from divo.errors import DatasetError
+
+    data = load_offline_data(
+        TEST_DATASET_ID,
+        download=False,
+        eval_env_kwargs={"continuing_task": False},
+        ref_scores=[0, 1],
+    )
+    assert (data.ref_min_score, data.ref_max_score, data.ref_source) == (0.0, 1.0, "given")
+    assert data.eval_env_spec.kwargs["continuing_task"] is False
+    assert data.env_spec.kwargs["continuing_task"] is True  # the data's own, as collected
+    with data.make_env() as env:
+        assert env.unwrapped.continuing_task is False
+    with pytest.raises(DatasetError, match="cannot be made with dataset.eval_env_kwargs"):
+        load_offline_data(TEST_DATASET_ID, download=False, eval_env_kwargs={"no_such": 1})
+    with pytest.raises(DatasetError, match="must be two numbers"):
+        load_offline_data(TEST_DATASET_ID, download=False, ref_scores=[1])
+
+
+@needs_robotics
 def test_building_twice_needs_overwrite_and_gives_the_same_data(built_dataset):
     with pytest.raises(DatasetError, match="already exists.*overwrite=True"):
         build_pointmaze_dataset("umaze", dataset_id=TEST_DATASET_ID, progress=False)

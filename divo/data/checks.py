@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
@@ -173,11 +173,20 @@ def check_environment(
     dataset_id: str,
     raw: dict[str, np.ndarray],
     observation_keys: Sequence[str] | None = None,
+    eval_env_kwargs: Mapping[str, Any] | None = None,
 ) -> tuple[EnvSpec | None, EnvSpec | None]:
     """Make the dataset's environments (wrapped to flatten Dict observations when
-    ``observation_keys`` are given); refuse data whose sizes do not fit them."""
+    ``observation_keys`` are given); refuse data whose sizes do not fit them.
+    ``eval_env_kwargs`` are merged into the evaluation environment's keyword arguments (e.g.
+    AntMaze's ``continuing_task=False``, D4RL's episode that ends at the goal); an evaluation
+    environment they break is refused, not skipped."""
     env_spec = dataset.env_spec
     if env_spec is None:
+        if eval_env_kwargs:
+            raise DatasetError(
+                f"dataset {dataset_id!r} names no environment: dataset.eval_env_kwargs has "
+                "nothing to apply to; drop it"
+            )
         warnings.warn(
             f"dataset {dataset_id!r} names no environment: training works, evaluation is "
             "unavailable",
@@ -185,6 +194,8 @@ def check_environment(
         )
         return None, None
     eval_spec = getattr(dataset, "_eval_env_spec", None) or env_spec
+    if eval_env_kwargs:
+        eval_spec = dataclasses.replace(eval_spec, kwargs={**eval_spec.kwargs, **eval_env_kwargs})
     if observation_keys is not None:
         same = eval_spec is env_spec
         env_spec = with_flat_observations(env_spec, observation_keys)
@@ -197,6 +208,12 @@ def check_environment(
         try:
             env = _make_env(spec)
         except Exception as exc:  # missing package, unregistered id, ...
+            if role == "evaluation environment" and eval_env_kwargs:
+                raise DatasetError(
+                    f"dataset {dataset_id!r}: its evaluation environment {spec.id} cannot be "
+                    f"made with dataset.eval_env_kwargs={dict(eval_env_kwargs)} "
+                    f"({type(exc).__name__}: {exc}); fix or drop them"
+                ) from None
             warnings.warn(
                 f"dataset {dataset_id!r}: its {role} {spec.id} cannot be made here "
                 f"({type(exc).__name__}: {exc}); training works, evaluation is unavailable",
@@ -287,7 +304,8 @@ REFERENCE_CAVEATS: dict[str, str] = {
         "at the goal) and its reference returns were measured there, so the normalised score "
         "compares the time spent at the goal with Minari's expert's; D4RL scores AntMaze by the "
         "share of episodes that reach the goal (the DIVO paper's 81.1 is on that scale): do not "
-        "set the two side by side"
+        "set the two side by side, or score as D4RL does with "
+        "'dataset.eval_env_kwargs={continuing_task: false}' 'dataset.ref_scores=[0,1]'"
     ),
     "D4RL/pen/": (
         "Minari's pen reference returns were measured in 100-step episodes while its evaluation "
@@ -298,12 +316,29 @@ REFERENCE_CAVEATS: dict[str, str] = {
 
 
 def reference_scores(
-    dataset: minari.MinariDataset, env_spec: EnvSpec | None
+    dataset: minari.MinariDataset,
+    env_spec: EnvSpec | None,
+    given: Sequence[float] | None = None,
 ) -> tuple[float | None, float | None, str | None]:
-    """``(ref_min, ref_max, source)``: the dataset's stored reference returns (source
-    ``"dataset"``), else D4RL v2's for an environment of the same name (source
-    ``"D4RL <Name>-v2"``: returns measured on D4RL's data and environment version, not this
-    dataset's; the loader warns), else none."""
+    """``(ref_min, ref_max, source)``: the ``given`` pair (``dataset.ref_scores``; source
+    ``"given"``), else the dataset's stored reference returns (source ``"dataset"``), else
+    D4RL v2's for an environment of the same name (source ``"D4RL <Name>-v2"``: returns
+    measured on D4RL's data and environment version, not this dataset's; the loader warns),
+    else none."""
+    if given is not None:
+        try:
+            low, high = (float(x) for x in given)
+        except (TypeError, ValueError):
+            raise DatasetError(
+                f"dataset.ref_scores={given!r} must be two numbers [random, expert] (the returns "
+                "scored 0 and 100), e.g. [0, 1] for D4RL's AntMaze success"
+            ) from None
+        if not (np.isfinite(low) and np.isfinite(high)) or high == low:
+            raise DatasetError(
+                f"dataset.ref_scores={given!r} must be two different finite returns [random, "
+                "expert]"
+            )
+        return low, high, "given"
     metadata = dataset.storage.metadata
     ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
     if ref_min is not None and ref_max is not None:
@@ -330,6 +365,6 @@ def reference_warnings(dataset_id: str, references: tuple, env_spec: EnvSpec | N
             "with ref_min_score/ref_max_score to score against them)"
         )
     for prefix, caveat in REFERENCE_CAVEATS.items():
-        if dataset_id.startswith(prefix):
+        if source == "dataset" and dataset_id.startswith(prefix):
             notes.append(f"dataset {dataset_id}: {caveat}")
     return notes

@@ -25,7 +25,7 @@ import contextlib
 import hashlib
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -199,6 +199,8 @@ def load_offline_data(
     data_dir: str | None = None,
     files: str = "auto",
     generate: bool = True,
+    eval_env_kwargs: Mapping[str, Any] | None = None,
+    ref_scores: Sequence[float] | None = None,
 ) -> OfflineData:
     """Read, check and convert a Minari dataset or an OGBench singletask dataset.
 
@@ -234,6 +236,13 @@ def load_offline_data(
             ``hosted`` or ``generated`` (see :mod:`divo.data.ogbench`).
         generate: OGBench only: generate missing files with OGBench's oracles
             (``divo data ogbench``; 20-50 minutes per 1M transitions on one core).
+        eval_env_kwargs: Minari only: keyword arguments merged into the evaluation
+            environment's (e.g. ``{"continuing_task": False}``: Minari's AntMaze evaluation
+            environment then ends an episode at the goal, as D4RL's did); recorded with the
+            policy, so ``divo evaluate`` rebuilds the same environment.
+        ref_scores: Minari only: ``[random, expert]`` returns to score against (0 and 100) in
+            place of the dataset's stored ones (``[0, 1]`` with the kwargs above: D4RL's
+            AntMaze success rate).
 
     Raises:
         DatasetError: the dataset cannot be found, is empty, holds NaN/inf, uses non-Box spaces,
@@ -255,6 +264,11 @@ def load_offline_data(
         "action_bounds": action_bounds,
     }
     if source == "ogbench" or (source == "auto" and ogbench.looks_like_ogbench(dataset_id)):
+        if eval_env_kwargs or ref_scores is not None:
+            raise DatasetError(
+                "OGBench data are evaluated in OGBench's own environment and scored by success; "
+                "drop dataset.eval_env_kwargs and dataset.ref_scores"
+            )
         if observation_keys is not None:
             raise DatasetError(
                 "OGBench observations are flat vectors; drop dataset.observation_keys"
@@ -304,8 +318,8 @@ def load_offline_data(
                 f"dataset {dataset_id!r} stores {name}s of size {raw[key].shape[1]} but declares "
                 f"a {name} space {space}; the dataset is inconsistent: write it again"
             )
-    env_spec, eval_env_spec = check_environment(dataset, dataset_id, raw, keys)
-    references = reference_scores(dataset, env_spec)
+    env_spec, eval_env_spec = check_environment(dataset, dataset_id, raw, keys, eval_env_kwargs)
+    references = reference_scores(dataset, env_spec, ref_scores)
     for note in reference_warnings(dataset_id, references, env_spec):
         warnings.warn(note, stacklevel=3)
     return _to_offline_data(

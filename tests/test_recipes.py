@@ -76,11 +76,15 @@ def test_antmaze_ids_get_the_sparse_navigation_settings_of_method_md(group):
     cfg = compose_recipe("divo", ant)
     assert cfg.critic.loss.gamma == 0.995 and cfg.value.loss.expectile == 0.9
     assert cfg.dataset.reward_shift == -1.0 and cfg.train.eval_episodes == 100
+    # scored as D4RL scores AntMaze: the episode ends at the goal, its 0/1 return against 0 and 1
+    assert cfg.dataset.eval_env_kwargs == {"continuing_task": False}
+    assert list(cfg.dataset.ref_scores) == [0.0, 1.0]
     cfg = compose_recipe("divo", [*ant, "critic.loss.gamma=0.99", "dataset.reward_shift=0"])
     assert cfg.critic.loss.gamma == 0.99 and cfg.dataset.reward_shift == 0.0
     cfg = compose_recipe("divo", [*group, "dataset.id=mujoco/hopper/medium-v0"])
     assert cfg.critic.loss.gamma == 0.99 and cfg.value.loss.expectile == 0.7
     assert cfg.dataset.reward_shift == 0.0 and cfg.train.eval_episodes == 10
+    assert cfg.dataset.eval_env_kwargs is None and cfg.dataset.ref_scores is None
     # Diffusion-QL keeps its own gamma (0.99 on every task) and takes its Table 3 row
     dql = compose_recipe("diffusion_ql", ant)
     assert dql.critic.loss.gamma == 0.99 and dql.diffusion_ql.actor_loss.eta == 3.0

@@ -231,9 +231,18 @@ def write_page(cfg: Any, log=print) -> Path:
         "with its generation settings (`divo data ogbench`, [OGBench data](ogbench.md)), not "
         "OGBench's hosted files: the same distribution, other random draws and MuJoCo build. "
         "Rewards follow ogbench 1.2.2 (reward and success on the state s; FQL's paper pinned "
-        "1.1.0, on s'). The budget is a CPU's, far below the papers' 1M steps. Set beside "
-        "published tables, these numbers show where the recipes stand relative to each other "
-        "under those differences, not a reproduction of the tables.",
+        "1.1.0, on s'). The budget is a CPU's: "
+        + (
+            f"{int(cfg.steps):,} steps evaluated every {int(cfg.eval_every):,}"
+            if cfg.steps is not None
+            else "chosen by the pilot"
+        )
+        + ", where the papers train 1M steps and evaluate every 100,000. Each task is its "
+        "environment's default singletask alone, where the papers average five tasks per "
+        "environment. The weights on Q of `divo` (and its ablations) and `td3bc` were chosen "
+        "here, on design data (the notes). Set beside published tables, these numbers show "
+        "where the recipes stand relative to each other under those differences, not a "
+        "reproduction of the tables.",
         "",
         f"**Status:** grid {len(done)} of {total} cells finished."
         if total is not None

@@ -516,3 +516,18 @@ def test_a_dataset_is_published_whole_or_not_at_all():
     assert is_local(name) and minari.load_dataset(name).storage.metadata["ref_min_score"] == -1.0
     data = load_offline_data(name)  # its own references, not D4RL's Hopper ones
     assert (data.ref_min_score, data.ref_max_score) == (-1.0, 9.0)
+
+    # an overwrite replaces the old dataset only once the new one is whole
+    with pytest.raises(KeyboardInterrupt):
+        publish_dataset(name, interrupted, replace=True)
+    assert minari.load_dataset(name).storage.metadata["ref_min_score"] == -1.0  # still there
+
+    def other():
+        write_hopper_like(name, [hopper_like_episode(steps=5)])
+        minari.load_dataset(name).storage.update_metadata(
+            {"ref_min_score": -2.0, "ref_max_score": 7.0}
+        )
+
+    publish_dataset(name, other, replace=True)
+    assert minari.load_dataset(name).storage.metadata["ref_min_score"] == -2.0
+    assert minari.load_dataset(name).total_steps == 5

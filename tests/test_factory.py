@@ -95,8 +95,49 @@ def test_selection_ties_and_fraction():
     chosen = select_snapshots(snapshots, medium_fraction=0.5)
     assert chosen.expert.step == 40  # a tie on the best return goes to the later snapshot
     assert chosen.medium.step == 10  # target 300: 200 and 400 are equally close -> the earlier
-    with pytest.raises(DatasetError, match="after step 0"):
+    with pytest.raises(DatasetError, match="no snapshot after its 0 warm-up steps"):
         select_snapshots([snap(0, 1.0)])
+
+
+def test_warm_up_snapshots_are_the_untrained_policy_and_never_chosen():
+    """SAC does not update during its uniform warm-up: snapshots taken within it hold the
+    initial policy's weights, and the medium (or expert) is never one of them."""
+    snapshots = [snap(0, 0.0), snap(100, 95.0), snap(200, 96.0), snap(300, 10.0), snap(400, 300.0)]
+    chosen = select_snapshots(snapshots, random_steps=200)
+    assert chosen.expert.step == 400 and chosen.medium.step == 300  # not 200 (96 ~ 300 / 3)
+    assert select_snapshots(snapshots).medium.step == 200  # a warm-up snapshot, if unknown
+    with pytest.raises(DatasetError, match="after its 400 warm-up steps"):
+        select_snapshots(snapshots, random_steps=400)
+
+
+def test_the_medium_rule_is_refused_when_the_expert_return_is_not_positive():
+    """A third of a negative return lies above every snapshot: the rule would pick the expert
+    as medium (medium-expert one policy twice). Refused; an expert-only build still works."""
+    snapshots = [snap(0, -1400.0), snap(10, -900.0), snap(20, -505.5)]
+    with pytest.raises(DatasetError, match="returns -505.5: D4RL's medium rule .* positive"):
+        select_snapshots(snapshots)
+    assert select_snapshots(snapshots, need_medium=False).expert.step == 20
+
+
+def test_the_rebuild_command_in_a_description_rebuilds_the_same_settings():
+    """Every setting the command line sets is in it, so it parses back to the same build."""
+    from divo.data.factory.build import rebuild_command
+    from divo.data.factory.cli import build_parser, build_settings
+
+    sac = SACSettings(total_steps=4000, random_steps=1000, snapshot_every=1000, eval_episodes=3,
+                      batch_size=64, hidden_sizes=(32, 32))  # fmt: skip
+    settings = BuildSettings(
+        levels=("medium",),
+        dataset_size=1000,
+        medium_fraction=0.25,
+        expert="final",
+        ref_episodes=5,
+        namespace="local",
+        version=2,
+    )
+    command = rebuild_command("Pendulum-v1", "medium", sac, settings, 7)
+    ns = build_parser().parse_args(command.split()[3:])
+    assert build_settings(ns) == (sac, settings) and ns.seed == 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,6 +247,12 @@ def test_a_dataset_of_another_build_is_not_overwritten_silently(built, tmp_path)
     other = SACSettings(**{**TINY_SAC.to_dict(), "hidden_sizes": (16, 16)})
     with pytest.raises(DatasetError, match="--overwrite"):
         build(tmp_path, "built", sac=other, settings=tiny_settings("built", levels=("medium",)))
+    # the same SAC run asked for other dataset settings: refused before any training
+    with pytest.raises(DatasetError, match=r"other settings \(dataset_size: 400 -> 300\)"):
+        build(
+            tmp_path, "built", settings=tiny_settings("built", levels=("medium",), dataset_size=300)
+        )
+    assert not (tmp_path / "built").exists()  # no SAC run started in this work dir
 
 
 # ---------------------------------------------------------------------------------------------

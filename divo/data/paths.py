@@ -57,14 +57,20 @@ def minari_root_at(path: Path) -> Iterator[None]:
 
 
 def publish_dataset(
-    dataset_id: str, write: Callable[[], Any], *, lost_race_ok: bool = False
+    dataset_id: str,
+    write: Callable[[], Any],
+    *,
+    lost_race_ok: bool = False,
+    replace: bool = False,
 ) -> None:
     """Run ``write()`` (which writes the Minari dataset ``dataset_id``, its metadata included)
     in a hidden scratch root beside the local Minari root, then rename the finished dataset into
     place: an interrupted or failed write leaves no dataset that would load as if whole (nor
     one whose metadata, e.g. its reference scores, is not yet written). ``lost_race_ok``: a
     dataset that appeared meanwhile (another process published it first) is kept and this
-    copy dropped; else that is an error. The namespace is created when missing."""
+    copy dropped; else that is an error. ``replace``: a local dataset of that id is replaced
+    only once the new one is whole (an interrupted overwrite leaves the old one). The
+    namespace is created when missing."""
     import minari
     from minari.dataset.minari_dataset import parse_dataset_id
 
@@ -78,6 +84,9 @@ def publish_dataset(
                 write()
                 built_cache = transitions_cache_path(dataset_id)
             target.parent.mkdir(parents=True, exist_ok=True)
+            if replace and target.exists():  # set aside into the scratch root, deleted with it
+                os.rename(target, Path(scratch, ".replaced"))
+                shutil.rmtree(transitions_cache_path(dataset_id).parent, ignore_errors=True)
             try:
                 os.rename(Path(scratch, dataset_id), target)
             except OSError:

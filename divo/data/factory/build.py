@@ -37,7 +37,7 @@ from minari.storage.datasets_root_dir import get_dataset_path
 from divo.data.factory.rollouts import episode_returns, run_episodes, torch_policy, uniform_policy
 from divo.data.factory.sac import SACRun, SACSettings, Snapshot, check_env, env_slug
 from divo.data.minari_io import float32_box, write_minari_dataset
-from divo.data.paths import is_local, publish_dataset, remove_local
+from divo.data.paths import is_local, publish_dataset
 from divo.errors import DatasetError
 
 LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert")
@@ -88,19 +88,41 @@ class Selection:
 
 
 def select_snapshots(
-    snapshots: Sequence[Snapshot], *, medium_fraction: float = 1 / 3, expert: str = "best"
+    snapshots: Sequence[Snapshot],
+    *,
+    medium_fraction: float = 1 / 3,
+    expert: str = "best",
+    random_steps: int = 0,
+    need_medium: bool = True,
 ) -> Selection:
     """D4RL's rule. ``expert``: the snapshot with the highest return ("best"; the later one on a
-    tie) or the last one ("final"). ``medium``: among the snapshots after the initial policy and
-    no later than the expert, the one whose return is closest to ``medium_fraction`` x the
-    expert's (the earlier one on a tie)."""
-    trained = [s for s in snapshots if s.step > 0]
+    tie) or the last one ("final"). ``medium``: among the trained snapshots no later than the
+    expert, the one whose return is closest to ``medium_fraction`` x the expert's (the earlier
+    one on a tie). A snapshot is trained once SAC has updated: after its ``random_steps`` of
+    uniform warm-up (snapshots within it are the initial policy). A fraction of the expert's
+    return is a level between the expert and doing nothing only when that return is positive:
+    with a return <= 0 the rule is refused, not applied (``need_medium=False``: no level uses
+    the medium snapshot, and the expert is picked whatever its return)."""
+    trained = [s for s in snapshots if s.step > max(random_steps, 0)]
     if not trained:
-        raise DatasetError("SAC has no snapshot after step 0 yet; train it longer")
+        raise DatasetError(
+            f"SAC has no snapshot after its {random_steps} warm-up steps yet (snapshots before "
+            "them are the untrained policy); train it longer"
+        )
     if expert == "final":
         chosen = trained[-1]
     else:
         chosen = max(reversed(trained), key=lambda s: s.mean_return)
+    if not need_medium:
+        return Selection(expert=chosen, medium=chosen, medium_target=float("nan"))
+    if chosen.mean_return <= 0:
+        raise DatasetError(
+            f"the expert snapshot (step {chosen.step}) returns {chosen.mean_return:.1f}: D4RL's "
+            f"medium rule ({medium_fraction:.3g} x the expert's return) needs a positive return "
+            "(here it would lie above every snapshot and pick the expert as medium); build "
+            "--levels random,expert, or shift the environment's reward so a do-nothing policy "
+            "earns about 0"
+        )
     target = medium_fraction * chosen.mean_return
     candidates = [s for s in trained if s.step <= chosen.step]
     medium = min(candidates, key=lambda s: abs(s.mean_return - target))
@@ -113,6 +135,19 @@ def dataset_id(namespace: str, env_id: str, level: str, version: int = 0) -> str
 
 def _build_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _level_settings(settings: BuildSettings, level: str) -> dict[str, Any]:
+    """The dataset settings a level's data depend on (medium-replay is SAC's buffer up to the
+    medium snapshot: its size is not --size)."""
+    keys = ["medium_fraction", "expert", "ref_episodes"]
+    if level != "medium-replay":
+        keys.append("dataset_size")
+    return {k: v for k, v in dataclasses.asdict(settings).items() if k in keys}
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _atomic_json(path: Path, value: Any) -> None:
@@ -180,7 +215,7 @@ def build_datasets(
         "seed": seed,
         "sac": sac.to_dict(),
     }
-    for name in ids.values():  # refuse before hours of training, not after
+    for level, name in ids.items():  # refuse before hours of training, not after
         stored = _stored_build(name) if is_local(name) else None
         if is_local(name) and not overwrite and (stored is None or stored["identity"] != identity):
             made_by = "another divo data build" if stored else "something other than this build"
@@ -189,12 +224,29 @@ def build_datasets(
                 f"{made_by}; pass --overwrite to replace it, or pick another "
                 "--namespace/--version"
             )
+        kept = (stored or {}).get("settings")  # builds before this record say nothing
+        if is_local(name) and not overwrite and kept is not None:
+            changed = {
+                k: (kept.get(k), v)
+                for k, v in _level_settings(settings, level).items()
+                if kept.get(k) != v
+            }
+            if changed:
+                shown = ", ".join(f"{k}: {old} -> {new}" for k, (old, new) in changed.items())
+                raise DatasetError(
+                    f"dataset {name!r} was built by this SAC run with other settings ({shown}); "
+                    "pass --overwrite to replace it, or pick another --namespace/--version"
+                )
 
     say(f"phase 1/3: SAC on {env_id} for {sac.total_steps} steps (work dir {work})")
     run = SACRun(env_id, sac, seed=seed, work_dir=work, env_kwargs=env_kwargs)
     snapshots = run.train(progress=progress)
     selection = select_snapshots(
-        snapshots, medium_fraction=settings.medium_fraction, expert=settings.expert
+        snapshots,
+        medium_fraction=settings.medium_fraction,
+        expert=settings.expert,
+        random_steps=sac.random_steps,
+        need_medium=bool({"medium", "medium-replay", "medium-expert"} & set(settings.levels)),
     )
     say(
         f"expert = snapshot at step {selection.expert.step} (return "
@@ -271,12 +323,16 @@ def build_datasets(
                 **identity,
                 "level": level,
                 "refs": refs_key,
+                # what the datasets are made of, not only how they were asked for: a resumed SAC
+                # run is not bit-identical to an uninterrupted one, so two work dirs with the
+                # same settings can hold other snapshots, and other references
+                "refs_values": [refs["ref_min_score"], refs["ref_max_score"]],
+                "snapshot_files": [
+                    _file_digest(work / selection.expert.path),
+                    _file_digest(work / selection.medium.path),
+                ],
                 "selection": [selection.expert.step, selection.medium.step],
-                "settings": {
-                    k: v
-                    for k, v in dataclasses.asdict(settings).items()
-                    if k in ("dataset_size", "medium_fraction", "expert", "ref_episodes")
-                },
+                "settings": _level_settings(settings, level),
             }
         )
         if is_local(name):
@@ -289,7 +345,6 @@ def build_datasets(
                     f"dataset {name!r} exists from a different build; pass --overwrite to "
                     "replace it, or pick another --namespace/--version"
                 )
-            remove_local(name)
         if level == "medium-replay":
             episodes = run.transitions_before(selection.medium.step)
         elif level == "medium-expert":
@@ -303,6 +358,7 @@ def build_datasets(
             "expert_step": selection.expert.step,
             "medium_step": selection.medium.step,
             "ref_episodes": settings.ref_episodes,
+            "settings": _level_settings(settings, level),
         }
 
         def write(name=name, episodes=episodes, level=level, build_record=build_record) -> None:
@@ -323,7 +379,7 @@ def build_datasets(
             )
             dataset.storage.update_metadata({"divo_build": build_record})
 
-        publish_dataset(name, write)
+        publish_dataset(name, write, replace=overwrite)  # the old one goes once this is whole
         written[level] = _summary(name, episodes)
         say(f"{name}: {written[level]['episodes']} episodes, {written[level]['steps']} steps")
 
@@ -408,10 +464,25 @@ def _describe(
         f"{settings.medium_fraction:.3g} of the expert's return (step {selection.medium.step}, "
         f"return {selection.medium.mean_return:.1f}). ref_min_score = mean return of a uniform "
         f"random policy, ref_max_score = mean return of the expert policy acting stochastically, "
-        f"each over {refs['episodes']} episodes. Rebuild: divo data build {env_id} --levels "
-        f"{level} --namespace {settings.namespace} --seed {seed} --sac-steps "
-        f"{sac.total_steps} --snapshot-every {sac.snapshot_every} --size "
-        f"{settings.dataset_size}."
+        f"each over {refs['episodes']} episodes. Rebuild: "
+        + rebuild_command(env_id, level, sac, settings, seed)
+        + "."
+    )
+
+
+def rebuild_command(
+    env_id: str, level: str, sac: SACSettings, settings: BuildSettings, seed: int
+) -> str:
+    """The ``divo data build`` command that makes this level again: every setting the command
+    line sets, so a default changed since cannot make it another build."""
+    return (
+        f"divo data build {env_id} --levels {level} --namespace {settings.namespace} "
+        f"--version {settings.version} --seed {seed} --sac-steps {sac.total_steps} "
+        f"--random-steps {sac.random_steps} --snapshot-every {sac.snapshot_every} "
+        f"--eval-episodes {sac.eval_episodes} --batch-size {sac.batch_size} "
+        f"--hidden {sac.hidden_sizes[0]} --size {settings.dataset_size} "
+        f"--medium-fraction {settings.medium_fraction!r} --expert {settings.expert} "
+        f"--ref-episodes {settings.ref_episodes}"
     )
 
 

@@ -34,7 +34,61 @@ def _positive(text: str) -> int:
 
 
 def _build(argv: list[str]) -> int:
-    from divo.data.factory.build import DEFAULT_LEVELS, LEVELS, BuildSettings, build_datasets
+    from divo.data.factory.build import build_datasets
+
+    ns = build_parser().parse_args(argv)
+    torch.set_num_threads(ns.threads)
+    sac, settings = build_settings(ns)
+    report = build_datasets(
+        ns.env_id,
+        sac=sac,
+        settings=settings,
+        seed=ns.seed,
+        work_dir=ns.work_dir,
+        overwrite=ns.overwrite,
+        progress=not ns.quiet,
+    )
+    for level, info in report["datasets"].items():
+        print(
+            f"divo data: {level}: {info['id']} ({info['episodes']} episodes, {info['steps']} "
+            f"steps, mean episode return {info['mean_episode_return']:.1f})"
+        )
+    refs = report["references"]
+    print(
+        f"divo data: ref_min_score {refs['ref_min_score']:.1f}, ref_max_score "
+        f"{refs['ref_max_score']:.1f}; summary in build.json of the work dir"
+    )
+    return 0
+
+
+def build_settings(ns: argparse.Namespace):
+    """``(SACSettings, BuildSettings)`` of a parsed ``divo data build`` command line."""
+    from divo.data.factory.build import BuildSettings
+    from divo.data.factory.sac import SACSettings
+
+    sac = SACSettings(
+        total_steps=ns.sac_steps,
+        random_steps=ns.random_steps,
+        snapshot_every=ns.snapshot_every,
+        eval_episodes=ns.eval_episodes,
+        batch_size=ns.batch_size,
+        hidden_sizes=(ns.hidden, ns.hidden),
+    )
+    settings = BuildSettings(
+        levels=tuple(level.strip() for level in ns.levels.split(",") if level.strip()),
+        dataset_size=ns.size,
+        medium_fraction=ns.medium_fraction,
+        expert=ns.expert,
+        ref_episodes=ns.ref_episodes,
+        namespace=ns.namespace,
+        version=ns.version,
+    )
+    return sac, settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``divo data build`` command line."""
+    from divo.data.factory.build import DEFAULT_LEVELS, LEVELS, BuildSettings
     from divo.data.factory.sac import SACSettings
 
     sac_defaults, defaults = SACSettings(), BuildSettings()
@@ -126,45 +180,7 @@ def _build(argv: list[str]) -> int:
         help="torch threads (default 1: fastest for SAC's small networks)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    ns = parser.parse_args(argv)
-    torch.set_num_threads(ns.threads)
-    sac = SACSettings(
-        total_steps=ns.sac_steps,
-        random_steps=ns.random_steps,
-        snapshot_every=ns.snapshot_every,
-        eval_episodes=ns.eval_episodes,
-        batch_size=ns.batch_size,
-        hidden_sizes=(ns.hidden, ns.hidden),
-    )
-    settings = BuildSettings(
-        levels=tuple(level.strip() for level in ns.levels.split(",") if level.strip()),
-        dataset_size=ns.size,
-        medium_fraction=ns.medium_fraction,
-        expert=ns.expert,
-        ref_episodes=ns.ref_episodes,
-        namespace=ns.namespace,
-        version=ns.version,
-    )
-    report = build_datasets(
-        ns.env_id,
-        sac=sac,
-        settings=settings,
-        seed=ns.seed,
-        work_dir=ns.work_dir,
-        overwrite=ns.overwrite,
-        progress=not ns.quiet,
-    )
-    for level, info in report["datasets"].items():
-        print(
-            f"divo data: {level}: {info['id']} ({info['episodes']} episodes, {info['steps']} "
-            f"steps, mean episode return {info['mean_episode_return']:.1f})"
-        )
-    refs = report["references"]
-    print(
-        f"divo data: ref_min_score {refs['ref_min_score']:.1f}, ref_max_score "
-        f"{refs['ref_max_score']:.1f}; summary in build.json of the work dir"
-    )
-    return 0
+    return parser
 
 
 def _pointmaze(argv: list[str]) -> int:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from divo.data.envs import remove_maze_xml
 from divo.data.minari_io import EpisodeRecorder, write_minari_dataset
-from divo.data.paths import is_local, publish_dataset, remove_local
+from divo.data.paths import is_local, publish_dataset
 from divo.errors import DatasetError, install_hint
 
 
@@ -455,9 +455,7 @@ def build_pointmaze_dataset(
             f"dataset id {dataset_id!r} is malformed; use (namespace/)name-v<version>, "
             "e.g. 'divo/pointmaze/umaze-v0'"
         ) from None
-    if overwrite:
-        remove_local(dataset_id)
-    elif is_local(dataset_id):
+    if is_local(dataset_id) and not overwrite:
         raise DatasetError(
             f"dataset {dataset_id!r} already exists at {get_dataset_path(dataset_id)}; pass "
             "overwrite=True to rebuild it, or choose another dataset_id"
@@ -501,7 +499,7 @@ def build_pointmaze_dataset(
         dataset.storage.update_metadata({"requirements": [REQUIREMENT]})
 
     try:
-        publish_dataset(dataset_id, write)
+        publish_dataset(dataset_id, write, replace=overwrite)
     finally:
         env.close()
         eval_env.close()

@@ -1,8 +1,10 @@
 """Run a policy in a Gymnasium environment and keep the episodes in Minari's layout.
 
 ``run_episodes`` steps ``num_envs`` copies of the environment in lockstep so that the policy is
-called once per step on a batch of observations; episode ``i`` is reset with ``seed + i``, so the
-result depends only on the policy, the seed and the counts, never on how many copies ran.
+called once per step on a batch of observations; episode ``i`` is reset with ``seed + i``, so
+its first observation depends only on the seed. A stochastic policy draws its actions from one
+generator for the whole batch, so its episodes also depend on ``num_envs`` (the same seed and
+``num_envs`` give the same episodes).
 """
 
 from __future__ import annotations

@@ -194,6 +194,11 @@ def evaluate_saved_policy(
     for :func:`load_policy`; the result records the settings). ``episodes`` and ``seed`` (of
     the first episode) default to those of the run's own evaluations (:func:`run_protocol`),
     so that a run's result is reproduced; the result records both."""
+    for name, value, least in (("episodes", episodes, 1), ("seed", seed, 0)):
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, int) or value < least
+        ):
+            raise ConfigError(f"{name}={value!r} must be an integer >= {least}")
     protocol = run_protocol(path)
     episodes = protocol[0] if episodes is None else int(episodes)
     seed = protocol[1] if seed is None else int(seed)

@@ -54,6 +54,27 @@ def validate_config(cfg: DictConfig) -> None:
             f"train.num_seeds={num_seeds!r} must be a positive integer (1: one seed; N: seeds "
             "seed..seed+N-1 in one process)"
         )
+    seed = cfg.get("seed")
+    if not _is_int(seed) or seed < 0:  # evaluation environments are seeded seed + 100 + i
+        raise ConfigError(f"seed={seed!r} must be an integer >= 0; fix the override")
+    for key in ("threads", "keep_checkpoints"):
+        value = t.get(key)
+        if value is not None and (not _is_int(value) or value < 0):
+            raise ConfigError(f"train.{key}={value!r} must be an integer >= 0; fix the override")
+    for key in ("reward_scale", "reward_shift"):
+        value = cfg.dataset.get(key)
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if value is not None and not (number and math.isfinite(value)):
+            raise ConfigError(f"dataset.{key}={value!r} must be a finite number; fix the override")
+    normalize = cfg.get("normalize_observations", True)
+    if not isinstance(normalize, bool):
+        raise ConfigError(
+            f"normalize_observations={normalize!r} must be true or false; fix the override"
+        )
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _evaluate(agent, data, cfg, device) -> dict[str, Any] | None:

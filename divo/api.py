@@ -26,6 +26,16 @@ from divo.errors import ConfigError
 def compose(recipe: str | PathLike, overrides: Sequence[str] = ()) -> DictConfig:
     """A recipe (a name from ``recipes/`` or a path to a YAML file) composed with Hydra
     overrides, as ``divo train <recipe> <overrides...>`` composes it, without running it."""
+    if isinstance(overrides, str):
+        raise ConfigError(
+            f"overrides must be a list of strings, e.g. [{overrides!r}], not one string (it "
+            "would be read character by character)"
+        )
+    if not isinstance(recipe, str | PathLike):
+        raise ConfigError(
+            f"recipe must be a recipe name or a path to a recipe file, not {type(recipe).__name__}"
+            "; for a config, pass the result of divo.compose(recipe, overrides)"
+        )
     return compose_recipe(str(recipe), list(overrides))
 
 

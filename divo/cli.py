@@ -76,6 +76,7 @@ options:
   -q, --quiet        no progress bar (train.progress=false)
   -m, --multirun     Hydra sweep over comma-separated values, e.g. -m seed=0,1,2
   --cfg job          print the composed recipe without running it
+  --trust MODULE     on resume: a module of yours whose classes the run's files may name
   <recipe> --help    the recipe's config groups and options (Hydra's help)
 
 overrides: key=value (train.steps=20000, dataset=bandit, device=cpu, ...); +key=value adds a
@@ -491,6 +492,7 @@ def _resume(
 ) -> int:
     """Continue the run in ``run_dir`` from its newest checkpoint, with its saved config (whose
     classes must be divo's or those of a ``--trust``ed module)."""
+    from divo.agents.runs import validate_config
     from divo.agents.train import train
     from divo.agents.trust import check_config
 
@@ -499,7 +501,15 @@ def _resume(
         raise ConfigError(
             f"{run_dir} is not a run directory (no config.yaml); pass a recipe name to start a run"
         )
-    cfg = OmegaConf.load(config)
+    try:
+        cfg = OmegaConf.load(config)
+        if not isinstance(cfg, DictConfig) or "train" not in cfg or "recipe" not in cfg:
+            raise ValueError("no recipe or train section")
+    except Exception as exc:  # noqa: BLE001 - YAML's and OmegaConf's errors are many-lined
+        raise CheckpointError(
+            f"{config} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0]}); restore it "
+            "from the run's checkpoints (each holds its config), or start a new run"
+        ) from None
     check_config(OmegaConf.to_container(cfg), trust, str(config))
     if recipe is not None and cfg.get("recipe") != recipe:
         raise CheckpointError(
@@ -521,11 +531,15 @@ def _resume(
                 f"{run_dir} has no key {key} (override {arg}){hint}; "
                 + ("fix the name" if hint else f"see the keys in {config}")
             )
-    old_steps = int(cfg.train.steps)
+    try:
+        old_steps = int(cfg.train.steps)
+    except (TypeError, ValueError):
+        raise CheckpointError(f"{config} is damaged (train.steps={cfg.train.steps!r})") from None
     try:
         cfg.merge_with_dotlist(args + (["train.progress=false"] if quiet else []))
     except Exception as exc:  # noqa: BLE001 - OmegaConf's errors are many-lined
         raise ConfigError(f"bad override in {' '.join(args)}: {str(exc).splitlines()[0]}") from None
+    validate_config(cfg)  # before anything reads the new values
     # a stacked-seed run keeps its checkpoints in its seeds' folders
     ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt")) or sorted(
         run_dir.glob("seed*/checkpoints/step_*.pt"), key=lambda p: p.name
@@ -574,7 +588,7 @@ def _evaluate(argv: list[str]) -> int:
         help="seed of the first episode; default: the run's seed + 100, as its evaluations "
         "in training (100 without its config.yaml)",
     )
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
         "--trust",

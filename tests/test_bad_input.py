@@ -27,10 +27,14 @@ def snapshot(folder: Path) -> dict[str, str]:
     }
 
 
+EXISTING: list[Path] = []  # the module's finished run, for the cases that name it
+
+
 @pytest.fixture(scope="module")
 def existing_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("existing") / "run"
     assert main(["train", "td3bc", *FAST, f"hydra.run.dir={run}"]) == 0
+    EXISTING[:] = [run]
     return run
 
 
@@ -103,6 +107,36 @@ BAD = {
         lambda: ["train", "td3bc", *FAST, "logger.backend=wandb"],
         install_hint("wandb"),
     ),
+    "seed not an integer": (lambda: ["train", "td3bc", *FAST, "seed=abc"], "seed='abc' must be"),
+    "negative seed": (lambda: ["train", "td3bc", *FAST, "seed=-200"], "seed=-200 must be"),
+    "threads not an integer": (
+        lambda: ["train", "td3bc", *FAST, "train.threads=abc"],
+        "train.threads='abc'",
+    ),
+    "reward scale not a number": (
+        lambda: ["train", "td3bc", *FAST, "dataset.reward_scale=abc"],
+        "dataset.reward_scale='abc' must be a finite number",
+    ),
+    "normalize_observations not a boolean": (
+        lambda: ["train", "td3bc", *FAST, "normalize_observations=maybe"],
+        "must be true or false",
+    ),
+    "resume with steps not an integer": (
+        lambda: ["train", str(EXISTING[0]), "train.steps=abc"],
+        "train.steps='abc' must be a positive integer",
+    ),
+    "evaluate from a negative seed": (
+        lambda: ["evaluate", str(EXISTING[0]), "--seed", "-5"],
+        "seed=-5 must be an integer >= 0",
+    ),
+    "study setting not a list": (
+        lambda: ["study", "ogbench", "--dry-run", "datasets=cube-single-play-singletask-v0"],
+        "must be a list",
+    ),
+    "study of an unknown recipe": (
+        lambda: ["study", "locomotion", "--dry-run", "recipes=[divoo]"],
+        "names no recipe divoo",
+    ),
     "unknown command": (lambda: ["trian", "divo"], "unknown command 'trian'"),
     "evaluate a folder with no policy": (lambda: ["evaluate", "."], "no policy.pt"),
 }
@@ -116,7 +150,8 @@ def test_bad_input_is_refused_in_one_line(case, existing_run, tmp_path, capsys, 
     before = snapshot(existing_run)
     make_args, expected = BAD[case]
     args = make_args()
-    if args[0] == "train" and not any(a.startswith("hydra.run.dir") for a in args):
+    resume = args[0] == "train" and Path(args[1]).is_dir()
+    if args[0] == "train" and not resume and not any(a.startswith("hydra.run.dir") for a in args):
         args.append(f"hydra.run.dir={tmp_path / 'new-run'}")
     code = main(args)
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
@@ -174,3 +209,19 @@ def test_a_refused_run_leaves_no_empty_folders(case, tmp_path, capsys, monkeypat
     assert main(["train", "divo", *FAST, *overrides]) == 2
     assert expected in capsys.readouterr().err
     assert [str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*")] == ["runs", "runs/divo"]
+
+
+@pytest.mark.parametrize("text", ["train: [steps: 5\n", ""])
+def test_resuming_a_run_whose_config_is_damaged_is_one_line(existing_run, text, tmp_path, capsys):
+    """A config.yaml that does not parse, or holds no run, is named with the way out, not a
+    YAML or OmegaConf traceback; the run's other files are left as they are."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(existing_run, run)
+    (run / "config.yaml").write_text(text)
+    before = snapshot(run)
+    assert main(["train", str(run)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "config.yaml is damaged" in err[0], err
+    assert snapshot(run) == before

@@ -761,7 +761,7 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
     )
     if dry_run:
         for cell in todo:
-            log("  " + " ".join(cell_command(cell, cfg)[2:]))
+            log("  " + " ".join(["divo", *cell_command(cell, cfg)[3:]]))
         return 0
     check_data_as_kept(Path(cfg.results), todo, log=log)
     check_settings(cells, cfg, log)

@@ -110,7 +110,7 @@ def run(cfg: Any, *, pilot: bool, jobs: int | None = None, dry_run: bool = False
         from divo.studies.locomotion import cell_command
 
         for cell in todo:
-            log("  " + " ".join(cell_command(cell, target)[2:]))
+            log("  " + " ".join(["divo", *cell_command(cell, target)[3:]]))
         return 0
     prepare_data(cfg, [c.dataset for c in todo], log, workers=jobs)
     check_data_as_kept(Path(target.results), todo, log=log)

@@ -43,7 +43,7 @@ def study_settings(
     """The study's settings: ``recipes/<settings_file>``, then the YAML file ``config`` (a
     variant of the study: other overrides, results folder, ...), then dot-list ``overrides``.
     A top-level key the shipped settings do not have is refused, naming the known ones."""
-    cfg = OmegaConf.load(recipes_dir() / settings_file)
+    cfg = shipped = OmegaConf.load(recipes_dir() / settings_file)
     layers = []
     if config is not None:
         if not Path(config).is_file():
@@ -61,7 +61,38 @@ def study_settings(
                 f"{', '.join(cfg)} (recipes/{settings_file})"
             )
         cfg = OmegaConf.merge(cfg, extra)
+    check_setting_types(shipped, cfg, settings_file)
     return cfg
+
+
+def check_setting_types(shipped: DictConfig, cfg: DictConfig, settings_file: str) -> None:
+    """Refuse a setting of another kind than the shipped one: a list given as one value
+    (``datasets=cube-single-...`` would be one cell per character), a count that is not an
+    integer, a recipe that does not exist; before any data or cell is touched."""
+    from divo.config import available_recipes
+
+    for key in shipped:
+        was, now = shipped.get(key), cfg.get(key)
+        if now is None:
+            continue
+        if OmegaConf.is_list(was) and not OmegaConf.is_list(now):
+            raise ConfigError(
+                f"study setting {key}={now!r} must be a list, e.g. '{key}=[{now}]' "
+                f"(recipes/{settings_file})"
+            )
+        if isinstance(was, int) and not isinstance(was, bool):
+            if isinstance(now, bool) or not isinstance(now, int) or now < 0:
+                raise ConfigError(
+                    f"study setting {key}={now!r} must be an integer >= 0 (recipes/{settings_file})"
+                )
+    known = set(available_recipes())
+    for key in ("recipes", "extra_recipes"):
+        unknown = [str(r) for r in (cfg.get(key) or []) if str(r) not in known]
+        if unknown:
+            raise ConfigError(
+                f"study setting {key} names no recipe {', '.join(unknown)}; the recipes are "
+                f"{', '.join(sorted(known))}"
+            )
 
 
 def study_arguments(

@@ -162,18 +162,36 @@ def _check_added_keys(recipe: str, overrides: Sequence[str], container: dict) ->
     for override in added:
         key = override.split("=", 1)[0].lstrip("+")
         section = key.split(".", 1)[0]
-        if "." in key and (section not in RUN_SECTIONS or key.startswith("optim.adam.")):
-            continue  # a component's argument, or torch.optim.Adam's (recipes/common/base.yaml)
+        if key.startswith("optim.adam."):
+            continue  # torch.optim.Adam's arguments (recipes/common/base.yaml)
+        if "." in key and section not in RUN_SECTIONS and _is_component(container, key):
+            continue  # a component's constructor argument: the component checks it
         if key in OPTIONAL_SETTINGS:
             continue  # read when present (e.g. +algorithm=diffusion_ql in a recipe of one's own)
         new = {o.split("=", 1)[0].lstrip("+") for o in added}
         keys = [k for k in config_keys(container) if k not in new]
-        hint = did_you_mean(key, keys)
+        hint = did_you_mean(key, keys) or _same_name(key, keys)
         fix = "fix the name" if hint else f"list them with `divo train {recipe} --cfg job`"
         raise ConfigError(
             f"recipe {recipe!r} has no setting {key} (override {override}), and divo never "
             f"reads a new one there{hint}; {fix}"
         )
+
+
+def _is_component(container: dict, key: str) -> bool:
+    """Whether ``key``'s parent node is a component divo builds from its ``_target_`` (whose
+    constructor takes the new key as an argument), not a section divo reads key by key."""
+    node: object = container
+    for part in key.split(".")[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+    return isinstance(node, dict) and "_target_" in node
+
+
+def _same_name(key: str, keys: Sequence[str]) -> str:
+    """`` (did you mean a?)`` for existing keys whose last name is ``key``'s, or ``""``."""
+    last = key.rsplit(".", 1)[-1]
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == last and k != key][:2]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
 def config_keys(node, prefix: str = "") -> list[str]:
@@ -203,8 +221,14 @@ def unknown_key_error(recipe: str, key: str, overrides: Sequence[str]) -> Config
         keys = config_keys(OmegaConf.to_container(cfg, resolve=False))
     except ConfigError:
         keys = []
-    hint = did_you_mean(key, keys)
-    component = "." in key and key.split(".", 1)[0] not in RUN_SECTIONS
+    hint = did_you_mean(key, keys) or _same_name(key, keys)
+    component = (
+        "." in key
+        and key.split(".", 1)[0] not in RUN_SECTIONS
+        and _is_component(OmegaConf.to_container(cfg, resolve=False), key)
+        if keys
+        else False
+    )
     fix = "fix the name" if hint else f"list the keys with `divo train {recipe} --cfg job`"
     if not hint and component:  # a component's constructor argument may be added
         fix += f", or pass a new argument of that part with +{given.lstrip('+')}"

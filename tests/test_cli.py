@@ -94,8 +94,13 @@ def test_a_misspelt_key_gets_did_you_mean_not_hydras_append_hint(tmp_path, capsy
     # a key far from every key of the recipe: how to list the keys, or add a new one
     line = _error(["train", "td3bc", "train.zzzzzz=1"], capsys)
     assert "--cfg job" in line and "+train.zzzzzz" not in line  # divo would never read it
+    line = _error(["train", "td3bc", "actor.network.zzzzzz=1"], capsys)
+    assert "--cfg job" in line and "+actor.network.zzzzzz=1" in line  # a constructor argument
+    # ... but not under a section that is no component (divo would never read the key there)
     line = _error(["train", "td3bc", "actor.zzzzzz=1"], capsys)
-    assert "--cfg job" in line and "+actor.zzzzzz=1" in line  # a constructor argument
+    assert "--cfg job" in line and "+actor.zzzzzz" not in line
+    line = _error(["train", "td3bc", "+critic.hidden=[256]"], capsys)
+    assert "no setting critic.hidden" in line and "did you mean critic.network.hidden" in line
     # a new key where divo reads its settings by name is refused (Hydra would take it, and the
     # run would start with the setting it meant to change at its default)
     line = _error(["train", "td3bc", "+train.step=100"], capsys)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -46,7 +47,17 @@ def trusted_modules(trust: Trust) -> tuple[str, ...]:
                 f"trust={name!r} is not a module name; name the package that holds your "
                 "classes, e.g. --trust my_pkg"
             )
+        if _stdlib(name):
+            raise ConfigError(
+                f"trust={name!r} is a module of Python's standard library, whose functions "
+                "run commands and touch files; trust only the package of your own classes, "
+                "e.g. --trust my_pkg"
+            )
     return tuple(names)
+
+
+def _stdlib(name: str) -> bool:
+    return name.split(".")[0].split(":")[0] in sys.stdlib_module_names
 
 
 def _under(name: str, modules: Iterable[str]) -> bool:
@@ -54,8 +65,18 @@ def _under(name: str, modules: Iterable[str]) -> bool:
 
 
 def _how_to_trust(name: str) -> str:
+    """The end of an untrusted-name refusal: how to trust the module, or, for Python's standard
+    library (never a plug-in: no divo file names one), not to load the file."""
     root = name.split(".")[0].split(":")[0]
-    return f"--trust {root} (trust=[{root!r}] in Python)"
+    if _stdlib(name):
+        return (
+            f"{root} is Python's standard library, which no divo file names: the file was "
+            "edited or is not a divo file; do not load it"
+        )
+    return (
+        f"if you trust the file and that module, load it with --trust {root} "
+        f"(trust=[{root!r}] in Python)"
+    )
 
 
 def _walk(node: Any, path: str = "") -> Iterator[tuple[str, Any, Any]]:
@@ -82,8 +103,7 @@ def _check_target(target: Any, modules: tuple[str, ...], where: str, path: str) 
     if not trusted and not _under(target, DIVO):
         raise UntrustedFileError(
             f"{where} names _target_={target} (at {path}), outside divo and the modules "
-            f"trusted for loading; if you trust the file and that module, load it with "
-            f"{_how_to_trust(target)}"
+            f"trusted for loading; {_how_to_trust(target)}"
         )
     try:  # imports only divo's modules or the ones the user trusts
         obj = get_object(target)
@@ -151,8 +171,8 @@ def _check_entry_point(
     if not trusted and not _under(module, ENV_PACKAGES):
         raise UntrustedFileError(
             f"{where} records environment {spec.id} with {what} {point}, outside gymnasium, "
-            "gymnasium-robotics, ogbench, divo and the modules trusted for loading; if you trust "
-            f"the file and that module, load it with {_how_to_trust(module)}"
+            "gymnasium-robotics, ogbench, divo and the modules trusted for loading; "
+            f"{_how_to_trust(module)}"
         )
     if trusted or base is None:
         return

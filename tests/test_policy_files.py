@@ -154,9 +154,21 @@ def test_a_policy_config_naming_code_is_refused_without_the_call(run, tmp_path, 
     fill = [a.format(marker=str(marker)) if isinstance(a, str) else a for a in args]
     payload["policy_config"]["actor"] = {"_target_": target, "_args_": fill}
     _save(payload, run / "policy.pt")
-    with pytest.raises(UntrustedFileError, match=f"_target_={target} \\(at actor._target_\\)"):
+    with pytest.raises(
+        UntrustedFileError, match=f"_target_={target} \\(at actor._target_\\)"
+    ) as err:
         load_policy(run)
     assert not marker.exists()
+    if target.split(".")[0] in ("os", "builtins"):  # never offered as something to trust
+        assert "--trust" not in str(err.value) and "do not load it" in str(err.value)
+
+
+@pytest.mark.parametrize("module", ["os", "builtins", "subprocess.run"])
+def test_the_standard_library_is_never_trusted(run, module):
+    from divo.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="standard library"):
+        load_policy(run, trust=[module])
 
 
 def test_an_outside_target_names_the_way_to_trust_it(run, capsys):

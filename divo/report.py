@@ -1487,6 +1487,8 @@ def make_report(
             f"final evaluation ({status_txt}); wait for them, or check their train.log"
         )
     out = Path(out_dir) if out_dir is not None else Path(dirs[0]) / "report"
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder for the report")
     out.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
 

@@ -137,6 +137,11 @@ BAD = {
         lambda: ["study", "locomotion", "--dry-run", "recipes=[divoo]"],
         "names no recipe divoo",
     ),
+    "unknown data command": (lambda: ["data", "bild"], "(did you mean build?)"),
+    "report onto a file": (
+        lambda: ["report", str(EXISTING[0].parent), "--out", str(EXISTING[0] / "result.json")],
+        "is a file; give a folder",
+    ),
     "unknown command": (lambda: ["trian", "divo"], "unknown command 'trian'"),
     "evaluate a folder with no policy": (lambda: ["evaluate", "."], "no policy.pt"),
 }

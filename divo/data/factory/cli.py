@@ -8,6 +8,7 @@ divo data ogbench <env> [--episodes N] [--kind play|noisy] [--seed S] [--dir D] 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import sys
@@ -309,13 +310,20 @@ SUBCOMMANDS = {"build": _build, "pointmaze": _pointmaze, "ogbench": _ogbench}
 
 
 def data_command(argv: list[str]) -> int:
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
     logging.getLogger("torchrl").setLevel(logging.WARNING)  # its per-storage INFO lines
     if command not in SUBCOMMANDS:
-        raise ConfigError(f"unknown data command {command!r}; use one of {', '.join(SUBCOMMANDS)}")
+        close = difflib.get_close_matches(command, list(SUBCOMMANDS), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(
+            f"unknown data command {command!r}{hint}; use one of {', '.join(SUBCOMMANDS)}"
+        )
     try:
         return SUBCOMMANDS[command](rest)
     except KeyboardInterrupt:

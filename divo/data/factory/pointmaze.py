@@ -171,7 +171,7 @@ class WaypointController:
         seed: int | tuple[int, ...] | None = None,
     ) -> None:
         if noise < 0:
-            raise ValueError(f"noise must be >= 0, got {noise}")
+            raise DatasetError(f"--noise={noise} must be >= 0 (the std of the action noise)")
         self.maze = maze
         self.kp, self.kd, self.noise = float(kp), float(kd), float(noise)
         self.rng = np.random.default_rng(seed)

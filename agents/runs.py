@@ -791,7 +791,14 @@ def check_same_run(cfg: DictConfig, run_dir: Path) -> None:
     """Refuse to train ``cfg`` into a folder that holds a run of other settings (its
     config.yaml): only train.*, device and logger.* may differ, as on ``divo train <run>``.
     Whatever route led there (a sweep's folder, ``hydra.run.dir``, the Python API), another
-    run's checkpoints are never resumed as this one's. Raised before anything changes."""
+    run's checkpoints are never resumed as this one's. Raised before anything changes; so is a
+    run directory that is, or lies under, a file."""
+    for folder in (run_dir, *run_dir.parents):
+        if folder.exists() and not folder.is_dir():
+            raise ConfigError(
+                f"the run directory {run_dir} cannot be made: {folder} is a file, not a folder; "
+                "give another hydra.run.dir (or run_dir)"
+            )
     saved_file = run_dir / "config.yaml"
     if not saved_file.is_file():
         return

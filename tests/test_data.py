@@ -241,6 +241,26 @@ def test_mistyped_id_lists_available_ids(hopper_dataset):
         load_offline_data("hopper", download=False)
 
 
+@pytest.mark.parametrize("download", [False, True])
+def test_refused_lookup_creates_no_minari_root(tmp_path, monkeypatch, download):
+    """A refusal changes nothing on disk: Minari's own path helper creates the local root, so a
+    lookup of a missing id used to leave MINARI_DATASETS_PATH's folder behind (and a failed
+    download its parents)."""
+    root = tmp_path / "a" / "b"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+
+    def no_network(dataset_id, download=False):
+        from minari.storage.datasets_root_dir import get_dataset_path
+
+        get_dataset_path(dataset_id)  # creates the root, as Minari's download does first
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(minari, "load_dataset", no_network)
+    with pytest.raises(DatasetError, match="not found"):
+        load_offline_data("someone/hopper/expert-v0", download=download)
+    assert not (tmp_path / "a").exists()
+
+
 def test_observation_size_mismatch_is_refused():
     dataset_id = write_hopper_like("test/hopper/wrong-size-v0", [hopper_like_episode(7)], 7)
     with pytest.raises(DatasetError, match=r"observations of size 7 .*Hopper-v5"):

@@ -102,6 +102,18 @@ def test_run_dir_at_a_finished_run_with_another_hyperparameter_is_refused(tmp_pa
     assert main(["train", "td3bc", *TINY, f"hydra.run.dir={run}"]) == 0
 
 
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_run_dir_onto_a_file_is_refused_in_one_line(tmp_path, capsys, under):
+    taken = tmp_path / "afile"
+    taken.write_text("mine")
+    run = taken / under if under else taken
+    code = main(["train", "td3bc", *TINY, f"hydra.run.dir={run}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{taken} is a file, not a folder" in err and "Traceback" not in err
+    assert taken.read_text() == "mine" and sorted(tmp_path.iterdir()) == [taken]
+
+
 def test_the_python_api_refuses_another_runs_folder_too(tmp_path):
     short = [o for o in TINY if o != "--quiet"]
     train(compose_recipe("td3bc", short), tmp_path / "run")

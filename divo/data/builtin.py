@@ -8,17 +8,17 @@ is asked for; :func:`open_dataset` is the single place an id is resolved to a
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import minari
 from minari.dataset.minari_dataset import parse_dataset_id
-from minari.storage.datasets_root_dir import get_dataset_path
 
 from divo.data.bandit import (
     BANDIT_DATASET_ID,
@@ -26,7 +26,7 @@ from divo.data.bandit import (
     build_bandit_dataset,
     build_rare_bandit_dataset,
 )
-from divo.data.paths import is_local, minari_root, publish_dataset
+from divo.data.paths import get_dataset_path, is_local, minari_root, publish_dataset
 from divo.errors import DatasetError, install_hint
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +98,9 @@ def ensure_builtin(dataset_id: str) -> bool:
 
 
 def available_datasets() -> list[str]:
-    """Ids of the datasets in the local Minari root."""
+    """Ids of the datasets in the local Minari root (none, and nothing created, without one)."""
+    if not minari_root().is_dir():
+        return []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Minari warns about every misconfigured folder
         return sorted(minari.list_local_datasets())
@@ -130,18 +132,8 @@ def open_dataset(dataset_id: str, *, download: bool) -> minari.MinariDataset:
     if not is_local(dataset_id) and not ensure_builtin(dataset_id):
         if not download:
             raise _not_found(dataset_id, "it is not in the local Minari root (download=False)")
-        try:
-            return minari.load_dataset(dataset_id, download=True)
-        except ImportError as exc:  # minari's remote client needs huggingface_hub
-            reason = (
-                "it is not local, and downloading it needs minari's Hugging Face client "
-                f"({exc.name or 'huggingface_hub'} is missing: {install_hint('download')}, or "
-                "set dataset.download=false to use local datasets only)"
-            )
-            raise _not_found(dataset_id, reason) from None
-        except Exception as exc:  # no network, unknown remote id, ...
-            reason = f"not local and the download failed ({type(exc).__name__}: {exc})"
-            raise _not_found(dataset_id, reason) from exc
+        with _root_removed_if_left_empty():
+            return _download(dataset_id)
     try:
         return minari.load_dataset(dataset_id)
     except Exception as exc:
@@ -150,3 +142,33 @@ def open_dataset(dataset_id: str, *, download: bool) -> minari.MinariDataset:
             f"({type(exc).__name__}: {exc}); delete it (minari delete {dataset_id}) and write or "
             "download it again"
         ) from exc
+
+
+@contextlib.contextmanager
+def _root_removed_if_left_empty() -> Iterator[None]:
+    """Minari creates the local root before it downloads: a download that fails leaves nothing
+    behind (the root is removed again if it was absent before and is still empty)."""
+    root = minari_root().absolute()
+    missing = [p for p in (root, *root.parents) if not p.exists()]  # what Minari would create
+    try:
+        yield
+    except BaseException:
+        for folder in missing:  # deepest first, each only if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _download(dataset_id: str) -> minari.MinariDataset:
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except ImportError as exc:  # minari's remote client needs huggingface_hub
+        reason = (
+            "it is not local, and downloading it needs minari's Hugging Face client "
+            f"({exc.name or 'huggingface_hub'} is missing: {install_hint('download')}, or "
+            "set dataset.download=false to use local datasets only)"
+        )
+        raise _not_found(dataset_id, reason) from None
+    except Exception as exc:  # no network, unknown remote id, ...
+        reason = f"not local and the download failed ({type(exc).__name__}: {exc})"
+        raise _not_found(dataset_id, reason) from exc

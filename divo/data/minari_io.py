@@ -22,9 +22,8 @@ import numpy as np
 from gymnasium.envs.registration import EnvSpec
 from minari.data_collector import EpisodeBuffer
 from minari.dataset.minari_dataset import parse_dataset_id
-from minari.storage.datasets_root_dir import get_dataset_path
 
-from divo.data.paths import is_local
+from divo.data.paths import get_dataset_path, is_local
 from divo.data.transitions import episodes_to_transitions, write_cache
 from divo.errors import DatasetError
 

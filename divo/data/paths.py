@@ -10,12 +10,19 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from minari.storage.datasets_root_dir import get_dataset_path
-
 
 def minari_root() -> Path:
-    """The local Minari root: ``MINARI_DATASETS_PATH`` if set, else ``~/.minari/datasets``."""
-    return Path(get_dataset_path())
+    """The local Minari root: ``MINARI_DATASETS_PATH`` if set, else ``~/.minari/datasets``.
+
+    Read as Minari reads it, without Minari's side effect: its ``get_dataset_path`` creates the
+    root, so a lookup that is then refused would leave a folder behind."""
+    env = os.environ.get("MINARI_DATASETS_PATH")
+    return Path(env) if env is not None else Path.home() / ".minari" / "datasets"
+
+
+def get_dataset_path(dataset_id: str) -> Path:
+    """Where the local dataset ``dataset_id`` is (or would be) stored; creates nothing."""
+    return minari_root() / dataset_id
 
 
 def is_local(dataset_id: str) -> bool:

@@ -32,12 +32,11 @@ from typing import Any
 import gymnasium as gym
 import minari
 import numpy as np
-from minari.storage.datasets_root_dir import get_dataset_path
 
 from divo.data.factory.rollouts import episode_returns, run_episodes, torch_policy, uniform_policy
 from divo.data.factory.sac import SACRun, SACSettings, Snapshot, check_env, env_slug
 from divo.data.minari_io import float32_box, write_minari_dataset
-from divo.data.paths import is_local, publish_dataset
+from divo.data.paths import get_dataset_path, is_local, publish_dataset
 from divo.errors import DatasetError
 
 LEVELS = ("random", "medium", "expert", "medium-replay", "medium-expert")

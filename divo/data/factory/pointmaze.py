@@ -41,12 +41,11 @@ import gymnasium as gym
 import minari
 import numpy as np
 from minari.dataset.minari_dataset import parse_dataset_id
-from minari.storage.datasets_root_dir import get_dataset_path
 from tqdm.auto import tqdm
 
 from divo.data.envs import remove_maze_xml
 from divo.data.minari_io import EpisodeRecorder, write_minari_dataset
-from divo.data.paths import is_local, publish_dataset
+from divo.data.paths import get_dataset_path, is_local, publish_dataset
 from divo.errors import DatasetError, install_hint
 
 

@@ -1482,9 +1482,11 @@ def make_report(
                 f"evaluations ending at its final step ({status_txt}): use a smaller K in "
                 "--score last:K, or --score final"
             )
+        example = next((r for r in runs if r.note), None)
+        why = f"; e.g. {example.path}: {example.note}" if example is not None else ""
         raise ConfigError(
             f"none of the {len(runs)} runs under {', '.join(map(str, dirs))} has finished with a "
-            f"final evaluation ({status_txt}); wait for them, or check their train.log"
+            f"final evaluation ({status_txt}{why}); wait for them, or check their train.log"
         )
     out = Path(out_dir) if out_dir is not None else Path(dirs[0]) / "report"
     if out.exists() and not out.is_dir():

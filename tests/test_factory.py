@@ -140,6 +140,21 @@ def test_the_rebuild_command_in_a_description_rebuilds_the_same_settings():
     assert build_settings(ns) == (sac, settings) and ns.seed == 7
 
 
+def test_an_expert_only_build_describes_no_medium_snapshot():
+    """With no medium level asked for, the medium rule is not applied: the log line and the
+    stored description name no medium snapshot (they printed 'target nan'), and the report's
+    JSON holds null, not NaN."""
+    from divo.data.factory.build import _describe
+
+    sac = SACSettings(total_steps=4000, random_steps=1000, snapshot_every=1000)
+    settings = BuildSettings(levels=("expert",), dataset_size=1000)
+    chosen = select_snapshots([snap(0, -1400.0), snap(2000, -505.5)], need_medium=False)
+    episodes = [{"actions": np.zeros((10, 1), np.float32)}]
+    text = _describe("expert", "Pendulum-v1", sac, settings, 0, chosen, {"episodes": 5}, episodes)
+    assert "medium = " not in text and "nan" not in text
+    assert "Expert = best snapshot (step 2000, return -505.5). ref_min_score" in text
+
+
 # ---------------------------------------------------------------------------------------------
 # What a build writes
 

@@ -343,7 +343,13 @@ def test_bad_input_gives_one_line(tmp_path, capsys):
     pending = tmp_path / "pending"
     write_run(pending, "divo", "env/a-v0", 0, 1.0, result=False)
     line = _one_line_error([str(pending)], capsys)
-    assert "has finished with a final evaluation (1 incomplete)" in line
+    assert "has finished with a final evaluation (1 incomplete" in line
+    stranger = tmp_path / "stranger"  # a result.json that no divo run wrote: the reason is named
+    stranger.mkdir()
+    (stranger / "result.json").write_text('{"a": 1}')
+    line = _one_line_error([str(stranger)], capsys)
+    assert "(1 no score; e.g. " in line and "result.json has no final evaluation" in line
+    assert "recipe, dataset, seed unknown" in line
 
 
 # --- figures fit for a paper (issue 17, item 10) ---------------------------------------------

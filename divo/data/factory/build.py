@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -247,10 +248,15 @@ def build_datasets(
         random_steps=sac.random_steps,
         need_medium=bool({"medium", "medium-replay", "medium-expert"} & set(settings.levels)),
     )
+    medium_txt = (
+        f"medium = step {selection.medium.step} (return {selection.medium.mean_return:.1f}, "
+        f"target {selection.medium_target:.1f})"
+        if math.isfinite(selection.medium_target)
+        else "no medium level asked for"
+    )
     say(
         f"expert = snapshot at step {selection.expert.step} (return "
-        f"{selection.expert.mean_return:.1f}); medium = step {selection.medium.step} (return "
-        f"{selection.medium.mean_return:.1f}, target {selection.medium_target:.1f})"
+        f"{selection.expert.mean_return:.1f}); {medium_txt}"
     )
 
     def make_env() -> gym.Env:
@@ -389,7 +395,9 @@ def build_datasets(
         "selection": {
             "expert": dataclasses.asdict(selection.expert),
             "medium": dataclasses.asdict(selection.medium),
-            "medium_target": selection.medium_target,
+            "medium_target": (
+                selection.medium_target if math.isfinite(selection.medium_target) else None
+            ),  # null: no medium level asked for (JSON has no NaN)
         },
         "references": refs,
         "datasets": written,
@@ -459,9 +467,14 @@ def _describe(
         f"{sac.batch_size}, lr {sac.lr}, gamma {sac.gamma}) trained {sac.total_steps} steps, "
         f"with a snapshot every {sac.snapshot_every} steps evaluated over {sac.eval_episodes} "
         f"episodes. Expert = {settings.expert} snapshot (step {selection.expert.step}, return "
-        f"{selection.expert.mean_return:.1f}); medium = snapshot closest to "
-        f"{settings.medium_fraction:.3g} of the expert's return (step {selection.medium.step}, "
-        f"return {selection.medium.mean_return:.1f}). ref_min_score = mean return of a uniform "
+        f"{selection.expert.mean_return:.1f})"
+        + (
+            f"; medium = snapshot closest to {settings.medium_fraction:.3g} of the expert's "
+            f"return (step {selection.medium.step}, return {selection.medium.mean_return:.1f})"
+            if math.isfinite(selection.medium_target)
+            else ""
+        )
+        + ". ref_min_score = mean return of a uniform "
         f"random policy, ref_max_score = mean return of the expert policy acting stochastically, "
         f"each over {refs['episodes']} episodes. Rebuild: "
         + rebuild_command(env_id, level, sac, settings, seed)

@@ -140,6 +140,16 @@ def test_the_rebuild_command_in_a_description_rebuilds_the_same_settings():
     assert build_settings(ns) == (sac, settings) and ns.seed == 7
 
 
+def test_random_steps_that_the_collector_would_round_up_are_refused():
+    """TorchRL's collector plays whole batches of random frames: 500 random steps with batches
+    of 1,000 played 1,000 (the record, the warm-up exclusion and the medium-replay description
+    said 500)."""
+    with pytest.raises(DatasetError, match=r"random_steps \(500\) must be a multiple .* 1000"):
+        SACSettings(random_steps=500, steps_per_batch=1000, snapshot_every=1000)
+    assert SACSettings(random_steps=0).random_steps == 0
+    assert SACSettings(random_steps=2000, steps_per_batch=1000).random_steps == 2000
+
+
 def test_an_expert_only_build_describes_no_medium_snapshot():
     """With no medium level asked for, the medium rule is not applied: the log line and the
     stored description name no medium snapshot (they printed 'target nan'), and the report's

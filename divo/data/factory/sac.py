@@ -80,6 +80,16 @@ class SACSettings:
                 f"snapshot_every ({self.snapshot_every}) must be a multiple of steps_per_batch "
                 f"({self.steps_per_batch}): snapshots are taken between collector batches"
             )
+        if self.random_steps % self.steps_per_batch:
+            raise DatasetError(
+                f"random_steps ({self.random_steps}) must be a multiple of steps_per_batch "
+                f"({self.steps_per_batch}): TorchRL's collector rounds its random frames up to "
+                "whole batches, so the data would hold more uniform random steps than recorded; "
+                f"e.g. --random-steps {self._whole_batches(self.random_steps)}"
+            )
+
+    def _whole_batches(self, steps: int) -> int:
+        return max(1, round(steps / self.steps_per_batch)) * self.steps_per_batch
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)

@@ -185,7 +185,12 @@ class DIVOStages:
                 cand_adv = self.advantage(
                     obs, candidates, self.advantage_critic, self.value, state_value=state_value
                 )
-            target, mask = self.selector(candidates, cand_adv, action, advantage)
+            if _takes_generator(self.selector):  # a random pick (resampling) draws from it
+                target, mask = self.selector(
+                    candidates, cand_adv, action, advantage, generator=self._generator
+                )
+            else:
+                target, mask = self.selector(candidates, cand_adv, action, advantage)
             if candidates is not None:
                 # the share of BC targets that are model samples, not dataset actions
                 metrics["target_from_model_frac"] = (
@@ -286,3 +291,14 @@ class FQLStages:
 
     def critic_stage(self, obs, action, td_target):
         return self.critic_loss(obs, action, td_target, self.critic)
+
+
+def _takes_generator(module: torch.nn.Module) -> bool:
+    """Whether a plug-in's ``forward`` accepts ``generator=`` (the selector protocol does not
+    ask for it: only selectors whose pick is random need the update's generator)."""
+    import inspect
+
+    try:
+        return "generator" in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False

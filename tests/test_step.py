@@ -281,13 +281,17 @@ def saved_param(agent, name):
     return agent.optimizers[name].param_groups[0]["params"][0]
 
 
-@pytest.mark.parametrize("recipe", ["divo", "td3bc"])
-def test_an_explicit_generator_drives_every_random_draw_of_the_update(recipe):
-    """update(batch, generator): same generator seed -> same update, whatever the global RNG."""
+@pytest.mark.parametrize(
+    "recipe, overrides",
+    [("divo", {}), ("td3bc", {}), ("resampling", {"selector.temperature": 1.0})],
+)
+def test_an_explicit_generator_drives_every_random_draw_of_the_update(recipe, overrides):
+    """update(batch, generator): same generator seed -> same update, whatever the global RNG
+    (the resampling selector's softmax pick drew from the global stream)."""
     batches = [DeviceSampler(ted(), 32).sample() for _ in range(4)]
     states = []
     for global_seed in (11, 12):
-        agent = small_agent(recipe)
+        agent = small_agent(recipe, **overrides)
         torch.manual_seed(global_seed)  # a different global stream each time
         g = torch.Generator().manual_seed(5)
         for batch in batches:

@@ -261,6 +261,32 @@ def test_refused_lookup_creates_no_minari_root(tmp_path, monkeypatch, download):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize(
+    "stored, match",
+    [
+        ((-150.0, -1500.0), "expert's reference return must be above"),  # reversed
+        ((-100.0, -100.0), "expert's reference return must be above"),  # equal: was a traceback
+        ((None, 3000.0), "stores ref_max_score but not ref_min_score"),  # was dropped silently
+    ],
+)
+def test_stored_references_that_cannot_score_are_refused(stored, match):
+    """Reversed references scored an improving policy lower (return -1375 -> -1133, score 90.8
+    -> 72.8); equal ones ended in a traceback; half a pair was ignored without a word. Each is
+    refused at load, naming the fix; given references replace them."""
+    low, high = stored
+    name = f"test/hopper/refs{abs(hash(stored)) % 10**6}-v0"
+    box = gym.spaces.Box(-np.inf, np.inf, (11,), np.float32)
+    write_minari_dataset(name, [hopper_like_episode(11)], env="Hopper-v5",
+                         observation_space=box, ref_min_score=low, ref_max_score=high)  # fmt: skip
+    with pytest.raises(DatasetError, match=match) as info:
+        load_offline_data(name)
+    assert "dataset.ref_scores=[random, expert]" in str(info.value)
+    data = load_offline_data(name, ref_scores=[-1500, -150])
+    assert (data.ref_min_score, data.ref_max_score, data.ref_source) == (-1500, -150, "given")
+    with pytest.raises(DatasetError, match="must be above"):
+        load_offline_data(name, ref_scores=[-150, -1500])
+
+
 def test_observation_size_mismatch_is_refused():
     dataset_id = write_hopper_like("test/hopper/wrong-size-v0", [hopper_like_episode(7)], 7)
     with pytest.raises(DatasetError, match=r"observations of size 7 .*Hopper-v5"):

@@ -315,6 +315,19 @@ REFERENCE_CAVEATS: dict[str, str] = {
 }
 
 
+def _check_reference_pair(low: float, high: float, what: str, fix: str) -> None:
+    """A normalised score 100 (r - random) / (expert - random) needs finite references with the
+    expert's above the random policy's: reversed, a policy that improves would score lower."""
+    if not (np.isfinite(low) and np.isfinite(high)):
+        raise DatasetError(f"{what}: the reference returns must be finite numbers; {fix}")
+    if high <= low:
+        raise DatasetError(
+            f"{what}: the expert's reference return must be above the random policy's "
+            f"(random {low:g}, expert {high:g}; reversed or equal, a better policy would not "
+            f"score higher); {fix}"
+        )
+
+
 def reference_scores(
     dataset: minari.MinariDataset,
     env_spec: EnvSpec | None,
@@ -333,16 +346,29 @@ def reference_scores(
                 f"dataset.ref_scores={given!r} must be two numbers [random, expert] (the returns "
                 "scored 0 and 100), e.g. [0, 1] for D4RL's AntMaze success"
             ) from None
-        if not (np.isfinite(low) and np.isfinite(high)) or high == low:
-            raise DatasetError(
-                f"dataset.ref_scores={given!r} must be two different finite returns [random, "
-                "expert]"
-            )
+        _check_reference_pair(low, high, f"dataset.ref_scores={list(given)!r}", "fix the pair")
         return low, high, "given"
     metadata = dataset.storage.metadata
     ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
+    if (ref_min is None) != (ref_max is None):
+        stored, missing = ("ref_min_score", "ref_max_score")[:: 1 if ref_min is not None else -1]
+        raise DatasetError(
+            f"dataset {dataset.spec.dataset_id!r} stores {stored} but not {missing}: a "
+            "normalised score needs both; give them with dataset.ref_scores=[random, expert]"
+        )
     if ref_min is not None and ref_max is not None:
-        return float(ref_min), float(ref_max), "dataset"
+        try:
+            low, high = float(ref_min), float(ref_max)
+        except (TypeError, ValueError):
+            low = high = float("nan")
+        _check_reference_pair(
+            low,
+            high,
+            f"dataset {dataset.spec.dataset_id!r} stores ref_min_score={ref_min!r}, "
+            f"ref_max_score={ref_max!r}",
+            "give the right ones with dataset.ref_scores=[random, expert]",
+        )
+        return low, high, "dataset"
     spec = env_spec or dataset.env_spec
     if spec is not None and spec.name in D4RL_REFERENCE_SCORES:
         return (*D4RL_REFERENCE_SCORES[spec.name], f"D4RL {spec.name}-v2")

@@ -6,7 +6,6 @@ recipe with Hydra and calls it with Hydra's output directory.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 import warnings
@@ -63,6 +62,7 @@ from divo.data.batches import (
     other_dtype_keys,
 )
 from divo.errors import ConfigError, DatasetError
+from divo.files import write_json_atomic
 
 _log = logging.getLogger("divo.train")
 
@@ -354,7 +354,7 @@ def _train(
     result = run_result(
         cfg, data, behavior_score, last_eval, wall_clock_s, device, run_dir, fingerprint
     )
-    (run_dir / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json_atomic(run_dir / "result.json", result, indent=2)
     if data is not None:
         data.close()  # its pooled evaluation environments (OGBench's)
     return result

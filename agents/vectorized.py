@@ -81,7 +81,7 @@ from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compi
 from divo.agents.trust import Trust
 from divo.data.batches import check_batch_keys
 from divo.errors import ConfigError, DivoError, first_line
-from divo.files import RunLock
+from divo.files import RunLock, write_json_atomic
 
 MULTIRUN_HINT = "use train.num_seeds=1 (or a multirun: `divo train <recipe> -m seed=0,1,2`)"
 
@@ -847,7 +847,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
             cfgs[i], data, behavior_score, last_evals[i], wall, device, d, data.fingerprint
         )
         result["stacked_seeds"] = seeds  # trained beside these (a single run has no such key)
-        (d / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+        write_json_atomic(d / "result.json", result, indent=2)
         results.append(result)
     if data is not None:
         data.close()  # its pooled evaluation environments (OGBench's)

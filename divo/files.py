@@ -173,6 +173,21 @@ def atomic_save(obj: Any, path: str | os.PathLike, *, checksum: bool = False) ->
     return path
 
 
+def write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
+    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a reader (or a
+    study resumed after a crash) sees the old file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(obj, indent=indent) + "\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
 def _load_back(blob: io.BytesIO) -> tuple[Any, str | None]:
     """The saved bytes loaded as plain data, or the global (or error) that was refused."""
     blob.seek(0)

@@ -230,8 +230,19 @@ def _read_curves(
 def _as_int(value: Any) -> int | None:
     try:
         return int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # None, "x", inf (1e999 in JSON)
         return None
+
+
+def _first_int(value: Any, default: int | None) -> int | None:
+    number = _as_int(value)
+    return number if number is not None else default
+
+
+def _as_name(value: Any, default: str | None) -> str | None:
+    """A recipe or dataset name from result.json: a string, else the config's (a list or an
+    object there would make labels that cannot be grouped)."""
+    return value if isinstance(value, str) else default
 
 
 def read_run(path: Path) -> Run:
@@ -246,8 +257,8 @@ def read_run(path: Path) -> Run:
             run.config = _load_config(config_file)
         except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not raised
             notes.append(f"unreadable {config_file.name} ({type(exc).__name__})")
-    run.recipe = run.config.get("recipe")
-    run.dataset = run.config.get("dataset.id")
+    run.recipe = _as_name(run.config.get("recipe"), None)
+    run.dataset = _as_name(run.config.get("dataset.id"), None)
     run.seed = _as_int(run.config.get("seed"))
     run.steps = _as_int(run.config.get("train.steps"))
 
@@ -269,10 +280,10 @@ def read_run(path: Path) -> Run:
             run.status = "failed"
             notes.append(f"unreadable result.json ({type(exc).__name__}: {exc})")
         else:
-            run.recipe = result.get("recipe", run.recipe)
-            run.dataset = result.get("dataset_id", run.dataset)
-            run.seed = _as_int(result.get("seed", run.seed))
-            run.steps = _as_int(result.get("steps", run.steps))
+            run.recipe = _as_name(result.get("recipe"), run.recipe)
+            run.dataset = _as_name(result.get("dataset_id"), run.dataset)
+            run.seed = _first_int(result.get("seed"), run.seed)
+            run.steps = _first_int(result.get("steps"), run.steps)
             run.normalized = _finite(result.get("normalized_score"))
             run.return_mean = _finite(result.get("return_mean"))
             run.behavior_score = _finite(result.get("behavior_normalized_score"))
@@ -287,14 +298,22 @@ def read_run(path: Path) -> Run:
             )
             if ref_min is not None and ref_max is not None:
                 run.references = (ref_min, ref_max)
-            if run.normalized is not None or run.return_mean is not None:
+            if result.get("normalized_score") is not None and run.normalized is None:
+                run.status = "no score"  # damaged: not scored by its return as if it had no refs
+                notes.append("result.json's normalized_score is not a finite number")
+            elif run.normalized is not None or run.return_mean is not None:
                 run.status = "complete"
                 if run.normalized is None:
                     notes.append("no reference scores for its dataset: reported by its return")
             else:
                 run.status = "no score"
+                damaged = [
+                    k for k in ("normalized_score", "return_mean") if result.get(k) is not None
+                ]
                 notes.append(
-                    "result.json has no final evaluation (train.eval_episodes=0, or no "
+                    f"result.json's {' and '.join(damaged)} not a finite number"
+                    if damaged
+                    else "result.json has no final evaluation (train.eval_episodes=0, or no "
                     "evaluation environment)"
                 )
     else:

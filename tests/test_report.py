@@ -352,6 +352,26 @@ def test_bad_input_gives_one_line(tmp_path, capsys):
     assert "recipe, dataset, seed unknown" in line
 
 
+def test_crafted_result_files_are_read_as_data_never_a_traceback(tmp_path):
+    """read_run never raises: a seed of 1e999 (JSON's infinity) and a recipe or dataset given
+    as a list or an object fell through to tracebacks (OverflowError; unhashable labels)."""
+    from divo.report import read_run
+
+    run = write_run(tmp_path / "runs", "td3bc", "env/a-v0", 0, 50.0)
+    result = json.loads((run / "result.json").read_text())
+    (run / "result.json").write_text(
+        json.dumps(result).replace('"seed": 0', '"seed": 1e999')
+        .replace('"recipe": "td3bc"', '"recipe": ["td3bc"]')
+        .replace('"dataset_id": "env/a-v0"', '"dataset_id": {"x": 1}')
+    )  # fmt: skip
+    read = read_run(run)
+    assert (read.recipe, read.dataset, read.seed) == ("td3bc", "env/a-v0", 0)  # config.yaml's
+    result["normalized_score"] = float("nan")
+    (run / "result.json").write_text(json.dumps(result))
+    read = read_run(run)
+    assert read.status == "no score" and "normalized_score" in read.note
+
+
 # --- figures fit for a paper (issue 17, item 10) ---------------------------------------------
 
 

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from divo.studies.runner import run_cells, study_arguments, study_settings, write_json_atomic
+from divo.files import write_json_atomic
+from divo.studies.runner import run_cells, study_arguments, study_settings
 
 STUDY_CONFIG = "study/diffusion_ql_toy.yaml"
 

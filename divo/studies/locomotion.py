@@ -38,13 +38,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from divo.files import write_json_atomic
 from divo.studies.runner import (
     check_data_as_kept,
     check_settings_as_kept,
     run_cells,
     study_arguments,
     study_settings,
-    write_json_atomic,
 )
 
 STUDY_CONFIG = "study/locomotion.yaml"

@@ -11,7 +11,7 @@ cells already done and rewrites its page after each new one. The three studies
 - :func:`study_arguments`: the command line every study shares (``key=value`` settings,
   ``--page-only``) plus its own options;
 - :func:`run_cells`: the cells still to run, ``jobs`` at a time, the page rewritten after each;
-- :func:`write_json_atomic`: a cell's record is never half-written;
+- :func:`divo.files.write_json_atomic`: a cell's record is never half-written;
 - :func:`check_data_as_kept`: before a new cell trains, the data here are the data the kept
   cells of its dataset trained on (a fresh machine regenerates OGBench's files).
 """
@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -145,21 +143,6 @@ def run_cells(
     with ThreadPoolExecutor(max_workers=max(1, int(jobs))) as pool:
         list(pool.map(one, todo))
     return failed
-
-
-def write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a reader (or a
-    study resumed after a crash) sees the old file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=indent) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def kept_data_records(

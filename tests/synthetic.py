@@ -60,3 +60,46 @@ def register_push_right() -> str:
             max_episode_steps=PushRightEnv.horizon,
         )
     return PUSH_RIGHT_ID
+
+
+class NestedDictEnv(gym.Env):
+    """A Dict observation whose nested Dict is declared out of key order (z before a): its
+    values are distinct constants, so a column in the wrong place is visible."""
+
+    observation_space = gym.spaces.Dict(
+        {
+            "goal": gym.spaces.Box(-10.0, 10.0, (2,), np.float32),
+            "state": gym.spaces.Dict(
+                [
+                    ("z", gym.spaces.Box(-200.0, 200.0, (1,), np.float32)),
+                    ("a", gym.spaces.Box(-10.0, 10.0, (2,), np.float32)),
+                ]
+            ),
+        }
+    )
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self._t = 0
+        return self._obs(), {}
+
+    def _obs(self):
+        state = {
+            "z": np.array([100.0 + self._t], np.float32),
+            "a": np.array([1.0, 2.0], np.float32),
+        }
+        return {"goal": np.array([-5.0, -6.0], np.float32), "state": state}
+
+    def step(self, action):
+        self._t += 1
+        return self._obs(), -abs(float(action[0])), False, False, {}
+
+
+NESTED_DICT_ID = "divo-test/NestedDict-v0"
+
+
+def register_nested_dict() -> str:
+    if NESTED_DICT_ID not in gym.registry:
+        gym.register(NESTED_DICT_ID, entry_point="synthetic:NestedDictEnv", max_episode_steps=3)
+    return NESTED_DICT_ID

@@ -287,6 +287,39 @@ def test_stored_references_that_cannot_score_are_refused(stored, match):
         load_offline_data(name, ref_scores=[-150, -1500])
 
 
+def test_nested_dict_observations_have_the_evaluation_environments_layout():
+    """A nested Dict declared out of key order (z before a): the data were flattened by sorted
+    key, FlattenObservation in the evaluation environment follows the declared order, so the
+    policy was evaluated on permuted features with no check firing (the sizes agree)."""
+    from minari.data_collector import EpisodeBuffer
+    from synthetic import register_nested_dict
+
+    env_id = register_nested_dict()
+    env = gym.make(env_id)
+    buffers = []
+    for index in range(2):
+        obs, _ = env.reset(seed=index)
+        steps = [obs]
+        for _ in range(3):
+            obs, *_ = env.step(env.action_space.sample())
+            steps.append(obs)
+        observations = {
+            "goal": np.stack([o["goal"] for o in steps]),
+            "state": {k: np.stack([o["state"][k] for o in steps]) for k in ("z", "a")},
+        }
+        buffers.append(EpisodeBuffer(id=index, observations=observations,
+                                     actions=np.zeros((3, 1), np.float32), rewards=np.zeros(3),
+                                     terminations=np.zeros(3, bool),
+                                     truncations=np.array([False, False, True])))  # fmt: skip
+    minari.create_dataset_from_buffers("test/nested/dict-v0", buffers, env=env_id,
+                                       algorithm_name="random")  # fmt: skip
+    data = load_offline_data("test/nested/dict-v0")
+    with data.make_env() as eval_env:
+        first, _ = eval_env.reset(seed=0)
+    np.testing.assert_array_equal(data.data["observation"][0].numpy(), first)
+    np.testing.assert_array_equal(first, [-5.0, -6.0, 100.0, 1.0, 2.0])  # goal, z, a
+
+
 def test_observation_size_mismatch_is_refused():
     dataset_id = write_hopper_like("test/hopper/wrong-size-v0", [hopper_like_episode(7)], 7)
     with pytest.raises(DatasetError, match=r"observations of size 7 .*Hopper-v5"):

@@ -224,7 +224,8 @@ def load_offline_data(
         observation_keys: for a dataset with a Dict observation space (Minari's D4RL AntMaze
             and PointMaze: ``observation``, ``achieved_goal``, ``desired_goal``), the keys kept;
             default all. Their arrays are flattened and concatenated in gymnasium's order
-            (sorted by key; :func:`divo.data.transitions.observation_key_order`), and the
+            (sorted by key; :func:`divo.data.transitions.observation_key_order`; a nested
+            Dict in the order the environment declares it), and the
             environments are wrapped with ``FilterObservation`` + ``FlattenObservation``, so
             evaluation sees the same layout.
         source: ``auto`` (default): an id without a Minari namespace that names an OGBench
@@ -308,7 +309,9 @@ def load_offline_data(
             "another dataset"
         )
 
-    raw = read_transitions(dataset, observation_keys=keys)
+    raw = read_transitions(
+        dataset, observation_keys=keys, observation_space=_env_observation_space(dataset, keys)
+    )
     for name, key, space, size in (
         ("observation", "observation", obs_space, obs_size),
         ("action", "action", act_space, act_space.shape[0]),
@@ -333,6 +336,26 @@ def load_offline_data(
         references=references,
         **options,
     )
+
+
+def _env_observation_space(dataset: Any, keys: Any) -> gym.Space | None:
+    """For Dict observations, the evaluation environment's own observation space: the data are
+    flattened in its nested order, which FlattenObservation follows there (Minari stores the
+    space and gives it back with nested Dicts sorted by key). None when the environment cannot
+    be made here (the environment check then says why) or the observations are flat."""
+    spec = getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
+    if keys is None or spec is None:
+        return None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            env = gym.make(spec)
+    except Exception:  # noqa: BLE001 - reported by check_environment
+        return None
+    try:
+        return env.observation_space
+    finally:
+        env.close()
 
 
 def _to_offline_data(

@@ -39,7 +39,9 @@ def transitions_cache_path(dataset_id: str, observation_keys: Sequence[str] | No
     with ``observation_keys`` (a Dict observation space), one file per choice of keys."""
     name = CACHE_FILE
     if observation_keys is not None:
-        name = CACHE_FILE.replace(".npz", f"-obs-{'+'.join(observation_keys)}.npz")
+        # obs2: nested dicts in their space's order (obs-: sorted, which FlattenObservation
+        # does not follow for a space declared in another order)
+        name = CACHE_FILE.replace(".npz", f"-obs2-{'+'.join(observation_keys)}.npz")
     return minari_root() / CACHE_DIR / dataset_id / name
 
 

@@ -45,9 +45,12 @@ def observation_key_order(space: gym.spaces.Dict, keys: Sequence[str] | None = N
     return list(gym.spaces.Dict({key: space[key] for key in chosen}).spaces)
 
 
-def flatten_observations(observations: Any, keys: Sequence[str] | None) -> np.ndarray:
+def flatten_observations(
+    observations: Any, keys: Sequence[str] | None, space: gym.Space | None = None
+) -> np.ndarray:
     """``[T, O]`` observations; a dict of per-key arrays becomes ``[T, sum of sizes]`` with the
-    keys concatenated in the order given (see ``observation_key_order``)."""
+    keys concatenated in the order given (see ``observation_key_order``); a nested dict inside
+    it in the order of the stored Dict ``space`` (see ``_flat_columns``)."""
     if not isinstance(observations, Mapping):
         return np.asarray(observations)
     if keys is None:
@@ -55,21 +58,32 @@ def flatten_observations(observations: Any, keys: Sequence[str] | None) -> np.nd
             "the episodes hold dict observations but no observation keys were given; pass "
             f"observation_keys (the dataset's keys: {', '.join(observations)})"
         )
-    return np.concatenate([_flat_columns(observations[key]) for key in keys], axis=1)
+    spaces = space.spaces if isinstance(space, gym.spaces.Dict) else {}
+    return np.concatenate(
+        [_flat_columns(observations[key], spaces.get(key)) for key in keys], axis=1
+    )
 
 
-def _flat_columns(value: Any) -> np.ndarray:
+def _flat_columns(value: Any, space: gym.Space | None = None) -> np.ndarray:
     """``[T, ...]`` -> ``[T, size]``; a nested dict (a Dict inside the Dict, e.g. Minari's
-    Kitchen goals) is flattened by sorted key, the order of gymnasium's Dict built from a dict,
-    which ``FlattenObservation`` follows."""
+    Kitchen goals) is flattened in the order of its Dict ``space``, the order gymnasium's
+    ``FlattenObservation`` follows in the evaluation environment (a space declared with an
+    OrderedDict keeps its own order; one built from a plain dict is sorted by key, the order
+    used when no space is given)."""
     if isinstance(value, Mapping):
+        if isinstance(space, gym.spaces.Dict):
+            return np.concatenate(
+                [_flat_columns(value[key], space[key]) for key in space.spaces], axis=1
+            )
         return np.concatenate([_flat_columns(value[key]) for key in sorted(value)], axis=1)
     value = np.asarray(value)
     return value.reshape(len(value), -1)
 
 
 def episodes_to_transitions(
-    episodes: Iterable[Mapping[str, Any]], observation_keys: Sequence[str] | None = None
+    episodes: Iterable[Mapping[str, Any]],
+    observation_keys: Sequence[str] | None = None,
+    observation_space: gym.Space | None = None,
 ) -> dict[str, np.ndarray]:
     """Flatten whole episodes into per-transition arrays, values as stored.
 
@@ -78,6 +92,7 @@ def episodes_to_transitions(
             ``terminations [T]``, ``truncations [T]`` (Minari's episode layout).
         observation_keys: for dict observations (a Dict observation space), the keys whose
             arrays are concatenated, in this order (see ``observation_key_order``).
+        observation_space: the stored Dict observation space: nested dicts follow its order.
 
     Returns:
         ``observation [N, O]`` and ``next_observation [N, O]`` (float32; the next one is the
@@ -98,7 +113,9 @@ def episodes_to_transitions(
     }
     lengths = []
     for index, episode in enumerate(episodes):
-        observations = flatten_observations(episode["observations"], observation_keys)
+        observations = flatten_observations(
+            episode["observations"], observation_keys, observation_space
+        )
         actions = np.asarray(episode["actions"])
         steps = len(episode["rewards"])
         if observations.ndim != 2 or actions.ndim != 2:
@@ -177,9 +194,12 @@ def read_transitions(
     *,
     use_cache: bool = True,
     observation_keys: Sequence[str] | None = None,
+    observation_space: gym.Space | None = None,
 ) -> dict[str, Any]:
     """All transitions of a Minari dataset as flat arrays (see ``episodes_to_transitions``;
-    ``observation_keys``: which keys of dict observations, in order)."""
+    ``observation_keys``: which keys of dict observations, in order; ``observation_space``: the
+    environment's own Dict space, whose nested order the flattening follows, default the stored
+    one, which Minari gives back sorted by key)."""
     data_path = Path(dataset.storage.data_path)
     whole = len(dataset.episode_indices) == dataset.storage.total_episodes
     if use_cache and whole:
@@ -187,7 +207,9 @@ def read_transitions(
         if cached is not None:
             return cached
     transitions = episodes_to_transitions(
-        dataset.storage.get_episodes(dataset.episode_indices), observation_keys
+        dataset.storage.get_episodes(dataset.episode_indices),
+        observation_keys,
+        observation_space if observation_space is not None else dataset.observation_space,
     )
     if use_cache and whole:
         write_cache(dataset.id, data_path, transitions, observation_keys)

@@ -57,6 +57,8 @@ from divo.data.batches import (
     buffer_observation_stats,
     check_batch_keys,
     check_buffer_finite,
+    check_buffer_not_constant,
+    check_buffer_without_dataset,
     conform_batch,
     flat_flag_keys,
     other_dtype_keys,
@@ -71,7 +73,7 @@ def given_obs_stats(
     obs_stats: tuple[torch.Tensor, torch.Tensor], obs_dim: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``obs_stats=(mean, std)`` as two float32 vectors of the observations' size; refused when
-    they have another size, are not finite or a std is negative."""
+    they have another size, are not finite or a std is not positive."""
     try:
         mean, std = (torch.as_tensor(x, dtype=torch.float32).reshape(-1) for x in obs_stats)
     except (TypeError, ValueError) as exc:
@@ -81,8 +83,11 @@ def given_obs_stats(
             f"obs_stats has sizes {tuple(mean.shape)} and {tuple(std.shape)}, but the "
             f"observations have {obs_dim} entries: pass (mean, std) of shape ({obs_dim},)"
         )
-    if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()) or bool((std < 0).any()):
-        raise ConfigError("obs_stats must be finite, with std >= 0")
+    if not bool(torch.isfinite(mean).all() and torch.isfinite(std).all()) or bool((std <= 0).any()):
+        raise ConfigError(
+            "obs_stats must be finite, with std > 0 (observations are divided by it; give a "
+            "constant entry std 1)"
+        )
     return mean, std
 
 
@@ -182,6 +187,10 @@ def _train(
         fingerprint = data.fingerprint if data is not None else None
     else:
         fingerprint = buffer_fingerprint(replay_buffer)
+    if replay_buffer is not None and len(replay_buffer) == 0:
+        raise DatasetError(
+            "the replay buffer is empty: extend it with the transitions to train on first"
+        )
     probe = buffer.sample()
     # a user's buffer may store rewards/flags as [B]: found once here, reshaped at each step
     flat_keys = flat_flag_keys(probe) if replay_buffer is not None else ()
@@ -190,6 +199,9 @@ def _train(
     check_batch_keys(conform_batch(probe, flat_keys, float_keys))
     if replay_buffer is not None:
         check_buffer_finite(replay_buffer, probe)
+        check_buffer_not_constant(replay_buffer, probe)
+        if data is None:
+            check_buffer_without_dataset(replay_buffer, probe)
     obs_dim, act_dim = probe["observation"].shape[-1], probe["action"].shape[-1]
     to_unit_actions = None
     if data is not None:

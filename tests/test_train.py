@@ -519,6 +519,36 @@ def test_the_plan_device_and_eta_are_printed_and_long_cpu_runs_warned(
     assert "this CPU run of 60 steps" in (tmp_path / "run" / "train.log").read_text()
 
 
+def test_buffers_that_would_train_to_a_wrong_score_are_refused(hopper_dataset, tmp_path):
+    """Each of these trained and reported a score: actions outside [-1, 1] with no dataset to
+    rescale by (the policy could never reach them), an all-zero buffer (a loader that failed to
+    fill it); an empty buffer was TorchRL's bare error, obs_stats with std 0 a non-finite
+    loss at step 1. Nothing is written."""
+    data = load_offline_data(hopper_dataset)
+    content = data.data[:200].clone()
+    no_id = compose_recipe("td3bc", [*cfg_overrides(), "dataset=minari", "dataset.id=null"])
+
+    def buffer(td=None):
+        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(200), batch_size=8)
+        if td is not None:
+            rb.extend(td)
+        return rb
+
+    wide = content.clone()
+    wide["action"] = wide["action"] * 4.0
+    with pytest.raises(DatasetError, match=r"outside the \[-1, 1\] .*dataset.id is null"):
+        train(no_id, tmp_path / "wide", replay_buffer=buffer(wide))
+    with pytest.raises(DatasetError, match="every action in the replay buffer .* is the same"):
+        train(no_id, tmp_path / "zeros", replay_buffer=buffer(content.clone().zero_()))
+    with pytest.raises(DatasetError, match="the replay buffer is empty"):
+        train(no_id, tmp_path / "empty", replay_buffer=buffer())
+    ones = (torch.zeros(data.observation_dim), torch.ones(data.observation_dim))
+    zero_std = (ones[0], ones[1].clone().index_fill_(0, torch.tensor([3]), 0.0))
+    with pytest.raises(ConfigError, match="std > 0"):
+        train(no_id, tmp_path / "std0", replay_buffer=buffer(content), obs_stats=zero_std)
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_non_finite_values_in_a_user_buffer_are_refused_when_it_is_handed_over(
     hopper_dataset, tmp_path
 ):

@@ -258,6 +258,37 @@ def buffer_action_range(
     return act.amin(0), act.amax(0), False
 
 
+def check_buffer_without_dataset(buffer: Any, probe: TensorDictBase) -> None:
+    """A user's buffer trained on with ``dataset.id=null``: no action space to rescale by, and
+    divo's policies act in [-1, 1], so actions outside it are refused (clipped, a policy could
+    never reach the data's range, and nothing would say so)."""
+    low, high, whole = buffer_action_range(buffer, probe)
+    if bool((low >= -1 - ACTION_TOLERANCE).all() and (high <= 1 + ACTION_TOLERANCE).all()):
+        return
+    where = "the replay buffer holds" if whole else "a batch sampled from the replay buffer has"
+    raise DatasetError(
+        f"{where} actions in [{low.min().item():.4g}, {high.max().item():.4g}], outside the "
+        "[-1, 1] divo's policies act in, and dataset.id is null (no action space to rescale "
+        "them by): rescale them onto [-1, 1] (and evaluate through gymnasium's "
+        "RescaleAction(-1, 1)), or give the dataset.id they come from"
+    )
+
+
+def check_buffer_not_constant(buffer: Any, probe: TensorDictBase) -> None:
+    """Refuse a user's buffer whose every action is the same value (an all-zero buffer, e.g.
+    one a dataset loader failed to fill): there is nothing to learn from, and training on it
+    would report a score."""
+    low, high, whole = buffer_action_range(buffer, probe)
+    if whole and bool((high - low == 0).all()) and len(buffer) > 1:
+        value = ", ".join(f"{v:.4g}" for v in low.tolist()[:4])
+        raise DatasetError(
+            f"every action in the replay buffer ({len(buffer)} transitions) is the same "
+            f"([{value}{', ...' if len(low) > 4 else ''}]): nothing to learn from; check what "
+            "filled it (a dataset loader that returned zeros, a buffer never extended with the "
+            "data)"
+        )
+
+
 def buffer_action_transform(
     buffer: Any,
     probe: TensorDictBase,

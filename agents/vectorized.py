@@ -455,16 +455,18 @@ def _checkpoint_steps(checkpointer) -> set[int]:
     return {int(p.stem.split("_")[1]) for p in checkpointer.files()}
 
 
-def _load_common_checkpoints(checkpointers, check) -> tuple[int, list[dict]] | None:
+def _load_common_checkpoints(
+    checkpointers, check
+) -> tuple[tuple[int, list[dict]] | None, list[Path]]:
     """The newest step every seed has a readable checkpoint of, and those checkpoints, each
-    passed to ``check(payload, file)`` (it raises to refuse). Files of a newer step (a save round
-    cut short) are then removed with a warning; a file refused as untrusted stops everything
-    before that."""
+    passed to ``check(payload, file)`` (it raises to refuse); and the files of newer steps (a
+    save round cut short), which the caller removes once every check has passed (a refused
+    resume changes nothing). A file refused as untrusted stops everything."""
     from divo.errors import CheckpointError, UntrustedFileError
 
     steps = [_checkpoint_steps(c) for c in checkpointers]
     if not any(steps):
-        return None
+        return None, []
     common = sorted(set.intersection(*steps), reverse=True)
     found = None
     for step in common:
@@ -491,20 +493,27 @@ def _load_common_checkpoints(checkpointers, check) -> tuple[int, list[dict]] | N
                 f"would discard that. Go on with each seed on its own (`divo train {seed_dir}`), "
                 f"or move {seed_dir.name}'s newer checkpoints aside (nothing was changed)"
             )
-    for c, have in zip(checkpointers, steps, strict=True):
-        for step in sorted(have):
-            if step > newest:
-                warnings.warn(
-                    f"removing {c.dir}/step_{step:09d}.pt: not every seed reached step {step}",
-                    stacklevel=3,
-                )
-                (c.dir / f"step_{step:09d}.pt").unlink()
+    stale = [
+        c.dir / f"step_{step:09d}.pt"
+        for c, have in zip(checkpointers, steps, strict=True)
+        for step in sorted(have)
+        if step > newest
+    ]
     if found is None and any(common or steps):
         warnings.warn(
             "no step that every seed checkpointed is readable; training starts from step 0",
             stacklevel=3,
         )
-    return found
+    return found, stale
+
+
+def _remove_stale_checkpoints(stale: list[Path]) -> None:
+    """Checkpoints of a step not every seed reached (a save round cut short): removed once the
+    resume is accepted, so the seeds go on from one step."""
+    for file in stale:
+        step = int(file.stem.split("_")[-1])
+        warnings.warn(f"removing {file}: not every seed reached step {step}", stacklevel=3)
+        file.unlink(missing_ok=True)
 
 
 def _trained_alone_past(seed_dir: Path, step: int) -> int | None:
@@ -728,7 +737,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
     def check(payload: dict, file: Path) -> None:
         check_trusted(payload, file, cfg, data_spec, trust)
 
-    found = _load_common_checkpoints(checkpointers, check) if resume else None
+    found, stale = _load_common_checkpoints(checkpointers, check) if resume else (None, [])
     if found is not None:
         start_step, ckpts = found
         for c, seed_cfg, d in zip(ckpts, cfgs, seed_dirs, strict=True):
@@ -743,6 +752,7 @@ def _train_seeds(cfg, cfgs, run_dir, seed_dirs, seeds, device, resume, trust, lo
 
     logs.accepted = True  # every check passed: from here on the run writes its files
     lock.commit()
+    _remove_stale_checkpoints(stale)
     if found is not None:
         dropped = logs.drop_interrupted_lines(ckpts)
         logs.shared.info(

@@ -301,6 +301,10 @@ def test_resume_continues_every_seed_exactly(tmp_path, recipe):
     train(compose_recipe(recipe, [*cfg, "train.steps=4"]), part)
     # a save round cut short: seed 1 lacks step 4, so both resume from step 2
     (part / "seed1" / "checkpoints" / "step_000000004.pt").unlink()
+    # a refused resume (a budget below the step reached) removes nothing, not even seed 0's
+    # step-4 checkpoint that the seeds will not resume from
+    assert main(["train", str(part), "train.steps=1", "--quiet"]) == 2
+    assert (part / "seed0" / "checkpoints" / "step_000000004.pt").is_file()
     with pytest.warns(UserWarning, match="not every seed reached step 4"):
         assert main(["train", str(part), "train.steps=8", "--quiet"]) == 0
     for seed in (0, 1):

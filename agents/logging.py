@@ -95,10 +95,11 @@ class MetricsLogger:
         self._rows: list[dict[str, float]] = []
         if self.path.exists() and resume_step is not None:
             # continuing a run: keep the rows up to the checkpoint, drop those logged after it
-            with self.path.open() as f:
+            with self.path.open(newline="") as f:
                 reader = csv.DictReader(f)
                 self.columns = list(reader.fieldnames or ["step"])
-                self._rows = [dict(r) for r in reader if int(r["step"]) <= resume_step]
+                rows = [dict(r) for r in reader]
+            self._rows = _rows_up_to(rows, resume_step, self.path)
             self._rewrite()
         elif self.path.exists():
             self.path.unlink()  # a fresh run in a used folder starts a fresh log
@@ -128,6 +129,33 @@ class MetricsLogger:
             for k, v in metrics.items():
                 if v is not None and isinstance(v, float | int) and math.isfinite(v):
                     self._external.log_scalar(k, float(v), step=step)
+
+
+def _rows_up_to(rows: list[dict], resume_step: int, path: Path) -> list[dict]:
+    """The rows of a resumed run's metrics.csv logged up to its checkpoint. A row that is not
+    whole (a write cut short: missing or extra cells, a step or value that is not a number, a
+    step out of order) ends what is kept, with a warning: the run logs those steps again."""
+    kept: list[dict] = []
+    for row in rows:
+        try:
+            step = int(row["step"])
+            whole = None not in row and all(
+                v == "" or float(v) is not None for v in row.values()
+            )  # float() raises on a cut cell; None: a short row (missing cells) or extra ones
+        except (TypeError, ValueError):
+            whole = False
+        if not whole or (kept and step <= int(kept[-1]["step"])):
+            dropped = len(rows) - len(kept)
+            warnings.warn(
+                f"{path}: {dropped} row(s) from row {len(kept) + 1} on are damaged (a write "
+                "cut short, or edited) and were dropped; the resumed run logs its steps again",
+                stacklevel=4,
+            )
+            break
+        if step > resume_step:
+            break
+        kept.append(row)
+    return kept
 
 
 def _torchrl_logger(backend: str, run_dir: Path, project: str, name: str):

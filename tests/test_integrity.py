@@ -116,6 +116,29 @@ def test_a_damaged_newest_checkpoint_falls_back_with_a_warning_in_train_log(run,
     assert steps == sorted(set(steps)) and steps[-1] == 8
 
 
+@pytest.mark.parametrize("damage", ["torn", "garbage"])
+def test_a_damaged_metrics_csv_is_repaired_on_resume_not_kept_or_a_traceback(
+    trained, run, damage
+):
+    """A run killed after its step-4 checkpoint, with the last metrics row cut short ("6", as a
+    full disk leaves it) or a garbage row appended: the torn row was kept out of order, the
+    garbage one ended the resume in a traceback after train.log was cut. Now the damaged rows
+    are dropped with a warning and the resumed run's metrics.csv equals the whole run's."""
+    for name in ("step_000000006.pt",):
+        (run / "checkpoints" / name).unlink()
+    (run / "result.json").unlink()
+    (run / "policy.pt").unlink()
+    lines = (run / "metrics.csv").read_text().splitlines()
+    lines = lines[:-1] + ["6"] if damage == "torn" else [*lines, "garbage,x,y"]
+    (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    if damage == "torn":  # a row up to the checkpoint: dropped, said
+        with pytest.warns(UserWarning, match="metrics.csv: .* damaged"):
+            assert main(["train", str(run), "--quiet"]) == 0
+    else:  # a row past the checkpoint: dropped with the rows the run logs again
+        assert main(["train", str(run), "--quiet"]) == 0
+    assert (run / "metrics.csv").read_text() == (trained / "metrics.csv").read_text()
+
+
 def test_a_file_of_this_format_without_its_checksum_is_refused(run, capsys):
     raw = torch.load(run / "policy.pt", weights_only=True)
     del raw[CHECKSUM_KEY]

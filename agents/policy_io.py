@@ -24,7 +24,7 @@ from divo.agents.formats import OLDER_POLICY_FORMATS, POLICY_FORMAT, accept_chec
 from divo.agents.runtime import resolve_device
 from divo.agents.trust import Trust, check_config, check_env_spec
 from divo.data.envs import make_env
-from divo.errors import CheckpointError, ConfigError
+from divo.errors import CheckpointError, ConfigError, first_line
 from divo.files import damaged_file_error, read_file
 
 
@@ -171,13 +171,20 @@ def run_protocol(path: str | Path) -> tuple[int, int, bool]:
     folder = path if path.is_dir() else path.parent
     if folder.name == "checkpoints":
         folder = folder.parent
+    config = folder / "config.yaml"
+    if not config.is_file():
+        return DEFAULT_EPISODES, DEFAULT_SEED, False
     try:
         from omegaconf import OmegaConf
 
-        cfg = OmegaConf.load(folder / "config.yaml")
+        cfg = OmegaConf.load(config)
         episodes, seed = int(cfg.train.eval_episodes), int(cfg.seed) + 100
-    except Exception:  # noqa: BLE001 - missing or unreadable: the defaults, said as such
-        return DEFAULT_EPISODES, DEFAULT_SEED, False
+    except Exception as exc:  # noqa: BLE001 - there but unreadable: never silently the defaults
+        raise ConfigError(
+            f"{config} cannot be read ({type(exc).__name__}): the run's evaluation protocol "
+            "(its episodes and seed) is unknown; give both (--episodes N --seed S, or "
+            "episodes=/seed= in Python), or restore the file"
+        ) from None
     return (episodes, seed, True) if episodes > 0 else (DEFAULT_EPISODES, seed, True)
 
 
@@ -199,7 +206,10 @@ def evaluate_saved_policy(
             isinstance(value, bool) or not isinstance(value, int) or value < least
         ):
             raise ConfigError(f"{name}={value!r} must be an integer >= {least}")
-    protocol = run_protocol(path)
+    if episodes is None or seed is None:
+        protocol = run_protocol(path)
+    else:
+        protocol = (episodes, seed, False)  # both given: config.yaml is not needed
     episodes = protocol[0] if episodes is None else int(episodes)
     seed = protocol[1] if seed is None else int(seed)
     dev = resolve_device(device)
@@ -207,9 +217,19 @@ def evaluate_saved_policy(
     spec = meta["env"]
     if spec is None:
         raise CheckpointError(
-            f"{meta['file']} records no environment (its dataset had none); evaluate it from Python"
+            f"{meta['file']} records no environment (its dataset had none); evaluate it in "
+            "your own environment from Python: policy, info = divo.load_policy(run), then "
+            "step it with policy(observation)"
         )
 
+    try:  # an environment that cannot be made here is a one-line error, not a traceback
+        make_env(spec).close()
+    except Exception as exc:  # noqa: BLE001 - missing package or module, unregistered id, ...
+        raise CheckpointError(
+            f"the environment recorded with {meta['file']} ({getattr(spec, 'id', spec)}) "
+            f"cannot be made here ({type(exc).__name__}: {first_line(exc)}); install "
+            "what it needs, or make its module importable (on PYTHONPATH)"
+        ) from None
     score = meta.get("score", "return")  # files before OGBench support: D4RL's score
     # goal-reaching (OGBench) environments are slow to build: reuse a few, as training does
     pool = [make_env(spec) for _ in range(min(10, episodes))] if score == "success" else None

@@ -117,9 +117,7 @@ def test_a_damaged_newest_checkpoint_falls_back_with_a_warning_in_train_log(run,
 
 
 @pytest.mark.parametrize("damage", ["torn", "garbage"])
-def test_a_damaged_metrics_csv_is_repaired_on_resume_not_kept_or_a_traceback(
-    trained, run, damage
-):
+def test_a_damaged_metrics_csv_is_repaired_on_resume_not_kept_or_a_traceback(trained, run, damage):
     """A run killed after its step-4 checkpoint, with the last metrics row cut short ("6", as a
     full disk leaves it) or a garbage row appended: the torn row was kept out of order, the
     garbage one ended the resume in a traceback after train.log was cut. Now the damaged rows

@@ -123,6 +123,12 @@ def test_divo_evaluate_scores_a_run_as_its_own_evaluations_did(tmp_path, capsys)
     assert main(["evaluate", str(run), "--json", "--episodes", "1", "--seed", "7"]) == 0
     given = json.loads(capsys.readouterr().out)
     assert given["episodes"] == 1 and given["seed"] == 7
+    # a config.yaml that is there but unreadable is never silently the defaults (10 from 100)
+    (run / "config.yaml").write_text("evil: !!python/name:os.system\n")
+    line = _one_line_error(["evaluate", str(run), "--episodes", "1"], capsys)
+    assert "config.yaml cannot be read" in line and "--seed" in line
+    assert main(["evaluate", str(run), "--json", "--episodes", "1", "--seed", "7"]) == 0
+    assert json.loads(capsys.readouterr().out)["return_mean"] == given["return_mean"]
 
 
 def test_a_pickled_object_in_a_policy_file_is_refused_and_never_runs(run, tmp_path, capsys):

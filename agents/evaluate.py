@@ -19,8 +19,13 @@ import gymnasium as gym
 import numpy as np
 import torch
 
+from divo.errors import DivoError
+
 Policy = Callable[[torch.Tensor], torch.Tensor]
 SCORES = ("return", "success")
+# an evaluation episode this long has no end: an environment without a time limit that never
+# ends its episodes would otherwise hang the run (D4RL's longest episodes: 1,000 steps)
+EPISODE_STEP_CAP = 100_000
 
 
 def normalized_score(
@@ -121,6 +126,14 @@ def evaluate_policy(
                         observation, reward, terminated, truncated, info = env_of[i].step(action)
                         returns[i] += float(reward)
                         lengths[i] += 1
+                        if lengths[i] >= EPISODE_STEP_CAP and not (terminated or truncated):
+                            raise DivoError(
+                                f"an evaluation episode ran {EPISODE_STEP_CAP:,} steps without "
+                                "ending: the evaluation environment has no time limit and "
+                                "never ends this episode itself; register it with "
+                                "max_episode_steps (gymnasium.register(..., max_episode_steps="
+                                "N)), as its data's episodes were collected"
+                            )
                         if record:
                             steps[i].append((obs[row], actions[row].copy(), float(reward)))
                         if terminated or truncated:

@@ -13,6 +13,7 @@ from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized
 from divo.data.bandit import BANDIT_DATASET_ID, best_action
 from divo.data.envs import BANDIT_ENV_ID
 from divo.data.load import load_offline_data
+from divo.errors import DivoError
 
 
 class CountingPolicy(torch.nn.Module):
@@ -149,6 +150,24 @@ def test_reset_seeds_are_seed_plus_index():
         seed=105,
     )
     assert seen == [105, 106, 107, 108]
+
+
+def test_an_episode_that_never_ends_is_an_error_not_a_hang(monkeypatch):
+    """An environment without a time limit that never ends its episodes hung the run's step-0
+    evaluation forever; past the cap it is refused, naming the fix."""
+    import divo.agents.evaluate as evaluation
+
+    class Endless(gym.Wrapper):
+        def step(self, action):
+            observation, reward, *_ = self.env.step(action)
+            self.env.reset()
+            return observation, reward, False, False, {}
+
+    monkeypatch.setattr(evaluation, "EPISODE_STEP_CAP", 50)
+    with pytest.raises(DivoError, match="ran 50 steps without ending.*max_episode_steps"):
+        evaluate_policy(
+            CountingPolicy(best_action()), lambda: Endless(gym.make(BANDIT_ENV_ID)), episodes=2
+        )
 
 
 def test_record_keeps_each_episode_as_the_policy_and_env_saw_it():

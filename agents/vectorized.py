@@ -54,6 +54,7 @@ from divo.agents.checkpoints import (
 from divo.agents.logging import (
     MetricAccumulator,
     MetricsLogger,
+    RunLog,
     drop_interrupted_lines,
     error_record,
     file_handler_for,
@@ -66,6 +67,7 @@ from divo.agents.runs import (
     check_steps,
     evaluate_at_start,
     evaluate_into_row,
+    finished_result,
     load_run_data,
     log_dataset_settings,
     progress_bar,
@@ -659,6 +661,20 @@ def train_vectorized(
     run_dir = Path(run_dir)
     if resume:  # a folder of other settings (train.num_seeds included) is refused
         check_same_run(cfg, run_dir)
+        finished = [
+            finished_result(_seed_config(cfg, int(cfg.seed) + i), run_dir / f"seed{cfg.seed + i}")
+            for i in range(n)
+        ]
+        if all(result is not None for result in finished):
+            with RunLog(run_dir):  # the console only: a finished run's files are left alone
+                logging.getLogger("divo.train").info(
+                    "%s finished its %d steps already (all %d seeds); its files are left as "
+                    "they are (pass a larger train.steps to extend it)",
+                    run_dir,
+                    int(cfg.train.steps),
+                    n,
+                )
+            return _summary(cfg, finished, run_dir)
     device = resolve_device(cfg.device)
     check_compile_mode(device=device, **compile_options(cfg))
     if device.type == "cpu" and cfg.train.threads:

@@ -331,7 +331,18 @@ def test_a_stacked_run_resumes_only_as_it_was_stacked(tmp_path, capsys):
         with pytest.raises(ConfigError, match=rf"train.num_seeds: 2 -> {seeds}"):
             train(compose_recipe("td3bc", [*SHORT, f"train.num_seeds={seeds}"]), run)
         assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    # training a finished stacked run again leaves its files alone (it set each seed's result
+    # aside and rewrote it), and says so
     capsys.readouterr()
+    # (the top train.log aside: in this process Hydra's handler of the first call still
+    # writes to it, as no `divo train <run dir>` process has)
+    files = lambda: {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}  # noqa: E731
+    before = files()
+    assert main(["train", str(run)]) == 0
+    after = files()
+    after[run / "train.log"] = before[run / "train.log"]
+    assert after == before
+    assert "finished its 6 steps already (all 2 seeds)" in capsys.readouterr().out
     assert main(["train", str(run), "train.steps=8", "--quiet"]) == 0
     assert "has no checkpoint yet" not in capsys.readouterr().out
     # seed 1 goes on alone to step 10; resuming both together would discard its steps 9-10

@@ -111,6 +111,42 @@ def _summary(result: dict) -> str:
     return ": ".join(parts[:2]) + " " + " ".join(parts[2:]) + f" -> {result['run_dir']}"
 
 
+_HYDRA_FILES = (".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml")
+
+
+def _hydra_traces(run_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """What Hydra rewrites in an existing run directory before divo's checks run: its .hydra/
+    files and train.log (None for a folder that does not exist yet: a refused new run's folder
+    is removed whole)."""
+    if not run_dir.is_dir():
+        return None
+    files = {name: _content_and_times(run_dir / name) for name in (*_HYDRA_FILES, "train.log")}
+    return run_dir.resolve(), files
+
+
+def _content_and_times(path: Path) -> tuple[bytes, tuple[int, int]] | None:
+    if not path.is_file():
+        return None
+    stat = path.stat()
+    return path.read_bytes(), (stat.st_atime_ns, stat.st_mtime_ns)
+
+
+def _restore_hydra_traces(traces: tuple[Path, dict[str, Any]]) -> None:
+    """A refused run in an existing folder leaves it as it was: Hydra's .hydra/ files and
+    train.log (the lines Hydra and the refused job appended) put back, times included."""
+    run_dir, files = traces
+    for name, saved in files.items():
+        path = run_dir / name
+        if saved is None:
+            path.unlink(missing_ok=True)
+        else:
+            path.write_bytes(saved[0])
+            os.utime(path, ns=saved[1])
+    hydra_dir = run_dir / ".hydra"
+    if hydra_dir.is_dir() and not any(hydra_dir.iterdir()):
+        hydra_dir.rmdir()
+
+
 def _remove_refused_run(run_dir: Path, keep: set[Path]) -> None:
     """Drop a run directory that a job refused on its input left holding only Hydra's files,
     and the folders made for it (``runs/<recipe>/<dataset>/``) that are left empty; ``keep``:
@@ -282,6 +318,7 @@ def _train(argv: list[str]) -> int:
     multirun = any(a in ("-m", "--multirun") for a in args)
     hydra_flags = [a for a in args if a not in overrides]
     keep = _existing_folders(Path.cwd())  # folders a refused job must leave in place
+    before_hydra = None  # an existing run folder's Hydra files, for a refused single run
     if not multirun and not any(
         f in hydra_flags for f in ("--cfg", "-c", "--help", "-h", "--info")
     ):
@@ -294,6 +331,8 @@ def _train(argv: list[str]) -> int:
             keep |= _existing_folders(run_dir.parent)
         if run_dir is not None:  # before Hydra writes its .hydra/ files into the folder
             from divo.agents.runs import check_same_run
+
+            before_hydra = _hydra_traces(run_dir)  # put back if the run is refused
 
             job_cfg = cfg.copy()
             with open_dict(job_cfg):
@@ -344,6 +383,8 @@ def _train(argv: list[str]) -> int:
             hydra_cfg = HydraConfig.get()
             sweep = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else None
             _remove_refused_run(Path(run_dir), keep | ({Path(sweep).resolve()} if sweep else set()))
+            if before_hydra is not None and Path(run_dir).resolve() == before_hydra[0]:
+                _restore_hydra_traces(before_hydra)
             return None
         print(_summary(result), flush=True)
         return result

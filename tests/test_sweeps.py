@@ -102,6 +102,18 @@ def test_run_dir_at_a_finished_run_with_another_hyperparameter_is_refused(tmp_pa
     assert main(["train", "td3bc", *TINY, f"hydra.run.dir={run}"]) == 0
 
 
+def test_a_refused_run_in_an_existing_folder_leaves_hydras_files_as_they_were(tmp_path, capsys):
+    """Refused after Hydra started the job (a budget below the step reached), the run's
+    .hydra/ files said train.steps of the refused command and train.log had its lines."""
+    run = tmp_path / "run"
+    assert main(["train", "td3bc", *TINY, f"hydra.run.dir={run}"]) == 0
+    before = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert main(["train", "td3bc", *TINY, "train.steps=1", f"hydra.run.dir={run}"]) == 2
+    assert "already at step" in capsys.readouterr().err
+    after = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in run.rglob("*") if p.is_file()}
+    assert after == before
+
+
 @pytest.mark.parametrize("under", ["", "sub"])
 def test_run_dir_onto_a_file_is_refused_in_one_line(tmp_path, capsys, under):
     taken = tmp_path / "afile"

@@ -112,6 +112,10 @@ class Checkpointer:
         self.damaged.discard(path)
         for old in self.files()[: -self.keep]:
             old.unlink()
+        # a write a killed process left half-done (SIGKILL skips atomic_save's clean-up): the
+        # run is held by this process, so no other writer owns one
+        for stale in self.dir.glob(".step_*.pt.*.tmp"):
+            stale.unlink(missing_ok=True)
         return path
 
     def load_latest(self) -> tuple[Path, dict[str, Any]] | None:

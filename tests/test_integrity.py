@@ -129,12 +129,15 @@ def test_a_damaged_metrics_csv_is_repaired_on_resume_not_kept_or_a_traceback(tra
     lines = (run / "metrics.csv").read_text().splitlines()
     lines = lines[:-1] + ["6"] if damage == "torn" else [*lines, "garbage,x,y"]
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
+    stale = run / "checkpoints" / ".step_000000006.pt.abc123.tmp"  # a save a SIGKILL cut short
+    stale.write_bytes(b"half")
     if damage == "torn":  # a row up to the checkpoint: dropped, said
         with pytest.warns(UserWarning, match="metrics.csv: .* damaged"):
             assert main(["train", str(run), "--quiet"]) == 0
     else:  # a row past the checkpoint: dropped with the rows the run logs again
         assert main(["train", str(run), "--quiet"]) == 0
     assert (run / "metrics.csv").read_text() == (trained / "metrics.csv").read_text()
+    assert not stale.exists()  # removed by the next checkpoint's save
 
 
 def test_a_file_of_this_format_without_its_checksum_is_refused(run, capsys):

@@ -241,6 +241,16 @@ def test_mistyped_id_lists_available_ids(hopper_dataset):
         load_offline_data("hopper", download=False)
 
 
+def test_built_in_data_load_on_a_machine_without_a_minari_root(tmp_path, monkeypatch):
+    """A fresh install has no ~/.minari/datasets: the built-ins (the README's first command)
+    must create it when they publish, now that a lookup no longer does."""
+    root = tmp_path / "fresh" / "datasets"
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(root))
+    assert load_offline_data("divo/bandit/multimodal-v0").num_transitions > 0
+    assert load_offline_data("divo/hopper/medium-v0").num_transitions == 100_000
+    assert (root / "divo" / "bandit").is_dir()
+
+
 @pytest.mark.parametrize("download", [False, True])
 def test_refused_lookup_creates_no_minari_root(tmp_path, monkeypatch, download):
     """A refusal changes nothing on disk: Minari's own path helper creates the local root, so a

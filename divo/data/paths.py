@@ -88,6 +88,7 @@ def publish_dataset(
     root = minari_root()
     target = get_dataset_path(dataset_id)
     try:
+        root.mkdir(parents=True, exist_ok=True)  # a fresh machine has no Minari root yet
         with tempfile.TemporaryDirectory(prefix=".divo-build-", dir=root) as scratch:
             with minari_root_at(Path(scratch)):
                 write()

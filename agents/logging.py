@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import logging
@@ -254,6 +255,17 @@ def error_record(exc: BaseException, logger: str = "divo.train") -> logging.LogR
     return logging.LogRecord(logger, logging.ERROR, __file__, 0, text, None, None)
 
 
+def mark_after_start(exc: BaseException) -> None:
+    """Mark an error raised after a run was accepted (it trained, its files are its own): the
+    command line then leaves its folder as the run left it, where a refusal is undone."""
+    with contextlib.suppress(AttributeError):
+        exc.divo_after_start = True
+
+
+def raised_after_start(exc: BaseException) -> bool:
+    return bool(getattr(exc, "divo_after_start", False))
+
+
 class RunLog:
     """A run's ``train.log`` and its console lines, the same with or without Hydra.
 
@@ -345,6 +357,8 @@ class RunLog:
         return dropped
 
     def __exit__(self, exc_type, exc, tb) -> None:  # noqa: ANN001
+        if exc is not None and self.committed:
+            mark_after_start(exc)
         try:
             if exc is not None and self.committed and self._file is not None:
                 self._file.handle(error_record(exc))  # the console gets it from the caller

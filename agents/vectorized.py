@@ -59,6 +59,7 @@ from divo.agents.logging import (
     error_record,
     file_handler_for,
     log_size,
+    mark_after_start,
 )
 from divo.agents.runs import (
     Eta,
@@ -705,6 +706,7 @@ def train_vectorized(
             )
         except BaseException as exc:
             if logs.accepted:  # an error that ends the run: in train.log too
+                mark_after_start(exc)
                 logs.to_files(error_record(exc))
             elif isinstance(exc, DivoError):  # refused on its input (data, recipe, checkpoint)
                 logs.undo()  # no trace

@@ -34,7 +34,7 @@ from divo.config import (
     group_options,
     resolve_recipe,
 )
-from divo.errors import CheckpointError, ConfigError, DivoError
+from divo.errors import CheckpointError, ConfigError, DivoError, RunInUseError
 
 USAGE = """usage: divo <command> ...   (divo <command> --help, divo --version)
 
@@ -383,7 +383,14 @@ def _train(argv: list[str]) -> int:
             hydra_cfg = HydraConfig.get()
             sweep = hydra_cfg.sweep.dir if hydra_cfg.mode.name == "MULTIRUN" else None
             _remove_refused_run(Path(run_dir), keep | ({Path(sweep).resolve()} if sweep else set()))
-            if before_hydra is not None and Path(run_dir).resolve() == before_hydra[0]:
+            from divo.agents.logging import raised_after_start
+
+            if (
+                before_hydra is not None
+                and Path(run_dir).resolve() == before_hydra[0]
+                and not raised_after_start(exc)  # a run that trained keeps its own log
+                and not isinstance(exc, RunInUseError)  # the folder is another process's
+            ):
                 _restore_hydra_traces(before_hydra)
             return None
         print(_summary(result), flush=True)

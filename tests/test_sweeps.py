@@ -114,6 +114,23 @@ def test_a_refused_run_in_an_existing_folder_leaves_hydras_files_as_they_were(tm
     assert after == before
 
 
+def test_a_run_that_fails_after_it_started_keeps_its_log(tmp_path, capsys, monkeypatch):
+    """Only a refusal is undone: a run that was accepted and then failed (a non-finite loss)
+    keeps the train.log it wrote, its error line included, in a folder made beforehand."""
+    from divo.errors import DivoError
+
+    def diverged(row, step, checkpointer):
+        raise DivoError(f"non-finite loss_critic at step {step}")
+
+    monkeypatch.setattr("divo.agents.train.check_finite", diverged)
+    run = tmp_path / "run"
+    run.mkdir()  # as a batch script makes it
+    assert main(["train", "td3bc", *TINY, f"hydra.run.dir={run}"]) == 2
+    log = (run / "train.log").read_text()
+    assert "error: " in log and "non-finite loss_critic" in log
+    assert (run / ".hydra" / "config.yaml").is_file()
+
+
 @pytest.mark.parametrize("under", ["", "sub"])
 def test_run_dir_onto_a_file_is_refused_in_one_line(tmp_path, capsys, under):
     taken = tmp_path / "afile"

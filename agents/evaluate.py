@@ -28,6 +28,11 @@ SCORES = ("return", "success")
 EPISODE_STEP_CAP = 100_000
 
 
+class EndlessEpisodeError(DivoError):
+    """An evaluation episode passed EPISODE_STEP_CAP steps: it ends the run (every later
+    evaluation would hang as long), where other evaluation failures only warn."""
+
+
 def normalized_score(
     ret: float | np.ndarray, ref_min: float | None, ref_max: float | None
 ) -> float | np.ndarray | None:
@@ -127,12 +132,13 @@ def evaluate_policy(
                         returns[i] += float(reward)
                         lengths[i] += 1
                         if lengths[i] >= EPISODE_STEP_CAP and not (terminated or truncated):
-                            raise DivoError(
+                            raise EndlessEpisodeError(
                                 f"an evaluation episode ran {EPISODE_STEP_CAP:,} steps without "
                                 "ending: the evaluation environment has no time limit and "
-                                "never ends this episode itself; register it with "
-                                "max_episode_steps (gymnasium.register(..., max_episode_steps="
-                                "N)), as its data's episodes were collected"
+                                "never ends this episode itself; write the dataset with an "
+                                "environment spec that has one (gymnasium.register(..., "
+                                "max_episode_steps=N) before writing it: a dataset keeps the "
+                                "spec it was written with)"
                             )
                         if record:
                             steps[i].append((obs[row], actions[row].copy(), float(reward)))

@@ -25,7 +25,12 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from divo.agents.builder import lr_schedule_record
 from divo.agents.checkpoints import Checkpointer, config_differences, what_trains
-from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized_score
+from divo.agents.evaluate import (
+    EndlessEpisodeError,
+    critic_calibration,
+    evaluate_policy,
+    normalized_score,
+)
 from divo.agents.logging import MetricsLogger, check_backend
 from divo.agents.runtime import (
     device_name,
@@ -396,6 +401,8 @@ def evaluate_into_row(
     metrics row and log them; returns the evaluation (None when none ran)."""
     try:
         last_eval = _evaluate(agent, data, cfg, device)
+    except EndlessEpisodeError:  # every later evaluation would hang as long: stop here
+        raise
     except Exception as exc:  # noqa: BLE001 - never lose training to an eval failure
         warnings.warn(
             f"evaluation at step {step} failed ({type(exc).__name__}: {exc}); training goes on",

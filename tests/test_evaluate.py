@@ -9,11 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from divo.agents.evaluate import critic_calibration, evaluate_policy, normalized_score
+from divo.agents.evaluate import (
+    EndlessEpisodeError,
+    critic_calibration,
+    evaluate_policy,
+    normalized_score,
+)
 from divo.data.bandit import BANDIT_DATASET_ID, best_action
 from divo.data.envs import BANDIT_ENV_ID
 from divo.data.load import load_offline_data
-from divo.errors import DivoError
 
 
 class CountingPolicy(torch.nn.Module):
@@ -164,10 +168,34 @@ def test_an_episode_that_never_ends_is_an_error_not_a_hang(monkeypatch):
             return observation, reward, False, False, {}
 
     monkeypatch.setattr(evaluation, "EPISODE_STEP_CAP", 50)
-    with pytest.raises(DivoError, match="ran 50 steps without ending.*max_episode_steps"):
+    with pytest.raises(EndlessEpisodeError, match="ran 50 steps without ending.*max_episode_steps"):
         evaluate_policy(
             CountingPolicy(best_action()), lambda: Endless(gym.make(BANDIT_ENV_ID)), episodes=2
         )
+
+
+def test_training_stops_on_an_endless_episode_and_goes_on_after_other_eval_failures(
+    monkeypatch,
+):
+    """Training turns evaluation failures into a warning and goes on, but an endless episode
+    would make every later evaluation hang as long: it ends the run."""
+    import divo.agents.runs as runs
+
+    def endless(*args):
+        raise EndlessEpisodeError("an evaluation episode ran 100,000 steps without ending")
+
+    monkeypatch.setattr(runs, "_evaluate", endless)
+    with pytest.raises(EndlessEpisodeError):
+        runs.evaluate_into_row(None, None, None, "cpu", 0, {})
+
+    def broken(*args):
+        raise ValueError("a flaky renderer")
+
+    monkeypatch.setattr(runs, "_evaluate", broken)
+    row = {}
+    with pytest.warns(UserWarning, match="evaluation at step 0 failed"):
+        assert runs.evaluate_into_row(None, None, None, "cpu", 0, row) is None
+    assert row == {"eval_failed": 1.0}
 
 
 def test_record_keeps_each_episode_as_the_policy_and_env_saw_it():

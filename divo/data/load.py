@@ -309,8 +309,15 @@ def load_offline_data(
             "another dataset"
         )
 
+    nested = keys is not None and any(
+        isinstance(obs_space[key], gym.spaces.Dict) for key in keys
+    )  # a Dict inside the Dict: its order is the environment's (see _env_observation_space)
+    env_space = _env_observation_space(dataset) if nested else None
     raw = read_transitions(
-        dataset, observation_keys=keys, observation_space=_env_observation_space(dataset, keys)
+        dataset,
+        observation_keys=keys,
+        observation_space=env_space,
+        use_cache=not (nested and env_space is None),  # never cache a layout not checked
     )
     for name, key, space, size in (
         ("observation", "observation", obs_space, obs_size),
@@ -338,18 +345,18 @@ def load_offline_data(
     )
 
 
-def _env_observation_space(dataset: Any, keys: Any) -> gym.Space | None:
-    """For Dict observations, the evaluation environment's own observation space: the data are
-    flattened in its nested order, which FlattenObservation follows there (Minari stores the
-    space and gives it back with nested Dicts sorted by key). None when the environment cannot
-    be made here (the environment check then says why) or the observations are flat."""
+def _env_observation_space(dataset: Any) -> gym.Space | None:
+    """For nested Dict observations, the evaluation environment's own observation space: the
+    data are flattened in its nested order, which FlattenObservation follows there (Minari
+    stores the space and gives it back with nested Dicts sorted by key). None when the
+    environment cannot be made here (the environment check then says why)."""
     spec = getattr(dataset, "_eval_env_spec", None) or dataset.env_spec
-    if keys is None or spec is None:
+    if spec is None:
         return None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            env = gym.make(spec)
+            env = make_env(spec)  # as evaluation makes it (maze model files removed)
     except Exception:  # noqa: BLE001 - reported by check_environment
         return None
     try:

@@ -174,17 +174,20 @@ def run_protocol(path: str | Path) -> tuple[int, int, bool]:
     config = folder / "config.yaml"
     if not config.is_file():
         return DEFAULT_EPISODES, DEFAULT_SEED, False
-    try:
-        from omegaconf import OmegaConf
+    from omegaconf import OmegaConf
 
+    try:
         cfg = OmegaConf.load(config)
-        episodes, seed = int(cfg.train.eval_episodes), int(cfg.seed) + 100
     except Exception as exc:  # noqa: BLE001 - there but unreadable: never silently the defaults
         raise ConfigError(
             f"{config} cannot be read ({type(exc).__name__}): the run's evaluation protocol "
             "(its episodes and seed) is unknown; give both (--episodes N --seed S, or "
             "episodes=/seed= in Python), or restore the file"
         ) from None
+    try:
+        episodes, seed = int(cfg.train.eval_episodes), int(cfg.seed) + 100
+    except Exception:  # noqa: BLE001 - readable, but not a divo run's config: the defaults
+        return DEFAULT_EPISODES, DEFAULT_SEED, False
     return (episodes, seed, True) if episodes > 0 else (DEFAULT_EPISODES, seed, True)
 
 

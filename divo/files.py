@@ -173,6 +173,16 @@ def atomic_save(obj: Any, path: str | os.PathLike, *, checksum: bool = False) ->
     return path
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for a moment
+    under every thread); 0o022 where /proc does not say."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    return 0o022
+
+
 def write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename: a reader (or a
     study resumed after a crash) sees the old file or the new one, never half of one."""
@@ -181,6 +191,7 @@ def write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(obj, indent=indent) + "\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 -> what a plain write would give
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -10,6 +10,9 @@ running update's random generator (None: torch's global one).
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 
 from divo.objectives.critic import TwinQ
@@ -296,9 +299,12 @@ class FQLStages:
 def _takes_generator(module: torch.nn.Module) -> bool:
     """Whether a plug-in's ``forward`` accepts ``generator=`` (the selector protocol does not
     ask for it: only selectors whose pick is random need the update's generator)."""
-    import inspect
+    return _forward_takes_generator(type(module))
 
+
+@functools.cache
+def _forward_takes_generator(cls: type) -> bool:  # once per class, not at every update
     try:
-        return "generator" in inspect.signature(module.forward).parameters
+        return "generator" in inspect.signature(cls.forward).parameters
     except (TypeError, ValueError):
         return False

@@ -140,6 +140,16 @@ def test_a_damaged_metrics_csv_is_repaired_on_resume_not_kept_or_a_traceback(tra
     assert not stale.exists()  # removed by the next checkpoint's save
 
 
+def test_json_written_atomically_has_a_plain_writes_permissions(tmp_path):
+    """Through mkstemp a result.json came out 0600: a group's `divo report` could not read it."""
+    from divo.files import write_json_atomic
+
+    write_json_atomic(tmp_path / "atomic.json", {"a": 1})
+    (tmp_path / "plain.json").write_text("{}")
+    modes = [(tmp_path / n).stat().st_mode & 0o777 for n in ("atomic.json", "plain.json")]
+    assert modes[0] == modes[1]
+
+
 def test_a_file_of_this_format_without_its_checksum_is_refused(run, capsys):
     raw = torch.load(run / "policy.pt", weights_only=True)
     del raw[CHECKSUM_KEY]

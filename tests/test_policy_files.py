@@ -129,6 +129,10 @@ def test_divo_evaluate_scores_a_run_as_its_own_evaluations_did(tmp_path, capsys)
     assert "config.yaml cannot be read" in line and "--seed" in line
     assert main(["evaluate", str(run), "--json", "--episodes", "1", "--seed", "7"]) == 0
     assert json.loads(capsys.readouterr().out)["return_mean"] == given["return_mean"]
+    # a readable config.yaml that is not a divo run's (a policy copied elsewhere): defaults
+    (run / "config.yaml").write_text("model: other\n")
+    assert main(["evaluate", str(run), "--json", "--episodes", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["seed"] == 100
 
 
 def test_a_pickled_object_in_a_policy_file_is_refused_and_never_runs(run, tmp_path, capsys):

@@ -52,6 +52,7 @@ from divo.agents.step import DeviceSampler, TrainStep, check_compile_mode, compi
 from divo.agents.trust import Trust
 from divo.agents.vectorized import train_vectorized
 from divo.data.batches import (
+    buffer_action_range,
     buffer_action_transform,
     buffer_fingerprint,
     buffer_observation_stats,
@@ -199,9 +200,10 @@ def _train(
     check_batch_keys(conform_batch(probe, flat_keys, float_keys))
     if replay_buffer is not None:
         check_buffer_finite(replay_buffer, probe)
-        check_buffer_not_constant(replay_buffer, probe)
+        action_range = buffer_action_range(replay_buffer, probe)  # one pass over the storage
+        check_buffer_not_constant(replay_buffer, probe, action_range)
         if data is None:
-            check_buffer_without_dataset(replay_buffer, probe)
+            check_buffer_without_dataset(replay_buffer, probe, action_range)
     obs_dim, act_dim = probe["observation"].shape[-1], probe["action"].shape[-1]
     to_unit_actions = None
     if data is not None:
@@ -220,6 +222,7 @@ def _train(
                 data.action_low,
                 data.action_high,
                 data.action_bounds,
+                action_range,
             )
     if obs_stats is not None:  # the caller's statistics, whatever the data
         if not cfg.get("normalize_observations", True):

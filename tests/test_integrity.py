@@ -127,7 +127,8 @@ def test_a_damaged_metrics_csv_is_repaired_on_resume_not_kept_or_a_traceback(tra
     (run / "result.json").unlink()
     (run / "policy.pt").unlink()
     lines = (run / "metrics.csv").read_text().splitlines()
-    lines = lines[:-1] + ["6"] if damage == "torn" else [*lines, "garbage,x,y"]
+    # torn: the last row cut to "4", a step at the checkpoint's (the old code kept it, twice)
+    lines = lines[:-1] + ["4"] if damage == "torn" else [*lines, "garbage,x,y"]
     (run / "metrics.csv").write_text("\n".join(lines) + "\n")
     stale = run / "checkpoints" / ".step_000000006.pt.abc123.tmp"  # a save a SIGKILL cut short
     stale.write_bytes(b"half")

@@ -258,11 +258,14 @@ def buffer_action_range(
     return act.amin(0), act.amax(0), False
 
 
-def check_buffer_without_dataset(buffer: Any, probe: TensorDictBase) -> None:
+def check_buffer_without_dataset(
+    buffer: Any, probe: TensorDictBase, action_range: tuple | None = None
+) -> None:
     """A user's buffer trained on with ``dataset.id=null``: no action space to rescale by, and
     divo's policies act in [-1, 1], so actions outside it are refused (clipped, a policy could
-    never reach the data's range, and nothing would say so)."""
-    low, high, whole = buffer_action_range(buffer, probe)
+    never reach the data's range, and nothing would say so). ``action_range``: what
+    :func:`buffer_action_range` returned, when the caller has it already."""
+    low, high, whole = action_range or buffer_action_range(buffer, probe)
     if bool((low >= -1 - ACTION_TOLERANCE).all() and (high <= 1 + ACTION_TOLERANCE).all()):
         return
     where = "the replay buffer holds" if whole else "a batch sampled from the replay buffer has"
@@ -274,11 +277,13 @@ def check_buffer_without_dataset(buffer: Any, probe: TensorDictBase) -> None:
     )
 
 
-def check_buffer_not_constant(buffer: Any, probe: TensorDictBase) -> None:
+def check_buffer_not_constant(
+    buffer: Any, probe: TensorDictBase, action_range: tuple | None = None
+) -> None:
     """Refuse a user's buffer whose every action is the same value (an all-zero buffer, e.g.
     one a dataset loader failed to fill): there is nothing to learn from, and training on it
-    would report a score."""
-    low, high, whole = buffer_action_range(buffer, probe)
+    would report a score. ``action_range``: as for :func:`check_buffer_without_dataset`."""
+    low, high, whole = action_range or buffer_action_range(buffer, probe)
     if whole and bool((high - low == 0).all()) and len(buffer) > 1:
         value = ", ".join(f"{v:.4g}" for v in low.tolist()[:4])
         raise DatasetError(
@@ -296,6 +301,7 @@ def buffer_action_transform(
     space_low: torch.Tensor | None,
     space_high: torch.Tensor | None,
     policy: str,
+    action_range: tuple | None = None,
 ) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """How a user's buffer's actions must be mapped to the [-1, 1] divo's policies act in, as
     the loader maps the dataset's own (``space_low``/``space_high``: the dataset's action space
@@ -308,7 +314,7 @@ def buffer_action_transform(
     - actions outside the space: refused, naming the range found and the range expected (with
       a [-1, 1] space and ``policy=rescale``, stray values are clipped, as the loader does).
     """
-    low, high, whole = buffer_action_range(buffer, probe)
+    low, high, whole = action_range or buffer_action_range(buffer, probe)
     where = "the replay buffer holds" if whole else "a batch sampled from the replay buffer has"
     found = f"[{low.min().item():.4g}, {high.max().item():.4g}]"
     tol = ACTION_TOLERANCE

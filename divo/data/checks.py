@@ -36,8 +36,11 @@ ACTION_BOUNDS = ("rescale", "refuse")
 # Checks
 
 
-def check_action_bounds(dataset_id: str, space: gym.spaces.Box, policy: str) -> bool:
-    """True when the action space must be rescaled onto [-1, 1] (``policy`` permitting)."""
+def check_action_bounds(
+    dataset_id: str, space: gym.spaces.Box, policy: str, *, evaluated: bool = True
+) -> bool:
+    """True when the action space must be rescaled onto [-1, 1] (``policy`` permitting);
+    ``evaluated``: whether the data name an environment to evaluate in."""
     if np.all(space.low == -1.0) and np.all(space.high == 1.0):
         return False
     bounds = f"[{space.low.min()}, {space.high.max()}]"
@@ -61,7 +64,12 @@ def check_action_bounds(dataset_id: str, space: gym.spaces.Box, policy: str) -> 
         )
     warnings.warn(
         f"dataset {dataset_id!r}: actions bounded by {bounds} are rescaled linearly onto "
-        "[-1, 1]; evaluation wraps the environment with gymnasium's RescaleAction(-1, 1)",
+        "[-1, 1]"
+        + (
+            "; evaluation wraps the environment with gymnasium's RescaleAction(-1, 1)"
+            if evaluated
+            else " (deploy the policy through gymnasium's RescaleAction(-1, 1))"
+        ),
         stacklevel=3,
     )
     return True

@@ -302,7 +302,9 @@ def load_offline_data(
             f"dataset {dataset_id!r} has an action space {act_space}, which divo does not "
             "support; it needs flat continuous (1-D Box) actions"
         )
-    rescale = check_action_bounds(dataset_id, act_space, action_bounds)
+    rescale = check_action_bounds(
+        dataset_id, act_space, action_bounds, evaluated=dataset.env_spec is not None
+    )
     if dataset.total_episodes == 0 or dataset.total_steps == 0:
         raise DatasetError(
             f"dataset {dataset_id!r} is empty (no transitions); write data into it or pick "

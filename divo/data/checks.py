@@ -323,7 +323,7 @@ REFERENCE_CAVEATS: dict[str, str] = {
 }
 
 
-def _check_reference_pair(low: float, high: float, what: str, fix: str) -> None:
+def check_reference_pair(low: float, high: float, what: str, fix: str) -> None:
     """A normalised score 100 (r - random) / (expert - random) needs finite references with the
     expert's above the random policy's: reversed, a policy that improves would score lower."""
     if not (np.isfinite(low) and np.isfinite(high)):
@@ -354,7 +354,7 @@ def reference_scores(
                 f"dataset.ref_scores={given!r} must be two numbers [random, expert] (the returns "
                 "scored 0 and 100), e.g. [0, 1] for D4RL's AntMaze success"
             ) from None
-        _check_reference_pair(low, high, f"dataset.ref_scores={list(given)!r}", "fix the pair")
+        check_reference_pair(low, high, f"dataset.ref_scores={list(given)!r}", "fix the pair")
         return low, high, "given"
     metadata = dataset.storage.metadata
     ref_min, ref_max = metadata.get("ref_min_score"), metadata.get("ref_max_score")
@@ -369,7 +369,7 @@ def reference_scores(
             low, high = float(ref_min), float(ref_max)
         except (TypeError, ValueError):
             low = high = float("nan")
-        _check_reference_pair(
+        check_reference_pair(
             low,
             high,
             f"dataset {dataset.spec.dataset_id!r} stores ref_min_score={ref_min!r}, "

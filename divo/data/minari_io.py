@@ -23,6 +23,7 @@ from gymnasium.envs.registration import EnvSpec
 from minari.data_collector import EpisodeBuffer
 from minari.dataset.minari_dataset import parse_dataset_id
 
+from divo.data.checks import check_reference_pair
 from divo.data.paths import get_dataset_path, is_local
 from divo.data.transitions import episodes_to_transitions, write_cache
 from divo.errors import DatasetError
@@ -177,7 +178,7 @@ def write_minari_dataset(
         action_space: the stored action space; default: ``env``'s, as a
             float32 Box.
         ref_min_score: return of a random policy, stored in the metadata for normalised
-            scores (written only when given).
+            scores (written only when given; with ``ref_max_score``, and below it).
         ref_max_score: return of an expert policy, the same way.
 
     Returns:
@@ -194,6 +195,19 @@ def write_minari_dataset(
         raise DatasetError(
             f"dataset {dataset_id!r} already exists at {get_dataset_path(dataset_id)}; bump its "
             "version or delete it first (minari delete ID)"
+        )
+    if (ref_min_score is None) != (ref_max_score is None):
+        raise DatasetError(
+            f"dataset {dataset_id!r}: give both ref_min_score and ref_max_score, or neither (a "
+            "normalised score needs the pair; divo's loader refuses half of one)"
+        )
+    if ref_min_score is not None:  # the loader's check, before anything is written
+        check_reference_pair(
+            float(ref_min_score),
+            float(ref_max_score),
+            f"dataset {dataset_id!r}: ref_min_score={ref_min_score!r}, "
+            f"ref_max_score={ref_max_score!r}",
+            "give the random policy's return first and the expert's second",
         )
     if observation_space is None or action_space is None:
         if env is None:

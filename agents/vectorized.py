@@ -660,12 +660,12 @@ def train_vectorized(
     if cfg.dataset.get("id") is None:
         raise ConfigError(f"dataset.id is null; train.num_seeds={n} trains on a dataset: set it")
     run_dir = Path(run_dir)
+    seeds = [int(cfg.seed) + i for i in range(n)]
+    seed_dirs = [run_dir / f"seed{s}" for s in seeds]
+    cfgs = [_seed_config(cfg, s) for s in seeds]
     if resume:  # a folder of other settings (train.num_seeds included) is refused
         check_same_run(cfg, run_dir)
-        finished = [
-            finished_result(_seed_config(cfg, int(cfg.seed) + i), run_dir / f"seed{cfg.seed + i}")
-            for i in range(n)
-        ]
+        finished = [finished_result(c, d) for c, d in zip(cfgs, seed_dirs, strict=True)]
         if all(result is not None for result in finished):
             with RunLog(run_dir):  # the console only: a finished run's files are left alone
                 logging.getLogger("divo.train").info(
@@ -680,9 +680,6 @@ def train_vectorized(
     check_compile_mode(device=device, **compile_options(cfg))
     if device.type == "cpu" and cfg.train.threads:
         torch.set_num_threads(int(cfg.train.threads))
-    seeds = [int(cfg.seed) + i for i in range(n)]
-    seed_dirs = [run_dir / f"seed{s}" for s in seeds]
-    cfgs = [_seed_config(cfg, s) for s in seeds]
     new_dirs = [d for d in (run_dir, *seed_dirs) if not d.exists()]
 
     def remove_new_dirs() -> None:

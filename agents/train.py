@@ -56,6 +56,7 @@ from divo.data.batches import (
     buffer_action_transform,
     buffer_fingerprint,
     buffer_observation_stats,
+    buffer_sampler,
     check_batch_keys,
     check_buffer_finite,
     check_buffer_not_constant,
@@ -180,8 +181,10 @@ def _train(
         raise ConfigError("dataset.id is null and no replay buffer was given; set dataset.id")
     if replay_buffer is None:  # the dataset stays on the device, indices are drawn there
         buffer = DeviceSampler(data.data, cfg.train.batch_size)
+        draw = buffer.sample
     else:
         buffer = replay_buffer
+        draw = buffer_sampler(replay_buffer, cfg.train.batch_size)  # batches of train.batch_size
     # the data the updates read, identified: a resume and a report check it (a user's buffer
     # by what its storage holds, when it can be read by index)
     if replay_buffer is None:
@@ -192,7 +195,7 @@ def _train(
         raise DatasetError(
             "the replay buffer is empty: extend it with the transitions to train on first"
         )
-    probe = buffer.sample()
+    probe = draw()
     # a user's buffer may store rewards/flags as [B]: found once here, reshaped at each step
     flat_keys = flat_flag_keys(probe) if replay_buffer is not None else ()
     # and may store them in float64 (or rewards as integers): converted as a dataset's are
@@ -261,7 +264,7 @@ def _train(
     reward_map = buffer_reward_map(cfg, data) if replay_buffer is not None else None
 
     def sample() -> TensorDictBase:
-        batch = buffer.sample()
+        batch = draw()
         if flat_keys or float_keys:
             batch = conform_batch(batch, flat_keys, float_keys)
         if to_unit_actions is not None or reward_map is not None:

@@ -603,8 +603,21 @@ def drop_duplicates(runs: list[Run]) -> None:
                 run.note = f"same recipe, dataset and seed as the newer {keep.shown_path}"
 
 
+BUFFER_FINGERPRINT = "sha256-buffer:"  # a user's replay buffer's (divo.data.batches)
+
+
+def _fingerprint_of_kind(run: Run, buffer: bool) -> str | None:
+    """A run's data fingerprint when it is of the kind asked for: a dataset file's and a replay
+    buffer's hash different things (not comparable), so runs are compared within a kind."""
+    value = run.data_fingerprint
+    if value is None or value.startswith(BUFFER_FINGERPRINT) != buffer:
+        return None
+    return value
+
+
 DATA_KEYS = (
-    ("data_fingerprint", lambda r: r.data_fingerprint),
+    ("data_fingerprint", lambda r: _fingerprint_of_kind(r, buffer=False)),
+    ("data_fingerprint of a replay buffer", lambda r: _fingerprint_of_kind(r, buffer=True)),
     (
         "behavior_return, the data's mean episode return",
         lambda r: behavior_return_key(r.behavior_return),

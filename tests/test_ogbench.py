@@ -392,3 +392,31 @@ def test_generated_files_are_never_taken_for_hosted_ones(tmp_path, monkeypatch):
     assert found.source == "generated" and "divo-generated" in found.describe()
     with pytest.raises(DatasetError, match="not found"):  # files=hosted: only OGBench's own
         reader.find_files(ident, data_dir=str(hosted), files="hosted", generate=False)
+
+
+def test_parallel_progress_moves_with_each_finished_chunk():
+    """The progress callback runs as each chunk finishes, not once all have (a generation on
+    workers showed 0% for its whole half hour), and a worker's error still comes out."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    release, seen = threading.Event(), []
+
+    def slow() -> tuple[int, int]:
+        assert release.wait(10), "the fast chunk was never reported"
+        return 1, 20
+
+    def report(episodes: int, steps: int) -> None:
+        seen.append(steps)
+        release.set()  # the slow chunk may finish only after the fast one was reported
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {pool.submit(slow), pool.submit(lambda: (1, 10))}
+        factory._report_as_done(futures, report)
+    assert seen == [10, 20]
+
+    def broken() -> tuple[int, int]:
+        raise DatasetError("worker failed")
+
+    with ThreadPoolExecutor(max_workers=1) as pool, pytest.raises(DatasetError, match="worker"):
+        factory._report_as_done({pool.submit(broken)}, report)

@@ -602,6 +602,15 @@ def test_runs_of_one_dataset_on_different_data_are_not_paired(tmp_path, capsys):
     assert not (tmp_path / "out2").exists()  # refused before anything was written
     assert sorted(p.name for p in out.iterdir()) == before
 
+    # a run fed through a replay buffer records the buffer's hash, not comparable with a file's:
+    # not refused beside the dataset's runs; two buffers' differing hashes are
+    _set_fingerprint(odd, "sha256-buffer:" + "c" * 64)
+    assert report([str(runs), "--out", str(tmp_path / "out3"), *REPS], capsys)[0] == 0
+    _set_fingerprint(runs / "divo" / "env-b-v0" / "seed1", "sha256-buffer:" + "d" * 64)
+    line = _one_line_error([str(runs), "--out", str(tmp_path / "out4"), *REPS], capsys)
+    assert "data_fingerprint of a replay buffer" in line and "seed 1" in line
+    _set_fingerprint(odd, "sha256:" + "b" * 64)
+
     # the same new data for both recipes' seed 1: allowed, and said
     _set_fingerprint(runs / "divo" / "env-b-v0" / "seed1", "sha256:" + "b" * 64)
     said = "the runs on env/b-v0 trained on 2 different sets of transitions"

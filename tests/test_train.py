@@ -187,16 +187,16 @@ def test_user_replay_buffer_through_the_python_api(hopper_dataset, tmp_path):
     torch.testing.assert_close(saved["normalizer.mean"], stats[0])
     torch.testing.assert_close(saved["normalizer.std"], stats[1])
     # a buffer whose samples lack TED keys is refused with the missing key named
-    bad = TensorDictReplayBuffer(storage=LazyMemmapStorage(100), batch_size=8)
+    bad = TensorDictReplayBuffer(storage=LazyMemmapStorage(100))  # sampled at train.batch_size
     bad.extend(data.data[:100].exclude(("next", "reward")))
     with pytest.raises(DatasetError, match="reward"):
         train(cfg, tmp_path / "bad", replay_buffer=bad)
     # ... and one with observations of another shape, naming the shape expected
-    odd = TensorDictReplayBuffer(storage=LazyMemmapStorage(100), batch_size=8)
+    odd = TensorDictReplayBuffer(storage=LazyMemmapStorage(100))
     flat = data.data[:100].clone()
     flat.set(("next", "observation"), flat["next", "observation"][:, :-1])
     odd.extend(flat)
-    with pytest.raises(DatasetError, match=r"next/observation of shape \(8, 10\).*\(8, 11\)"):
+    with pytest.raises(DatasetError, match=r"next/observation of shape \(32, 10\).*\(32, 11\)"):
         train(cfg, tmp_path / "odd", replay_buffer=odd)
 
 
@@ -529,7 +529,7 @@ def test_buffers_that_would_train_to_a_wrong_score_are_refused(hopper_dataset, t
     no_id = compose_recipe("td3bc", [*cfg_overrides(), "dataset=minari", "dataset.id=null"])
 
     def buffer(td=None):
-        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(200), batch_size=8)
+        rb = TensorDictReplayBuffer(storage=LazyTensorStorage(200), batch_size=32)
         if td is not None:
             rb.extend(td)
         return rb
@@ -559,8 +559,33 @@ def test_non_finite_values_in_a_user_buffer_are_refused_when_it_is_handed_over(
     cfg = compose_recipe(
         "td3bc", [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}"]
     )
-    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(200), batch_size=8)
+    rb = TensorDictReplayBuffer(storage=LazyTensorStorage(200), batch_size=32)
     rb.extend(content)
     with pytest.raises(DatasetError, match="holds non-finite .*1 in observation, 1 in next/reward"):
         train(cfg, tmp_path / "run", replay_buffer=rb)
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_a_user_buffer_is_sampled_at_train_batch_size(hopper_dataset, tmp_path):
+    """A buffer built with another batch size than train.batch_size is refused (its batches
+    silently replaced the recipe's while config.yaml recorded the recipe's, and a resume with
+    another buffer changed the updates' batch unchecked); one built with none is sampled at
+    train.batch_size."""
+    data = load_offline_data(hopper_dataset)
+    cfg = compose_recipe(
+        "td3bc", [*cfg_overrides(), "dataset=minari", f"dataset.id={hopper_dataset}"]
+    )
+    other = TensorDictReplayBuffer(storage=LazyTensorStorage(200), batch_size=8)
+    other.extend(data.data[:200].clone())
+    with pytest.raises(ConfigError, match="batches of 8 but train.batch_size is 32"):
+        train(cfg, tmp_path / "other", replay_buffer=other)
+    assert not (tmp_path / "other").exists()
+    sizes = []
+    unsized = TensorDictReplayBuffer(storage=LazyTensorStorage(200))
+    unsized.extend(data.data[:200].clone())
+    sample = unsized.sample
+    unsized.sample = lambda *a, **k: (
+        sizes.append(k.get("batch_size", a[0] if a else None)) or (sample(*a, **k))
+    )
+    train(cfg, tmp_path / "unsized", replay_buffer=unsized)
+    assert sizes and set(sizes) == {32}

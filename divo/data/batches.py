@@ -7,6 +7,7 @@ is found here once, before training starts.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 from tensordict import TensorDictBase
 
-from divo.errors import DatasetError
+from divo.errors import ConfigError, DatasetError
 
 # Added to the state standard deviation before dividing (TD3+BC's eps; method.md).
 OBS_STD_EPS = 1e-3
@@ -256,6 +257,24 @@ def buffer_action_range(
         pass
     act = probe["action"].detach().to("cpu", torch.float32).reshape(-1, probe["action"].shape[-1])
     return act.amin(0), act.amax(0), False
+
+
+def buffer_sampler(buffer: Any, batch_size: int) -> Callable[[], TensorDictBase]:
+    """How training draws a batch of ``batch_size`` (``train.batch_size``) from a user's replay
+    buffer: the buffer's own ``sample()`` when it was built with that batch size, ``sample(
+    batch_size)`` when it was built with none. A buffer built with another batch size is
+    refused: its batches would silently replace the recipe's (and the run's config.yaml would
+    record a batch size its updates never used)."""
+    own = getattr(buffer, "batch_size", None)
+    if own is None:
+        return functools.partial(buffer.sample, batch_size)
+    if int(own) != int(batch_size):
+        raise ConfigError(
+            f"the replay buffer samples batches of {own} but train.batch_size is {batch_size}: "
+            f"build the buffer with batch_size={batch_size} (or with none), or set "
+            f"train.batch_size={own}"
+        )
+    return buffer.sample
 
 
 def check_buffer_without_dataset(

@@ -488,8 +488,7 @@ def _parallel_chunks(
     """Write the chunks of ``todo`` on ``workers`` processes (spawned: MuJoCo and forked
     processes do not mix); the first error stops the rest, finished chunks stay for a resume."""
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
-    from concurrent.futures.process import BrokenProcessPool
+    from concurrent.futures import ProcessPoolExecutor
 
     pool = ProcessPoolExecutor(
         max_workers=workers,
@@ -497,24 +496,34 @@ def _parallel_chunks(
         initializer=_worker_start,
         initargs=(settings,),
     )
-    pending: set = set()
+    futures: set = set()
     try:
-        pending = {pool.submit(_worker_chunk, str(partial), s, e) for s, e in todo}
-        while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-            for future in finished:
-                try:
-                    done(*future.result())  # raises a worker's error here
-                except BrokenProcessPool as exc:
-                    raise DatasetError(
-                        f"a generation worker ended abruptly ({exc}); the finished chunks are "
-                        "kept: rerun the same command to resume (fewer --workers if memory "
-                        "ran out)"
-                    ) from exc
+        futures = {pool.submit(_worker_chunk, str(partial), s, e) for s, e in todo}
+        _report_as_done(futures, done)
     finally:
-        for future in pending:
+        for future in futures:
             future.cancel()
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _report_as_done(futures: set, done: Callable[[int, int], None]) -> None:
+    """``done(*result)`` for each future as soon as it finishes (so the progress bar moves
+    with every chunk), raising the first worker's error."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    pending = set(futures)
+    while pending:
+        finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+        for future in finished:
+            try:
+                done(*future.result())  # raises a worker's error here
+            except BrokenProcessPool as exc:
+                raise DatasetError(
+                    f"a generation worker ended abruptly ({exc}); the finished chunks are "
+                    "kept: rerun the same command to resume (fewer --workers if memory "
+                    "ran out)"
+                ) from exc
 
 
 def _machine() -> dict[str, Any]:

@@ -381,7 +381,10 @@ def use_last_evaluations(runs: list[Run], k: int) -> None:
             continue
         finite = run.curves.get(run.score_kind, [])
         bad = run.curves.get(run.score_kind + NONFINITE, [])
-        curve = sorted(p for p in [*finite, *bad] if p[0] > 0 or run.steps == 0)
+        # one evaluation per step: a step logged twice (the resume of an older divo logged
+        # again what its checkpoint had) counts once, its last row in metrics.csv
+        points = dict(p for p in [*finite, *bad] if p[0] > 0 or run.steps == 0)
+        curve = sorted(points.items())
         if len(curve) < k or (run.steps is not None and curve[-1][0] != run.steps):
             run.status = "no score"
             run.note = (

@@ -658,6 +658,15 @@ def test_last_k_skips_the_untrained_policy_and_refuses_nan(tmp_path, capsys):
     assert "NaN or inf (steps 50)" in left["1"]["note"]
     (row,) = read_csv(out / "scores.csv")
     assert row["seeds"] == "1" and float(row["score_mean"]) == pytest.approx(55.0)
+    # a step logged twice (an older divo's resume logged its checkpoint's evaluations again)
+    # counts once, its last row: not (50 + 60 + 60) / 3 nor the earlier 10 at step 100
+    (runs / "divo" / "env-a-v0" / "seed1" / "metrics.csv").write_text(
+        "step,normalized_score\n0,1.0\n50,50.0\n100,10.0\n50,50.0\n100,60.0\n"
+    )
+    code, _, err = report([*args, "last:2"], capsys)
+    assert code == 0, err
+    (row,) = read_csv(out / "scores.csv")
+    assert row["seeds"] == "2" and float(row["score_mean"]) == pytest.approx(55.0)
 
 
 def test_scores_of_different_stretches_of_training_are_noted(tmp_path, capsys):

@@ -4,7 +4,9 @@ resumes, and the results page is written from `divo report`."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -134,9 +136,14 @@ def test_time_left_counts_each_recipes_mean_cell_time(tmp_path):
         (kept / "result.json").write_text(json.dumps({"steps": 40, "wall_clock_s": seconds}))
     # left: divo seed 1 (50 min), td3bc seed 1 (10 min), iql x 2 at the mean of all (30 min each)
     assert time_left(cfg, 2) == (
-        "2 of 6 cells done; about 1.0 h left at jobs=2 (each recipe's mean cell time so far; "
-        "iql at the mean of all, none finished yet)"
+        "2 of 6 cells done; about 1.0 h left at jobs=2 (each recipe's mean cell time so far, on "
+        "its dataset where it has one; iql at the mean of all, none finished yet)"
     )
+    # a run narrowed to seed 1's column costs its cells from the kept cells of seed 0
+    narrowed = study_config([f"results={tmp_path}", "recipes=[divo,td3bc]", "extra_recipes=[iql]",
+                             "seeds=[1]", f"datasets=[{BANDIT}]", "steps=40",
+                             f"work_dir={tmp_path / 'work'}"])  # fmt: skip
+    assert time_left(narrowed, 1).startswith("0 of 3 cells done; about 1.5 h left at jobs=1")
 
 
 def test_unknown_study_settings_are_refused(tmp_path):
@@ -248,8 +255,6 @@ def test_a_variant_page_names_its_settings_file_and_command(tmp_path):
 def test_the_committed_cells_regenerate_the_results_page_identically(tmp_path, monkeypatch):
     """``divo study locomotion --page-only`` over the committed cells writes docs/results.md
     byte for byte (the report's tables and the notes come from the committed files only)."""
-    import shutil
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     shutil.copytree(
@@ -400,7 +405,7 @@ def test_time_left_reads_cells_in_progress_from_their_train_log(tmp_path):
         # (0 by its own log): 61 min over 1 job
         assert time_left(cfg, 1) == (
             "1 of 4 cells done; about 1.0 h left at jobs=1 (each recipe's mean cell time so "
-            "far; 2 cell(s) in progress at their own pace)"
+            "far, on its dataset where it has one; 2 cell(s) in progress at their own pace)"
         )
 
 
@@ -443,3 +448,99 @@ def test_kept_and_started_cells_must_have_run_with_the_studys_settings(tmp_path)
         check_settings(cells, cfg, log=lambda _: None)
     command = cell_command(cells[1], cfg)  # a resume passes the study's schedule again
     assert command[4:6] == [str(started), "train.steps=40"]
+
+
+def _kept_cell(cfg, cell, scores: dict[int, float]) -> None:
+    """A kept cell as a finished run leaves it, without training: its config.yaml as the study
+    composes it, metrics.csv's evaluations, result.json's final one."""
+    from omegaconf import OmegaConf
+
+    from divo.config import compose_recipe
+    from divo.studies.locomotion import cell_overrides
+
+    kept = Path(cfg.results) / "runs" / cell.rel
+    kept.mkdir(parents=True)
+    OmegaConf.save(compose_recipe(cell.recipe, cell_overrides(cell, cfg)), kept / "config.yaml",
+                   resolve=True)  # fmt: skip
+    rows = ["step,eval_return_mean,normalized_score"]
+    rows += [f"{step},{score / 10},{score}" for step, score in sorted(scores.items())]
+    (kept / "metrics.csv").write_text("\n".join(rows) + "\n")
+    last = max(scores)
+    result = {"recipe": cell.recipe, "dataset_id": cell.dataset, "seed": cell.seed,
+              "steps": last, "return_mean": scores[last] / 10,
+              "normalized_score": scores[last], "episodes": 2}  # fmt: skip
+    (kept / "result.json").write_text(json.dumps(result))
+
+
+def test_a_page_is_written_only_from_the_cells_it_states(tmp_path):
+    """``--page-only`` refuses (and leaves the page as it was) when a kept cell is not the cell
+    its folder names, was trained for other steps, or with other settings than the page would
+    state; a run kept under the runs folder that the grid does not count stays out of the
+    tables; a narrowed run writing to the study's own page writes the whole study's page."""
+    from divo.studies.locomotion import _cell_folders
+    from divo.studies.runner import page_settings
+
+    args = [*settings(tmp_path), "recipes=[td3bc,uniform_weight]", "compare=[td3bc,uniform_weight]",
+            "notes=null"]  # fmt: skip
+    cfg = study_config(args)
+    for cell in study_cells(cfg):
+        base = 60.0 if cell.recipe == "td3bc" else 20.0
+        _kept_cell(cfg, cell, {10: base, 20: base + 1, 30: base + 2, 40: base + 3 + cell.seed})
+    assert study_command([*args, "--page-only"]) == 0
+    page = tmp_path / "results.md"
+    written = page.read_text()
+    assert "Status: 4 of 4 cells finished" in written
+    assert f"divo report {tmp_path / 'results' / 'runs'} --compare" in written
+
+    runs = tmp_path / "results" / "runs"
+    # a kept run the grid does not count (seed 7, as if copied in): not in the tables
+    stray = runs / Cell("td3bc", BANDIT, 7).rel
+    shutil.copytree(runs / Cell("td3bc", BANDIT, 0).rel, stray)
+    record = json.loads((stray / "result.json").read_text())
+    (stray / "result.json").write_text(json.dumps({**record, "seed": 7}))
+    done = study_cells(cfg)
+    assert _cell_folders(runs, done) == [runs / c.rel for c in done]
+    assert study_command([*args, "--page-only"]) == 0
+    assert "Status: 4 of 4 cells finished" in page.read_text()
+    assert str(stray) not in page.read_text()
+    assert "4 found (4 complete)" in (tmp_path / "results" / "report" / "report.md").read_text()
+    shutil.rmtree(stray)
+    assert study_command([*args, "--page-only"]) == 0
+    written = page.read_text()
+
+    # another budget, other settings: refused, the page untouched
+    with pytest.raises(ConfigError, match=r"4 kept cell\(s\) were not trained for steps=80"):
+        study_command([*args, "steps=80", "--page-only"])
+    with pytest.raises(ConfigError, match=r"ran with other settings.*eval_every: 10 -> 20"):
+        study_command([*args, "eval_every=20", "--page-only"])
+    assert page.read_text() == written
+
+    # a cell folder holding another cell's result.json (seed 0's copied over seed 1's)
+    seed1 = runs / Cell("uniform_weight", BANDIT, 1).rel
+    shutil.copy2(runs / Cell("uniform_weight", BANDIT, 0).rel / "result.json", seed1)
+    with pytest.raises(ConfigError, match=r"is not this cell's result: it records seed 0"):
+        study_command([*args, "--page-only"])
+    assert page.read_text() == written
+    shutil.copy2(runs / Cell("td3bc", BANDIT, 1).rel / "result.json", seed1)
+    with pytest.raises(ConfigError, match=r"records recipe 'td3bc' \(the cell's: 'uniform_weight'"):
+        study_command([*args, "--page-only"])
+
+    # a narrowed run (one seed) writing to the study's own page writes the whole study's page;
+    # with a page or results folder of its own, the selection is a study of its own
+    narrowed = ["seeds=[1]", "steps=80"]
+    whole = page_settings(study_config(narrowed), narrowed, study_config)
+    assert list(whole.seeds) == [0, 1, 2] and whole.steps == 80
+    assert list(page_settings(study_config(args), args, study_config).seeds) == [0, 1]
+
+
+def test_a_primary_score_is_not_repeated_as_the_other_score(tmp_path):
+    """``primary_score: final`` with ``other_score: final`` (a design study that ran before
+    studies declared a score) writes its tables once."""
+    args = [*settings(tmp_path), "notes=null", "seeds=[0]", "primary_score=final",
+            "other_score=final"]  # fmt: skip
+    cfg = study_config(args)
+    _kept_cell(cfg, study_cells(cfg)[0], {10: 5.0, 20: 6.0, 30: 7.0, 40: 8.0})
+    assert study_command([*args, "--page-only"]) == 0
+    page = (tmp_path / "results.md").read_text()
+    assert "### Final normalised score per recipe and dataset" in page
+    assert "The same tables with" not in page

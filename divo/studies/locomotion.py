@@ -38,10 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from divo.errors import ConfigError, first_few
 from divo.files import write_json_atomic
 from divo.studies.runner import (
     check_data_as_kept,
     check_settings_as_kept,
+    page_settings,
     run_cells,
     study_arguments,
     study_settings,
@@ -95,16 +97,34 @@ def study_cells(cfg: Any) -> list[Cell]:
 
 
 def is_done(cell: Cell, cfg: Any) -> bool:
-    """The cell's kept result.json exists and was trained for the study's ``steps`` (a study
-    run again with other steps retrains it: give such a variant a ``results`` folder of its
-    own to keep both)."""
+    """The cell's kept result.json exists, is the cell's own (its recipe, dataset and seed) and
+    was trained for the study's ``steps`` (a study run again with other steps retrains it: give
+    such a variant a ``results`` folder of its own to keep both). A kept result.json of another
+    cell (a folder copied or renamed by hand) is refused: counted as done, it would stand in
+    the tables for a run that never happened."""
     path = Path(cfg.results) / "runs" / cell.rel / "result.json"
     if not path.is_file():
         return False
     try:
-        return int(json.loads(path.read_text()).get("steps", -1)) == int(cfg.steps)
+        result = json.loads(path.read_text())
+        steps = int(result.get("steps", -1))
     except (ValueError, TypeError, AttributeError):
         return False
+    ran = {"recipe": result.get("recipe"), "dataset_id": result.get("dataset_id")}
+    ran["seed"] = result.get("seed")
+    expected = {"recipe": cell.recipe, "dataset_id": cell.dataset, "seed": cell.seed}
+    wrong = [  # a field the file does not record is not held against it
+        f"{k} {ran[k]!r} (the cell's: {v!r})"
+        for k, v in expected.items()
+        if ran[k] is not None and ran[k] != v
+    ]
+    if wrong:
+        raise ConfigError(
+            f"{path} is not this cell's result: it records {', '.join(wrong)}. A kept folder "
+            f"holds the run it is named for ({cell.rel}); move the file back where it belongs "
+            "or delete that folder to train the cell"
+        )
+    return steps == int(cfg.steps)
 
 
 def cell_schedule(cfg: Any) -> list[str]:
@@ -147,6 +167,24 @@ def check_settings(cells: Sequence[Cell], cfg: Any, log=print) -> None:
         lambda cell: Path(cfg.work_dir) / cell.rel,
         log=log,
     )
+
+
+def check_kept_cells(cfg: Any, log=print) -> None:
+    """Before a page is written from kept cells alone (``--page-only``): every kept cell of
+    the grid is its own cell's run (:func:`is_done`), trained for the ``steps`` the page states
+    and with the settings it states (:func:`check_settings`). A page whose header states
+    settings its tables' cells never ran is refused, and the page is left as it was."""
+    cells = study_cells(cfg)
+    kept = [c for c in cells if (Path(cfg.results) / "runs" / c.rel / "result.json").is_file()]
+    other = [c for c in kept if not is_done(c, cfg)]
+    if other:
+        raise ConfigError(
+            f"{len(other)} kept cell(s) were not trained for steps={cfg.steps} (or their "
+            f"result.json is unreadable): {first_few([str(c.rel) for c in other])}; a page "
+            "with these settings would leave them out while stating the grid. Give the steps "
+            "they ran, or give a variant of the study its own `results` folder (--config FILE)"
+        )
+    check_settings(kept, cfg, log)
 
 
 def deployments(cell: Cell, cfg: Any) -> dict[str, list[str]]:
@@ -277,21 +315,28 @@ def live_cell_minutes(run_dir: Path, now: float | None = None) -> tuple[float, f
 
 def time_left(cfg: Any, jobs: int) -> str:
     """``N of M cells done; about X h left at jobs=J``: each cell still to run costs the mean
-    wall-clock time of its recipe's finished cells; a cell in progress costs what its own
-    train.log projects (:func:`live_cell_minutes`), and a recipe with no finished cell is
-    costed at its cells in progress' projected length, else at the mean of all finished cells;
-    the sum is spread over ``jobs``. Empty before any cell has finished or made progress."""
+    wall-clock time of the kept cells of its recipe on its dataset (any seed: a run narrowed to
+    one seed's column still learns from the other columns), else of its recipe on any dataset;
+    a cell in progress costs what its own train.log projects (:func:`live_cell_minutes`), and a
+    recipe with no finished cell is costed at its cells in progress' projected length, else at
+    the mean of all finished cells; the sum is spread over ``jobs``. Empty before any cell has
+    finished or made progress."""
     cells = study_cells(cfg)
-    minutes: dict[str, list[float]] = {}
-    todo = []
-    for cell in cells:
-        if not is_done(cell, cfg):
-            todo.append(cell)
+    todo = [cell for cell in cells if not is_done(cell, cfg)]
+    minutes: dict[str, list[float]] = {}  # recipe -> minutes of its kept cells
+    on_dataset: dict[tuple[str, str], list[float]] = {}  # (recipe, dataset) -> the same
+    for path in sorted((Path(cfg.results) / "runs").glob("*/*/seed*/result.json")):
+        try:
+            result = json.loads(path.read_text())
+            seconds, steps = result.get("wall_clock_s"), result.get("steps")
+        except (OSError, ValueError, AttributeError):
             continue
-        path = Path(cfg.results) / "runs" / cell.rel / "result.json"
-        seconds = json.loads(path.read_text()).get("wall_clock_s")
-        if isinstance(seconds, (int, float)):
-            minutes.setdefault(cell.recipe, []).append(seconds / 60)
+        if not isinstance(seconds, int | float) or steps != int(cfg.steps):
+            continue
+        recipe = str(result.get("recipe") or path.parts[-4])
+        minutes.setdefault(recipe, []).append(seconds / 60)
+        key = (recipe, str(result.get("dataset_id")))
+        on_dataset.setdefault(key, []).append(seconds / 60)
     live = {c: live_cell_minutes(Path(cfg.work_dir) / c.rel) for c in todo}
     live = {c: v for c, v in live.items() if v is not None}
     projected: dict[str, list[float]] = {}
@@ -306,11 +351,15 @@ def time_left(cfg: Any, jobs: int) -> str:
     def cost(cell: Cell) -> float:
         if cell in live:
             return live[cell][1]
-        per_cell = minutes.get(cell.recipe) or projected.get(cell.recipe)
+        per_cell = (
+            on_dataset.get((cell.recipe, cell.dataset))
+            or minutes.get(cell.recipe)
+            or projected.get(cell.recipe)
+        )
         return sum(per_cell) / len(per_cell) if per_cell else mean_all
 
     left = sum(cost(c) for c in todo) / max(1, jobs)
-    notes = ["each recipe's mean cell time so far"]
+    notes = ["each recipe's mean cell time so far, on its dataset where it has one"]
     if live:
         notes.append(f"{len(live)} cell(s) in progress at their own pace")
     unseen = sorted(
@@ -361,12 +410,24 @@ def _report_settings(cfg: Any, done: list[Cell]) -> dict[str, Any]:
     ]
     folders = earlier_folders(cfg)
     return {
-        "dirs": [results / "runs", *folders],
+        "dirs": [*_cell_folders(results / "runs", done), *folders],
         "tags": {str(folder): tag for folder, tag in folders.items()},
         "compare": compare,
         "extra_pairs": pairs,
         "reps": int(cfg.get("reps") or 10000),
     }
+
+
+def _cell_folders(runs: Path, done: list[Cell]) -> list[Path]:
+    """What the page's report reads of the study's own cells: the runs folder when it holds
+    exactly the finished cells (the usual case, and a short ``divo report`` command), else
+    each finished cell's folder: a run kept there that the study does not count (another
+    seed, task or recipe than the settings name, other steps) never enters its tables."""
+    from divo.report import find_runs
+
+    mine = [runs / c.rel for c in done]
+    found = {r.path.resolve() for r in find_runs([runs])} if runs.is_dir() else set()
+    return [runs] if found <= {m.resolve() for m in mine} else mine
 
 
 def _report_command(opts: dict[str, Any], out: Path, score: str, figures: bool) -> str:
@@ -384,7 +445,6 @@ def report_lines(cfg: Any, done: list[Cell], page: Path) -> list[str]:
     """Rerun ``divo report`` over the finished cells (scored by ``primary_score``, then
     ``other_score`` in a section of its own): its text for the page, links pointing into the
     report folder, or why there is no report yet."""
-    from divo.errors import ConfigError
     from divo.report import make_report
 
     reports = Path(cfg.get("report_root") or cfg.results)  # where report/, report-<score>/ go
@@ -553,12 +613,11 @@ SCORE_SECTIONS = (
 def _other_score_section(cfg: Any, results: Path, opts: dict[str, Any]) -> list[str]:
     """The score, aggregate and paired tables again under ``other_score`` (e.g. ``final``),
     from a report of their own in ``report-<score>``."""
-    from divo.errors import ConfigError
     from divo.report import episodes_per_evaluation, find_runs, make_report
 
     score = cfg.get("other_score")
-    if not score:
-        return []
+    if not score or str(score) == str(cfg.get("primary_score") or "final"):
+        return []  # none, or the primary score's tables again
     out = results / f"report-{str(score).replace(':', '')}"
     try:
         with warnings.catch_warnings():  # the few-seeds warning is on the page already
@@ -747,11 +806,17 @@ def _relink(line: str, prefix: str) -> str:
     return "".join(out)
 
 
-def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=print) -> int:
-    """Run every cell not yet done (``jobs`` at a time), rewriting the page after each.
-    Returns the number of cells that failed."""
+def run_study(
+    cfg: Any, jobs: int | None = None, dry_run: bool = False, log=print, page_cfg: Any = None
+) -> int:
+    """Run every cell not yet done (``jobs`` at a time), rewriting the page after each (from
+    ``page_cfg``, the whole study's settings when ``cfg`` runs part of its grid:
+    :func:`~divo.studies.runner.page_settings`). Returns the number of cells that failed."""
+    page_cfg = cfg if page_cfg is None else page_cfg
     cells = study_cells(cfg)
     todo = [c for c in cells if not is_done(c, cfg)]
+    for cell in study_cells(page_cfg):  # a kept folder of another cell stops it now, not later
+        is_done(cell, page_cfg)
     jobs = int(jobs or cfg.jobs)
     estimate = time_left(cfg, jobs)
     log(
@@ -769,20 +834,20 @@ def run_study(cfg: Any, jobs: int | None = None, dry_run: bool = False, log=prin
     for line in backfilled:  # cells finished before their recipe had deployment variants
         log("  " + line)
     if backfilled:
-        write_page(cfg, log)
+        write_page(page_cfg, log)
 
     def run_one(cell: Cell) -> tuple[bool, str]:
         log(f"  started {cell}")
         return run_cell(cell, cfg)
 
     def after_each() -> None:
-        write_page(cfg, log)
+        write_page(page_cfg, log)
         estimate = time_left(cfg, jobs)
         if estimate:
             log("  " + estimate)
 
     failed = run_cells(todo, run_one, after_each, jobs=jobs, log=log)
-    write_page(cfg, log)
+    write_page(page_cfg, log)
     return failed
 
 
@@ -799,7 +864,9 @@ def study_command(argv: Sequence[str]) -> int:
         grid_options,
     )
     cfg = study_config(ns.overrides, ns.config)
+    page_cfg = page_settings(cfg, ns.overrides, lambda rest: study_config(rest, ns.config))
     if ns.page_only:
-        write_page(cfg)
+        check_kept_cells(page_cfg)
+        write_page(page_cfg)
         return 0
-    return 1 if run_study(cfg, ns.jobs, ns.dry_run) else 0
+    return 1 if run_study(cfg, ns.jobs, ns.dry_run, page_cfg=page_cfg) else 0

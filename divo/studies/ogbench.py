@@ -30,6 +30,7 @@ from divo.errors import ConfigError
 from divo.studies.locomotion import (
     Cell,
     _score_declaration,
+    check_kept_cells,
     check_settings,
     grid_options,
     is_done,
@@ -38,7 +39,13 @@ from divo.studies.locomotion import (
     study_cells,
     time_left,
 )
-from divo.studies.runner import check_data_as_kept, run_cells, study_arguments, study_settings
+from divo.studies.runner import (
+    check_data_as_kept,
+    page_settings,
+    run_cells,
+    study_arguments,
+    study_settings,
+)
 
 STUDY_CONFIG = "study/ogbench.yaml"
 NAME = "divo study ogbench"
@@ -98,11 +105,24 @@ def prepare_data(cfg: Any, datasets: Sequence[str], log=print, workers: int = 1)
         log(f"{NAME}: data {ident.dataset_name}: {found.describe()}")
 
 
-def run(cfg: Any, *, pilot: bool, jobs: int | None = None, dry_run: bool = False, log=print):
-    """Run the pilot's or the grid's cells not yet done, rewriting the page after each."""
+def run(
+    cfg: Any,
+    *,
+    pilot: bool,
+    jobs: int | None = None,
+    dry_run: bool = False,
+    log=print,
+    page_cfg: Any = None,
+):
+    """Run the pilot's or the grid's cells not yet done, rewriting the page after each (from
+    ``page_cfg``: the whole study's settings when ``cfg`` runs part of its grid)."""
+    page_cfg = cfg if page_cfg is None else page_cfg
     target = pilot_config(cfg) if pilot else cfg
     cells = study_cells(target) if pilot else grid_cells(cfg)
     todo = [c for c in cells if not is_done(c, target)]
+    if page_cfg.steps is not None:  # a kept folder of another cell stops it now, not later
+        for cell in study_cells(page_cfg):
+            is_done(cell, page_cfg)
     jobs = int(jobs or cfg.jobs)
     what = "pilot" if pilot else "grid"
     log(f"{NAME}: {what}: {len(cells) - len(todo)} of {len(cells)} cells done, {len(todo)} to run")
@@ -117,13 +137,13 @@ def run(cfg: Any, *, pilot: bool, jobs: int | None = None, dry_run: bool = False
     check_settings(cells, target, log)
 
     def after_each() -> None:
-        write_page(cfg, log)
+        write_page(page_cfg, log)
         estimate = time_left(target, jobs)
         if estimate:
             log("  " + estimate)
 
     failed = run_cells(todo, lambda cell: run_cell(cell, target), after_each, jobs=jobs, log=log)
-    write_page(cfg, log)
+    write_page(page_cfg, log)
     return failed
 
 
@@ -282,7 +302,10 @@ def study_command(argv: Sequence[str]) -> int:
         options,
     )
     cfg = study_config(ns.overrides, ns.config)
+    page_cfg = page_settings(cfg, ns.overrides, lambda rest: study_config(rest, ns.config))
     if ns.page_only:
-        write_page(cfg)
+        if page_cfg.steps is not None:
+            check_kept_cells(page_cfg)
+        write_page(page_cfg)
         return 0
-    return 1 if run(cfg, pilot=ns.pilot, jobs=ns.jobs, dry_run=ns.dry_run) else 0
+    return 1 if run(cfg, pilot=ns.pilot, jobs=ns.jobs, dry_run=ns.dry_run, page_cfg=page_cfg) else 0

@@ -116,6 +116,26 @@ def study_arguments(
     return ns
 
 
+# the settings that pick a grid's cells rather than how each trains
+SELECTION_KEYS = ("recipes", "extra_recipes", "datasets", "seeds")
+
+
+def page_settings(
+    cfg: DictConfig, overrides: Sequence[str], compose: Callable[[list[str]], DictConfig]
+) -> DictConfig:
+    """The settings a study's page is written from. A run narrowed to part of its grid by
+    ``key=value`` selection (:data:`SELECTION_KEYS`: one task's column, one seed, ...) still
+    writes the whole study's page when it writes to the study's own page: a column run as the
+    docs say does not replace the page with a page of that column. ``compose(overrides)``
+    builds the settings from the other ``key=value`` pairs. With a ``page=`` or ``results=``
+    of its own, the selection is a study of its own and its page shows just that."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides]
+    rest = [o for o, k in zip(overrides, keys, strict=True) if k not in SELECTION_KEYS]
+    if len(rest) == len(overrides) or {"page", "results"} & set(keys):
+        return cfg
+    return compose(rest)
+
+
 def run_cells(
     todo: Iterable[Cell],
     run_one: Callable[[Cell], tuple[bool, str]],

@@ -776,3 +776,30 @@ def test_over_datasets_difference_never_mixes_returns_with_normalised_scores(tmp
     assert code == 0, err
     (row,) = read_csv(out / "paired_overall.csv")
     assert float(row["estimate"]) == pytest.approx(230.0)
+
+
+def test_a_final_score_that_is_not_the_last_logged_evaluation_is_left_out(tmp_path, capsys):
+    """result.json's final score and metrics.csv's evaluation at the final step are the same
+    evaluation written twice; a result.json edited by hand (or one run's result.json beside
+    another's metrics.csv) is listed as failed, not tabled under ``--score final``."""
+    runs = tmp_path / "runs"
+    write_grid(runs)
+    edited = runs / "divo" / "env-a-v0" / "seed0" / "result.json"
+    record = json.loads(edited.read_text())
+    edited.write_text(json.dumps({**record, "normalized_score": 99.0}))
+    out = tmp_path / "rep"
+    code, stdout, err = report([str(runs), "--out", str(out), *REPS, "--no-figures"], capsys)
+    assert code == 0, err
+    status = {(r["recipe"], r["dataset"], r["seed"]): r for r in read_csv(out / "runs.csv")}
+    row = status[("divo", "env/a-v0", "0")]
+    assert row["status"] == "failed"
+    assert (
+        "normalized_score 99 is not metrics.csv's evaluation at its final step 100" in (row["note"])
+    )
+    scores = {(r["recipe"], r["dataset"]): r for r in read_csv(out / "scores.csv")}
+    assert scores[("divo", "env/a-v0")]["seeds"] == str(len(DIVO["env/a-v0"]) - 1)
+    # the return written twice is checked the same way
+    edited.write_text(json.dumps({**record, "return_mean": 7.0}))
+    report([str(runs), "--out", str(out), *REPS, "--no-figures"], capsys)
+    status = {(r["recipe"], r["dataset"], r["seed"]): r for r in read_csv(out / "runs.csv")}
+    assert "eval_return_mean 7 is not metrics.csv's" in status[("divo", "env/a-v0", "0")]["note"]

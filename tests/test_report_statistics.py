@@ -78,17 +78,31 @@ def test_with_three_seeds_the_bootstrap_is_far_narrower_than_the_t_interval():
 
 
 def test_minimum_detectable_effect_by_hand():
-    """d = (1, 2, 3), s = 1: at 3 seeds MDE = (t(.975, 2) + t(.8, 2)) / sqrt(3) = 3.0965; at
-    many seeds it nears the normal (1.96 + 0.8416) / sqrt(n)."""
+    """d = (1, 2, 3), s = 1, 3 seeds: SE = 1 / sqrt(3), df = 2; the MDE is the true difference
+    at which a two-sided 5% t-test rejects with probability 0.8 (the noncentral t), above the
+    shortcut (t(.975, 2) + t(.8, 2)) SE = 3.0965, whose power is about 0.77; at many seeds both
+    near the normal (1.96 + 0.8416) / sqrt(n)."""
+    from scipy import stats
+
     d = [np.array([1.0, 2.0, 3.0])]
     mde3 = minimum_detectable_effect(d, 3)
-    assert mde3 == pytest.approx((T975_DF2 + T80_DF2) / math.sqrt(3))
+    se, crit = 1 / math.sqrt(3), stats.t.ppf(0.975, 2)
+
+    def power(effect):
+        nc = effect / se
+        return stats.nct.sf(crit, 2, nc) + stats.nct.cdf(-crit, 2, nc)
+
+    shortcut = (T975_DF2 + T80_DF2) / math.sqrt(3)
+    assert power(mde3) == pytest.approx(0.8, abs=1e-9)
+    assert mde3 > shortcut and power(shortcut) == pytest.approx(0.77, abs=0.01)
     assert minimum_detectable_effect(d, 10_000) == pytest.approx(
         (1.959964 + 0.841621) / 100, rel=1e-3
     )
     assert seeds_to_detect(d, mde3) == 3
-    assert seeds_to_detect(d, mde3 + 1e-9) == 3 and seeds_to_detect(d, mde3 - 1e-9) == 4
+    assert seeds_to_detect(d, mde3 * (1 + 1e-9)) == 3
+    assert seeds_to_detect(d, mde3 * (1 - 1e-9)) == 4
     assert seeds_to_detect(d, 100.0) == 2
+    assert seeds_to_detect(d, 1e-3) is None  # past 1000 seeds
     assert math.isnan(minimum_detectable_effect([np.array([1.0])], 3))
 
 

@@ -274,7 +274,10 @@ def test_train_writes_one_complete_run_directory_per_seed(tmp_path, capsys):
     # `divo report` on the parent finds the seeds' runs, not the parent
     from divo.report import find_runs
 
-    assert [r.shown_path for r in find_runs([run])] == [str(run / "seed3"), str(run / "seed4")]
+    runs = find_runs([run])
+    assert [r.shown_path for r in runs] == [str(run / "seed3"), str(run / "seed4")]
+    # each seed's result.json agrees with its metrics.csv's last evaluation (report's check)
+    assert [r.status for r in runs] == ["complete", "complete"], [r.note for r in runs]
 
 
 def test_seed_k_starts_from_the_weights_of_a_single_run_with_seed_k(tmp_path):

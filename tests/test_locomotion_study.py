@@ -144,6 +144,9 @@ def test_time_left_counts_each_recipes_mean_cell_time(tmp_path):
                              "seeds=[1]", f"datasets=[{BANDIT}]", "steps=40",
                              f"work_dir={tmp_path / 'work'}"])  # fmt: skip
     assert time_left(narrowed, 1).startswith("0 of 3 cells done; about 1.5 h left at jobs=1")
+    finished = study_config([f"results={tmp_path}", "recipes=[divo]", "extra_recipes=[]",
+                             "seeds=[0]", f"datasets=[{BANDIT}]", "steps=40"])  # fmt: skip
+    assert time_left(finished, 1) == ""  # nothing left to run: no estimate
 
 
 def test_unknown_study_settings_are_refused(tmp_path):

@@ -320,9 +320,11 @@ def time_left(cfg: Any, jobs: int) -> str:
     a cell in progress costs what its own train.log projects (:func:`live_cell_minutes`), and a
     recipe with no finished cell is costed at its cells in progress' projected length, else at
     the mean of all finished cells; the sum is spread over ``jobs``. Empty before any cell has
-    finished or made progress."""
+    finished or made progress, and when every cell is done."""
     cells = study_cells(cfg)
     todo = [cell for cell in cells if not is_done(cell, cfg)]
+    if not todo:
+        return ""
     minutes: dict[str, list[float]] = {}  # recipe -> minutes of its kept cells
     on_dataset: dict[tuple[str, str], list[float]] = {}  # (recipe, dataset) -> the same
     for path in sorted((Path(cfg.results) / "runs").glob("*/*/seed*/result.json")):

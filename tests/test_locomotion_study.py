@@ -534,6 +534,14 @@ def test_a_page_is_written_only_from_the_cells_it_states(tmp_path):
     whole = page_settings(study_config(narrowed), narrowed, study_config)
     assert list(whole.seeds) == [0, 1, 2] and whole.steps == 80
     assert list(page_settings(study_config(args), args, study_config).seeds) == [0, 1]
+    # cells a narrowed run picks outside the page's grid are named: kept, not tabled
+    from divo.studies.locomotion import cells_off_the_page
+
+    beyond = ["seeds=[3]", "recipes=[td3bc]", "extra_recipes=[]"]
+    lines: list[str] = []
+    cells_off_the_page(study_config(beyond), page_settings(study_config(beyond), beyond,
+                       study_config), log=lines.append)  # fmt: skip
+    assert lines and lines[0].startswith("  4 cell(s) of this run are not in the grid")
 
 
 def test_a_primary_score_is_not_repeated_as_the_other_score(tmp_path):

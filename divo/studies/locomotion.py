@@ -169,6 +169,20 @@ def check_settings(cells: Sequence[Cell], cfg: Any, log=print) -> None:
     )
 
 
+def cells_off_the_page(cfg: Any, page_cfg: Any, log=print) -> None:
+    """Say so when a run picks cells (``seeds=[3,4]``, say) that the page's grid does not name:
+    they train and are kept, and stay off the page until the study's settings declare them."""
+    if page_cfg is cfg or page_cfg.get("steps") is None:
+        return
+    off = [c for c in study_cells(cfg) if c not in set(study_cells(page_cfg))]
+    if off:
+        log(
+            f"  {len(off)} cell(s) of this run are not in the grid of the study's page "
+            f"({first_few([str(c) for c in off])}): kept under {cfg.results}, tabled once the "
+            "study's settings declare them (recipes/study/..., or --config FILE)"
+        )
+
+
 def check_kept_cells(cfg: Any, log=print) -> None:
     """Before a page is written from kept cells alone (``--page-only``): every kept cell of
     the grid is its own cell's run (:func:`is_done`), trained for the ``steps`` the page states
@@ -815,6 +829,7 @@ def run_study(
     ``page_cfg``, the whole study's settings when ``cfg`` runs part of its grid:
     :func:`~divo.studies.runner.page_settings`). Returns the number of cells that failed."""
     page_cfg = cfg if page_cfg is None else page_cfg
+    cells_off_the_page(cfg, page_cfg, log)
     cells = study_cells(cfg)
     todo = [c for c in cells if not is_done(c, cfg)]
     for cell in study_cells(page_cfg):  # a kept folder of another cell stops it now, not later

@@ -30,6 +30,7 @@ from divo.errors import ConfigError
 from divo.studies.locomotion import (
     Cell,
     _score_declaration,
+    cells_off_the_page,
     check_kept_cells,
     check_settings,
     grid_options,
@@ -117,6 +118,8 @@ def run(
     """Run the pilot's or the grid's cells not yet done, rewriting the page after each (from
     ``page_cfg``: the whole study's settings when ``cfg`` runs part of its grid)."""
     page_cfg = cfg if page_cfg is None else page_cfg
+    if not pilot:
+        cells_off_the_page(cfg, page_cfg, log)
     target = pilot_config(cfg) if pilot else cfg
     cells = study_cells(target) if pilot else grid_cells(cfg)
     todo = [c for c in cells if not is_done(c, target)]

@@ -296,8 +296,17 @@ def _train(
     check_steps(cfg, start_step, run_dir)
 
     # every check passed: from here on the run's files are written (train.log loses what an
-    # interrupted run logged after the checkpoint, as metrics.csv loses its rows)
-    dropped = run_log.commit(ckpt.get("log_bytes") if ckpt is not None else None)
+    # interrupted run logged after the checkpoint, as metrics.csv loses its rows; a start that
+    # left neither a checkpoint nor a result, e.g. killed before its first checkpoint, loses
+    # all it logged, as metrics.csv starts again from step 0)
+    restart = ckpt is None and not (run_dir / "result.json").exists()
+    dropped = run_log.commit(ckpt.get("log_bytes") if ckpt is not None else 0 if restart else None)
+    if ckpt is None and dropped:
+        _log.info(
+            "started again from step 0: the %d line(s) an earlier start logged here (it left no "
+            "checkpoint) were taken out of train.log",
+            dropped,
+        )
     if ckpt is not None:
         _log.info(
             "resumed from step %d (checkpoints/step_%09d.pt)%s",

@@ -464,3 +464,29 @@ def test_result_names_a_run_under_the_working_directory_relative_to_it(
     result = train(compose_recipe("td3bc", SHORT), elsewhere)
     assert result["run_dir"] == str(elsewhere)
     assert json.loads((elsewhere / "result.json").read_text())["run_dir"] == str(elsewhere)
+
+
+def test_a_run_started_again_from_step_0_keeps_no_lines_of_the_earlier_start(tmp_path, capsys):
+    """A run killed before its first checkpoint leaves train.log lines and no checkpoint;
+    `divo train <run dir>` starts it again from step 0, and its train.log reads like one
+    uninterrupted run's (metrics.csv starts again too), saying what it took out."""
+    import logging
+
+    run = tmp_path / "run"
+    before = list(logging.getLogger().handlers)
+    assert main(["train", "td3bc", *SHORT, f"hydra.run.dir={run}"]) == 0
+    _forget_hydra_logging(before)
+    for name in ("result.json", "policy.pt"):  # as a start killed before its first checkpoint
+        (run / name).unlink()
+    for ckpt in (run / "checkpoints").glob("*.pt"):
+        ckpt.unlink()
+    assert (run / "train.log").read_text().count("step 3: normalized score") == 1
+    capsys.readouterr()
+    assert main(["train", str(run)]) == 0
+    _forget_hydra_logging(before)
+    log = (run / "train.log").read_text()
+    assert log.count("step 3: normalized score") == 1
+    assert "started again from step 0" in log
+    assert log.count("step 6: normalized score") == 1
+    steps = [line.split(",")[0] for line in (run / "metrics.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps, key=int) and len(steps) == len(set(steps))

@@ -191,6 +191,13 @@ def _train(
         fingerprint = data.fingerprint if data is not None else None
     else:
         fingerprint = buffer_fingerprint(replay_buffer)
+        _log.info(
+            "replay buffer: %d transitions, fingerprint %s (what the updates read and "
+            "result.json records%s)",
+            len(replay_buffer),
+            fingerprint or "none: its storage cannot be read by index",
+            "; the data line above names dataset.id's file" if data is not None else "",
+        )
     if replay_buffer is not None and len(replay_buffer) == 0:
         raise DatasetError(
             "the replay buffer is empty: extend it with the transitions to train on first"

@@ -251,6 +251,8 @@ def test_a_users_buffer_is_fingerprinted_and_a_resume_on_other_contents_refused(
     result = train(cfg, run, replay_buffer=buffer(data.data))
     fingerprint = result["data_fingerprint"]
     assert fingerprint.startswith("sha256-buffer:") and fingerprint != data.fingerprint
+    log = (run / "train.log").read_text()  # the log names the fingerprint result.json records
+    assert f"replay buffer: {len(data.data)} transitions, fingerprint {fingerprint}" in log
     assert buffer_fingerprint(buffer(data.data.clone())) == fingerprint  # contents, not object
     changed = data.data.clone()
     changed.set(("next", "reward"), changed["next", "reward"] * 2)

@@ -535,11 +535,11 @@ def test_a_page_is_written_only_from_the_cells_it_states(tmp_path):
     assert list(whole.seeds) == [0, 1, 2] and whole.steps == 80
     assert list(page_settings(study_config(args), args, study_config).seeds) == [0, 1]
     # cells a narrowed run picks outside the page's grid are named: kept, not tabled
-    from divo.studies.locomotion import cells_off_the_page
+    from divo.studies.locomotion import check_page_grid
 
     beyond = ["seeds=[3]", "recipes=[td3bc]", "extra_recipes=[]"]
     lines: list[str] = []
-    cells_off_the_page(study_config(beyond), page_settings(study_config(beyond), beyond,
+    check_page_grid(study_config(beyond), page_settings(study_config(beyond), beyond,
                        study_config), log=lines.append)  # fmt: skip
     assert lines and lines[0].startswith("  4 cell(s) of this run are not in the grid")
 

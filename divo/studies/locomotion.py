@@ -110,13 +110,11 @@ def is_done(cell: Cell, cfg: Any) -> bool:
         steps = int(result.get("steps", -1))
     except (ValueError, TypeError, AttributeError):
         return False
-    ran = {"recipe": result.get("recipe"), "dataset_id": result.get("dataset_id")}
-    ran["seed"] = result.get("seed")
     expected = {"recipe": cell.recipe, "dataset_id": cell.dataset, "seed": cell.seed}
     wrong = [  # a field the file does not record is not held against it
-        f"{k} {ran[k]!r} (the cell's: {v!r})"
+        f"{k} {result[k]!r} (the cell's: {v!r})"
         for k, v in expected.items()
-        if ran[k] is not None and ran[k] != v
+        if result.get(k) is not None and result[k] != v
     ]
     if wrong:
         raise ConfigError(
@@ -169,12 +167,20 @@ def check_settings(cells: Sequence[Cell], cfg: Any, log=print) -> None:
     )
 
 
-def cells_off_the_page(cfg: Any, page_cfg: Any, log=print) -> None:
-    """Say so when a run picks cells (``seeds=[3,4]``, say) that the page's grid does not name:
-    they train and are kept, and stay off the page until the study's settings declare them."""
-    if page_cfg is cfg or page_cfg.get("steps") is None:
+def check_page_grid(cfg: Any, page_cfg: Any, log=print) -> None:
+    """Before a run: a kept folder of the page's grid holding another cell's result stops it
+    now (:func:`is_done`), not after its first cell; and the cells it picks outside the page's
+    grid (``seeds=[3,4]``, say) are named: they train and are kept, and stay off the page until
+    the study's settings declare them."""
+    if page_cfg.get("steps") is None:  # the OGBench grid before its budget is chosen
         return
-    off = [c for c in study_cells(cfg) if c not in set(study_cells(page_cfg))]
+    page_cells = study_cells(page_cfg)
+    for cell in page_cells:
+        is_done(cell, page_cfg)
+    if page_cfg is cfg:
+        return
+    on_page = set(page_cells)
+    off = [c for c in study_cells(cfg) if c not in on_page]
     if off:
         log(
             f"  {len(off)} cell(s) of this run are not in the grid of the study's page "
@@ -829,11 +835,9 @@ def run_study(
     ``page_cfg``, the whole study's settings when ``cfg`` runs part of its grid:
     :func:`~divo.studies.runner.page_settings`). Returns the number of cells that failed."""
     page_cfg = cfg if page_cfg is None else page_cfg
-    cells_off_the_page(cfg, page_cfg, log)
+    check_page_grid(cfg, page_cfg, log)
     cells = study_cells(cfg)
     todo = [c for c in cells if not is_done(c, cfg)]
-    for cell in study_cells(page_cfg):  # a kept folder of another cell stops it now, not later
-        is_done(cell, page_cfg)
     jobs = int(jobs or cfg.jobs)
     estimate = time_left(cfg, jobs)
     log(

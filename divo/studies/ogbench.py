@@ -30,8 +30,8 @@ from divo.errors import ConfigError
 from divo.studies.locomotion import (
     Cell,
     _score_declaration,
-    cells_off_the_page,
     check_kept_cells,
+    check_page_grid,
     check_settings,
     grid_options,
     is_done,
@@ -119,13 +119,10 @@ def run(
     ``page_cfg``: the whole study's settings when ``cfg`` runs part of its grid)."""
     page_cfg = cfg if page_cfg is None else page_cfg
     if not pilot:
-        cells_off_the_page(cfg, page_cfg, log)
+        check_page_grid(cfg, page_cfg, log)
     target = pilot_config(cfg) if pilot else cfg
     cells = study_cells(target) if pilot else grid_cells(cfg)
     todo = [c for c in cells if not is_done(c, target)]
-    if page_cfg.steps is not None:  # a kept folder of another cell stops it now, not later
-        for cell in study_cells(page_cfg):
-            is_done(cell, page_cfg)
     jobs = int(jobs or cfg.jobs)
     what = "pilot" if pilot else "grid"
     log(f"{NAME}: {what}: {len(cells) - len(todo)} of {len(cells)} cells done, {len(todo)} to run")
